@@ -1,0 +1,61 @@
+"""The one interface every front end talks to. Two implementations: the local
+engine (a model on this machine's NPU, GPU or CPU) and the remote engine (an
+OpenAI-compatible server such as vllm-ascend). Front ends never know which."""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable
+
+from .media import TRUSTED, MediaPolicy
+from .stream import RequestHandle
+from .types import Finished, GenerationRequest
+
+FinishListener = Callable[[GenerationRequest, Finished], None]
+
+
+class Engine(abc.ABC):
+    model_name: str          # the name the model is served under
+    device_description: str  # e.g. "Ascend910B (npu:0, bfloat16)" or "remote http://..."
+    is_tiny: bool = False
+    max_model_len: int = 16384
+    limit_images: int = 10
+    limit_videos: int = 2
+
+    def __init__(self) -> None:
+        self._listeners: list[FinishListener] = []
+
+    @abc.abstractmethod
+    def submit(self, request: GenerationRequest, policy: MediaPolicy = TRUSTED) -> RequestHandle:
+        """Validate and queue a request; bad input raises InvalidRequestError here,
+        before anything reaches the device, and a full queue raises EngineBusyError."""
+
+    @abc.abstractmethod
+    def health(self) -> bool:
+        """True while the engine can serve requests."""
+
+    def queue_position(self, request_id: str) -> int | None:
+        """0 while running, 1.. while waiting, None when not known."""
+        return None
+
+    def queue_depth(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        """Stop serving; cancels what is queued."""
+
+    def add_finish_listener(self, listener: FinishListener) -> None:
+        """Called once per request with its final record (for metrics and logs)."""
+        self._listeners.append(listener)
+
+    def _notify_finished(self, request: GenerationRequest, event: Finished) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(request, event)
+            except Exception:  # a metrics bug must not break serving
+                pass
+
+    def generate(self, request: GenerationRequest, policy: MediaPolicy = TRUSTED,
+                 timeout: float | None = None) -> tuple[str, Finished]:
+        """Submit and wait: the whole answer and its final record."""
+        return self.submit(request, policy).collect(timeout)

@@ -1,0 +1,84 @@
+"""Engine settings shared by the CLI, the web app and the benchmarks: each
+flag also reads an environment variable, so a hosted Space can be configured
+without editing code."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    value = env(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class EngineConfig:
+    model: str = "auto"
+    device: str = "auto"
+    dtype: str | None = None
+    attn_implementation: str = "sdpa"
+    modelscope: bool = False
+    revision: str | None = None
+    max_model_len: int = 16384
+    limit_images: int = 10
+    limit_videos: int = 2
+    max_queue: int = 32
+    max_batch: int = 8
+    default_max_tokens: int = 512
+    warmup: bool = True
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> "EngineConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Model and device flags; every default can come from an environment variable."""
+    g = parser.add_argument_group("model and device")
+    g.add_argument("--model", "--checkpoint-path", "-c", dest="model",
+                   default=env("QWENVL_MODEL", "auto"),
+                   help="auto (the 7B on an NPU/GPU, else the built-in tiny model), tiny, a local "
+                        f"folder, or a hub id such as {DEFAULT_MODEL} [env QWENVL_MODEL]")
+    g.add_argument("--device", default=env("QWENVL_DEVICE", "auto"),
+                   choices=["auto", "npu", "cuda", "cpu"], help="[env QWENVL_DEVICE]")
+    g.add_argument("--dtype", default=env("QWENVL_DTYPE"),
+                   choices=["auto", "bfloat16", "float16", "float32"],
+                   help="default: bfloat16 on NPU/CUDA, float32 on CPU; float16 for Atlas 300I "
+                        "[env QWENVL_DTYPE]")
+    g.add_argument("--attn-implementation", default=env("QWENVL_ATTN", "sdpa"),
+                   choices=["sdpa", "eager", "flash_attention_2"], help="[env QWENVL_ATTN]")
+    g.add_argument("--modelscope", action="store_true",
+                   default=env_bool("VLLM_USE_MODELSCOPE") or env_bool("QWENVL_MODELSCOPE"),
+                   help="download from ModelScope instead of the Hugging Face hub "
+                        "[env VLLM_USE_MODELSCOPE=True]")
+    g.add_argument("--revision", default=env("QWENVL_REVISION"), help="hub revision")
+    g.add_argument("--max-model-len", type=int, default=int(env("QWENVL_MAX_MODEL_LEN", "16384")),
+                   help="prompt plus output tokens [env QWENVL_MAX_MODEL_LEN]")
+    g.add_argument("--limit-images", type=int, default=int(env("QWENVL_LIMIT_IMAGES", "10")),
+                   help="images per prompt [env QWENVL_LIMIT_IMAGES]")
+    g.add_argument("--limit-videos", type=int, default=int(env("QWENVL_LIMIT_VIDEOS", "2")),
+                   help="videos per prompt [env QWENVL_LIMIT_VIDEOS]")
+    g.add_argument("--max-queue", type=int, default=int(env("QWENVL_MAX_QUEUE", "32")),
+                   help="requests waiting for the device before new ones get 'busy' "
+                        "[env QWENVL_MAX_QUEUE]")
+    g.add_argument("--max-batch", type=int, default=int(env("QWENVL_MAX_BATCH", "8")),
+                   help="waiting requests run together in one batch [env QWENVL_MAX_BATCH]")
+    g.add_argument("--default-max-tokens", type=int,
+                   default=int(env("QWENVL_DEFAULT_MAX_TOKENS", "512")),
+                   help="max new tokens when a request sets none [env QWENVL_DEFAULT_MAX_TOKENS]")
+    g.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   default=not env_bool("QWENVL_NO_WARMUP"),
+                   help="skip the short warm-up generation at start")

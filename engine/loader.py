@@ -1,0 +1,137 @@
+"""Finding and loading Qwen2.5-VL: `auto`, `tiny`, a local folder, a Hugging
+Face hub id or a ModelScope id, onto the selected device."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_MODEL, EngineConfig
+from .device import Device
+from .errors import ModelLoadError
+
+log = logging.getLogger("engine.loader")
+
+TINY_WARNING = (
+    "Serving the built-in TINY RANDOM Qwen2.5-VL: its answers are random text, for trying the app "
+    f"and for tests. To run the real model use --model {DEFAULT_MODEL} (needs an NPU or GPU and "
+    "about 16 GB of weights).")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    name: str          # what the user asked for / the hub id; shown in the UI and /v1/models
+    path: Path         # the local folder the weights came from
+    is_tiny: bool
+    device: Device
+
+
+def is_tiny_folder(path: Path) -> bool:
+    marker = path / "tiny_model.json"
+    try:
+        return bool(json.loads(marker.read_text()).get("tiny"))
+    except (OSError, ValueError):
+        return False
+
+
+def _hub_cached(repo_id: str) -> Path | None:
+    """The local snapshot of a hub model if its config and weights index are cached."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    cfg = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cfg, str):
+        folder = Path(cfg).parent
+        if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists():
+            return folder
+    return None
+
+
+def download(repo_id: str, modelscope: bool, revision: str | None = None) -> Path:
+    """Fetch a model folder (with a progress bar); a clear ModelLoadError on failure."""
+    try:
+        if modelscope:
+            try:
+                from modelscope import snapshot_download as ms_download
+            except ImportError:
+                raise ModelLoadError("--modelscope needs the modelscope package: "
+                                     "pip install modelscope") from None
+            return Path(ms_download(repo_id, revision=revision or "master"))
+        from huggingface_hub import snapshot_download
+
+        log.info("downloading %s from the Hugging Face hub (about 16 GB for the 7B)...", repo_id)
+        return Path(snapshot_download(repo_id, revision=revision))
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"Cannot load model {repo_id!r}: not a local folder, and the download "
+                             f"failed ({type(exc).__name__}: {first})") from None
+
+
+def resolve_model(spec: str, device: Device, modelscope: bool = False,
+                  revision: str | None = None) -> tuple[str, Path, bool]:
+    """(display name, local folder, is_tiny) for --model."""
+    from .tiny import ensure_tiny
+
+    spec = (spec or "auto").strip()
+    if spec == "tiny":
+        return "tiny", ensure_tiny(), True
+    if spec == "auto":
+        if device.kind == "cpu":
+            log.warning(TINY_WARNING + " (no NPU or GPU found)")
+            return "tiny", ensure_tiny(), True
+        cached = None if modelscope else _hub_cached(DEFAULT_MODEL)
+        if cached is not None:
+            return DEFAULT_MODEL, cached, False
+        try:
+            return DEFAULT_MODEL, download(DEFAULT_MODEL, modelscope, revision), False
+        except ModelLoadError as exc:
+            log.warning("%s", exc.message)
+            log.warning(TINY_WARNING)
+            return "tiny", ensure_tiny(), True
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"Cannot load model {spec!r}: the folder has no config.json")
+        return spec, path, is_tiny_folder(path)
+    if spec.count("/") != 1 or spec.startswith(("/", ".", "~")):
+        raise ModelLoadError(f"Cannot load model {spec!r}: no such folder, and not a hub id "
+                             "like Qwen/Qwen2.5-VL-7B-Instruct")
+    cached = None if modelscope else _hub_cached(spec)
+    return spec, cached or download(spec, modelscope, revision), False
+
+
+def load_model(config: EngineConfig, device: Device) -> LoadedModel:
+    """Load processor and model onto the device; any failure is a ModelLoadError."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    name, path, tiny = resolve_model(config.model, device, config.modelscope, config.revision)
+    if tiny:
+        log.warning(TINY_WARNING)
+    attn = config.attn_implementation or "sdpa"
+    kwargs: dict[str, Any] = {"dtype": device.dtype, "attn_implementation": attn}
+    if device.kind != "cpu":
+        kwargs["device_map"] = {"": str(device.torch_device)}
+    try:
+        processor = AutoProcessor.from_pretrained(str(path))
+        model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelLoadError(f"Cannot load model {name!r} from {path}: "
+                             f"{type(exc).__name__}: {first}") from None
+    if device.kind == "cpu":
+        model.to(device.torch_device)
+    model.eval()
+    processor.tokenizer.padding_side = "left"
+    log.info("loaded %s from %s on %s (%s attention)", name, path, device.describe(), attn)
+    return LoadedModel(model=model, processor=processor, name=name, path=path, is_tiny=tiny,
+                       device=device)
+
+

@@ -1,0 +1,97 @@
+"""The local engine: a Qwen2.5-VL loaded on this machine, its prompt renderer
+(caller's thread) and its generation worker (device thread)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .base import Engine
+from .config import EngineConfig
+from .device import select_device
+from .errors import EngineError
+from .loader import LoadedModel, load_model
+from .media import TRUSTED, MediaPolicy
+from .prompt import PromptRenderer
+from .sampling import validate_sampling
+from .stream import RequestHandle
+from .types import Conversation, Finished, GenerationRequest, Message, SamplingParams
+from .worker import GenerationWorker, WorkItem
+
+log = logging.getLogger("engine")
+
+
+class LocalEngine(Engine):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or EngineConfig()
+        self.loaded = loaded
+        self.model_name = loaded.name
+        self.is_tiny = loaded.is_tiny
+        self.device = loaded.device
+        self.device_description = loaded.device.describe()
+        self.max_model_len = self.config.max_model_len
+        self.limit_images = self.config.limit_images
+        self.limit_videos = self.config.limit_videos
+        self.renderer = PromptRenderer(loaded.processor, self.max_model_len, self.limit_images,
+                                       self.limit_videos, self.config.default_max_tokens)
+        self.worker = GenerationWorker(loaded.model, loaded.processor.tokenizer, loaded.device,
+                                       max_queue=self.config.max_queue,
+                                       max_batch=self.config.max_batch,
+                                       on_finish=self._on_worker_finish)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LocalEngine":
+        device = select_device(config.device, config.dtype)
+        engine = cls(load_model(config, device), config)
+        if config.warmup:
+            engine.warmup()
+        return engine
+
+    def _on_worker_finish(self, item: WorkItem, event: Finished) -> None:
+        self._notify_finished(item.request, event)
+
+    def submit(self, request: GenerationRequest, policy: MediaPolicy = TRUSTED) -> RequestHandle:
+        if not self.worker.is_alive():
+            raise EngineError("The generation worker has stopped; restart the server.")
+        validate_sampling(request.sampling, self.max_model_len)
+        prompt = self.renderer.prepare(request, policy)
+        try:
+            return self.worker.submit(request, prompt)
+        except BaseException:
+            prompt.close()
+            raise
+
+    def warmup(self) -> float:
+        """One short generation so the first user does not pay for lazy initialisation."""
+        start = time.monotonic()
+        req = GenerationRequest(Conversation([Message("user", "Hello")]),
+                                SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                                request_id="warmup")
+        _, fin = self.generate(req, timeout=600)
+        took = time.monotonic() - start
+        if fin.reason == "error":
+            log.warning("warm-up failed: %s", fin.error)
+        else:
+            log.info("warm-up took %.2fs", took)
+        return took
+
+    def health(self) -> bool:
+        return self.worker.is_alive()
+
+    def queue_position(self, request_id: str) -> int | None:
+        return self.worker.queue_position(request_id)
+
+    def queue_depth(self) -> int:
+        return self.worker.queue_depth()
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def create_engine(config: EngineConfig) -> Engine:
+    """The engine for a config: local unless a remote backend is configured."""
+    return LocalEngine.from_config(config)
+
+
+__all__ = ["LocalEngine", "create_engine", "TRUSTED"]

@@ -1,0 +1,111 @@
+"""A request's stream of events, written by the device thread and read by a
+front end: a blocking iterator for threads (CLI, Gradio callbacks) and an
+async iterator for the HTTP server, where a thread per waiting client would
+exhaust the thread pool."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from typing import AsyncIterator, Callable, Iterator
+
+from .types import Event, Finished, RequestStats, TextDelta
+
+
+class RequestHandle:
+    """One request's events plus its cancel switch."""
+
+    def __init__(self, request_id: str, on_cancel: Callable[[], None] | None = None) -> None:
+        self.request_id = request_id
+        self.cancel_event = threading.Event()
+        self._on_cancel = on_cancel
+        self._cond = threading.Condition()
+        self._events: collections.deque[Event] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self.finished: Finished | None = None
+
+    # ------------------------------------------------------------- producer
+    def push(self, event: Event) -> None:
+        if self.finished is not None:
+            return
+        if isinstance(event, TextDelta) and not event.text:
+            return
+        with self._cond:
+            if isinstance(event, Finished):
+                self.finished = event
+            self._events.append(event)
+            self._cond.notify_all()
+            loop, wakeup = self._loop, self._wakeup
+        if loop is not None and wakeup is not None:
+            try:
+                loop.call_soon_threadsafe(wakeup.set)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening
+                pass
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request; it ends within a few tokens."""
+        if not self.cancel_event.is_set():
+            self.cancel_event.set()
+            if self._on_cancel is not None:
+                self._on_cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    # ------------------------------------------------------------- consumers
+    def __iter__(self) -> Iterator[Event]:
+        return self.events()
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Events until Finished. With `timeout` (seconds between events) a
+        silent engine cancels the request and yields an error instead of hanging."""
+        while True:
+            with self._cond:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while not self._events:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                event = self._events.popleft() if self._events else None
+            if event is None:
+                from .errors import EngineError
+
+                self.cancel()
+                yield Finished("error", RequestStats(),
+                               EngineError(f"No response from the engine for {timeout:g} s."))
+                return
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        with self._cond:
+            self._loop = asyncio.get_running_loop()
+            self._wakeup = asyncio.Event()
+        wakeup = self._wakeup
+        while True:
+            with self._cond:
+                event = self._events.popleft() if self._events else None
+                if event is None:
+                    wakeup.clear()
+            if event is None:
+                await wakeup.wait()
+                continue
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    def collect(self, timeout: float | None = None) -> tuple[str, Finished]:
+        """Block until done: the whole text and the final record."""
+        parts = []
+        for event in self.events(timeout):
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            else:
+                return "".join(parts), event
+        raise AssertionError("unreachable")

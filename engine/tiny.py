@@ -1,0 +1,413 @@
+"""A tiny, randomly initialised Qwen2.5-VL for tests and offline demos.
+
+It uses the exact classes of the real Qwen2.5-VL-7B-Instruct
+(`Qwen2_5_VLForConditionalGeneration`, `Qwen2_5_VLProcessor` with
+`Qwen2VLImageProcessor`, `Qwen2VLVideoProcessor` and a `Qwen2Tokenizer`), the
+real chat template and Qwen's special tokens in Qwen's order, but a byte-level
+BPE trained on a small fixed English corpus and a model a few MB in size.
+Builds are deterministic (identical bytes every time) and take seconds.
+
+    python -m engine.tiny DIR        # write the folder to DIR and print its path
+
+The folder loads like any local model: `AutoProcessor.from_pretrained(dir)`,
+`AutoModelForImageTextToText.from_pretrained(dir)`. It contains a marker file
+`tiny_model.json` ({"tiny": true, "version": N}); see `is_tiny`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+TINY_VERSION = 1
+MARKER = "tiny_model.json"
+
+# The processor's chat template of Qwen/Qwen2.5-VL-7B-Instruct (chat_template.json), verbatim.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen2.5's added tokens, in Qwen's order (real ids 151643..151664). The first 14
+# are special; the tool/FIM tokens are ordinary added tokens, as in the real tokenizer.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+EXTRA_ADDED_TOKENS = [
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
+
+# Same pre-tokenisation regex as Qwen2 (transformers' PRETOKENIZE_REGEX).
+_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+BPE_VOCAB_SIZE = 1024  # 256 byte tokens + up to 768 merges (the corpus yields about 600)
+INIT_STD = 0.12
+
+_CORPUS = """\
+The image shows a red circle, a blue square, a green triangle and a yellow star on a white background.
+This picture is a bar chart with a title, labelled axes and the value of each bar written above it.
+A receipt from a small shop lists the items bought, the quantity, the price of each line and the total.
+The street sign says MAIN ST in white letters on a green board, and below it there is a red STOP sign.
+The diagram has four boxes joined by arrows: Upload, then Preprocess, then NPU, then Answer.
+Please describe this image in detail. What is written on the sign? How much is the total?
+Which month had the highest sales? Count the shapes and name their colours.
+The assistant looks at the picture carefully and answers the question in a few clear sentences.
+There is a person walking a dog along the road next to a tall building with many windows.
+A cat is sleeping on a sofa in the living room, and the afternoon sun comes through the window.
+The weather today is sunny with a light breeze; tomorrow there may be some rain in the evening.
+In the first image there are two cars parked outside a house; in the second image the street is empty.
+The video shows a man riding a bicycle through the park while children play football on the grass.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 12 15 20 25 50 100 2024 3.14 $29.29 45% 8:30.
+The model reads text in the image, recognises objects and reasons about what it sees.
+You are a helpful assistant. I am happy to help. Here is a short description of the scene.
+First, the user uploads an image and asks a question. Then the processor resizes the image,
+splits it into patches and turns the text into tokens. The language model generates the answer
+one token at a time and streams it back to the user, who can stop the generation at any moment.
+Colours: red, orange, yellow, green, blue, purple, pink, brown, black, white and grey.
+Shapes: circle, square, rectangle, triangle, star, hexagon, octagon, line and arrow.
+It is a photograph of a mountain lake at sunrise, with pine trees on the shore and snow on the peaks.
+The table has three columns and five rows; the last row shows the sum of the values above it.
+"""
+
+
+def _corpus_lines() -> list[str]:
+    # Repeat so that frequent pairs clearly win; the order is fixed, so training is deterministic.
+    lines = [ln for ln in _CORPUS.splitlines(keepends=True) if ln.strip()]
+    return lines * 3
+
+
+def build_tokenizer():
+    """Return a `Qwen2Tokenizer` with a freshly trained byte-level BPE and Qwen's added tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    def new_backend(model):
+        tok = Tokenizer(model)
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    trained = new_backend(models.BPE())
+    trained.train_from_iterator(_corpus_lines(), trainer=trainer)
+
+    # Re-create the model from the learned vocab/merges with the exact options
+    # Qwen2's tokenizer.json uses (no unk token, no byte fallback).
+    state = json.loads(trained.to_str())
+    vocab = state["model"]["vocab"] if "model" in state else state["vocab"]
+    merges = state["model"]["merges"] if "model" in state else state["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    backend = new_backend(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
+    )
+    # Added tokens get consecutive ids right after the BPE vocab, in Qwen's order.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in EXTRA_ADDED_TOKENS])
+
+    tokenizer = Qwen2Tokenizer(
+        tokenizer_object=backend,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        extra_special_tokens=SPECIAL_TOKENS[1:],
+        model_max_length=131072,
+        errors="replace",
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+        add_prefix_space=False,
+    )
+    base = len(vocab)
+    for i, t in enumerate(SPECIAL_TOKENS + EXTRA_ADDED_TOKENS):
+        got = tokenizer.convert_tokens_to_ids(t)
+        if got != base + i:  # pragma: no cover - guards against library changes
+            raise RuntimeError(f"tiny tokenizer: {t} has id {got}, expected {base + i}")
+    return tokenizer
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def build_config(tokenizer):
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text_hidden = 64
+    heads = 2  # head_dim 32: vLLM's CPU attention refuses 16
+    head_dim = text_hidden // heads
+    text_config = dict(
+        vocab_size=_round_up(len(tokenizer), 64),
+        hidden_size=text_hidden,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=1,
+        hidden_act="silu",
+        max_position_embeddings=32768,
+        # 0.02 (the real default) makes the random model fall into a two-token loop
+        # after a few tokens; 0.12 gives mixed, prompt-dependent output.
+        initializer_range=INIT_STD,
+        rms_norm_eps=1e-6,
+        use_cache=True,
+        use_sliding_window=False,
+        sliding_window=32768,
+        max_window_layers=2,
+        attention_dropout=0.0,
+        # Real model: [16, 24, 24] for head_dim 128; must sum to head_dim / 2.
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    assert sum(text_config["rope_parameters"]["mrope_section"]) == head_dim // 2
+    vision_config = dict(
+        depth=2,
+        hidden_size=64,
+        hidden_act="silu",
+        intermediate_size=128,
+        num_heads=2,
+        in_channels=3,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        tokens_per_second=2,
+        window_size=112,
+        out_hidden_size=text_hidden,
+        fullatt_block_indexes=[1],
+        initializer_range=INIT_STD,
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    return config
+
+
+def build_generation_config(tokenizer):
+    from transformers import GenerationConfig
+
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # Same values as the real generation_config.json; top_k=1 makes sampling
+    # exactly greedy, so the defaults are deterministic.
+    return GenerationConfig(
+        bos_token_id=eot,
+        pad_token_id=eot,
+        eos_token_id=[im_end, eot],
+        do_sample=True,
+        repetition_penalty=1.05,
+        temperature=0.1,
+        top_p=0.001,
+        top_k=1,
+    )
+
+
+def build_processor(tokenizer):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    # Same as the real preprocessor_config.json (min_pixels 3136, max_pixels 12845056).
+    image_processor = Qwen2VLImageProcessor(
+        size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384},
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+    )
+    video_processor = Qwen2VLVideoProcessor(patch_size=14, temporal_patch_size=2, merge_size=2)
+    return Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny(dest: str | Path) -> Path:
+    """Write a complete tiny Qwen2.5-VL model folder to `dest` and return its path."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer)
+    config = build_config(tokenizer)
+
+    rng_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        with torch.device("cpu"):
+            model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    finally:
+        torch.random.set_rng_state(rng_state)
+    # Rows past the tokenizer (vocab_size is rounded up, like the real 152064 vs
+    # 151665) get zero weights, so greedy decoding never picks an id the
+    # tokenizer cannot decode.
+    n_tok = len(tokenizer)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[n_tok:] = 0
+        model.get_output_embeddings().weight[n_tok:] = 0
+    model.eval()
+    model.config.dtype = torch.float32
+    model.generation_config = build_generation_config(tokenizer)
+
+    model.save_pretrained(dest)
+    processor.save_pretrained(dest)
+    (dest / MARKER).write_text(
+        json.dumps(
+            {
+                "tiny": True,
+                "version": TINY_VERSION,
+                "description": "Tiny randomly initialised Qwen2.5-VL (engine/tiny.py); outputs are meaningless.",
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return dest
+
+
+def is_tiny(model_dir: str | Path) -> bool:
+    """True when `model_dir` is a folder written by `build_tiny`."""
+    try:
+        return bool(json.loads((Path(model_dir) / MARKER).read_text()).get("tiny"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _default_cache_root() -> Path:
+    env = os.environ.get("QWENVL_DEMO_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "qwen-vl-npu-demo"
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        marker.get("version") == TINY_VERSION
+        and (folder / "model.safetensors").is_file()
+        and (folder / "config.json").is_file()
+        and (folder / "tokenizer.json").is_file()
+    )
+
+
+def ensure_tiny(cache_dir: Path | None = None) -> Path:
+    """Return `<cache>/tiny-v{N}`, building it once.
+
+    `cache_dir` defaults to `$QWENVL_DEMO_CACHE` or `~/.cache/qwen-vl-npu-demo`.
+    The folder is built in a temporary sibling and renamed into place, so
+    concurrent callers never see a half-written model.
+    """
+    root = Path(cache_dir) if cache_dir is not None else _default_cache_root()
+    final = root / f"tiny-v{TINY_VERSION}"
+    if _complete(final):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-v{TINY_VERSION}-{uuid.uuid4().hex[:8]}-", dir=root))
+    try:
+        build_tiny(tmp)
+        # mkdtemp makes a 0700 folder; make the cache readable like a normal download.
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        tmp.chmod(0o755)
+        if final.exists() and not _complete(final):
+            # A leftover broken folder (not produced by this code's rename): move it aside.
+            stale = root / f".stale-{uuid.uuid4().hex[:8]}"
+            try:
+                final.rename(stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            except OSError:
+                pass
+        try:
+            tmp.rename(final)
+        except OSError:
+            # Someone else won the race; their folder is complete (rename is atomic).
+            if not _complete(final):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m engine.tiny", description="Write a tiny random Qwen2.5-VL model folder.")
+    p.add_argument("dest", type=Path, help="folder to write (created if missing)")
+    args = p.parse_args(argv)
+    print(build_tiny(args.dest).resolve())
+
+
+if __name__ == "__main__":
+    main()

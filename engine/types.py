@@ -1,0 +1,151 @@
+"""Typed requests and events that cross from a front end (CLI, UI, API) to an
+engine. Nothing here imports torch, so front ends stay device-agnostic."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+# The tutorial's per-image resolution bounds (the processor's own default
+# allows ~16k tokens per image, far too many for one NPU).
+DEFAULT_MIN_PIXELS = 224 * 224
+DEFAULT_MAX_PIXELS = 1280 * 28 * 28
+DEFAULT_MAX_TOKENS = 512
+
+
+@dataclass
+class ImageInput:
+    """One image: a local path, a `file://` or `data:` URI, an http(s) URL, or a PIL image.
+
+    `min_pixels`/`max_pixels` override the request's bounds for this image only.
+    """
+
+    source: Any
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+
+@dataclass
+class VideoInput:
+    """One video: a local path or a `file://`, `data:` or http(s) URL."""
+
+    source: Any
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    fps: float | None = None
+
+
+@dataclass
+class Message:
+    """One turn. Images and videos are shown before the text, as in the tutorial."""
+
+    role: Role
+    text: str = ""
+    images: list[ImageInput] = field(default_factory=list)
+    videos: list[VideoInput] = field(default_factory=list)
+
+
+@dataclass
+class Conversation:
+    """The model's view of a chat: an optional system prompt and the turns so far.
+
+    The last message is the user's; earlier turns keep their images, so the
+    model can refer back to them.
+    """
+
+    messages: list[Message] = field(default_factory=list)
+    system: str | None = None
+
+    def image_count(self) -> int:
+        return sum(len(m.images) for m in self.messages)
+
+    def video_count(self) -> int:
+        return sum(len(m.videos) for m in self.messages)
+
+
+@dataclass
+class SamplingParams:
+    """vLLM-style sampling fields. `None` means: take the model's generation_config."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+
+def new_request_id(prefix: str = "req") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+@dataclass
+class GenerationRequest:
+    conversation: Conversation
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    request_id: str = field(default_factory=new_request_id)
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class RequestStats:
+    prompt_tokens: int = 0
+    images: int = 0
+    videos: int = 0
+    output_tokens: int = 0
+    queue_s: float = 0.0
+    ttft_s: float | None = None
+    total_s: float = 0.0
+
+    @property
+    def input_tps(self) -> float:
+        """Prompt tokens per second of prefill (time to first token)."""
+        return self.prompt_tokens / self.ttft_s if self.ttft_s else 0.0
+
+    @property
+    def output_tps(self) -> float:
+        """Output tokens per second over the whole generation, as vLLM's progress bar reports."""
+        return self.output_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        """Output tokens per second after the first token: the decode speed."""
+        if self.ttft_s is None or self.output_tokens < 2 or self.total_s <= self.ttft_s:
+            return 0.0
+        return (self.output_tokens - 1) / (self.total_s - self.ttft_s)
+
+    def to_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "images": self.images,
+                "videos": self.videos, "output_tokens": self.output_tokens,
+                "queue_s": self.queue_s, "ttft_s": self.ttft_s, "total_s": self.total_s,
+                "input_tps": self.input_tps, "output_tps": self.output_tps,
+                "decode_tps": self.decode_tps}
+
+
+@dataclass
+class TextDelta:
+    """New text of one request; never empty."""
+
+    text: str
+
+
+@dataclass
+class Finished:
+    """The last event of every request stream."""
+
+    reason: FinishReason
+    stats: RequestStats
+    error: Exception | None = None   # an EngineError when reason == "error"
+
+
+Event = Union[TextDelta, Finished]

@@ -1,0 +1,393 @@
+"""The device thread: one thread owns the model, takes requests from a bounded
+queue, runs `generate` for one request or for a batch of compatible ones, and
+streams each row's text to its own RequestHandle.
+
+A StoppingCriteria does the per-step work: it reads the newest token of
+every row, detokenizes it incrementally, applies stop strings and per-row
+token limits, and ends a row as soon as its handle is cancelled, so Stop and
+client disconnects take effect within a token.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from .device import Device
+from .errors import DeviceOutOfMemoryError, EngineBusyError, EngineError
+from .prompt import PreparedPrompt
+from .sampling import batch_key, generate_kwargs
+from .stream import RequestHandle
+from .types import Finished, FinishReason, GenerationRequest, RequestStats, TextDelta
+
+log = logging.getLogger("engine.requests")
+
+
+class IncrementalDetokenizer:
+    """vLLM-style incremental decoding: emits text only once it is complete
+    UTF-8, so multi-byte characters split across tokens never come out broken."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character) at the end."""
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix):] if len(full) > len(prefix) else ""
+
+
+@dataclass
+class WorkItem:
+    request: GenerationRequest
+    prompt: PreparedPrompt
+    handle: RequestHandle
+    key: tuple
+
+
+class RowState:
+    """One request inside a running generate call."""
+
+    def __init__(self, item: WorkItem, tokenizer: Any, eos_ids: set[int]) -> None:
+        self.item = item
+        self.handle = item.handle
+        self.max_new = item.prompt.max_new_tokens
+        sp = item.request.sampling
+        self.stops = list(sp.stop)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.eos_ids = set() if sp.ignore_eos else eos_ids
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.text = ""
+        self.sent = 0
+        self.tokens = 0
+        self.first_token_at: float | None = None
+        self.reason: FinishReason | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None
+
+    def _emit_ready(self, final: bool = False) -> None:
+        end = len(self.text) if final or not self.stops else len(self.text) - self.hold
+        if end > self.sent:
+            self.handle.push(TextDelta(self.text[self.sent:end]))
+            self.sent = end
+
+    def on_token(self, token_id: int, now: float) -> None:
+        if self.done:
+            return
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.tokens += 1
+        if token_id in self.eos_ids:
+            self.reason = "stop"
+        else:
+            self.text += self.detok.add(token_id)
+            if self.stops and self._apply_stops():
+                return
+            self._emit_ready()
+        if self.reason is None and self.tokens >= self.max_new:
+            self.reason = "length"
+        if self.reason is None and self.handle.cancelled:
+            self.reason = "cancelled"
+
+    def _apply_stops(self) -> bool:
+        start = max(0, self.sent - self.hold)
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if not hits:
+            return False
+        self.text = self.text[:min(hits)]
+        self.reason = "stop"
+        self._emit_ready(final=True)
+        return True
+
+    def finish(self, default: FinishReason) -> FinishReason:
+        """Flush held-back text and settle the finish reason after generate returns."""
+        if self.reason is None:
+            self.reason = "cancelled" if self.handle.cancelled else default
+        if self.reason != "cancelled" and not (self.stops and self.reason == "stop"
+                                               and len(self.text) == self.sent):
+            self.text += self.detok.flush()
+            if self.stops and self.reason != "stop" and self._apply_stops():
+                return self.reason
+        self._emit_ready(final=True)
+        return self.reason
+
+
+class BatchCriteria(StoppingCriteria):
+    """Per-step hook: streams every row's newest token and says which rows are done."""
+
+    def __init__(self, rows: list[RowState]) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        now = time.monotonic()
+        newest = input_ids[:, -1].tolist()
+        for row, token in zip(self.rows, newest):
+            if row.done:
+                continue
+            row.on_token(token, now)
+            if not row.done and row.handle.cancelled:
+                row.reason = "cancelled"
+        return torch.tensor([row.done for row in self.rows], dtype=torch.bool,
+                            device=input_ids.device)
+
+
+def collate(prompts: list[PreparedPrompt], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad input_ids and concatenate vision tensors in request order,
+    as the processor does for a batch of texts."""
+    if len(prompts) == 1:
+        return dict(prompts[0].inputs)
+    width = max(p.inputs["input_ids"].shape[1] for p in prompts)
+    ids, masks = [], []
+    for p in prompts:
+        n = p.inputs["input_ids"].shape[1]
+        pad = width - n
+        ids.append(torch.cat([torch.full((1, pad), pad_id, dtype=torch.long),
+                              p.inputs["input_ids"]], dim=1))
+        mask = p.inputs.get("attention_mask", torch.ones(1, n, dtype=torch.long))
+        masks.append(torch.cat([torch.zeros((1, pad), dtype=mask.dtype), mask], dim=1))
+    out: dict[str, Any] = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                "second_per_grid_ts"):
+        parts = [p.inputs[key] for p in prompts if p.inputs.get(key) is not None]
+        if parts:
+            out[key] = (torch.cat(parts) if isinstance(parts[0], torch.Tensor)
+                        else [x for part in parts for x in part])
+    return out
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "npu out of memory" in text
+
+
+class GenerationWorker:
+    """Owns the device. `submit` is thread-safe and never blocks on the device."""
+
+    def __init__(self, model: Any, tokenizer: Any, device: Device, *, max_queue: int = 32,
+                 max_batch: int = 1, on_finish: Callable[[WorkItem, Finished], None] | None = None,
+                 generation_config: Any = None) -> None:
+        self.model = model
+        self.tokenizer = copy.deepcopy(tokenizer)   # its own copy: decoding here, encoding elsewhere
+        self.device = device
+        self.max_queue = max_queue
+        self.max_batch = max(1, max_batch)
+        self.on_finish = on_finish
+        self.generation_config = generation_config or model.generation_config
+        eos = self.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        pad = self.generation_config.pad_token_id
+        self.pad_id = int(pad if pad is not None else min(self.eos_ids or {0}))
+        self._queue: collections.deque[WorkItem] = collections.deque()
+        self._cond = threading.Condition()
+        self._running: list[WorkItem] = []
+        self._stopping = False
+        self.batches_run = 0
+        self.largest_batch = 0
+        self._thread = threading.Thread(target=self._loop, name="generation-worker", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ API
+    def submit(self, request: GenerationRequest, prompt: PreparedPrompt) -> RequestHandle:
+        with self._cond:
+            if self._stopping:
+                raise EngineError("The engine is shutting down.")
+            if len(self._queue) >= self.max_queue:
+                raise EngineBusyError(
+                    f"The server is busy: {len(self._queue)} requests are already waiting. "
+                    "Please try again shortly.")
+            handle = RequestHandle(request.request_id)
+            item = WorkItem(request, prompt, handle, batch_key(request.sampling))
+            handle._on_cancel = lambda: self._cancel_queued(item)
+            self._queue.append(item)
+            self._cond.notify()
+        return handle
+
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def running_count(self) -> int:
+        with self._cond:
+            return len(self._running)
+
+    def queue_position(self, request_id: str) -> int | None:
+        """0 while running, 1.. while waiting, None when unknown or finished."""
+        with self._cond:
+            if any(i.request.request_id == request_id for i in self._running):
+                return 0
+            for pos, item in enumerate(self._queue, start=1):
+                if item.request.request_id == request_id:
+                    return pos
+        return None
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            pending = list(self._queue)
+            self._queue.clear()
+            running = list(self._running)
+            self._cond.notify_all()
+        for item in pending:
+            item.prompt.close()
+            self._finish(item, "cancelled", RequestStats())
+        for item in running:
+            item.handle.cancel()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------ internals
+    def _cancel_queued(self, item: WorkItem) -> None:
+        with self._cond:
+            try:
+                self._queue.remove(item)
+            except ValueError:
+                return   # already running: the criteria will see the event
+        item.prompt.close()
+        self._finish(item, "cancelled", self._stats(item, None, 0, time.monotonic()))
+
+    def _take_batch(self) -> list[WorkItem] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            first = self._queue.popleft()
+            batch = [first]
+            if self.max_batch > 1:
+                for item in list(self._queue):
+                    if len(batch) >= self.max_batch:
+                        break
+                    if item.key == first.key:
+                        self._queue.remove(item)
+                        batch.append(item)
+            self._running = batch
+            return batch
+
+    def _loop(self) -> None:
+        self.device.bind_thread()
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            except BaseException as exc:  # never let the device thread die
+                log.exception("worker: unexpected failure")
+                for item in batch:
+                    if item.handle.finished is None:
+                        self._finish(item, "error", RequestStats(), EngineError(str(exc)))
+            finally:
+                with self._cond:
+                    self._running = []
+                for item in batch:
+                    item.prompt.close()
+
+    def _run(self, batch: list[WorkItem]) -> None:
+        start = time.monotonic()
+        live = [i for i in batch if not i.handle.cancelled]
+        for item in batch:
+            if item.handle.cancelled:
+                self._finish(item, "cancelled", self._stats(item, None, 0, start))
+        if not live:
+            return
+        self.batches_run += 1
+        self.largest_batch = max(self.largest_batch, len(live))
+        rows = [RowState(item, self.tokenizer, self.eos_ids) for item in live]
+        sp = live[0].request.sampling
+        max_new = max(i.prompt.max_new_tokens for i in live)
+        inputs = collate([i.prompt for i in live], self.pad_id)
+        dev = self.device.torch_device
+        model_inputs = {}
+        for k, v in inputs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(dev)
+                if v.is_floating_point():
+                    v = v.to(self.device.dtype)
+            model_inputs[k] = v
+        kwargs = generate_kwargs(sp, self.generation_config, max_new)
+        error: EngineError | None = None
+        try:
+            if sp.seed is not None:
+                torch.manual_seed(sp.seed)
+            with torch.inference_mode():
+                self.model.generate(**model_inputs, **kwargs,
+                                    stopping_criteria=StoppingCriteriaList([BatchCriteria(rows)]))
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                error = DeviceOutOfMemoryError(
+                    "The device ran out of memory for this request. Try fewer or smaller images, "
+                    "a shorter conversation or fewer max tokens.")
+            else:
+                log.exception("generate failed")
+                error = EngineError(f"Generation failed: {type(exc).__name__}: {exc}")
+        finally:
+            del model_inputs
+            if error is not None:
+                self.device.empty_cache()
+        for row in rows:
+            if error is not None and not row.done:
+                row.reason = "error"
+                self._finish(row.item, "error", self._stats(row.item, row.first_token_at,
+                                                             row.tokens, start), error)
+                continue
+            reason = row.finish("length" if row.tokens >= row.max_new else "stop")
+            self._finish(row.item, reason, self._stats(row.item, row.first_token_at, row.tokens,
+                                                       start))
+
+    def _stats(self, item: WorkItem, first_token_at: float | None, tokens: int,
+               start: float) -> RequestStats:
+        now = time.monotonic()
+        arrival = item.request.arrival_time
+        return RequestStats(prompt_tokens=item.prompt.prompt_tokens, images=item.prompt.images,
+                            videos=item.prompt.videos, output_tokens=tokens,
+                            queue_s=max(0.0, start - arrival),
+                            ttft_s=None if first_token_at is None else first_token_at - arrival,
+                            total_s=now - arrival)
+
+    def _finish(self, item: WorkItem, reason: FinishReason, stats: RequestStats,
+                error: EngineError | None = None) -> None:
+        if item.handle.finished is not None:
+            return
+        event = Finished(reason, stats, error)
+        item.handle.push(event)
+        log.info("request %s: prompt_tokens=%d images=%d videos=%d queue=%.3fs ttft=%s "
+                 "output_tokens=%d tokens/s=%.1f finish=%s%s", item.request.request_id,
+                 stats.prompt_tokens, stats.images, stats.videos, stats.queue_s,
+                 "-" if stats.ttft_s is None else f"{stats.ttft_s:.3f}s", stats.output_tokens,
+                 stats.output_tps, reason, f" error={error.message!r}" if error else "")
+        if self.on_finish is not None:
+            try:
+                self.on_finish(item, event)
+            except Exception:
+                log.exception("on_finish listener failed")
