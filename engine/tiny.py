@@ -21,11 +21,15 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
 TINY_VERSION = 1
 MARKER = "tiny_model.json"
+
+# Building seeds the global torch RNG; serialise builds within one process.
+_BUILD_LOCK = threading.Lock()
 
 # The processor's chat template of Qwen/Qwen2.5-VL-7B-Instruct (chat_template.json), verbatim.
 CHAT_TEMPLATE = (
@@ -303,13 +307,14 @@ def build_tiny(dest: str | Path) -> Path:
     processor = build_processor(tokenizer)
     config = build_config(tokenizer)
 
-    rng_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(0)
-        with torch.device("cpu"):
-            model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
-    finally:
-        torch.random.set_rng_state(rng_state)
+    with _BUILD_LOCK:
+        rng_state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(0)
+            with torch.device("cpu"):
+                model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+        finally:
+            torch.random.set_rng_state(rng_state)
     # Rows past the tokenizer (vocab_size is rounded up, like the real 152064 vs
     # 151665) get zero weights, so greedy decoding never picks an id the
     # tokenizer cannot decode.
