@@ -3,7 +3,6 @@ Face hub id or a ModelScope id, onto the selected device."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +28,6 @@ class LoadedModel:
     path: Path         # the local folder the weights came from
     is_tiny: bool
     device: Device
-
-
-def is_tiny_folder(path: Path) -> bool:
-    marker = path / "tiny_model.json"
-    try:
-        return bool(json.loads(marker.read_text()).get("tiny"))
-    except (OSError, ValueError):
-        return False
 
 
 def _hub_cached(repo_id: str) -> Path | None:
@@ -78,7 +69,7 @@ def download(repo_id: str, modelscope: bool, revision: str | None = None) -> Pat
 def resolve_model(spec: str, device: Device, modelscope: bool = False,
                   revision: str | None = None) -> tuple[str, Path, bool]:
     """(display name, local folder, is_tiny) for --model."""
-    from .tiny import ensure_tiny
+    from .tiny import ensure_tiny, is_tiny
 
     spec = (spec or "auto").strip()
     if spec == "tiny":
@@ -100,7 +91,7 @@ def resolve_model(spec: str, device: Device, modelscope: bool = False,
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"Cannot load model {spec!r}: the folder has no config.json")
-        return spec, path, is_tiny_folder(path)
+        return spec, path, is_tiny(path)
     if spec.count("/") != 1 or spec.startswith(("/", ".", "~")):
         raise ModelLoadError(f"Cannot load model {spec!r}: no such folder, and not a hub id "
                              "like Qwen/Qwen2.5-VL-7B-Instruct")

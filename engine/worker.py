@@ -380,14 +380,14 @@ class GenerationWorker:
         if item.handle.finished is not None:
             return
         event = Finished(reason, stats, error)
-        item.handle.push(event)
         log.info("request %s: prompt_tokens=%d images=%d videos=%d queue=%.3fs ttft=%s "
                  "output_tokens=%d tokens/s=%.1f finish=%s%s", item.request.request_id,
                  stats.prompt_tokens, stats.images, stats.videos, stats.queue_s,
                  "-" if stats.ttft_s is None else f"{stats.ttft_s:.3f}s", stats.output_tokens,
                  stats.output_tps, reason, f" error={error.message!r}" if error else "")
-        if self.on_finish is not None:
+        if self.on_finish is not None:   # before the consumer sees the end: metrics are current
             try:
                 self.on_finish(item, event)
             except Exception:
                 log.exception("on_finish listener failed")
+        item.handle.push(event)

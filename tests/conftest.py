@@ -9,3 +9,15 @@ def tiny_model_dir(tmp_path_factory):
     from engine.tiny import ensure_tiny
 
     return ensure_tiny(tmp_path_factory.mktemp("tiny-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir):
+    """A LocalEngine on the tiny model (CPU), shared by the engine tests."""
+    from engine.config import EngineConfig
+    from engine.local import LocalEngine
+
+    engine = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu",
+                                                  warmup=False))
+    yield engine
+    engine.close()

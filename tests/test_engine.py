@@ -1,0 +1,277 @@
+"""Engine behaviour on the tiny model: prompt rendering, streaming, cancel,
+faults, limits and sampling fields."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from engine.config import EngineConfig
+from engine.errors import EngineBusyError, InvalidRequestError
+from engine.local import LocalEngine
+from engine.types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
+                          SamplingParams, TextDelta)
+
+ASSET = "assets/chart.png"
+
+
+def ask(text: str = "Describe this image.", images=(), **sampling) -> GenerationRequest:
+    sampling.setdefault("temperature", 0)
+    return GenerationRequest(Conversation([Message("user", text, [ImageInput(i) for i in images])]),
+                             SamplingParams(**sampling))
+
+
+def image_pad_count(engine: LocalEngine, prompt_ids) -> int:
+    pad = engine.loaded.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    return int((prompt_ids == pad).sum())
+
+
+@pytest.mark.parametrize("size,min_px,max_px,expected", [
+    ((448, 448), 224 * 224, 1280 * 28 * 28, 256),      # 448/28 = 16 -> 16*16
+    ((640, 480), 224 * 224, 1280 * 28 * 28, 391),      # REFERENCE.md: 640x480 -> 391
+    ((1920, 1080), 224 * 224, 1280 * 28 * 28, 1222),   # floor(1080/b/28)*floor(1920/b/28), b=1.44
+    ((448, 448), 224 * 224, 256 * 28 * 28, 256),
+    ((448, 448), 224 * 224, 64 * 28 * 28, 64),         # max_pixels shrinks it
+    ((56, 56), 224 * 224, 1280 * 28 * 28, 64),         # min_pixels grows it to 224x224
+])
+def test_image_placeholder_count(tiny_engine, size, min_px, max_px, expected):
+    img = Image.new("RGB", size, (200, 30, 30))
+    req = GenerationRequest(Conversation([Message("user", "What is this?", [ImageInput(img)])]),
+                            min_pixels=min_px, max_pixels=max_px)
+    prepared = tiny_engine.renderer.prepare(req)
+    n = image_pad_count(tiny_engine, prepared.inputs["input_ids"])
+    assert n == expected
+    grid = prepared.inputs["image_grid_thw"][0]
+    assert n == int(grid.prod()) // 4
+    assert n * 28 * 28 <= max_px and n * 28 * 28 >= min(min_px, max_px) * 0.5
+
+
+def test_per_image_pixels_override(tiny_engine):
+    img = Image.new("RGB", (448, 448))
+    req = GenerationRequest(Conversation([Message("user", "x", [
+        ImageInput(img), ImageInput(img, max_pixels=64 * 28 * 28)])]))
+    prepared = tiny_engine.renderer.prepare(req)
+    assert image_pad_count(tiny_engine, prepared.inputs["input_ids"]) == 256 + 64
+
+
+def test_multi_turn_keeps_earlier_images(tiny_engine):
+    conv = Conversation([
+        Message("user", "What is in the chart?", [ImageInput(ASSET)]),
+        Message("assistant", "A bar chart."),
+        Message("user", "And this receipt?", [ImageInput("assets/receipt.png")]),
+        Message("assistant", "A receipt."),
+        Message("user", "Compare the two."),
+    ], system="Be brief.")
+    prepared = tiny_engine.renderer.prepare(GenerationRequest(conv))
+    assert prepared.images == 2
+    assert prepared.prompt_text.count("<|vision_start|>") == 2
+    assert prepared.prompt_text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert prepared.prompt_text.count("<|im_start|>assistant") == 3
+    assert prepared.inputs["image_grid_thw"].shape[0] == 2
+
+
+def test_streamed_deltas_equal_bare_generate(tiny_engine):
+    req = ask(images=[ASSET], max_tokens=48, ignore_eos=True)
+    prepared = tiny_engine.renderer.prepare(req)
+    handle = tiny_engine.submit(req)
+    deltas = [e for e in handle if isinstance(e, TextDelta)]
+    fin = handle.finished
+    assert fin.reason == "length" and fin.stats.output_tokens == 48
+    assert all(d.text for d in deltas)
+
+    model, tok = tiny_engine.loaded.model, tiny_engine.loaded.processor.tokenizer
+    with torch.inference_mode():
+        out = model.generate(**prepared.inputs, max_new_tokens=48, do_sample=False,
+                             eos_token_id=None, min_new_tokens=48)
+    new = out[0, prepared.inputs["input_ids"].shape[1]:]
+    bare = tok.decode(new, skip_special_tokens=True)
+    assert "".join(d.text for d in deltas) == bare
+    assert len(deltas) > 1   # it really streamed
+
+
+def test_stats_and_log_line(tiny_engine, caplog):
+    caplog.set_level("INFO", logger="engine.requests")
+    req = ask(images=[ASSET], max_tokens=8, ignore_eos=True)
+    text, fin = tiny_engine.generate(req)
+    s = fin.stats
+    assert s.prompt_tokens > 256 and s.images == 1 and s.output_tokens == 8
+    assert s.ttft_s is not None and 0 < s.ttft_s <= s.total_s
+    assert s.input_tps > 0 and s.output_tps > 0
+    line = next(r.getMessage() for r in caplog.records if req.request_id in r.getMessage())
+    for field in ("prompt_tokens=", "images=1", "ttft=", "tokens/s=", "finish=length"):
+        assert field in line
+
+
+def test_cancel_stops_within_a_few_tokens_and_next_runs(tiny_engine):
+    req = ask(max_tokens=4000, ignore_eos=True)
+    handle = tiny_engine.submit(req)
+    seen = 0
+    for event in handle:
+        if isinstance(event, TextDelta):
+            seen += 1
+            if seen == 3:
+                handle.cancel()
+    fin = handle.finished
+    assert fin.reason == "cancelled"
+    assert fin.stats.output_tokens < 3 + 10, fin.stats
+    text, fin2 = tiny_engine.generate(ask(max_tokens=5, ignore_eos=True))
+    assert fin2.reason == "length" and fin2.stats.output_tokens == 5
+
+
+def test_cancel_while_queued(tiny_engine):
+    blocker = tiny_engine.submit(ask(max_tokens=4000, ignore_eos=True, top_k=3))
+    queued = tiny_engine.submit(ask(max_tokens=5, seed=1))     # seeded: never batched
+    queued.cancel()
+    _, fin = queued.collect(timeout=30)
+    assert fin.reason == "cancelled" and fin.stats.output_tokens == 0
+    blocker.cancel()
+    assert blocker.collect(timeout=30)[1].reason == "cancelled"
+
+
+def test_exception_in_generate_is_an_error_and_worker_survives(tiny_engine, monkeypatch):
+    model = tiny_engine.loaded.model
+    real = model.generate
+    calls = {"n": 0}
+
+    def boom(*a, **k):
+        calls["n"] += 1
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(model, "generate", boom)
+    _, fin = tiny_engine.generate(ask(max_tokens=5), timeout=30)
+    assert fin.reason == "error" and "injected fault" in fin.error.message
+    monkeypatch.setattr(model, "generate", real)
+    _, fin = tiny_engine.generate(ask(max_tokens=5, ignore_eos=True), timeout=30)
+    assert fin.reason == "length" and calls["n"] == 1
+
+
+def test_out_of_memory_frees_cache(tiny_engine, monkeypatch):
+    freed = []
+    monkeypatch.setattr(tiny_engine.device, "empty_cache", lambda: freed.append(1))
+    monkeypatch.setattr(tiny_engine.loaded.model, "generate",
+                        lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("NPU out of memory")))
+    _, fin = tiny_engine.generate(ask(max_tokens=5), timeout=30)
+    assert fin.reason == "error" and "ran out of memory" in fin.error.message
+    assert freed == [1]
+
+
+def test_busy_when_queue_full(tiny_engine):
+    small = LocalEngine(tiny_engine.loaded, EngineConfig(max_queue=1, max_batch=1))
+    try:
+        running = small.submit(ask(max_tokens=4000, ignore_eos=True))
+        deadline = time.monotonic() + 10
+        while small.worker.running_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiting = small.submit(ask(max_tokens=4))
+        with pytest.raises(EngineBusyError, match="busy"):
+            small.submit(ask(max_tokens=4))
+        assert small.queue_position(waiting.request_id) == 1
+        running.cancel()
+        assert waiting.collect(timeout=30)[1].reason in ("stop", "length")
+    finally:
+        small.close()
+
+
+def test_sampling_fields(tiny_engine):
+    # ignore_eos + max_tokens gives exactly that many tokens
+    _, fin = tiny_engine.generate(ask(max_tokens=17, ignore_eos=True))
+    assert fin.stats.output_tokens == 17 and fin.reason == "length"
+    # seed makes sampling repeatable
+    a, _ = tiny_engine.generate(ask(max_tokens=20, temperature=1.5, top_k=50, top_p=1.0, seed=7))
+    b, _ = tiny_engine.generate(ask(max_tokens=20, temperature=1.5, top_k=50, top_p=1.0, seed=7))
+    assert a == b
+    # a stop string cuts the answer before it, and is not included
+    full, _ = tiny_engine.generate(ask(max_tokens=40, ignore_eos=True))
+    stop = full[10:13]
+    cut, fin = tiny_engine.generate(ask(max_tokens=40, ignore_eos=True, stop=[stop]))
+    assert fin.reason == "stop" and cut == full[:full.index(stop)]
+
+
+def test_min_tokens_suppresses_eos(tiny_engine):
+    _, fin = tiny_engine.generate(ask(max_tokens=30, min_tokens=30))
+    assert fin.stats.output_tokens == 30
+
+
+@pytest.mark.parametrize("sampling,message", [
+    ({"temperature": -1.0}, "temperature must be non-negative, got -1.0."),
+    ({"top_p": 2.0}, "top_p must be in (0, 1], got 2.0."),
+    ({"max_tokens": 0}, "max_tokens must be at least 1, got 0."),
+    ({"max_tokens": 10**9}, "cannot be greater than max_model_len=16384"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be greater than zero"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens must be less than or equal"),
+])
+def test_invalid_sampling(tiny_engine, sampling, message):
+    with pytest.raises(InvalidRequestError) as info:
+        tiny_engine.submit(ask(**sampling))
+    assert message in info.value.message and info.value.code == 400
+
+
+def test_limits_fire_before_the_device(tiny_engine, tmp_path, monkeypatch):
+    generated = []
+    monkeypatch.setattr(tiny_engine.loaded.model, "generate", lambda *a, **k: generated.append(1))
+    text_png = tmp_path / "notes.png"
+    text_png.write_text("this is not an image")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(open(ASSET, "rb").read()[:2000])
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)
+    cases = [
+        (ask(images=[ASSET] * 11), "At most 10 image(s) may be provided in one prompt."),
+        (ask("   "), "The message is empty"),
+        (ask(images=[str(text_png)]), "is not a readable image"),
+        (ask(images=[str(truncated)]), "truncated or corrupt"),
+        (ask(images=[str(bomb)]), "too large"),
+        (ask(images=[str(tmp_path / "missing.png")]), "File not found"),
+        (ask(images=["ftp://example.invalid/x.png"]), "Unsupported URL scheme 'ftp'"),
+        (ask(images=["data:image/png;base64,@@@"]), "Invalid base64"),
+    ]
+    for req, message in cases:
+        with pytest.raises(InvalidRequestError) as info:
+            tiny_engine.submit(req)
+        assert message in info.value.message, info.value.message
+        assert "\n" not in info.value.message
+    assert generated == []
+
+
+def test_context_length_limit_in_vllm_words(tiny_engine):
+    small = LocalEngine(tiny_engine.loaded, EngineConfig(max_model_len=300))
+    try:
+        with pytest.raises(InvalidRequestError, match=r"This model's maximum context length is 300 "
+                           r"tokens\. However, your prompt contains at least \d+ input tokens"):
+            small.submit(ask("word " * 400))
+        with pytest.raises(InvalidRequestError, match=r"maximum context length is 300 tokens\. "
+                           r"However, you requested \d+ tokens \(\d+ in the messages, 290 in the "
+                           r"completion\)"):
+            small.submit(ask("hello there", max_tokens=290))
+        _, fin = small.generate(ask("hello", max_tokens=5, ignore_eos=True))
+        assert fin.reason == "length"
+    finally:
+        small.close()
+
+
+def test_no_empty_deltas_and_one_finished(tiny_engine):
+    events = list(tiny_engine.submit(ask(images=[ASSET], max_tokens=30)))
+    assert isinstance(events[-1], Finished)
+    assert sum(isinstance(e, Finished) for e in events) == 1
+    assert all(e.text for e in events if isinstance(e, TextDelta))
+
+
+def test_concurrent_requests_all_complete(tiny_engine):
+    results = {}
+
+    def run(i):
+        results[i] = tiny_engine.generate(ask(f"question {i}", max_tokens=12, ignore_eos=True),
+                                          timeout=60)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 6
+    assert all(fin.reason == "length" and fin.stats.output_tokens == 12
+               for _, fin in results.values())
