@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from .config import add_engine_args
-from .errors import EngineError, InvalidRequestError
+from .errors import EngineError
 from .types import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, Conversation, GenerationRequest,
                     ImageInput, Message, SamplingParams, TextDelta, VideoInput)
 
@@ -72,14 +71,16 @@ def main(argv: list[str] | None = None) -> int:
                        min_tokens=args.min_tokens),
         min_pixels=args.min_pixels, max_pixels=args.max_pixels, request_id="cli")
     # Cheap checks before paying for the model load.
+    from .media import load_image
     from .prompt import check_conversation, check_image_limits
+    from .sampling import validate_sampling
     try:
         check_conversation(request.conversation)
         check_image_limits(request.conversation, args.limit_images, args.limit_videos)
+        validate_sampling(request.sampling, args.max_model_len)
         for img in request.conversation.messages[0].images:
-            src = str(img.source)
-            if "://" not in src and not src.startswith("data:") and not os.path.isfile(src):
-                raise InvalidRequestError(f"File not found: {src}")
+            if "://" not in img.source and not img.source.startswith("data:"):
+                load_image(img.source)   # local files: fail fast, before the model loads
     except EngineError as exc:
         return fail(exc.message)
 
