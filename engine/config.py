@@ -38,6 +38,11 @@ class EngineConfig:
     max_batch: int = 8
     default_max_tokens: int = 512
     warmup: bool = True
+    backend: str = "local"             # local | remote (an OpenAI-compatible server)
+    remote_url: str | None = None      # e.g. http://npu-host:8000/v1
+    remote_api_key: str | None = None
+    remote_model: str | None = None    # default: the first model the remote lists
+    remote_timeout: float = 300.0      # seconds without a byte from the remote before giving up
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "EngineConfig":
@@ -82,3 +87,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-warmup", dest="warmup", action="store_false",
                    default=not env_bool("QWENVL_NO_WARMUP"),
                    help="skip the short warm-up generation at start")
+    r = parser.add_argument_group("remote backend")
+    r.add_argument("--backend", default=env("QWENVL_BACKEND", "local"), choices=["local", "remote"],
+                   help="local: load the model here; remote: forward to an OpenAI-compatible "
+                        "server such as vllm-ascend [env QWENVL_BACKEND]")
+    r.add_argument("--remote-url", default=env("QWENVL_REMOTE_URL"),
+                   help="the remote server's API base, e.g. http://NPU-HOST:8000/v1 "
+                        "[env QWENVL_REMOTE_URL]")
+    r.add_argument("--remote-api-key", default=env("QWENVL_REMOTE_API_KEY"),
+                   help="sent as 'Authorization: Bearer KEY' [env QWENVL_REMOTE_API_KEY]")
+    r.add_argument("--remote-model", default=env("QWENVL_REMOTE_MODEL"),
+                   help="model name on the remote (default: the first one its /v1/models "
+                        "lists) [env QWENVL_REMOTE_MODEL]")
+    r.add_argument("--remote-timeout", type=float,
+                   default=float(env("QWENVL_REMOTE_TIMEOUT", "300")),
+                   help="seconds to wait for the remote's next byte (connecting: at most 5 s) "
+                        "[env QWENVL_REMOTE_TIMEOUT]")

@@ -91,6 +91,10 @@ class LocalEngine(Engine):
 
 def create_engine(config: EngineConfig) -> Engine:
     """The engine for a config: local unless a remote backend is configured."""
+    if config.backend == "remote":
+        from .remote import RemoteEngine
+
+        return RemoteEngine(config)
     return LocalEngine.from_config(config)
 
 
