@@ -8,7 +8,7 @@ ARGS   ?=
 
 .PHONY: run test install install-dev browser bench clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-common.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -r requirements.txt

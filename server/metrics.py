@@ -1,0 +1,149 @@
+"""Prometheus metrics without a client library: a few counters, gauges and
+histograms behind one lock, fed by the engine's finish listener (which runs
+on the device thread) and by the API's own refusals, and rendered in the
+text exposition format (version 0.0.4) for GET /metrics."""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from typing import Callable
+
+from engine.base import Engine
+from engine.types import Finished, GenerationRequest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PREFIX = "qwenvl_"
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+TPS_BUCKETS = (1, 2, 5, 10, 20, 30, 40, 60, 80, 100, 150, 200, 300, 500)
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+def _fmt(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Histogram:
+    """Cumulative buckets, sum and count, as Prometheus expects."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.bounds = tuple(sorted(buckets))
+        self.counts = [0] * (len(self.bounds) + 1)   # the last one is +Inf
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.n += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        out, running = [], 0
+        for bound, count in zip(self.bounds + (math.inf,), self.counts):
+            running += count
+            out.append(f'{name}_bucket{{{labels},le="{_fmt(bound)}"}} {running}')
+        out.append(f"{name}_sum{{{labels}}} {_fmt(self.total)}")
+        out.append(f"{name}_count{{{labels}}} {self.n}")
+        return out
+
+
+class MetricsRegistry:
+    """Everything GET /metrics reports; all methods are thread-safe."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self._lock = threading.Lock()
+        self.finished = {reason: 0 for reason in FINISH_REASONS}
+        self.refused: dict[int, int] = {}
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.output_tps = Histogram(TPS_BUCKETS)
+
+    # ------------------------------------------------------------------ feeding
+    def on_finished(self, request: GenerationRequest, event: Finished) -> None:
+        """The engine's finish listener: one call per request, UI and API alike."""
+        stats = event.stats
+        with self._lock:
+            self.finished[event.reason] = self.finished.get(event.reason, 0) + 1
+            self.prompt_tokens += stats.prompt_tokens
+            self.generation_tokens += stats.output_tokens
+            if stats.ttft_s is not None:
+                self.ttft.observe(stats.ttft_s)
+            if event.reason != "error" and stats.total_s > 0:
+                self.latency.observe(stats.total_s)
+            if stats.output_tokens > 0 and stats.output_tps > 0:
+                self.output_tps.observe(stats.output_tps)
+
+    def on_refused(self, code: int) -> None:
+        """A request the API answered with an error before it reached the engine's queue."""
+        with self._lock:
+            self.refused[code] = self.refused.get(code, 0) + 1
+
+    def attach(self, engine: Engine) -> "MetricsRegistry":
+        engine.add_finish_listener(self.on_finished)
+        return self
+
+    # ------------------------------------------------------------------ output
+    def render(self, queue_depth: int | None = None, running: int | None = None,
+               healthy: bool | None = None) -> str:
+        model = f'model_name="{_escape(self.model_name)}"'
+        lines: list[str] = []
+
+        def head(name: str, kind: str, help_: str) -> str:
+            full = PREFIX + name
+            lines.append(f"# HELP {full} {help_}")
+            lines.append(f"# TYPE {full} {kind}")
+            return full
+
+        with self._lock:
+            name = head("requests_total", "counter",
+                        "Requests the engine finished, by finish reason (stop, length, "
+                        "cancelled, error).")
+            for reason, count in self.finished.items():
+                lines.append(f'{name}{{{model},finish_reason="{_escape(reason)}"}} {count}')
+            name = head("requests_refused_total", "counter",
+                        "API requests answered with an error before reaching the queue, by "
+                        "HTTP status.")
+            for code, count in sorted(self.refused.items()):
+                lines.append(f'{name}{{{model},code="{code}"}} {count}')
+            name = head("prompt_tokens_total", "counter", "Prompt tokens of finished requests.")
+            lines.append(f"{name}{{{model}}} {self.prompt_tokens}")
+            name = head("generation_tokens_total", "counter", "Generated tokens.")
+            lines.append(f"{name}{{{model}}} {self.generation_tokens}")
+            name = head("time_to_first_token_seconds", "histogram",
+                        "Time from arrival to the first generated token.")
+            lines += self.ttft.lines(name, model)
+            name = head("e2e_request_latency_seconds", "histogram",
+                        "Time from arrival to the last token.")
+            lines += self.latency.lines(name, model)
+            name = head("output_tokens_per_second", "histogram",
+                        "Generated tokens per second of each request (arrival to finish).")
+            lines += self.output_tps.lines(name, model)
+        if queue_depth is not None:
+            name = head("requests_waiting", "gauge", "Requests waiting in the engine's queue.")
+            lines.append(f"{name}{{{model}}} {queue_depth}")
+        if running is not None:
+            name = head("requests_running", "gauge", "Requests generating now.")
+            lines.append(f"{name}{{{model}}} {running}")
+        if healthy is not None:
+            name = head("engine_healthy", "gauge", "1 while the engine can serve requests.")
+            lines.append(f"{name}{{{model}}} {int(healthy)}")
+        return "\n".join(lines) + "\n"
+
+
+def engine_gauges(engine: Engine) -> dict[str, int | None]:
+    """Queue length and running count where the engine knows them."""
+    running: Callable[[], int] | None = getattr(getattr(engine, "worker", None), "running_count",
+                                                None)
+    return {"queue_depth": engine.queue_depth(), "running": running() if running else None}

@@ -1,0 +1,211 @@
+"""The wire format of the OpenAI-compatible API, as vLLM's
+entrypoints/openai/protocol.py defines it: request models that validate what
+clients send, and response models whose JSON matches `vllm serve` field for
+field (see /work/shared/reference/vllm-0.32/)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ----------------------------------------------------------------------------- requests
+
+
+class _Lenient(BaseModel):
+    """Unknown fields are ignored, as vLLM does (clients send vendor extras)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class MediaURL(_Lenient):
+    url: str
+    detail: str | None = None
+
+
+class ImageURLPart(_Lenient):
+    type: Literal["image_url"]
+    image_url: MediaURL
+
+
+class VideoURLPart(_Lenient):
+    type: Literal["video_url"]
+    video_url: MediaURL
+
+
+ContentPart = Annotated[Union[TextPart, ImageURLPart, VideoURLPart], Field(discriminator="type")]
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = None
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool | None = False
+
+
+class MMProcessorKwargs(BaseModel):
+    """The per-request image resolution bounds of Qwen2.5-VL's processor."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    fps: float | None = None
+
+
+class ChatCompletionRequest(_Lenient):
+    messages: list[ChatMessage]
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extras
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    mm_processor_kwargs: MMProcessorKwargs | None = None
+    # Accepted so that we can refuse them clearly instead of silently ignoring them.
+    logprobs: bool | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        """`max_completion_tokens` wins over the deprecated `max_tokens`, as in vLLM."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:16]}"
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tokens_details: None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str = ""
+    refusal: None = None
+    annotations: None = None
+    audio: None = None
+    function_call: None = None
+    reasoning: None = None
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+    stop_reason: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=completion_id)
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    service_tier: None = None
+    system_fingerprint: None = None
+    usage: UsageInfo
+    prompt_logprobs: None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+    stop_reason: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: UsageInfo | None = None
+
+    def sse(self) -> str:
+        """One Server-Sent Event: `usage` only on the include_usage chunk and the
+        role only in the first delta, as vLLM sends them."""
+        data = self.model_dump()
+        if self.usage is None:
+            del data["usage"]
+        else:
+            data["usage"].pop("prompt_tokens_details", None)
+        for choice in data["choices"]:
+            if choice["delta"]["role"] is None:
+                del choice["delta"]["role"]
+        return sse_data(data)
+
+
+def sse_data(data: Any) -> str:
+    """`data: <json>` plus the blank line that ends an event (UTF-8, like vLLM)."""
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "qwen-vl-npu-demo"
+    root: str
+    parent: str | None = None
+    max_model_len: int
+    description: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def error_body(message: str, type_: str, code: int, param: str | None = None) -> dict:
+    """vLLM's nested error shape; the HTTP status is always `code`."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,0 +1,201 @@
+"""Image and URL handling: every odd file is either converted or refused with
+one clear line, and no URL can make the server fetch a private address.
+Network access is stubbed: nothing here leaves the machine."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+
+import httpx
+import pytest
+from PIL import Image
+
+from engine import media
+from engine.errors import InvalidRequestError
+from engine.media import MediaPolicy, load_image
+
+API_POLICY = MediaPolicy(local_roots=())
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def data_uri(raw: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(raw).decode()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Image.new("RGBA", (64, 48), (255, 0, 0, 128)),
+    lambda: Image.new("CMYK", (64, 48), (0, 255, 0, 0)),
+    lambda: Image.new("I;16", (64, 48), 40000),
+    lambda: Image.new("LA", (64, 48), (10, 20)),
+    lambda: Image.new("P", (64, 48), 3),
+    lambda: Image.new("L", (1, 1), 7),
+])
+def test_odd_modes_become_rgb(make):
+    img = make()
+    fmt = "TIFF" if img.mode == "CMYK" else "PNG"
+    out = load_image(data_uri(png_bytes(img, fmt)), API_POLICY)
+    assert out.mode == "RGB" and out.size == img.size
+
+
+def test_animated_gif_takes_first_frame():
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    out = load_image(data_uri(buf.getvalue(), "image/gif"), API_POLICY)
+    assert out.getpixel((5, 5))[0] > 200
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"", "is not a readable image"),
+    (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "is not a readable image"),
+    (png_bytes(Image.new("RGB", (300, 300)))[:120], "truncated or corrupt"),
+    (png_bytes(Image.new("RGB", (300, 300)), "JPEG")[:400], "readable image|truncated or corrupt"),
+])
+def test_unreadable_bytes(raw, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        load_image(data_uri(raw), API_POLICY)
+
+
+def test_decompression_bomb_refused_before_decoding():
+    bomb = png_bytes(Image.new("1", (20000, 20000)))
+    with pytest.raises(InvalidRequestError, match=r"is too large: at most 64,000,000 pixels"):
+        load_image(data_uri(bomb), API_POLICY)
+
+
+def test_extreme_aspect_ratio():
+    with pytest.raises(InvalidRequestError, match="aspect ratio"):
+        load_image(data_uri(png_bytes(Image.new("RGB", (4000, 10)))), API_POLICY)
+
+
+def test_broken_base64():
+    with pytest.raises(InvalidRequestError, match="Invalid base64"):
+        load_image("data:image/png;base64,iVBORw0KGgo!!!", API_POLICY)
+
+
+def test_local_files_refused_for_api_policy(tmp_path):
+    p = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(p)
+    for src in (str(p), f"file://{p}", "file:///etc/passwd", "/etc/passwd", "../../etc/passwd"):
+        with pytest.raises(InvalidRequestError, match="not allowed"):
+            load_image(src, API_POLICY)
+    # an allowed folder opens its own files, and nothing outside it (no ../ escape)
+    allowed = MediaPolicy(local_roots=(tmp_path,))
+    assert load_image(f"file://{p}", allowed).size == (8, 8)
+    with pytest.raises(InvalidRequestError, match="not allowed"):
+        load_image(str(tmp_path / ".." / ".." / "etc" / "passwd"), allowed)
+
+
+class LoopbackListener:
+    """A TCP listener on 127.0.0.1 that records whether anyone connected."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(5)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(2)
+        self.sock.close()
+
+
+def test_loopback_names_refused_without_connecting():
+    listener = LoopbackListener()
+    try:
+        for host in ("127.0.0.1", "localhost", "127.1", "2130706433", "[::ffff:127.0.0.1]",
+                     "0x7f000001"):
+            with pytest.raises(InvalidRequestError, match="Refusing to fetch|Cannot resolve"):
+                load_image(f"http://{host}:{listener.port}/img.png", API_POLICY)
+    finally:
+        listener.close()
+    assert listener.connections == 0
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """A fake DNS and an in-memory HTTP transport: nothing can leave the machine."""
+    dns = {"public.test": ["93.184.216.34"], "internal.test": ["10.0.0.5"],
+           "mixed.test": ["93.184.216.34", "192.168.1.1"], "metadata.test": ["169.254.169.254"]}
+    requests: list[str] = []
+    png = png_bytes(Image.new("RGB", (40, 30), (1, 2, 3)))
+
+    def resolve(host, port):
+        try:
+            return dns[host] if host in dns else [str(__import__("ipaddress").ip_address(host))]
+        except ValueError:
+            raise OSError("no such host") from None
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(str(request.url))
+        path = request.url.path
+        if path == "/redirect-private":
+            return httpx.Response(302, headers={"location": "http://169.254.169.254/latest/meta-data"})
+        if path == "/redirect-ok":
+            return httpx.Response(302, headers={"location": "/img.png"})
+        if path == "/huge":
+            return httpx.Response(200, content=b"\0" * 2048)
+        return httpx.Response(200, content=png, headers={"content-type": "image/png"})
+
+    real_client = httpx.Client
+    monkeypatch.setattr(media, "resolve_host", resolve)
+    monkeypatch.setattr(httpx, "Client",
+                        lambda **kw: real_client(transport=httpx.MockTransport(handler), **kw))
+    return requests
+
+
+def test_public_url_fetched_and_redirect_followed(no_network):
+    assert load_image("http://public.test/img.png", API_POLICY).size == (40, 30)
+    assert load_image("https://public.test/redirect-ok", API_POLICY).size == (40, 30)
+    assert no_network == ["http://public.test/img.png", "https://public.test/redirect-ok",
+                          "https://public.test/img.png"]
+
+
+@pytest.mark.parametrize("url", [
+    "http://internal.test/img.png", "http://mixed.test/img.png", "http://metadata.test/",
+    "http://169.254.169.254/latest/meta-data", "http://10.1.2.3/x.png", "http://[fd00::1]/x.png",
+    "http://[fe80::1]/x.png", "http://0.0.0.0/x.png",
+])
+def test_private_addresses_refused_without_request(no_network, url):
+    with pytest.raises(InvalidRequestError, match="Refusing to fetch"):
+        load_image(url, API_POLICY)
+    assert no_network == []
+
+
+def test_redirect_to_private_is_checked_again(no_network):
+    with pytest.raises(InvalidRequestError, match="Refusing to fetch '169.254.169.254'"):
+        load_image("http://public.test/redirect-private", API_POLICY)
+    assert no_network == ["http://public.test/redirect-private"]
+
+
+def test_download_size_cap(no_network):
+    with pytest.raises(InvalidRequestError, match="larger than the limit"):
+        load_image("http://public.test/huge", MediaPolicy(local_roots=(), max_bytes=1024))
+
+
+def test_unknown_scheme():
+    for url in ("ftp://public.test/a.png", "gopher://x/", "javascript:alert(1)"):
+        with pytest.raises(InvalidRequestError, match="Unsupported URL scheme"):
+            load_image(url, API_POLICY)
