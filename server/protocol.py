@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # ----------------------------------------------------------------------------- requests
 
@@ -42,12 +42,26 @@ class VideoURLPart(_Lenient):
 
 
 ContentPart = Annotated[Union[TextPart, ImageURLPart, VideoURLPart], Field(discriminator="type")]
+PART_TYPES = ("text", "image_url", "video_url")
 
 
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _known_part_types(cls, value: Any) -> Any:
+        """One clear error for an unsupported part (audio, input_image, ...) instead of
+        pydantic's three union-branch errors."""
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in PART_TYPES:
+                    raise ValueError(f"content part {i} has unsupported type {kind!r}; "
+                                     f"supported: {', '.join(PART_TYPES)}")
+        return value
 
 
 class StreamOptions(_Lenient):
