@@ -167,7 +167,8 @@ class PromptRenderer:
             if videos:
                 # qwen_vl_utils returns one fps per video; this processor takes one value.
                 fps = video_kwargs.get("fps") or [VIDEO_FPS]
-                extra = {"fps": float(fps[0]), "do_sample_frames": False}
+                extra = {"fps": float(fps[0]), "do_sample_frames": False,
+                         "cap_pixels_per_frame": True}
             with self._lock:
                 text = self.processor.apply_chat_template(messages, tokenize=False,
                                                           add_generation_prompt=True)

@@ -82,14 +82,16 @@ def generate_kwargs(sp: SamplingParams, base_config: Any, max_new_tokens: int) -
     if sp.top_p is not None:
         gc.top_p = float(sp.top_p)
     if sp.top_k is not None:
-        gc.top_k = None if sp.top_k in (0, -1) else int(sp.top_k)
+        gc.top_k = 0 if sp.top_k in (0, -1) else int(sp.top_k)   # 0 disables; None would
+        # fall back to the model's default (top_k=1 for Qwen2.5-VL)
     if sp.repetition_penalty is not None:
         gc.repetition_penalty = float(sp.repetition_penalty)
     if sp.min_tokens:
         gc.min_new_tokens = int(sp.min_tokens)
     if not gc.do_sample:
-        # Greedy ignores these; clearing them avoids transformers' warnings.
-        gc.temperature, gc.top_p, gc.top_k = None, None, None
+        # Greedy ignores these; neutral values avoid transformers' per-request warnings
+        # (None would be refilled from the model's generation_config).
+        gc.temperature, gc.top_p, gc.top_k = 1.0, 1.0, 50
     if sp.ignore_eos:
         # Rows stop on our own criteria (max_tokens), never on EOS.
         gc.eos_token_id = None

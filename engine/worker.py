@@ -173,6 +173,11 @@ def collate(prompts: list[PreparedPrompt], pad_id: int) -> dict[str, torch.Tenso
         mask = p.inputs.get("attention_mask", torch.ones(1, n, dtype=torch.long))
         masks.append(torch.cat([torch.zeros((1, pad), dtype=mask.dtype), mask], dim=1))
     out: dict[str, Any] = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}
+    if all("mm_token_type_ids" in p.inputs for p in prompts):
+        out["mm_token_type_ids"] = torch.cat([
+            torch.cat([torch.zeros((1, width - p.inputs["input_ids"].shape[1]),
+                                   dtype=p.inputs["mm_token_type_ids"].dtype),
+                       p.inputs["mm_token_type_ids"]], dim=1) for p in prompts])
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                 "second_per_grid_ts"):
         parts = [p.inputs[key] for p in prompts if p.inputs.get(key) is not None]
@@ -224,9 +229,8 @@ class GenerationWorker:
                 raise EngineBusyError(
                     f"The server is busy: {len(self._queue)} requests are already waiting. "
                     "Please try again shortly.")
-            handle = RequestHandle(request.request_id)
+            handle = RequestHandle(request.request_id, on_cancel=lambda: self._cancel_queued(item))
             item = WorkItem(request, prompt, handle, batch_key(request.sampling))
-            handle._on_cancel = lambda: self._cancel_queued(item)
             self._queue.append(item)
             self._cond.notify()
         return handle
@@ -384,7 +388,7 @@ class GenerationWorker:
                  "output_tokens=%d tokens/s=%.1f finish=%s%s", item.request.request_id,
                  stats.prompt_tokens, stats.images, stats.videos, stats.queue_s,
                  "-" if stats.ttft_s is None else f"{stats.ttft_s:.3f}s", stats.output_tokens,
-                 stats.output_tps, reason, f" error={error.message!r}" if error else "")
+                 stats.decode_tps, reason, f" error={error.message!r}" if error else "")
         if self.on_finish is not None:   # before the consumer sees the end: metrics are current
             try:
                 self.on_finish(item, event)

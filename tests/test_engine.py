@@ -275,3 +275,37 @@ def test_concurrent_requests_all_complete(tiny_engine):
     assert len(results) == 6
     assert all(fin.reason == "length" and fin.stats.output_tokens == 12
                for _, fin in results.values())
+
+
+def write_video(path, frames: int = 12) -> None:
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=6)
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((96, 128, 3), i * 20, np.uint8),
+                                               format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_video_input_and_fake_video(tiny_engine, tmp_path):
+    from engine.types import VideoInput
+
+    clip = tmp_path / "clip.mp4"
+    write_video(clip)
+    req = GenerationRequest(Conversation([Message("user", "What happens?", videos=[VideoInput(str(clip))])]),
+                            SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    prepared = tiny_engine.renderer.prepare(req)
+    pad = tiny_engine.loaded.processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert prepared.videos == 1 and int((prepared.inputs["input_ids"] == pad).sum()) > 0
+    _, fin = tiny_engine.generate(req)
+    assert fin.reason == "length" and fin.stats.videos == 1
+    fake = tmp_path / "fake.mp4"
+    fake.write_text("not a video at all")
+    with pytest.raises(InvalidRequestError, match="is not a readable video"):
+        tiny_engine.submit(GenerationRequest(Conversation([Message("user", "x", videos=[VideoInput(str(fake))])])))

@@ -1,0 +1,112 @@
+"""The API's routes, mountable on any FastAPI app: the standalone API server
+(`python -m server`) and the web UI (app.py) serve the same endpoints.
+
+    POST /v1/chat/completions   GET /v1/models   (Bearer key when --api-key is set)
+    GET /health   GET /version   GET /metrics    (open, like vLLM's)
+
+Bodies are parsed by the route itself rather than by FastAPI, so malformed
+JSON and validation errors come out in vLLM's 400 shape whatever exception
+handlers the host app (Gradio's, for instance) installs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from engine.base import Engine
+
+from . import __version__
+from .metrics import CONTENT_TYPE, MetricsRegistry, engine_gauges
+from .protocol import ModelCard, ModelList, error_body
+from .serving import ChatServing
+from .settings import ServerSettings
+
+UNAUTHORIZED = error_body("Unauthorized: send 'Authorization: Bearer <API key>'.",
+                          "AuthenticationError", 401)
+
+
+def build_router(engine: Engine, settings: ServerSettings,
+                 metrics: MetricsRegistry | None = None) -> APIRouter:
+    """All API routes for one engine. The metrics registry is attached to the engine
+    here, so it counts every request the engine finishes, the UI's included."""
+    metrics = metrics or MetricsRegistry(engine.model_name).attach(engine)
+    chat = ChatServing(engine, settings, metrics)
+    router = APIRouter()
+    started = int(time.time())
+
+    def refused(request: Request) -> JSONResponse | None:
+        if settings.authorized(request.headers.get("authorization")):
+            return None
+        metrics.on_refused(401)
+        return JSONResponse(UNAUTHORIZED, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    @router.post("/v1/chat/completions", tags=["OpenAI-compatible API"])
+    async def create_chat_completion(request: Request) -> Response:
+        """vLLM-compatible chat completions (JSON or Server-Sent Events)."""
+        return refused(request) or await chat.create_chat_completion(request)
+
+    @router.get("/v1/models", tags=["OpenAI-compatible API"])
+    async def list_models(request: Request) -> Response:
+        denied = refused(request)
+        if denied is not None:
+            return denied
+        root = engine.model_name
+        cards = []
+        for name in chat.model_names:
+            alias = name != root
+            note = None
+            if engine.is_tiny:
+                note = ("The built-in tiny random Qwen2.5-VL (random answers, for trying the API). "
+                        + (f"This id is an alias of `{root}`, so the tutorial's requests work "
+                           "unchanged." if alias else ""))
+            cards.append(ModelCard(id=name, created=started, root=root,
+                                   parent=root if alias else None,
+                                   max_model_len=engine.max_model_len,
+                                   description=note.strip() if note else None))
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    @router.get("/health", tags=["monitoring"])
+    async def health() -> Response:
+        """200 with an empty body while the engine can serve; 503 when it cannot."""
+        ok = await asyncio.to_thread(engine.health)   # a remote engine asks over HTTP
+        if ok:
+            return Response(status_code=200)
+        return JSONResponse(error_body("The engine is not available.", "ServiceUnavailableError",
+                                       503), status_code=503)
+
+    @router.get("/version", tags=["monitoring"])
+    async def version() -> Response:
+        return JSONResponse({"version": __version__, "model": engine.model_name,
+                             "device": engine.device_description})
+
+    @router.get("/metrics", tags=["monitoring"])
+    async def prometheus_metrics() -> Response:
+        gauges = engine_gauges(engine)
+        healthy = await asyncio.to_thread(engine.health)
+        return PlainTextResponse(metrics.render(gauges["queue_depth"], gauges["running"], healthy),
+                                 media_type=CONTENT_TYPE)
+
+    router.chat_serving = chat  # type: ignore[attr-defined]  # for shutdown and tests
+    router.metrics = metrics    # type: ignore[attr-defined]
+    return router
+
+
+def mount_api(app: FastAPI, engine: Engine, settings: ServerSettings | None = None) -> APIRouter:
+    """Add the API routes to an existing app (call before mounting anything at "/")."""
+    router = build_router(engine, settings or ServerSettings())
+    app.include_router(router)
+    return router
+
+
+def create_api_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
+    """A FastAPI app serving only the API (the standalone `python -m server`)."""
+    app = FastAPI(title="Qwen2.5-VL OpenAI-compatible API", version=__version__,
+                  docs_url="/docs", redoc_url=None)
+    router = mount_api(app, engine, settings)
+    app.state.api_router = router
+    return app
