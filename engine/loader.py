@@ -91,7 +91,8 @@ def resolve_model(spec: str, device: Device, modelscope: bool = False,
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"Cannot load model {spec!r}: the folder has no config.json")
-        return spec, path, is_tiny(path)
+        tiny = is_tiny(path)
+        return ("tiny" if tiny else spec), path, tiny
     if spec.count("/") != 1 or spec.startswith(("/", ".", "~")):
         raise ModelLoadError(f"Cannot load model {spec!r}: no such folder, and not a hub id "
                              "like Qwen/Qwen2.5-VL-7B-Instruct")

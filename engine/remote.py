@@ -1,0 +1,414 @@
+"""The remote engine: the same Engine interface, served by any OpenAI-compatible
+server (`vllm serve Qwen/Qwen2.5-VL-7B-Instruct` on vllm-ascend, or another
+instance of this demo), so the UI and our API can sit in front of a bigger
+deployment without knowing it.
+
+Media are loaded here under the request's MediaPolicy (so the remote never
+fetches a URL or reads a file on our behalf) and sent as data: URIs. Each
+request streams over its own HTTP response, read by a background thread that
+feeds the RequestHandle; cancelling shuts the socket, which makes the remote
+abort the request too. The remote's errors, in vLLM's nested shape or its
+older flat one, become the same EngineError subclasses the local engine
+raises. Connecting waits at most 5 s; reading at most `remote_timeout`
+between bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from .base import Engine
+from .config import EngineConfig
+from .errors import (DeviceOutOfMemoryError, EngineBusyError, EngineError, InvalidRequestError,
+                     ModelLoadError, ModelNotFoundError)
+from .media import TRUSTED, MediaPolicy, load_image, load_video
+from .prompt import check_conversation, check_image_limits
+from .sampling import validate_sampling
+from .stream import RequestHandle
+from .types import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, Finished, FinishReason,
+                    GenerationRequest, RequestStats, TextDelta)
+
+log = logging.getLogger("engine.requests")
+
+CONNECT_TIMEOUT_S = 5.0
+HEALTH_TIMEOUT_S = 3.0
+HEALTH_TTL_S = 2.0
+MAX_ERROR_BODY = 64 * 1024
+PNG_MAX_PIXELS = 1024 * 1024   # larger images go as JPEG (quality 95) to keep requests small
+
+
+class RemoteUnavailableError(EngineError):
+    """The remote server cannot be reached, or stopped answering."""
+
+    code = 503
+    type = "ServiceUnavailableError"
+
+
+class RemoteError(EngineError):
+    """The remote server answered, but not with anything we can use (a 5xx, a refused key, garbage)."""
+
+    code = 502
+    type = "BadGatewayError"
+
+
+# --------------------------------------------------------------------------- helpers
+def api_base(url: str) -> str:
+    """`http://host:8000`, `.../v1` and `.../v1/chat/completions` all mean `http://host:8000/v1`."""
+    url = url.strip().rstrip("/")
+    for suffix in ("/chat/completions", "/models"):
+        if url.endswith(suffix):
+            url = url[: -len(suffix)]
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+def _error_fields(payload: Any) -> tuple[str | None, str | None, int | None]:
+    """(message, param, code) from vLLM's nested error, its older flat one, or FastAPI's."""
+    if not isinstance(payload, dict):
+        return None, None, None
+    err = payload.get("error")
+    if isinstance(err, dict):
+        payload = err
+    elif isinstance(err, str):
+        return err, None, None
+    elif "detail" in payload and "message" not in payload:
+        return str(payload["detail"]), None, None
+    code = payload.get("code")
+    return (payload.get("message"), payload.get("param"),
+            code if isinstance(code, int) else None)
+
+
+def remote_error(status: int, message: str | None, param: str | None = None) -> EngineError:
+    """The EngineError a remote failure means for our callers."""
+    message = (message or "").strip() or f"HTTP {status}"
+    if status in (400, 413, 422):
+        return InvalidRequestError(message, param=param)
+    if status == 404:
+        return ModelNotFoundError(message, param=param or "model")
+    if status in (429, 503):
+        return EngineBusyError(f"The remote server is busy: {message}")
+    if status in (401, 403):
+        return RemoteError(f"The remote server refused our API key (HTTP {status}: {message}); "
+                           "check --remote-api-key.")
+    if "out of memory" in message.lower():
+        return DeviceOutOfMemoryError(f"The remote server ran out of memory: {message}")
+    return RemoteError(f"The remote server failed (HTTP {status}): {message}")
+
+
+def error_from_body(status: int, body: bytes) -> EngineError:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = None
+    message, param, _ = _error_fields(payload)
+    if message is None:
+        message = body.decode("utf-8", "replace").strip()[:300]
+    return remote_error(status, message, param)
+
+
+def image_data_uri(source: Any, policy: MediaPolicy) -> str:
+    """Load and check an image here, then send its pixels (never its URL or path)."""
+    img = load_image(source, policy)
+    buf = io.BytesIO()
+    if img.width * img.height <= PNG_MAX_PIXELS:
+        img.save(buf, format="PNG")
+        mime = "image/png"
+    else:
+        img.save(buf, format="JPEG", quality=95)
+        mime = "image/jpeg"
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def video_data_uri(source: Any, policy: MediaPolicy) -> str:
+    video = load_video(source, policy)
+    try:
+        data = video.path.read_bytes()
+    finally:
+        video.close()
+    suffix = video.path.suffix.lower().lstrip(".") or "mp4"
+    mime = {"mov": "video/quicktime", "mkv": "video/x-matroska", "avi": "video/x-msvideo"}.get(
+        suffix, f"video/{suffix}")
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+# --------------------------------------------------------------------------- one call
+class _RemoteCall:
+    """One streaming HTTP response and the handle it feeds."""
+
+    def __init__(self, request: GenerationRequest, response: httpx.Response) -> None:
+        self.request = request
+        self.response = response
+        self.handle = RequestHandle(request.request_id, on_cancel=self.abort)
+
+    def abort(self) -> None:
+        """Called on cancel, from any thread: shut the socket so a blocked read returns now."""
+        stream = self.response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+# --------------------------------------------------------------------------- the engine
+class RemoteEngine(Engine):
+    def __init__(self, config: EngineConfig, client: httpx.Client | None = None) -> None:
+        super().__init__()
+        if not config.remote_url:
+            raise ModelLoadError("--backend remote needs --remote-url http://HOST:8000/v1")
+        self.config = config
+        self.base_url = api_base(config.remote_url)
+        self.root_url = self.base_url[: -len("/v1")]
+        self.read_timeout = float(config.remote_timeout)
+        headers = {"Authorization": f"Bearer {config.remote_api_key}"} if config.remote_api_key \
+            else {}
+        self.client = client or httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(connect=CONNECT_TIMEOUT_S, read=self.read_timeout, write=60.0,
+                                  pool=CONNECT_TIMEOUT_S),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=32))
+        self.model_name = config.remote_model or ""
+        self.max_model_len = config.max_model_len
+        self.limit_images = config.limit_images
+        self.limit_videos = config.limit_videos
+        self.is_tiny = False
+        self._lock = threading.Lock()
+        self._active: dict[str, _RemoteCall] = {}
+        self._health: tuple[float, bool] = (0.0, False)
+        try:
+            self._read_model_card()
+        except EngineError as exc:
+            if not config.remote_model:
+                raise ModelLoadError(f"Cannot use the remote server at {self.base_url}: "
+                                     f"{exc.message}") from None
+            log.warning("remote %s: %s (using --remote-model %s)", self.base_url, exc.message,
+                        config.remote_model)
+        self.device_description = f"remote {self.base_url} ({self.model_name})"
+
+    # ------------------------------------------------------------ remote info
+    def _read_model_card(self) -> None:
+        """Model name (unless given), max_model_len and tininess from the remote's /v1/models."""
+        try:
+            resp = self.client.get(f"{self.base_url}/models",
+                                   timeout=httpx.Timeout(CONNECT_TIMEOUT_S, read=10.0))
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+        if resp.status_code != 200:
+            raise error_from_body(resp.status_code, resp.content[:MAX_ERROR_BODY])
+        try:
+            cards = [c for c in resp.json().get("data", []) if isinstance(c, dict) and c.get("id")]
+        except (ValueError, AttributeError):
+            raise RemoteError("The remote's /v1/models is not a model list.") from None
+        if not cards:
+            raise RemoteError("The remote server lists no models.")
+        wanted = self.config.remote_model
+        card = next((c for c in cards if c["id"] == wanted), None) if wanted else cards[0]
+        if card is None:
+            raise ModelNotFoundError(f"The remote server has no model `{wanted}`; it serves: "
+                                     f"{', '.join(c['id'] for c in cards)}", param="model")
+        self.model_name = card["id"]
+        if isinstance(card.get("max_model_len"), int):
+            self.max_model_len = card["max_model_len"]
+        self.is_tiny = card.get("root") == "tiny"
+
+    def _transport_error(self, exc: httpx.HTTPError) -> EngineError:
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+            return RemoteUnavailableError(f"Cannot connect to the remote server at "
+                                          f"{self.base_url}: {exc or type(exc).__name__}")
+        if isinstance(exc, httpx.TimeoutException):
+            return RemoteUnavailableError(f"The remote server at {self.base_url} sent nothing for "
+                                          f"{self.read_timeout:g} s.")
+        return RemoteUnavailableError(f"The connection to the remote server at {self.base_url} "
+                                      f"failed: {type(exc).__name__}: {exc}")
+
+    def health(self) -> bool:
+        """GET the remote's /health, cached for a couple of seconds."""
+        with self._lock:
+            checked_at, ok = self._health
+            if time.monotonic() - checked_at < HEALTH_TTL_S:
+                return ok
+        try:
+            ok = self.client.get(f"{self.root_url}/health",
+                                 timeout=HEALTH_TIMEOUT_S).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        with self._lock:
+            self._health = (time.monotonic(), ok)
+        return ok
+
+    # ------------------------------------------------------------ requests
+    def build_body(self, request: GenerationRequest, policy: MediaPolicy = TRUSTED) -> dict:
+        """The chat.completions body for a request; loads media, so it may raise
+        InvalidRequestError exactly as the local engine would."""
+        conv = request.conversation
+        messages: list[dict] = []
+        if conv.system is not None and conv.system.strip():
+            messages.append({"role": "system", "content": conv.system})
+        fps = None
+        for m in conv.messages:
+            if m.role != "user" or (not m.images and not m.videos):
+                messages.append({"role": m.role, "content": m.text})
+                continue
+            parts: list[dict] = []
+            for img in m.images:
+                parts.append({"type": "image_url",
+                              "image_url": {"url": image_data_uri(img.source, policy)}})
+            for vid in m.videos:
+                fps = fps or vid.fps
+                parts.append({"type": "video_url",
+                              "video_url": {"url": video_data_uri(vid.source, policy)}})
+            if m.text:
+                parts.append({"type": "text", "text": m.text})
+            messages.append({"role": "user", "content": parts})
+        sp = request.sampling
+        body: dict[str, Any] = {
+            "model": self.model_name, "messages": messages, "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": sp.max_tokens or self.config.default_max_tokens,
+        }
+        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+            value = getattr(sp, name)
+            if value is not None:
+                body[name] = value
+        if sp.stop:
+            body["stop"] = list(sp.stop)
+        if sp.ignore_eos:
+            body["ignore_eos"] = True
+        if sp.min_tokens:
+            body["min_tokens"] = sp.min_tokens
+        if conv.image_count() or conv.video_count():
+            mm: dict[str, Any] = {"min_pixels": request.min_pixels or DEFAULT_MIN_PIXELS,
+                                  "max_pixels": request.max_pixels or DEFAULT_MAX_PIXELS}
+            if fps:
+                mm["fps"] = fps
+            body["mm_processor_kwargs"] = mm
+        return body
+
+    def submit(self, request: GenerationRequest, policy: MediaPolicy = TRUSTED) -> RequestHandle:
+        """Check, load media, and open the remote stream; the remote's refusal
+        (bad input, unknown model, busy) is raised here, before any event."""
+        check_conversation(request.conversation)
+        check_image_limits(request.conversation, self.limit_images, self.limit_videos)
+        validate_sampling(request.sampling, self.max_model_len)
+        body = self.build_body(request, policy)
+        try:
+            response = self.client.send(
+                self.client.build_request("POST", f"{self.base_url}/chat/completions", json=body),
+                stream=True)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+        if response.status_code != 200:
+            try:
+                data = b""
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    if len(data) >= MAX_ERROR_BODY:
+                        break
+            except httpx.HTTPError:
+                pass
+            finally:
+                response.close()
+            raise error_from_body(response.status_code, data)
+        call = _RemoteCall(request, response)
+        with self._lock:
+            self._active[request.request_id] = call
+        threading.Thread(target=self._pump, args=(call,), daemon=True,
+                         name=f"remote-{request.request_id}").start()
+        return call.handle
+
+    def _pump(self, call: _RemoteCall) -> None:
+        """Read the remote's SSE stream into the handle until [DONE], an error or a cancel."""
+        request, handle = call.request, call.handle
+        first_at: float | None = None
+        deltas = 0
+        usage: dict = {}
+        finish: str | None = None
+        done = False
+        error: EngineError | None = None
+        try:
+            for line in call.response.iter_lines():
+                if handle.cancelled:
+                    break
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    error = RemoteError(f"The remote server sent malformed data: {data[:100]!r}")
+                    break
+                if isinstance(chunk, dict) and "error" in chunk:
+                    message, param, code = _error_fields(chunk)
+                    error = remote_error(code or 500, message, param)
+                    break
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        if first_at is None:
+                            first_at = time.monotonic()
+                        deltas += 1
+                        handle.push(TextDelta(text))
+                    if choice.get("finish_reason"):
+                        finish = choice["finish_reason"]
+        except httpx.HTTPError as exc:
+            if not handle.cancelled:
+                error = self._transport_error(exc)
+        except Exception as exc:  # never leave a handle without its Finished
+            log.exception("remote stream %s failed", request.request_id)
+            error = RemoteError(f"Reading the remote stream failed: {type(exc).__name__}: {exc}")
+        finally:
+            call.response.close()
+            with self._lock:
+                self._active.pop(request.request_id, None)
+        reason: FinishReason
+        if handle.cancelled:
+            reason, error = "cancelled", None
+        elif error is not None:
+            reason = "error"
+        elif finish is None and not done:
+            reason, error = "error", RemoteUnavailableError(
+                "The remote server closed the stream before the answer was complete.")
+        else:
+            reason = {"length": "length", "abort": "cancelled"}.get(finish or "stop", "stop")
+        now = time.monotonic()
+        stats = RequestStats(
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            images=request.conversation.image_count(), videos=request.conversation.video_count(),
+            output_tokens=int(usage.get("completion_tokens") or deltas),
+            ttft_s=None if first_at is None else first_at - request.arrival_time,
+            total_s=now - request.arrival_time)
+        event = Finished(reason, stats, error)
+        handle.push(event)
+        log.info("request %s (remote): prompt_tokens=%d images=%d videos=%d ttft=%s "
+                 "output_tokens=%d tokens/s=%.1f finish=%s%s", request.request_id,
+                 stats.prompt_tokens, stats.images, stats.videos,
+                 "-" if stats.ttft_s is None else f"{stats.ttft_s:.3f}s", stats.output_tokens,
+                 stats.output_tps, reason, f" error={error.message!r}" if error else "")
+        self._notify_finished(request, event)
+
+    def queue_depth(self) -> int:
+        return 0   # the remote queues; we hold nothing back
+
+    def close(self) -> None:
+        with self._lock:
+            calls = list(self._active.values())
+        for call in calls:
+            call.handle.cancel()
+        self.client.close()
+
+
+__all__ = ["RemoteEngine", "RemoteError", "RemoteUnavailableError", "api_base", "remote_error"]
