@@ -38,6 +38,9 @@ class EngineConfig:
     max_batch: int = 8
     default_max_tokens: int = 512
     warmup: bool = True
+    batch_wait_ms: float = 50.0
+    static_cache: bool = False
+    torch_compile: bool = False
     backend: str = "local"             # local | remote (an OpenAI-compatible server)
     remote_url: str | None = None      # e.g. http://npu-host:8000/v1
     remote_api_key: str | None = None
@@ -87,6 +90,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-warmup", dest="warmup", action="store_false",
                    default=not env_bool("QWENVL_NO_WARMUP"),
                    help="skip the short warm-up generation at start")
+    g.add_argument("--batch-wait-ms", type=float,
+                   default=float(env("QWENVL_BATCH_WAIT_MS", "50")),
+                   help="while other requests are still being prepared (images decoded), a new "
+                        "batch waits up to this long after each arrival for them to join "
+                        "[env QWENVL_BATCH_WAIT_MS]")
+    g.add_argument("--static-cache", action="store_true", default=env_bool("QWENVL_STATIC_CACHE"),
+                   help="CUDA only (ignored on NPU/CPU): a static KV cache [env QWENVL_STATIC_CACHE]")
+    g.add_argument("--torch-compile", action="store_true", default=env_bool("QWENVL_TORCH_COMPILE"),
+                   help="CUDA only (ignored on NPU/CPU): static KV cache plus a torch.compile'd "
+                        "decoding step; each new batch size compiles once (slow first request) "
+                        "[env QWENVL_TORCH_COMPILE]")
     r = parser.add_argument_group("remote backend")
     r.add_argument("--backend", default=env("QWENVL_BACKEND", "local"), choices=["local", "remote"],
                    help="local: load the model here; remote: forward to an OpenAI-compatible "

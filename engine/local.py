@@ -38,7 +38,10 @@ class LocalEngine(Engine):
         self.worker = GenerationWorker(loaded.model, loaded.processor.tokenizer, loaded.device,
                                        max_queue=self.config.max_queue,
                                        max_batch=self.config.max_batch,
-                                       on_finish=self._on_worker_finish)
+                                       on_finish=self._on_worker_finish,
+                                       batch_wait_s=self.config.batch_wait_ms / 1000,
+                                       static_cache=self.config.static_cache,
+                                       torch_compile=self.config.torch_compile)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LocalEngine":
@@ -55,12 +58,13 @@ class LocalEngine(Engine):
         if not self.worker.is_alive():
             raise EngineError("The generation worker has stopped; restart the server.")
         validate_sampling(request.sampling, self.max_model_len)
-        prompt = self.renderer.prepare(request, policy)
-        try:
-            return self.worker.submit(request, prompt)
-        except BaseException:
-            prompt.close()
-            raise
+        with self.worker.arriving():
+            prompt = self.renderer.prepare(request, policy)
+            try:
+                return self.worker.submit(request, prompt)
+            except BaseException:
+                prompt.close()
+                raise
 
     def warmup(self) -> float:
         """One short generation so the first user does not pay for lazy initialisation."""

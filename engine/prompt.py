@@ -175,7 +175,8 @@ class PromptRenderer:
                 inputs = self.processor(text=[text], images=images, videos=videos,
                                         return_tensors="pt", **extra)
             n_prompt = int(inputs["input_ids"].shape[1])
-            max_new = self.check_context(n_prompt, request.sampling.max_tokens)
+            max_new = self.check_context(n_prompt, request.sampling.max_tokens,
+                                         request.sampling.cap_to_context)
         except BaseException:
             for f in temps:
                 f.close()
@@ -184,7 +185,7 @@ class PromptRenderer:
                               images=len(images or []), videos=len(videos or []),
                               max_new_tokens=max_new, temp_files=temps)
 
-    def check_context(self, prompt_tokens: int, max_tokens: int | None) -> int:
+    def check_context(self, prompt_tokens: int, max_tokens: int | None, cap: bool = False) -> int:
         """The number of new tokens to allow, or vLLM's context-length error."""
         limit = self.max_model_len
         if prompt_tokens >= limit:
@@ -195,6 +196,8 @@ class PromptRenderer:
                 f"(parameter=input_tokens, value={prompt_tokens})", param="input_tokens")
         if max_tokens is None:
             return min(self.default_max_tokens, limit - prompt_tokens)
+        if cap:
+            return min(max_tokens, limit - prompt_tokens)
         if prompt_tokens + max_tokens > limit:
             raise InvalidRequestError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "

@@ -54,7 +54,7 @@ class RemoteUnavailableError(EngineError):
 
 
 class RemoteError(EngineError):
-    """The remote server answered, but not with anything we can use (a 5xx, a refused key, garbage)."""
+    """The remote answered, but with nothing we can use (a 5xx, a refused key, garbage)."""
 
     code = 502
     type = "BadGatewayError"
@@ -198,8 +198,8 @@ class RemoteEngine(Engine):
     def _read_model_card(self) -> None:
         """Model name (unless given), max_model_len and tininess from the remote's /v1/models."""
         try:
-            resp = self.client.get(f"{self.base_url}/models",
-                                   timeout=httpx.Timeout(CONNECT_TIMEOUT_S, read=10.0))
+            resp = self.client.get(f"{self.base_url}/models", timeout=httpx.Timeout(
+                CONNECT_TIMEOUT_S, read=min(10.0, self.read_timeout)))
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from None
         if resp.status_code != 200:

@@ -93,6 +93,7 @@ def generate_kwargs(sp: SamplingParams, base_config: Any, max_new_tokens: int) -
         # (None would be refilled from the model's generation_config).
         gc.temperature, gc.top_p, gc.top_k = 1.0, 1.0, 50
     if sp.ignore_eos:
-        # Rows stop on our own criteria (max_tokens), never on EOS.
-        gc.eos_token_id = None
+        # Rows stop on our own criteria (max_tokens), never on EOS. An empty list, not None:
+        # None counts as "unset" and is refilled from the model's generation_config.
+        gc.eos_token_id = []
     return {"generation_config": gc}

@@ -81,6 +81,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
+    # True: a max_tokens that does not fit beside the prompt is lowered to what fits (vLLM
+    # 0.32's server does this); False: it is an error in vLLM's words (the CLI's choice).
+    cap_to_context: bool = False
 
 
 def new_request_id(prefix: str = "req") -> str:

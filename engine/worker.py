@@ -11,12 +11,13 @@ client disconnects take effect within a token.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -187,6 +188,27 @@ def collate(prompts: list[PreparedPrompt], pad_id: int) -> dict[str, torch.Tenso
     return out
 
 
+def cuda_speedups(device: Device, static_cache: bool, torch_compile: bool) -> tuple[bool, bool]:
+    """(static_cache, torch_compile) as they apply here: CUDA only. On an NPU these paths
+    are unverified (torch.compile there needs Ascend's own backend), and on a CPU they
+    only add compile time."""
+    if not (static_cache or torch_compile):
+        return False, False
+    if device.kind != "cuda":
+        log.warning("--static-cache/--torch-compile apply to CUDA only; ignored on %s", device.kind)
+        return False, False
+    return True, torch_compile
+
+
+def apply_cuda_speedups(gc: Any, static_cache: bool, torch_compile: bool) -> None:
+    """A static KV cache; transformers compiles the decoding step when the cache is static
+    (unless disable_compile). The cache keeps the largest length seen, so a compiled graph
+    is reused by later, shorter requests of the same batch size."""
+    if static_cache:
+        gc.cache_implementation = "static"
+        gc.disable_compile = not torch_compile
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
@@ -199,12 +221,15 @@ class GenerationWorker:
 
     def __init__(self, model: Any, tokenizer: Any, device: Device, *, max_queue: int = 32,
                  max_batch: int = 1, on_finish: Callable[[WorkItem, Finished], None] | None = None,
-                 generation_config: Any = None) -> None:
+                 generation_config: Any = None, batch_wait_s: float = 0.05,
+                 static_cache: bool = False, torch_compile: bool = False) -> None:
         self.model = model
         self.tokenizer = copy.deepcopy(tokenizer)   # its own copy: decoding here, encoding elsewhere
         self.device = device
         self.max_queue = max_queue
         self.max_batch = max(1, max_batch)
+        self.batch_wait_s = max(0.0, batch_wait_s)
+        self.static_cache, self.torch_compile = cuda_speedups(device, static_cache, torch_compile)
         self.on_finish = on_finish
         self.generation_config = generation_config or model.generation_config
         eos = self.generation_config.eos_token_id
@@ -214,6 +239,7 @@ class GenerationWorker:
         self._queue: collections.deque[WorkItem] = collections.deque()
         self._cond = threading.Condition()
         self._running: list[WorkItem] = []
+        self._arriving = 0           # requests being prepared by callers (see `arriving`)
         self._stopping = False
         self.batches_run = 0
         self.largest_batch = 0
@@ -234,6 +260,21 @@ class GenerationWorker:
             self._queue.append(item)
             self._cond.notify()
         return handle
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Wrap the caller's preparation of a request it is about to submit. While any
+        request is being prepared, a new batch waits for it (at most `batch_wait_s`)
+        instead of starting without it: concurrent users then share one batch rather
+        than alternating between half-empty ones."""
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arriving -= 1
+                self._cond.notify_all()
 
     def queue_depth(self) -> int:
         with self._cond:
@@ -288,14 +329,22 @@ class GenerationWorker:
                 return None
             first = self._queue.popleft()
             batch = [first]
-            if self.max_batch > 1:
+            self._running = batch
+            deadline = time.monotonic() + self.batch_wait_s
+            while self.max_batch > 1:
                 for item in list(self._queue):
                     if len(batch) >= self.max_batch:
                         break
                     if item.key == first.key:
                         self._queue.remove(item)
                         batch.append(item)
-            self._running = batch
+                        # each arrival restarts the wait: preparation is serial
+                        deadline = time.monotonic() + self.batch_wait_s
+                remaining = deadline - time.monotonic()
+                if (len(batch) >= self.max_batch or not self._arriving or self._stopping
+                        or remaining <= 0):
+                    break
+                self._cond.wait(remaining)   # a request being prepared joins this batch
             return batch
 
     def _loop(self) -> None:
@@ -340,6 +389,7 @@ class GenerationWorker:
                     v = v.to(self.device.dtype)
             model_inputs[k] = v
         kwargs = generate_kwargs(sp, self.generation_config, max_new)
+        apply_cuda_speedups(kwargs["generation_config"], self.static_cache, self.torch_compile)
         error: EngineError | None = None
         try:
             if sp.seed is not None:

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)   # one line per remote call is noise
     if args.backend == "remote" and not args.remote_url:
         print("error: --backend remote needs --remote-url http://HOST:8000/v1", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ from typing import Any, AsyncIterator, Awaitable
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from engine.base import Engine
 from engine.config import DEFAULT_MODEL
@@ -40,7 +41,7 @@ from engine.types import (Conversation, Finished, GenerationRequest, ImageInput,
 from .metrics import MetricsRegistry
 from .protocol import (SSE_DONE, AssistantMessage, ChatCompletionChoice, ChatCompletionChunk,
                        ChatCompletionRequest, ChatCompletionResponse, ChunkChoice, DeltaMessage,
-                       ImageURLPart, TextPart, UsageInfo, VideoURLPart, completion_id, error_body,
+                       ImageURLPart, TextPart, UsageInfo, VideoURLPart, completion_id,
                        sse_data)
 from .settings import ServerSettings
 
@@ -171,7 +172,8 @@ def to_generation_request(req: ChatCompletionRequest, request_id: str) -> Genera
     sampling = SamplingParams(
         max_tokens=req.effective_max_tokens, temperature=req.temperature, top_p=req.top_p,
         top_k=req.top_k, repetition_penalty=req.repetition_penalty, seed=req.seed,
-        stop=req.stop_list, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens)
+        stop=req.stop_list, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+        cap_to_context=True)   # as vLLM 0.32: max_tokens is lowered to what fits the context
     return GenerationRequest(Conversation(messages), sampling,
                              min_pixels=mm.min_pixels if mm else None,
                              max_pixels=mm.max_pixels if mm else None, request_id=request_id)
@@ -243,6 +245,11 @@ class ChatServing:
     async def create_chat_completion(self, raw: Request) -> Response:
         try:
             body = await read_body(raw, self.settings.max_body_bytes)
+        except ClientDisconnect:
+            return Response(status_code=499)   # gone while sending the body: nothing to answer
+        except EngineError as exc:
+            return self._refuse(exc)
+        try:
             req = parse_chat_request(body)
             model = self.check_model(req.model)
             check_unsupported(req)
@@ -256,7 +263,7 @@ class ChatServing:
         return error_response(exc)
 
     async def _submit(self, gen: GenerationRequest) -> RequestHandle:
-        """engine.submit in the pool; a handle that arrives after our caller gave up is cancelled."""
+        """engine.submit in the pool; a handle arriving after the caller gave up is cancelled."""
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._pool, self.engine.submit, gen, self.policy)
         try:
@@ -268,7 +275,8 @@ class ChatServing:
             future.add_done_callback(cancel_late)
             raise
 
-    async def _run(self, req: ChatCompletionRequest, gen: GenerationRequest, model: str) -> Response:
+    async def _run(self, req: ChatCompletionRequest, gen: GenerationRequest,
+                   model: str) -> Response:
         try:
             handle = await self._submit(gen)
         except EngineError as exc:
@@ -337,5 +345,5 @@ class ChatServing:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["APIError", "ChatServing", "error_body", "error_response", "served_model_names",
+__all__ = ["APIError", "ChatServing", "error_response", "served_model_names",
            "to_generation_request"]

@@ -191,6 +191,28 @@ def test_sampling_fields(tiny_engine):
     assert fin.reason == "stop" and cut == full[:full.index(stop)]
 
 
+def test_ignore_eos_generates_past_a_forced_eos(tiny_engine, monkeypatch):
+    """A model that wants to end at once still yields max_tokens tokens with ignore_eos."""
+    from transformers import LogitsProcessor
+
+    eos = tiny_engine.loaded.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    class AlwaysEos(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, :] = -1e9
+            scores[:, eos] = 0
+            return scores
+
+    model = tiny_engine.loaded.model
+    real = model.generate
+    monkeypatch.setattr(model, "generate",
+                        lambda *a, **k: real(*a, logits_processor=[AlwaysEos()], **k))
+    _, fin = tiny_engine.generate(ask(max_tokens=9, ignore_eos=True))
+    assert fin.reason == "length" and fin.stats.output_tokens == 9
+    _, fin = tiny_engine.generate(ask(max_tokens=9))
+    assert fin.reason == "stop" and fin.stats.output_tokens == 1
+
+
 def test_min_tokens_suppresses_eos(tiny_engine):
     _, fin = tiny_engine.generate(ask(max_tokens=30, min_tokens=30))
     assert fin.stats.output_tokens == 30
@@ -249,6 +271,11 @@ def test_context_length_limit_in_vllm_words(tiny_engine):
             small.submit(ask("hello there", max_tokens=290))
         _, fin = small.generate(ask("hello", max_tokens=5, ignore_eos=True))
         assert fin.reason == "length"
+        # cap_to_context (the API's choice, as vLLM 0.32): lowered to what fits beside the prompt
+        req = ask("hello there", max_tokens=290, ignore_eos=True, cap_to_context=True)
+        prompt_tokens = small.renderer.prepare(req).prompt_tokens
+        _, fin = small.generate(req)
+        assert fin.reason == "length" and fin.stats.output_tokens == 300 - prompt_tokens
     finally:
         small.close()
 

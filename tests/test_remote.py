@@ -1,0 +1,377 @@
+"""The remote backend: a RemoteEngine in front of a second instance of our own
+API server (started here on loopback), our API in front of that RemoteEngine,
+and a fake remote for the error shapes, broken streams and silent servers a
+real vLLM could produce. Nothing leaves loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from engine.config import EngineConfig  # noqa: E402
+from engine.errors import (EngineBusyError, InvalidRequestError, ModelLoadError,  # noqa: E402
+                           ModelNotFoundError)
+from engine.local import LocalEngine, create_engine  # noqa: E402
+from engine.media import MediaPolicy  # noqa: E402
+from engine.remote import RemoteEngine, RemoteError, RemoteUnavailableError, api_base  # noqa: E402
+from engine.types import (Conversation, Finished, GenerationRequest, ImageInput,  # noqa: E402
+                          Message, SamplingParams, TextDelta)
+from server.background import BackgroundServer  # noqa: E402
+from server.routes import create_api_app  # noqa: E402
+from server.settings import ServerSettings  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+MAX_MODEL_LEN = 4096
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loopback_only():
+    """Every HTTP request made in this process must target 127.0.0.1 or localhost."""
+    blocked: list[str] = []
+    original = httpx.HTTPTransport.handle_request
+
+    def guarded(self, request):
+        if request.url.host not in ("127.0.0.1", "localhost"):
+            blocked.append(str(request.url))
+            raise AssertionError(f"test tried to reach {request.url}")
+        return original(self, request)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(httpx.HTTPTransport, "handle_request", guarded)
+    yield blocked
+    mp.undo()
+    assert not blocked, blocked
+
+
+@pytest.fixture(scope="module")
+def local_engine(tiny_model_dir):
+    eng = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), warmup=False,
+                                               max_model_len=MAX_MODEL_LEN))
+    eng.model_name = "tiny"
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def remote_server(local_engine):
+    """The 'remote': a second instance of our own API server."""
+    with BackgroundServer(create_api_app(local_engine, ServerSettings())) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def remote(remote_server):
+    eng = create_engine(EngineConfig(backend="remote", remote_url=f"{remote_server.url}/v1"))
+    yield eng
+    eng.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(text="Describe this image.", images=(), **sampling) -> GenerationRequest:
+    sampling.setdefault("max_tokens", 12)
+    sampling.setdefault("temperature", 0)
+    sampling.setdefault("ignore_eos", True)
+    return GenerationRequest(Conversation([Message("user", text, [ImageInput(i) for i in images])],
+                                          system="You are a helpful assistant."),
+                             SamplingParams(**sampling))
+
+
+# --------------------------------------------------------------------------- against our server
+def test_remote_engine_reads_the_remote_model(remote, remote_server):
+    assert isinstance(remote, RemoteEngine)
+    assert remote.model_name == "tiny"
+    assert remote.max_model_len == MAX_MODEL_LEN
+    assert remote.is_tiny
+    assert remote.health()
+    assert remote_server.url in remote.device_description
+    assert api_base("http://h:8000") == api_base("http://h:8000/v1/") == "http://h:8000/v1"
+    assert api_base("http://h:8000/v1/chat/completions") == "http://h:8000/v1"
+
+
+def test_remote_streams_the_same_answer_as_local(remote, local_engine):
+    image = ASSETS / "shapes.png"
+    handle = remote.submit(request(images=[image]))
+    events = list(handle.events(timeout=30))
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    finished = events[-1]
+    assert isinstance(finished, Finished) and finished.reason == "length", finished
+    assert len(deltas) >= 2, "the answer did not stream"
+    assert finished.stats.output_tokens == 12
+    local_text, local_fin = local_engine.generate(request(images=[image]), timeout=30)
+    assert "".join(d.text for d in deltas) == local_text
+    assert finished.stats.prompt_tokens == local_fin.stats.prompt_tokens > 256
+    assert finished.stats.images == 1 and finished.stats.ttft_s is not None
+
+
+def test_our_api_in_front_of_a_remote(remote, local_engine):
+    """openai client -> our API (remote backend) -> our API (tiny model)."""
+    with BackgroundServer(create_api_app(remote, ServerSettings())) as front:
+        client = openai.OpenAI(base_url=f"{front.url}/v1", api_key="x", max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list().data][0] == "tiny"
+        chunks = list(client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=9,
+            temperature=0, stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-1].usage.completion_tokens == 9
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        sysless = GenerationRequest(Conversation([Message("user", "Hello")]),
+                                    SamplingParams(max_tokens=9, temperature=0, ignore_eos=True))
+        assert text == local_engine.generate(sysless, timeout=30)[0]
+        with pytest.raises(openai.BadRequestError, match="maximum context length"):
+            client.chat.completions.create(model="tiny", max_tokens=4, messages=[
+                {"role": "user", "content": "hello " * 5000}])
+        assert httpx.get(f"{front.url}/health").status_code == 200
+
+
+def test_remote_errors_are_raised_from_submit(remote, remote_server):
+    with pytest.raises(InvalidRequestError, match="maximum context length is 4096"):
+        remote.submit(request("hello " * 5000))
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        remote.submit(request(temperature=-1))
+    not_an_image = "data:image/png;base64," + base64.b64encode(b"nope").decode()
+    with pytest.raises(InvalidRequestError, match="Failed to load image"):
+        remote.submit(request(images=[not_an_image]))
+    wrong = RemoteEngine(EngineConfig(backend="remote", remote_url=remote_server.url,
+                                      remote_model="no-such-model"))
+    try:
+        with pytest.raises(ModelNotFoundError, match="`no-such-model` does not exist"):
+            wrong.submit(request("Hi"))
+    finally:
+        wrong.close()
+
+
+def test_cancel_closes_the_remote_stream(remote, local_engine):
+    seen: list[Finished] = []
+    done = threading.Event()
+
+    def on_finish(req, ev):
+        if req.sampling.max_tokens == 2998:
+            seen.append(ev)
+            done.set()
+
+    local_engine.add_finish_listener(on_finish)
+    handle = remote.submit(request("Hi", max_tokens=2998))
+    events = handle.events(timeout=30)
+    for _ in range(3):
+        assert isinstance(next(events), TextDelta)
+    handle.cancel()
+    rest = list(events)
+    assert isinstance(rest[-1], Finished) and rest[-1].reason == "cancelled"
+    assert done.wait(10), "the remote kept generating"
+    assert seen[0].reason == "cancelled" and seen[0].stats.output_tokens < 200, seen[0].stats
+
+
+# --------------------------------------------------------------------------- remote down / silent
+def test_remote_down_fails_fast_with_a_clear_error():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError, match="Cannot connect to the remote server"):
+        create_engine(EngineConfig(backend="remote", remote_url=url))
+    eng = RemoteEngine(EngineConfig(backend="remote", remote_url=url, remote_model="m"))
+    try:
+        assert not eng.health()
+        with pytest.raises(RemoteUnavailableError, match="Cannot connect") as exc:
+            eng.submit(request("Hi"))
+        assert exc.value.code == 503 and url in exc.value.message
+        with BackgroundServer(create_api_app(eng, ServerSettings())) as front:
+            resp = httpx.post(f"{front.url}/v1/chat/completions", timeout=10,
+                              json={"messages": [{"role": "user", "content": "Hi"}]})
+            assert resp.status_code == 503
+            assert "Cannot connect" in resp.json()["error"]["message"]
+            assert httpx.get(f"{front.url}/health").status_code == 503
+    finally:
+        eng.close()
+    assert time.monotonic() - start < 10
+
+
+def test_silent_remote_times_out():
+    """A remote that accepts connections but never answers must not hang us."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)   # the kernel accepts; nobody ever answers
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        start = time.monotonic()
+        eng = RemoteEngine(EngineConfig(backend="remote", remote_url=url, remote_model="m",
+                                        remote_timeout=1.0))
+        try:
+            with pytest.raises(RemoteUnavailableError, match="sent nothing for 1 s"):
+                eng.submit(request("Hi"))
+        finally:
+            eng.close()
+        assert time.monotonic() - start < 8
+
+
+# --------------------------------------------------------------------------- a fake remote
+def _sse(*events) -> StreamingResponse:
+    async def gen():
+        for e in events:
+            yield e if isinstance(e, str) else f"data: {json.dumps(e)}\n\n"
+
+    return StreamingResponse(gen(), media_type="text/event-stream")
+
+
+def _chunk(content=None, finish=None, role=None) -> dict:
+    delta = {"content": content} if content is not None else {}
+    if role:
+        delta = {"role": role, "content": ""}
+    return {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 0, "model": "fake",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+@pytest.fixture(scope="module")
+def fake_remote():
+    app = FastAPI()
+    app.state.calls = []
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "fake", "object": "model", "root": "fake",
+                                            "max_model_len": 1000}]}
+
+    @app.get("/health")
+    async def health():
+        return PlainTextResponse("")
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: Request):
+        body = await req.json()
+        app.state.calls.append((dict(req.headers), body))
+        content = body["messages"][-1]["content"]
+        what = content if isinstance(content, str) else content[-1]["text"]
+        flat = {"object": "error", "message": "flat says no", "type": "BadRequestError",
+                "param": "temperature", "code": 400}
+        if what == "flat":
+            return JSONResponse(flat, status_code=400)
+        if what == "nested404":
+            return JSONResponse({"error": {"message": "The model `fake` does not exist.",
+                                           "type": "NotFoundError", "param": "model",
+                                           "code": 404}}, status_code=404)
+        if what == "busy":
+            return JSONResponse({**flat, "message": "queue full", "code": 503}, status_code=503)
+        if what == "auth":
+            return JSONResponse({"error": "Unauthorized"}, status_code=401)
+        if what == "crash":
+            return PlainTextResponse("Internal Server Error", status_code=500)
+        if what == "midstream":
+            return _sse(_chunk(role="assistant"), _chunk("partial"),
+                        {"error": {"message": "boom", "type": "InternalServerError",
+                                   "param": None, "code": 500}}, "data: [DONE]\n\n")
+        if what == "truncated":
+            return _sse(_chunk(role="assistant"), _chunk("partial"))
+        if what == "silent":   # a remote busy with other work: nothing after the role chunk
+            async def stall():
+                yield f"data: {json.dumps(_chunk(role='assistant'))}\n\n"
+                await asyncio.sleep(60)
+            return StreamingResponse(stall(), media_type="text/event-stream")
+        if what == "garbage":
+            return _sse(_chunk(role="assistant"), "data: {not json\n\n")
+        return _sse(_chunk(role="assistant"), _chunk("o"), _chunk("k"), _chunk("", "stop"),
+                    {"id": "x", "choices": [], "usage": {"prompt_tokens": 7,
+                                                         "completion_tokens": 2}},
+                    "data: [DONE]\n\n")
+
+    with BackgroundServer(app) as srv:
+        eng = RemoteEngine(EngineConfig(backend="remote", remote_url=srv.url,
+                                        remote_api_key="k3y"))
+        yield eng, app.state.calls
+        eng.close()
+
+
+@pytest.mark.parametrize("what, error, code, text", [
+    ("flat", InvalidRequestError, 400, "flat says no"),
+    ("nested404", ModelNotFoundError, 404, "The model `fake` does not exist."),
+    ("busy", EngineBusyError, 503, "queue full"),
+    ("auth", RemoteError, 502, "--remote-api-key"),
+    ("crash", RemoteError, 502, "HTTP 500"),
+])
+def test_fake_remote_errors_before_the_stream(fake_remote, what, error, code, text):
+    eng, _ = fake_remote
+    with pytest.raises(error) as exc:
+        eng.submit(request(what))
+    assert exc.value.code == code and text in exc.value.message
+    assert type(exc.value) is error
+
+
+@pytest.mark.parametrize("what, error", [("midstream", RemoteError),
+                                         ("truncated", RemoteUnavailableError),
+                                         ("garbage", RemoteError)])
+def test_fake_remote_errors_during_the_stream(fake_remote, what, error):
+    eng, _ = fake_remote
+    events = list(eng.submit(request(what)).events(timeout=10))
+    finished = events[-1]
+    assert finished.reason == "error" and type(finished.error) is error, finished
+    if what != "garbage":
+        assert [e.text for e in events[:-1]] == ["partial"]
+
+
+def test_cancel_interrupts_a_blocked_read(fake_remote):
+    """Cancelling must not wait for the remote's next byte: the socket is shut at once."""
+    eng, _ = fake_remote
+    handle = eng.submit(request("silent"))
+    start = time.monotonic()
+    threading.Timer(0.2, handle.cancel).start()
+    events = list(handle.events(timeout=10))
+    assert events[-1].reason == "cancelled"
+    assert time.monotonic() - start < 2.0
+
+
+def test_fake_remote_receives_media_as_data_uris_and_sampling(fake_remote, tmp_path):
+    eng, calls = fake_remote
+    assert eng.model_name == "fake" and eng.max_model_len == 1000
+    picture = tmp_path / "pic.png"
+    Image.new("RGB", (300, 200), "purple").save(picture)
+    req = request("describe", images=[picture], max_tokens=5, temperature=0.5, top_p=0.9,
+                  top_k=20, seed=3, stop=["\n\n"], min_tokens=2, repetition_penalty=1.1)
+    req.min_pixels, req.max_pixels = 28 * 28, 256 * 28 * 28
+    text, finished = eng.generate(req, timeout=10)
+    assert text == "ok" and finished.reason == "stop"
+    assert finished.stats.prompt_tokens == 7 and finished.stats.output_tokens == 2
+    headers, body = calls[-1]
+    assert headers["authorization"] == "Bearer k3y"
+    assert body["model"] == "fake" and body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    expected = {"max_tokens": 5, "temperature": 0.5, "top_p": 0.9, "top_k": 20, "seed": 3,
+                "stop": ["\n\n"], "min_tokens": 2, "ignore_eos": True,
+                "repetition_penalty": 1.1}
+    assert {k: body[k] for k in expected} == expected
+    assert body["mm_processor_kwargs"] == {"min_pixels": 28 * 28, "max_pixels": 256 * 28 * 28}
+    assert body["messages"][0] == {"role": "system", "content": "You are a helpful assistant."}
+    image_part, text_part = body["messages"][1]["content"]
+    assert text_part == {"type": "text", "text": "describe"}
+    url = image_part["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert sent.size == (300, 200) and sent.convert("RGB").getpixel((5, 5)) == (128, 0, 128)
+
+
+def test_remote_applies_the_media_policy_before_sending(fake_remote):
+    eng, calls = fake_remote
+    before = len(calls)
+    api_policy = MediaPolicy(local_roots=())
+    with pytest.raises(InvalidRequestError, match="not allowed"):
+        eng.submit(request("x", images=["/etc/hostname"]), api_policy)
+    with pytest.raises(InvalidRequestError, match="Refusing to fetch"):
+        eng.submit(request("x", images=["http://127.0.0.1:9/cat.png"]), api_policy)
+    assert len(calls) == before, "the remote was asked anyway"
