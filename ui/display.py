@@ -9,8 +9,8 @@ from typing import Any
 from .history import State
 
 STOPPED_NOTE = "*(stopped)*"
-QUEUE_NOTE = "⏳ Waiting for the device: number {pos} in the queue…"
-STARTING_NOTE = "⏳ Reading the images and the question…"
+QUEUE_NOTE = "*Waiting for the device: number {pos} in the queue…*"
+STARTING_NOTE = "*Reading the images and the question…*"
 REASONS = {"stop": "", "length": " · hit max tokens", "cancelled": " · stopped", "error": " · error"}
 
 
@@ -29,11 +29,11 @@ def format_stats(stats: dict | None, finish: str) -> str:
     prompt = stats.get("prompt_tokens")
     if prompt:
         parts.append(f"prompt {int(prompt)} tokens")
-    return f"<sub>⏱ {' · '.join(parts)}{REASONS.get(finish, '')}</sub>"
+    return f"<sub>{' · '.join(parts)}{REASONS.get(finish, '')}</sub>"
 
 
 def format_error(message: str) -> str:
-    return f"⚠️ **Error:** {message}\n\n<sub>Your message is kept: press **Retry** to send it " \
+    return f"⚠ **Error:** {message}\n\n<sub>Your message is kept: press **Retry** to send it " \
            f"again, or **Undo** to edit it.</sub>"
 
 

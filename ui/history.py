@@ -55,7 +55,7 @@ def media_kind(path: str) -> str | None:
     return None
 
 
-def _inside(path: Path, roots: Iterable[Path]) -> bool:
+def inside_roots(path: Path, roots: Iterable[Path]) -> bool:
     try:
         real = path.resolve()
     except (OSError, RuntimeError):
@@ -85,7 +85,7 @@ def clean_state(raw: Any, roots: Iterable[Path]) -> State:
             for f in turn.get("files") or []:
                 if isinstance(f, dict) and isinstance(f.get("path"), str) and f["path"]:
                     path = Path(f["path"])
-                    if _inside(path, roots):
+                    if inside_roots(path, roots):
                         files.append({"path": str(path),
                                       "name": _text(f.get("name")) or path.name})
             state["turns"].append({"role": "user", "text": _text(turn.get("text")),
@@ -146,10 +146,16 @@ def _answered(turns: list[dict], i: int) -> bool:
                 and nxt.get("text", "").strip())
 
 
-def user_message(turn: dict) -> Message:
-    """A user turn as the engine's Message; a file of an unknown kind is a clear error."""
+def user_message(turn: dict, skip_missing: bool = False) -> Message:
+    """A user turn as the engine's Message; a file of an unknown kind is a clear error.
+
+    `skip_missing` drops files no longer on disk (an old turn after the upload
+    folder was cleaned): the chat goes on without them instead of failing.
+    """
     images, videos = [], []
     for f in turn["files"]:
+        if skip_missing and not Path(f["path"]).is_file():
+            continue
         kind = media_kind(f["path"])
         if kind == "image":
             images.append(ImageInput(f["path"]))
@@ -180,7 +186,7 @@ def to_conversation(state: State, system: str | None = None) -> Conversation:
         if i == last:
             messages.append(user_message(turn))
         elif _answered(turns, i):
-            messages.append(user_message(turn))
+            messages.append(user_message(turn, skip_missing=True))
             messages.append(Message("assistant", turns[i + 1]["text"]))
     system = state.get("system", "") if system is None else system
     return Conversation(messages=messages, system=system.strip() or None)

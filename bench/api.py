@@ -1,0 +1,126 @@
+"""Our OpenAI-compatible HTTP API as a benchmark target: the server in a
+thread on 127.0.0.1, and a streaming client that times the first content
+chunk. Optional: without server/, fastapi or uvicorn (a bare GPU image) the
+benches skip this path with a note."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bench.common import BENCH_IMAGE, BENCH_PROMPT
+
+
+@dataclass
+class StreamResult:
+    ttft_s: float | None
+    total_s: float
+    tokens: int
+    text: str
+    finish_reason: str | None
+
+
+def api_unavailable_reason() -> str | None:
+    """None when the API can be served here, else why not."""
+    try:
+        import httpx  # noqa: F401
+        import uvicorn  # noqa: F401
+
+        from server.routes import create_api_app  # noqa: F401
+    except Exception as exc:   # ImportError, or a half-built server package
+        return f"HTTP API skipped ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ApiServer:
+    """`create_api_app(engine, ServerSettings())` under uvicorn in a daemon thread."""
+
+    def __init__(self, engine: Any) -> None:
+        import uvicorn
+
+        from server.routes import create_api_app
+        from server.settings import ServerSettings
+
+        self.port = _free_port()
+        app = create_api_app(engine, ServerSettings())
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="bench-api", daemon=True)
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "ApiServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the API server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def model_id(self) -> str:
+        import httpx
+
+        return httpx.get(f"{self.base}/v1/models", timeout=30).json()["data"][0]["id"]
+
+
+def image_data_uri() -> str:
+    """The bench image as the API receives it (local paths are refused over HTTP)."""
+    return "data:image/png;base64," + base64.b64encode(BENCH_IMAGE.read_bytes()).decode()
+
+
+def chat_body(model: str, max_tokens: int, image_uri: str | None,
+              text: str = BENCH_PROMPT) -> dict:
+    content: list[dict] = []
+    if image_uri:
+        content.append({"type": "image_url", "image_url": {"url": image_uri}})
+    content.append({"type": "text", "text": text})
+    return {"model": model, "stream": True, "stream_options": {"include_usage": True},
+            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "user", "content": content}]}
+
+
+def stream_chat(client: Any, base: str, body: dict) -> StreamResult:
+    """One streamed chat completion; TTFT is the first chunk carrying content."""
+    start = time.monotonic()
+    first = None
+    parts: list[str] = []
+    tokens = 0
+    finish = None
+    with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {resp.read()[:300]!r}")
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                break
+            obj = json.loads(data)
+            if "error" in obj:
+                raise RuntimeError(f"stream error: {obj['error']}")
+            if obj.get("choices"):
+                choice = obj["choices"][0]
+                delta = choice.get("delta", {}).get("content")
+                if delta:
+                    if first is None:
+                        first = time.monotonic() - start
+                    parts.append(delta)
+                finish = choice.get("finish_reason") or finish
+            if obj.get("usage"):
+                tokens = obj["usage"]["completion_tokens"]
+    return StreamResult(first, time.monotonic() - start, tokens, "".join(parts), finish)

@@ -1,0 +1,231 @@
+"""Several users sharing one device: N concurrent streaming clients, each
+sending requests back to back, against our engine with batching (max_batch 8)
+and without (max_batch 1), and through the HTTP API when it is available.
+Prints aggregate output tokens/s, p50/p95 time to first token and the mean
+batch size per level, and the batching speedup at 2, 4 and 8 clients.
+
+    python bench/concurrency.py --model tiny --clients 1,2,4,8 [--max-tokens 64]
+                                [--requests-per-client 4 | --duration 10]
+
+Both engines share one copy of the weights and run one at a time."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (add_bench_args, bench_request, build_engine, describe_run,  # noqa: E402
+                          percentile, print_table, setup, sibling_engine)
+
+GOAL_SPEEDUP_AT_8 = 3.0
+
+
+@dataclass
+class LevelResult:
+    clients: int
+    mode: str
+    tokens: int = 0
+    requests: int = 0
+    wall_s: float = 0.0
+    ttfts: list[float] = field(default_factory=list)
+    batches: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def mean_batch(self) -> float:
+        return self.requests / self.batches if self.batches else float("nan")
+
+
+def engine_client(engine, max_tokens: int, image: bool):
+    """One streamed request on the engine: (ttft_s, output tokens)."""
+    from engine.types import TextDelta
+
+    start = time.monotonic()
+    first = None
+    for event in engine.submit(bench_request(max_tokens, image)):
+        if isinstance(event, TextDelta):
+            if first is None:
+                first = time.monotonic() - start
+        else:
+            if event.reason == "error":
+                raise RuntimeError(str(event.error))
+            return (first if first is not None else time.monotonic() - start,
+                    event.stats.output_tokens)
+    raise RuntimeError("stream ended without Finished")
+
+
+def http_client_factory(server, max_tokens: int, image: bool):
+    """A per-thread function streaming one request over HTTP: (ttft_s, tokens)."""
+    import httpx
+
+    from bench.api import chat_body, image_data_uri, stream_chat
+
+    body = chat_body(server.model_id(), max_tokens, image_data_uri() if image else None)
+    local = threading.local()
+
+    def one() -> tuple[float, int]:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=600)
+        res = stream_chat(local.client, server.base, body)
+        return (res.ttft_s if res.ttft_s is not None else res.total_s), res.tokens
+
+    return one
+
+
+def run_level(one_request, clients: int, mode: str, worker, requests_per_client: int,
+              duration: float | None) -> LevelResult:
+    """`clients` threads, each sending requests back to back (a closed loop)."""
+    result = LevelResult(clients, mode)
+    lock = threading.Lock()
+    batches_before = worker.batches_run
+    start = time.monotonic()
+    stop_at = start + duration if duration else None
+
+    def client() -> None:
+        done = 0
+        while (done < requests_per_client) if stop_at is None else (time.monotonic() < stop_at):
+            try:
+                ttft, tokens = one_request()
+            except Exception as exc:    # counted and printed, never hidden
+                with lock:
+                    result.errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            done += 1
+            with lock:
+                result.ttfts.append(ttft)
+                result.tokens += tokens
+                result.requests += 1
+
+    threads = [threading.Thread(target=client, name=f"bench-client-{i}") for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result.wall_s = time.monotonic() - start
+    result.batches = worker.batches_run - batches_before
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_args(parser)
+    parser.add_argument("--clients", default="1,2,4,8", help="comma-separated client counts")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds per level instead of a fixed number of requests")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every level this many times (interleaved); medians reported")
+    parser.add_argument("--no-image", dest="image", action="store_false",
+                        help="text-only prompts (default: the 448x448 assets/shapes.png)")
+    parser.add_argument("--no-http", dest="http", action="store_false")
+    parser.add_argument("--no-unbatched", dest="unbatched", action="store_false",
+                        help="skip the max_batch=1 comparison")
+    parser.set_defaults(max_batch=8)
+    args = parser.parse_args(argv)
+    try:
+        levels = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        parser.error(f"--clients must be comma-separated integers, got {args.clients!r}")
+    if not levels or min(levels) < 1 or args.requests_per_client < 1:
+        parser.error("--clients and --requests-per-client must be positive")
+    helper = setup(args)
+    batched = build_engine(args)
+    engines = {f"engine, max_batch {batched.config.max_batch}": batched}
+    if args.unbatched:
+        engines["engine, max_batch 1"] = sibling_engine(batched, max_batch=1)
+    servers = []
+    try:
+        print(describe_run(batched, helper))
+        targets = []   # (mode, one_request, worker)
+        for mode, eng in engines.items():
+            targets.append((mode, lambda e=eng: engine_client(e, args.max_tokens, args.image),
+                            eng.worker))
+        if args.http:
+            from bench.api import ApiServer, api_unavailable_reason
+
+            reason = api_unavailable_reason()
+            if reason:
+                print(f"note: {reason}")
+            else:
+                for mode, eng in engines.items():
+                    server = ApiServer(eng).__enter__()
+                    servers.append(server)
+                    targets.append((f"HTTP, {mode.split(', ')[1]}",
+                                    http_client_factory(server, args.max_tokens, args.image),
+                                    eng.worker))
+        for _, one, _ in targets:   # untimed: first connection, lazy initialisation
+            one()
+        results: dict[tuple[str, int], list[LevelResult]] = {}
+        for _ in range(args.rounds):
+            for n in levels:
+                for mode, one, worker in targets:
+                    res = run_level(one, n, mode, worker, args.requests_per_client,
+                                    args.duration)
+                    results.setdefault((mode, n), []).append(res)
+                    for err in res.errors[:3]:
+                        print(f"error ({mode}, {n} clients): {err}")
+        report(results, levels, [t[0] for t in targets], args)
+    finally:
+        for server in servers:
+            server.__exit__(None, None, None)
+        for eng in engines.values():
+            eng.close()
+    return 0
+
+
+def _median_result(runs: list[LevelResult]) -> LevelResult:
+    return sorted(runs, key=lambda r: r.tps)[len(runs) // 2]
+
+
+def report(results: dict[tuple[str, int], list[LevelResult]], levels: list[int],
+           modes: list[str], args: argparse.Namespace) -> dict[tuple[str, int], float]:
+    rows = []
+    tps: dict[tuple[str, int], float] = {}
+    for n in levels:
+        for mode in modes:
+            runs = results[(mode, n)]
+            r = _median_result(runs)
+            ttfts = [t for run in runs for t in run.ttfts]
+            tps[(mode, n)] = r.tps
+            rows.append([str(n), mode, f"{r.tps:.1f}", f"{percentile(ttfts, 50) * 1000:.0f}",
+                         f"{percentile(ttfts, 95) * 1000:.0f}", f"{r.mean_batch:.2f}",
+                         str(sum(run.requests for run in runs)),
+                         str(sum(len(run.errors) for run in runs))])
+    amount = (f"{args.duration:g} s per level" if args.duration
+              else f"{args.requests_per_client} requests per client")
+    print_table(f"Concurrency: {args.max_tokens} output tokens per request, {amount}, "
+                f"{'image + text' if args.image else 'text-only'} prompts",
+                ["clients", "target", "aggregate tok/s", "TTFT p50 ms", "TTFT p95 ms",
+                 "mean batch", "requests", "errors"], rows)
+    base = levels[0]
+    rows = []
+    for mode in modes:
+        one = tps[(mode, base)]
+        rows.append([mode] + [f"{tps[(mode, n)] / one:.2f}x" if one else "n/a"
+                              for n in levels[1:]])
+    if len(levels) > 1:
+        print_table(f"Speedup: aggregate tok/s relative to {base} client(s) on the same target",
+                    ["target"] + [f"{n} clients" for n in levels[1:]], rows)
+    batched = modes[0]
+    if 8 in levels and base == 1:
+        speedup = tps[(batched, 8)] / tps[(batched, 1)] if tps[(batched, 1)] else 0.0
+        print(f"\n{batched}: 8 clients get {speedup:.2f}x the single-client aggregate tok/s "
+              f"(goal >= {GOAL_SPEEDUP_AT_8:g}x: {'met' if speedup >= GOAL_SPEEDUP_AT_8 else 'NOT met'})")
+    return tps
+
+
+if __name__ == "__main__":
+    sys.exit(main())

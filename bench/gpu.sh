@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The benchmark tables for a randomly initialised Qwen2.5-VL-7B (real shapes,
+# bf16, built directly on the GPU) on one CUDA GPU, in under 8 minutes on an
+# H100. Uses only what a bare PyTorch GPU image has (torch, transformers,
+# tokenizers, pillow, numpy): no downloads, no qwen-vl-utils, torchvision,
+# fastapi or uvicorn (the HTTP API path is skipped with a note when they are
+# missing). Each step has its own time limit so one slow step cannot eat the
+# budget of the others.
+#
+#   bash bench/gpu.sh                 # tables on stdout, and in $OUT/bench-gpu.txt if $OUT is set
+#   BENCH_COMPILE=1 bash bench/gpu.sh # also try --torch-compile (slow first request; may not fit)
+#   BENCH_DEVICE=cpu BENCH_ARGS="--layers 1 --vision-layers 1 --dtype bfloat16 --max-tokens 4" \
+#     bash bench/gpu.sh               # a dry run of the same code path on a CPU
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+LOG=${OUT:-/tmp}/bench-gpu.txt
+mkdir -p "$(dirname "$LOG")"
+exec > >(tee -a "$LOG") 2>&1
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TOKENIZERS_PARALLELISM=false
+
+start=$(date +%s)
+step() {   # step LIMIT_S TITLE CMD...
+  local limit=$1 title=$2; shift 2
+  echo; echo "=== $title (limit ${limit}s, at $(( $(date +%s) - start ))s) ==="
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  [ $rc -eq 0 ] || echo "!!! $title: exit $rc$([ $rc -eq 124 ] && echo ' (time limit)')"
+}
+
+echo "bench/gpu.sh on $(hostname) at $(date -u +%Y-%m-%dT%H:%MZ)"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PY" - <<'EOF'
+import sys, torch, transformers
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"cuda available: {torch.cuda.is_available()}")
+for name in ("torchvision", "qwen_vl_utils", "fastapi", "uvicorn", "httpx"):
+    try:
+        __import__(name); print(f"  {name}: present")
+    except Exception as exc:
+        print(f"  {name}: missing ({type(exc).__name__})")
+EOF
+
+FULL=(--full-size --device "${BENCH_DEVICE:-cuda}" --quiet)
+read -r -a EXTRA <<< "${BENCH_ARGS:-}"   # appended last, so they override the defaults below
+
+step 130 "overhead: bare generate vs our engine, 128 tokens" \
+  "$PY" bench/overhead.py "${FULL[@]}" --max-tokens 128 --repeats 3 "${EXTRA[@]}"
+step 170 "concurrency: 1, 2, 4, 8 clients, batched vs max_batch 1" \
+  "$PY" bench/concurrency.py "${FULL[@]}" --clients 1,2,4,8 --max-tokens 64 --requests-per-client 2 "${EXTRA[@]}"
+step 50 "image preprocessing (CPU side)" \
+  "$PY" bench/preprocess.py --repeats 1 --bounds 0,1
+step 110 "warm-up: first request in a fresh process" \
+  "$PY" bench/warmup.py "${FULL[@]}" --max-tokens 16 --variants none,engine,image "${EXTRA[@]}"
+if [ "${BENCH_COMPILE:-0}" = 1 ]; then
+  step 150 "overhead with --static-cache --torch-compile (engine path compiled, bare not)" \
+    "$PY" bench/overhead.py "${FULL[@]}" --max-tokens 128 --repeats 2 --static-cache --torch-compile "${EXTRA[@]}"
+fi
+echo; echo "bench/gpu.sh done in $(( $(date +%s) - start ))s; log: $LOG"

@@ -1,0 +1,117 @@
+"""Does the warm-up at start help the first user? Time to first token of the
+first request (an image question) in a fresh process, without warm-up, with
+the engine's warm-up (`LocalEngine.warmup`, a 2-token text request) and with a
+warm-up that also carries a small image (so the vision tower runs once), each
+against the second request as the steady state.
+
+    python bench/warmup.py --model tiny [--max-tokens 16]
+    python bench/warmup.py --full-size
+
+Each variant runs in its own process: lazy initialisation (kernels, allocator,
+libraries) happens once per process, so only a fresh one shows it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import ROOT, add_bench_args, bench_request, print_table  # noqa: E402
+
+VARIANTS = {"none": "no warm-up", "engine": "engine warm-up (text)",
+            "image": "warm-up with an image"}
+
+
+def first_request(engine, max_tokens: int) -> dict[str, float]:
+    """TTFT and total of one image request, as a client sees them."""
+    from engine.types import TextDelta
+
+    start = time.monotonic()
+    first = None
+    for event in engine.submit(bench_request(max_tokens)):
+        if isinstance(event, TextDelta) and first is None:
+            first = time.monotonic() - start
+    total = time.monotonic() - start
+    return {"ttft_s": first if first is not None else total, "total_s": total}
+
+
+def image_warmup(engine) -> None:
+    """A 2-token request with a small image: runs the vision tower once too."""
+    from PIL import Image
+
+    from engine.types import Conversation, GenerationRequest, ImageInput, Message, SamplingParams
+
+    req = GenerationRequest(Conversation([Message("user", "Hello", images=[
+        ImageInput(Image.new("RGB", (224, 224), (128, 128, 128)))])]),
+        SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), request_id="warmup-image")
+    engine.generate(req, timeout=600)
+
+
+def child(args: argparse.Namespace) -> int:
+    """One fresh process: load, warm up as asked, time the first and second request."""
+    from bench.common import build_engine, setup
+
+    setup(args)
+    start = time.monotonic()
+    engine = build_engine(args, warmup=False)
+    load_s = time.monotonic() - start
+    start = time.monotonic()
+    if args.variant in ("engine", "image"):
+        engine.warmup()
+    if args.variant == "image":
+        image_warmup(engine)
+    warm_s = time.monotonic() - start
+    try:
+        first = first_request(engine, args.max_tokens)
+        second = first_request(engine, args.max_tokens)
+    finally:
+        engine.close()
+    print("RESULT " + json.dumps({"load_s": load_s, "warmup_s": warm_s, "first": first,
+                                  "second": second}), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_args(parser)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--variants", default="none,engine,image",
+                        help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    args, _ = parser.parse_known_args(argv)
+    if args.variant:
+        return child(args)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or any(v not in VARIANTS for v in variants):
+        parser.error(f"--variants takes a comma-separated list of {', '.join(VARIANTS)}")
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    rows = []
+    for variant in variants:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--variant", variant]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(f"{variant}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}")
+            return 1
+        r = json.loads(line[len("RESULT "):])
+        rows.append([VARIANTS[variant], f"{r['load_s']:.2f}", f"{r['warmup_s']:.2f}",
+                     f"{r['first']['ttft_s'] * 1000:.1f}", f"{r['first']['total_s'] * 1000:.1f}",
+                     f"{r['second']['ttft_s'] * 1000:.1f}", f"{r['second']['total_s'] * 1000:.1f}"])
+    print_table(f"First request (image + text, {args.max_tokens} tokens) in a fresh process",
+                ["variant", "load s", "warm-up s", "1st TTFT ms", "1st total ms",
+                 "2nd TTFT ms", "2nd total ms"], rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The benchmark scripts run end to end on the tiny model with tiny settings,
+batched rows give the same greedy text as the same requests run alone, the
+batch-gathering wait never delays a lone request, and preprocessing runs on
+the caller's thread."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.local import LocalEngine
+from engine.types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
+                          SamplingParams, TextDelta)
+
+from bench import concurrency, overhead, preprocess, warmup
+from bench.api import api_unavailable_reason
+
+HTTP = api_unavailable_reason() is None
+
+
+def _common(tiny_model_dir) -> list[str]:
+    return ["--model", str(tiny_model_dir), "--device", "cpu", "--no-warmup", "--quiet"]
+
+
+def test_overhead_runs_and_paths_agree(tiny_model_dir, capsys):
+    assert overhead.main(_common(tiny_model_dir) + ["--max-tokens", "8", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "same greedy text on every path: yes" in out
+    rows = {name: line for line in out.splitlines()
+            for name in ("bare generate", "our engine", "our HTTP API") if f"| {name} |" in
+            re.sub(r"\|\s+", "| ", line)}
+    assert {"bare generate", "our engine"} <= rows.keys()
+    assert ("our HTTP API" in rows) == HTTP
+    assert re.search(r"engine output tok/s / bare: \d+\.\d+", out)
+    assert "fraction of bound" in out and "n/a" in out      # CPU: no bandwidth figure
+
+
+def test_overhead_bandwidth_fraction_when_given(tiny_model_dir, capsys):
+    args = _common(tiny_model_dir) + ["--max-tokens", "4", "--repeats", "1", "--no-http",
+                                      "--no-image", "--bandwidth-gbs", "100"]
+    assert overhead.main(args) == 0
+    out = capsys.readouterr().out
+    assert "100 GB/s (--bandwidth-gbs)" in out
+    assert re.search(r"\| +our engine \| +[\d.,]+ \| +[\d.,]+ \| +[\d.]+% \|", out)
+
+
+def test_concurrency_runs_both_modes(tiny_model_dir, capsys):
+    args = _common(tiny_model_dir) + ["--clients", "1,2", "--max-tokens", "8",
+                                      "--requests-per-client", "1"]
+    assert concurrency.main(args) == 0
+    out = capsys.readouterr().out
+    for target in ["engine, max_batch 8", "engine, max_batch 1"] + (
+            ["HTTP, max_batch 8", "HTTP, max_batch 1"] if HTTP else []):
+        assert re.search(rf"\| +2 \| +{re.escape(target)} \| +[\d.,]+ \|", out), target
+    assert "### Speedup" in out and "| errors |" in out
+    assert not re.search(r"^error \(", out, re.M)
+
+
+def test_preprocess_counts_image_tokens(capsys):
+    assert preprocess.main(["--sizes", "448x448,1280x720", "--bounds", "0,1",
+                            "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    # Qwen's rule: one token per 28x28 after resizing to multiples of 28 within the bounds.
+    assert re.search(r"\| +448x448 \| +engine default [^|]+\| +448x448 \| +256 \|", out)
+    assert re.search(r"\| +1280x720 \| +engine default [^|]+\| +1288x728 \| +1196 \|", out)
+    assert re.search(r"\| +1280x720 \| +low [^|]+\| +588x336 \| +252 \|", out)
+
+
+def test_warmup_child_reports_first_request(tiny_model_dir, capsys):
+    assert warmup.main(_common(tiny_model_dir) + ["--variant", "image", "--max-tokens", "4"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("RESULT "))
+    assert '"first": {"ttft_s":' in line and '"second"' in line
+
+
+def test_full_size_config_reads_the_7b_weight_bytes():
+    """The random full-size model has the real 7B's shapes: ~14.1 GB of bf16 weights read per
+    decoded token (REFERENCE.md: about 14.2 GB), 8.29B parameters in all."""
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from bench.common import decode_weight_bytes, full_size_config
+    from engine import tiny
+
+    config = full_size_config(tiny.build_tokenizer())
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    assert 14.0e9 < decode_weight_bytes(model) < 14.3e9
+    assert 8.2e9 < sum(p.numel() for p in model.parameters()) < 8.4e9
+
+
+# ----------------------------------------------------------------- engine behaviour
+@pytest.fixture(scope="module")
+def patient_engine(tiny_model_dir):
+    """Batches wait up to 30 s for requests being prepared: batch formation is then
+    decided by `worker.arriving()` alone, not by timing."""
+    engine = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu",
+                                                  warmup=False, max_batch=8,
+                                                  batch_wait_ms=30_000))
+    yield engine
+    engine.close()
+
+
+def _mixed_requests() -> list[GenerationRequest]:
+    """Different prompt lengths (so rows are left-padded), images or none, and
+    different max_tokens (rows stop at different steps)."""
+    specs = [("Describe this image.", ["assets/shapes.png"], 12),
+             ("What is in the chart? Answer in one short sentence, please.", ["assets/chart.png"], 7),
+             ("Hello there, how are you today?", [], 16),
+             ("Total?", ["assets/receipt.png"], 10)]
+    return [GenerationRequest(Conversation([Message("user", q, images=[ImageInput(p) for p in imgs])]),
+                              SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+            for q, imgs, n in specs]
+
+
+def test_batched_rows_give_the_same_greedy_text_as_alone(patient_engine):
+    engine = patient_engine
+    alone = [engine.generate(r, timeout=120) for r in _mixed_requests()]
+    batches_before = engine.worker.batches_run
+    with engine.worker.arriving():          # the batch waits for all four to be queued
+        handles = [engine.submit(r) for r in _mixed_requests()]
+    together = [h.collect(timeout=120) for h in handles]
+    assert engine.worker.batches_run - batches_before == 1
+    assert engine.worker.largest_batch == 4
+    for (text_a, fin_a), (text_b, fin_b), req in zip(alone, together, _mixed_requests()):
+        assert fin_b.reason == fin_a.reason == "length"
+        assert fin_b.stats.output_tokens == req.sampling.max_tokens
+        assert text_b == text_a
+
+
+def test_batch_wait_does_not_delay_a_lone_request(patient_engine):
+    """With a 30 s gathering wait configured, a single request still starts at once:
+    the wait only applies while other requests are being prepared."""
+    req = GenerationRequest(Conversation([Message("user", "Hi")]),
+                            SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    start = time.monotonic()
+    text, fin = patient_engine.generate(req, timeout=60)
+    assert fin.reason == "length"
+    assert time.monotonic() - start < 10
+
+
+def test_preprocessing_runs_on_the_callers_thread(patient_engine):
+    """Images are decoded and processed by the thread that calls submit, never by the
+    device thread, so a big image does not stall generation for everyone."""
+    renderer = patient_engine.renderer
+    seen: list[str] = []
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, *a, **kw):
+            seen.append(threading.current_thread().name)
+            return self.inner(*a, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    original = renderer.processor
+    renderer.processor = Recording(original)
+    try:
+        req = GenerationRequest(Conversation([Message("user", "Describe.", images=[
+            ImageInput("assets/shapes.png")])]), SamplingParams(max_tokens=2, temperature=0))
+        events = list(patient_engine.submit(req).events(timeout=60))
+    finally:
+        renderer.processor = original
+    assert isinstance(events[-1], Finished) and events[-1].reason != "error"
+    assert seen == [threading.current_thread().name]
+    assert all(isinstance(e, TextDelta) for e in events[:-1])

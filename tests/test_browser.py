@@ -1,0 +1,216 @@
+"""The page in a real browser (Playwright driving Debian's headless Chromium):
+upload an image, ask, watch the answer stream in, Stop a long answer and see
+generation end on the engine, Retry, reload and find the chat still there.
+A screenshot of the finished chat goes to test-output/chat.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+OUTPUT = ROOT / "test-output"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM),
+    reason=f"{CHROMIUM} is missing: install Debian's chromium (make browser) for the browser test")
+
+REQUEST_LINE = re.compile(r"engine\.requests: request (\S+): .*output_tokens=(\d+) .*finish=(\w+)")
+
+
+class AppServer:
+    """`python app.py` in a subprocess; its output is collected for log checks."""
+
+    def __init__(self, *args: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--no-warmup",
+             "--server-port", str(self.port), *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("app.py exited:\n" + "".join(self.lines[-30:]))
+            if any("Running on local URL" in line for line in self.lines):
+                return
+            time.sleep(0.1)
+        raise AssertionError("app.py did not start:\n" + "".join(self.lines[-30:]))
+
+    def requests(self) -> list[tuple[str, int, str]]:
+        """(request id, output tokens, finish reason) of every request the engine finished."""
+        return [(m[1], int(m[2]), m[3]) for m in map(REQUEST_LINE.search, list(self.lines)) if m]
+
+    def wait_requests(self, n: int, timeout: float = 20) -> list[tuple[str, int, str]]:
+        deadline = time.monotonic() + timeout
+        while len(self.requests()) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(self.requests()) >= n, "".join(self.lines[-20:])
+        return self.requests()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = AppServer()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1360, "height": 1000})
+        pg.set_default_timeout(20_000)
+        try:
+            yield pg
+        finally:
+            browser.close()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """Type into a slider's number box (the value is committed on blur)."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def bot_texts(page) -> list[str]:
+    return page.locator("#qvl-chat [data-testid=bot]").all_inner_texts()
+
+
+def send(page, text: str) -> None:
+    page.locator("#qvl-input textarea").fill(text)
+    page.locator("#qvl-input textarea").press("Enter")
+
+
+def wait_idle(page) -> None:
+    """The answer is complete when Stop is disabled again and the box takes input."""
+    page.wait_for_function(
+        "() => document.querySelector('#qvl-stop').disabled"
+        " && !document.querySelector('#qvl-input textarea').disabled")
+
+
+def test_chat_in_a_browser(server, page):
+    page.goto(server.url)
+    page.wait_for_selector("#qvl-input textarea")
+    assert "tiny" in page.inner_text("#qvl-serving")
+    assert page.locator("#qvl-tiny-warning").is_visible()
+    set_number(page, "qvl-temperature", 0)       # greedy: the tiny model then writes until told to stop
+    set_number(page, "qvl-max-tokens", 300)
+
+    # 1. An image and a question; the answer streams in.
+    page.set_input_files("#qvl-input input[type=file]", str(ASSETS / "chart.png"))
+    page.wait_for_selector("#qvl-input img")
+    send(page, "What does this chart show?")
+    page.wait_for_selector("#qvl-chat [data-testid=user] img")
+    lengths = set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        texts = bot_texts(page)
+        if texts:
+            lengths.add(len(texts[0]))
+        if "tokens/s" in page.inner_text("#qvl-chat"):
+            break
+        time.sleep(0.02)
+    wait_idle(page)
+    assert len({n for n in lengths if n > 0}) >= 2, f"no streaming seen: {sorted(lengths)}"
+    first = server.wait_requests(1)[0]
+    assert first[2] == "length" and first[1] == 300
+
+    # 2. A long answer, stopped half-way: generation ends on the engine.
+    set_number(page, "qvl-max-tokens", 8000)
+    send(page, "Now tell me everything about it, in detail.")
+    page.wait_for_function("() => { const b = document.querySelectorAll('#qvl-chat [data-testid=bot]');"
+                           " return b.length >= 3 && b[b.length - 1].innerText.length > 40; }")
+    page.click("#qvl-stop")
+    clicked = time.monotonic()
+    _, tokens, reason = server.wait_requests(2)[1]
+    took = time.monotonic() - clicked
+    assert reason == "cancelled", f"the answer was not stopped on the engine: finish={reason}"
+    assert 0 < tokens < 8000 and took < 5
+    page.wait_for_function("() => document.querySelector('#qvl-chat').innerText.includes('(stopped)')")
+    wait_idle(page)
+
+    # 3. Retry the stopped answer with a short limit: it is replaced, not added.
+    set_number(page, "qvl-max-tokens", 40)
+    users_before = page.locator("#qvl-chat [data-testid=user]").count()
+    page.click("#qvl-retry")
+    _, tokens, reason = server.wait_requests(3)[2]
+    assert reason == "length" and tokens == 40
+    page.wait_for_function("() => !document.querySelector('#qvl-chat').innerText.includes('(stopped)')")
+    wait_idle(page)
+    assert page.locator("#qvl-chat [data-testid=user]").count() == users_before
+    before_reload = bot_texts(page)
+    assert len(before_reload) >= 4     # answer + stats, twice
+
+    # 4. Reload: the conversation comes back from the browser's storage.
+    page.reload()
+    page.wait_for_selector("#qvl-chat [data-testid=user] img")
+    page.wait_for_function("n => document.querySelectorAll('#qvl-chat [data-testid=bot]').length >= n",
+                           arg=len(before_reload))
+    assert bot_texts(page) == before_reload
+    assert "What does this chart show?" in page.inner_text("#qvl-chat")
+
+    # 5. Save as JSON, clear, load it back.
+    OUTPUT.mkdir(exist_ok=True)
+    with page.expect_download() as download:
+        page.click("#qvl-save")
+    saved = OUTPUT / "chat.json"
+    download.value.save_as(saved)
+    doc = json.loads(saved.read_text())
+    assert [t["role"] for t in doc["turns"]] == ["user", "assistant"] * 2
+    assert doc["turns"][0]["files"][0]["data"].startswith("data:image/png;base64,")
+    page.click("#qvl-clear")
+    page.wait_for_function("() => !document.querySelector('#qvl-chat [data-testid=bot]')")
+    with page.expect_file_chooser() as chooser:
+        page.click("#qvl-load")
+    chooser.value.set_files(str(saved))
+    page.wait_for_function("n => document.querySelectorAll('#qvl-chat [data-testid=bot]').length >= n",
+                           arg=len(before_reload))
+    assert bot_texts(page) == before_reload
+
+    # The screenshot: a tall window, the chat scrolled to its start.
+    page.set_viewport_size({"width": 1360, "height": 1400})
+    page.wait_for_function("() => [...document.querySelectorAll('#qvl-chat img')].every(i => i.complete)")
+    for _ in range(2):   # the chat's autoscroll may move it once more as the layout settles
+        page.evaluate("() => { document.querySelector('#qvl-chat [role=log]').scrollTop = 0; }")
+        page.wait_for_timeout(300)
+    page.screenshot(path=str(OUTPUT / "chat.png"), full_page=True)

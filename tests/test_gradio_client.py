@@ -1,0 +1,124 @@
+"""The app's named Gradio endpoint, called the way a script would: start
+`python app.py --model tiny`, send text plus an image with gradio_client and
+read the answer as it streams. The OpenAI-compatible API answers on the same
+port."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+
+
+class AppServer:
+    """`python app.py` in a subprocess; its output is collected for log checks."""
+
+    def __init__(self, *args: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--no-warmup",
+             "--server-port", str(self.port), *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("app.py exited:\n" + "".join(self.lines[-30:]))
+            if any("Running on local URL" in line for line in self.lines):
+                return
+            time.sleep(0.1)
+        raise AssertionError("app.py did not start:\n" + "".join(self.lines[-30:]))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = AppServer()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    cl = Client(server.url, verbose=False)
+    yield cl
+    cl.close()
+
+
+def request_lines(srv: AppServer) -> list[str]:
+    return [line for line in srv.lines if "engine.requests" in line]
+
+
+def test_chat_endpoint_streams_an_answer_about_an_image(server, client):
+    from gradio_client import handle_file
+
+    assert "/chat" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    before = len(request_lines(server))
+    job = client.submit({"text": "What does this chart show?",
+                         "files": [handle_file(str(ASSETS / "chart.png"))]},
+                        max_new_tokens=300, temperature=0, api_name="/chat")
+    chunks = list(job)
+    final = job.result()
+    assert final and chunks[-1] == final
+    assert len(chunks) >= 3, f"expected a stream, got {len(chunks)} update(s)"
+    assert all(final.startswith(c) for c in chunks)          # each chunk is the answer so far
+    deadline = time.monotonic() + 5
+    while len(request_lines(server)) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = request_lines(server)[before]
+    assert "images=1" in line and re.search(r"output_tokens=(\d+)", line)
+
+
+def test_chat_endpoint_reports_bad_input_and_keeps_serving(client, tmp_path):
+    from gradio_client import handle_file
+
+    fake = tmp_path / "photo.png"
+    fake.write_text("not an image at all")
+    with pytest.raises(Exception, match="Failed to load image: photo.png"):
+        client.predict({"text": "What is this?", "files": [handle_file(str(fake))]},
+                       api_name="/chat")
+    answer = client.predict({"text": "Hello", "files": []}, max_new_tokens=8, api_name="/chat")
+    assert isinstance(answer, str) and answer
+
+
+def test_openai_api_shares_the_port(server):
+    pytest.importorskip("server.routes", reason="the OpenAI-compatible API package is not there")
+    models = httpx.get(server.url + "v1/models", timeout=10)
+    assert models.status_code == 200
+    assert "tiny" in [m["id"] for m in models.json()["data"]]
+    page = httpx.get(server.url, timeout=10)
+    assert page.status_code == 200 and "<html" in page.text.lower()

@@ -1,0 +1,383 @@
+"""The chat callbacks without a browser: the typed state becomes the engine's
+Conversation, every error path ends as a message in the chat with the user's
+turn kept, the next request is answered, Stop ends generation on the engine,
+and the JSON export loads back. Also the app's flag parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from engine.errors import InvalidRequestError
+from engine.types import Finished, GenerationRequest
+from ui import display, history
+from ui.chat import ChatController, Sampling
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+MAX_MODEL_LEN = 2048
+
+
+class Req:
+    """What Gradio passes as gr.Request: only the session hash is used."""
+
+    def __init__(self, session: str = "s1") -> None:
+        self.session_hash = session
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    from engine.config import EngineConfig
+    from engine.local import LocalEngine
+
+    eng = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), warmup=False,
+                                               max_model_len=MAX_MODEL_LEN))
+    finished: list[tuple[GenerationRequest, Finished]] = []
+    eng.add_finish_listener(lambda req, fin: finished.append((req, fin)))
+    eng.finished_log = finished  # type: ignore[attr-defined]
+    yield eng
+    eng.close()
+
+
+@pytest.fixture()
+def uploads(tmp_path):
+    """A stand-in for Gradio's upload folder, holding a copy of one example image."""
+    shutil.copy(ASSETS / "shapes.png", tmp_path / "shapes.png")
+    return tmp_path
+
+
+@pytest.fixture()
+def ctrl(engine, uploads):
+    return ChatController(engine, (uploads.resolve(), ASSETS.resolve()))
+
+
+FAST = Sampling(max_tokens=16, temperature=0.0)
+
+
+def run(agen_factory):
+    """Drive an async generator to its end; returns every (state, display) it yielded."""
+    async def drain():
+        return [item async for item in agen_factory()]
+    return asyncio.run(drain())
+
+
+def ask(ctrl, state, text, files=(), sampling=FAST, session="s1"):
+    """Submit like the page does (add the turn, then generate); returns the final state."""
+    state, _, accepted = ctrl.add_user_turn(state, {"text": text, "files": list(files)}, None,
+                                            Req(session))
+    assert accepted
+    steps = run(lambda: ctrl.respond(state, sampling, Req(session)))
+    final_state, shown = steps[-1]
+    assert final_state is not None
+    return final_state, shown
+
+
+def shown_text(shown) -> str:
+    return "\n".join(m["content"] for m in shown if isinstance(m["content"], str))
+
+
+# --------------------------------------------------------------------------- state -> engine
+def test_conversation_comes_from_typed_turns_not_from_the_display(uploads):
+    img = str(uploads / "shapes.png")
+    state = history.new_state("Be brief.")
+    state["turns"] = [
+        history.user_turn("first **question**", [img]),
+        history.assistant_turn("An answer with $$x^2$$ and <b>tags</b>", "stop",
+                               {"ttft_s": 0.1, "output_tokens": 5, "output_tps": 50.0}),
+        history.user_turn("failed one", [img] * 11),
+        history.assistant_turn("", "error", None, "At most 10 image(s) may be provided."),
+        history.user_turn("stopped early", []),
+        history.assistant_turn("", "cancelled", {"output_tokens": 0}),
+        history.user_turn("and now?", [str(uploads / "clip.mp4")]),
+    ]
+    conv = history.to_conversation(state)
+    assert conv.system == "Be brief."
+    assert [(m.role, m.text) for m in conv.messages] == [
+        ("user", "first **question**"),
+        ("assistant", "An answer with $$x^2$$ and <b>tags</b>"),
+        ("user", "and now?")]
+    assert [i.source for i in conv.messages[0].images] == [img]
+    assert [v.source for v in conv.messages[2].videos] == [str(uploads / "clip.mp4")]
+    # The display shows stats and the error, but none of it reaches the engine.
+    shown = shown_text(display.render(state))
+    assert "5 tokens" in shown and "At most 10 image(s)" in shown
+    assert all("tokens" not in m.text for m in conv.messages)
+
+
+def test_conversation_needs_a_pending_user_turn_and_known_file_kinds(uploads):
+    state = history.new_state()
+    with pytest.raises(InvalidRequestError):
+        history.to_conversation(state)
+    state["turns"].append(history.user_turn("read this", [str(uploads / "notes.txt")]))
+    with pytest.raises(InvalidRequestError, match="Unsupported file 'notes.txt'"):
+        history.to_conversation(state)
+
+
+def test_state_from_the_browser_is_revalidated(uploads):
+    raw = {"system": 42, "turns": [
+        {"role": "user", "text": "hi", "files": [{"path": "/etc/passwd"},
+                                                  {"path": str(uploads / "shapes.png")},
+                                                  {"path": str(uploads / ".." / "escape.png")},
+                                                  "junk"]},
+        {"role": "assistant", "text": "yo", "finish": "bogus", "stats": {"ttft_s": "x"}},
+        {"role": "system", "text": "ignored"}, "junk"]}
+    state = history.clean_state(raw, [uploads])
+    assert state["system"] == ""
+    assert [t["role"] for t in state["turns"]] == ["user", "assistant"]
+    assert [f["name"] for f in state["turns"][0]["files"]] == ["shapes.png"]
+    assert state["turns"][1]["finish"] == "stop" and state["turns"][1]["stats"] == {}
+    assert history.clean_state("not a dict", [uploads]) == history.new_state()
+
+
+def test_json_export_loads_back_with_its_files(uploads, tmp_path_factory):
+    img = uploads / "shapes.png"
+    state = history.new_state("sys")
+    state["turns"] = [history.user_turn("what is it?", [str(img)]),
+                      history.assistant_turn("shapes", "stop", {"output_tokens": 1})]
+    doc = history.export_json(state, "tiny")
+    assert json.loads(doc)["model"] == "tiny"
+    dest = tmp_path_factory.mktemp("imports")
+    loaded = history.import_json(doc, dest)
+    assert loaded["system"] == "sys"
+    assert [t["text"] for t in loaded["turns"]] == ["what is it?", "shapes"]
+    new_path = Path(loaded["turns"][0]["files"][0]["path"])
+    assert new_path.is_relative_to(dest) and new_path.read_bytes() == img.read_bytes()
+    for bad, why in [("{", "invalid JSON"), ('{"turns": []}', "format"),
+                     (json.dumps({"format": "qwen-vl-chat", "turns": [
+                         {"role": "user", "files": [{"name": "a.png", "data": "nope"}]}]}),
+                      "data: URI")]:
+        with pytest.raises(InvalidRequestError, match=why):
+            history.import_json(bad, dest)
+
+
+# --------------------------------------------------------------------------- error paths
+def test_errors_show_in_the_chat_keep_the_turn_and_the_next_request_is_answered(ctrl, uploads):
+    img = str(uploads / "shapes.png")
+    fake = uploads / "notes.png"
+    fake.write_text("this is a text file, not an image\n")
+    cases = [
+        ([img] * 11, "hello", "At most 10 image(s) may be provided in one prompt."),
+        ([], "word " * 3000, f"maximum context length is {MAX_MODEL_LEN} tokens"),
+        ([str(fake)], "what is this?", "Failed to load image: notes.png"),
+        ([str(uploads / "notes.txt")], "and this?", "Unsupported file 'notes.txt'"),
+    ]
+    state = history.new_state()
+    for files, text, expected in cases:
+        state, shown = ask(ctrl, state, text, files)
+        failed = state["turns"][-1]
+        assert failed["finish"] == "error" and expected in failed["error"]
+        assert state["turns"][-2] == history.user_turn(text, files)     # kept for Retry
+        assert expected in shown_text(shown) and "Retry" in shown_text(shown)
+        # The next request is answered, and the failed exchange stays on screen.
+        state, shown = ask(ctrl, state, "Describe the picture.", [img])
+        answer = state["turns"][-1]
+        assert answer["finish"] in ("stop", "length") and answer["error"] is None
+        assert answer["text"] and answer["stats"]["output_tokens"] >= 1
+        assert expected in shown_text(shown)
+    assert len(state["turns"]) == 4 * len(cases)
+
+
+def test_request_too_long_for_the_completion_names_the_setting(ctrl):
+    state, shown = ask(ctrl, history.new_state(), "hi", [],
+                       Sampling(max_tokens=MAX_MODEL_LEN, temperature=0.0))
+    assert "Max new tokens" in state["turns"][-1]["error"]
+
+
+def test_busy_engine_is_a_message_too(ctrl, monkeypatch):
+    from engine.errors import EngineBusyError
+
+    def busy(*_a, **_k):
+        raise EngineBusyError("The server is busy: 32 requests are already waiting.")
+
+    monkeypatch.setattr(ctrl.engine, "submit", busy)
+    state, shown = ask(ctrl, history.new_state(), "hi")
+    assert "server is busy" in shown_text(shown)
+    assert state["turns"][0]["text"] == "hi"
+
+
+# --------------------------------------------------------------------------- stop / retry / undo
+def finish_record(engine, text, timeout=5.0):
+    """The engine's final record of the request whose last message is `text` (the
+    listener runs just after the stream ends, so wait for it briefly)."""
+    for _ in range(int(timeout / 0.02)):
+        for req, fin in engine.finished_log:
+            if req.conversation.messages[-1].text == text:
+                return fin
+        threading.Event().wait(0.02)
+    raise AssertionError(f"the engine never finished {text!r}")
+
+
+def test_stop_ends_generation_on_the_engine(ctrl, engine):
+    long = Sampling(max_tokens=1500, temperature=0.0)
+    state, _, _ = ctrl.add_user_turn(None, {"text": "Tell a long story.", "files": []}, None,
+                                     Req("stopper"))
+
+    async def go():
+        steps = []
+        async for st, shown in ctrl.respond(state, long, Req("stopper")):
+            steps.append((st, shown))
+            if st is None and len(steps) >= 3 and ctrl.active.count():
+                ctrl.stop(Req("stopper"))
+        return steps
+
+    steps = asyncio.run(go())
+    final = steps[-1][0]["turns"][-1]
+    assert final["finish"] == "cancelled"
+    assert 1 <= final["stats"]["output_tokens"] < 1500
+    assert display.STOPPED_NOTE in shown_text(steps[-1][1])
+    fin = finish_record(engine, "Tell a long story.")
+    assert fin.reason == "cancelled" and fin.stats.output_tokens < 1500
+    assert ctrl.active.count() == 0
+
+
+def test_stop_before_the_request_reaches_the_engine(ctrl, engine):
+    state, _, _ = ctrl.add_user_turn(None, {"text": "hi", "files": []}, None, Req("early"))
+    assert ctrl.stop(Req("early")) == 0          # still waiting in Gradio's queue
+    state, shown = run(lambda: ctrl.respond(state, FAST, Req("early")))[-1]
+    assert state["turns"][-1]["finish"] == "cancelled"
+    # A Stop pressed while idle must not cancel the next message.
+    ctrl.stop(Req("early"))
+    state, _ = ask(ctrl, state, "again", session="early")
+    assert state["turns"][-1]["finish"] in ("stop", "length")
+
+
+def test_closing_the_stream_cancels_the_engine_request(ctrl, engine):
+    """What Gradio does on cancel or disconnect: it closes the generator."""
+    state, _, _ = ctrl.add_user_turn(None, {"text": "A long tale.", "files": []}, None,
+                                     Req("gone"))
+
+    async def go():
+        agen = ctrl.respond(state, Sampling(max_tokens=1500, temperature=0.0), Req("gone"))
+        async for st, _ in agen:
+            if st is None and ctrl.active.count():
+                break
+        await agen.aclose()
+
+    asyncio.run(go())
+    assert finish_record(engine, "A long tale.").reason == "cancelled"
+
+
+def test_waiting_users_see_their_place_in_the_queue(ctrl, engine, monkeypatch):
+    import ui.chat
+
+    monkeypatch.setattr(ui.chat, "POLL_S", 0.05)
+    # Seeded requests never share a batch, so the second one must wait.
+    long = Sampling(max_tokens=1500, temperature=0.0, seed=1)
+    first, _, _ = ctrl.add_user_turn(None, {"text": "one", "files": []}, None, Req("a"))
+    second, _, _ = ctrl.add_user_turn(None, {"text": "two", "files": []}, None, Req("b"))
+
+    async def go():
+        agen_a = ctrl.respond(first, long, Req("a"))
+        async for st, shown in agen_a:
+            if st is None and "Reading" not in shown_text(shown):
+                break            # the first request is generating
+        notes = []
+        agen_b = ctrl.respond(second, Sampling(max_tokens=4, temperature=0.0, seed=2), Req("b"))
+        async for st, shown in agen_b:
+            notes.append(shown_text(shown))
+            if "in the queue" in notes[-1]:
+                ctrl.stop(Req("a"))
+        async for _ in agen_a:
+            pass
+        return notes
+
+    notes = asyncio.run(go())
+    assert any("number 1 in the queue" in n for n in notes)
+
+
+def test_retry_and_undo(ctrl):
+    state, _ = ask(ctrl, history.new_state(), "question one")
+    first_answer = state["turns"][-1]
+    state, shown = ctrl.prepare_retry(state, None, Req())
+    assert history.pending_user_turn(state)["text"] == "question one"
+    state, _ = run(lambda: ctrl.respond(state, FAST, Req()))[-1]
+    assert len(state["turns"]) == 2 and state["turns"][-1] is not first_answer
+    state, shown, box = ctrl.undo(state)
+    assert state["turns"] == [] and shown == []
+    assert box == {"text": "question one", "files": []}
+    state, shown = ctrl.clear({"system": "keep me", "turns": [history.user_turn("x", [])]})
+    assert state == history.new_state("keep me") and shown == []
+
+
+def test_empty_message_is_not_sent(ctrl):
+    state, shown, accepted = ctrl.add_user_turn(None, {"text": "  ", "files": []}, None, Req())
+    assert not accepted and state["turns"] == []
+    steps = run(lambda: ctrl.respond(state, FAST, Req()))
+    assert steps == [(state, [])]
+
+
+# --------------------------------------------------------------------------- app flags
+def test_app_flags_read_the_environment(monkeypatch, tmp_path):
+    import app
+
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    monkeypatch.setenv("QWENVL_AUTH", "alice:pw:with:colons")
+    monkeypatch.setenv("QWENVL_MAX_UPLOAD_MB", "5")
+    args = app.build_parser().parse_args(["--model", "tiny"])
+    assert (args.server_name, args.server_port, args.max_upload_mb) == ("0.0.0.0", 7999, 5.0)
+    assert app.parse_auth(args.auth) == [("alice", "pw:with:colons")]
+    users = tmp_path / "users.txt"
+    users.write_text("# team\nbob:one\n\ncarol:two\n")
+    assert app.parse_auth([str(users)]) == [("bob", "one"), ("carol", "two")]
+    with pytest.raises(ValueError, match="USER:PASS"):
+        app.parse_auth(["nocolon"])
+    assert app.parse_auth([]) is None
+
+
+def test_app_refuses_a_bad_port_before_loading_the_model(capsys):
+    import socket
+
+    import app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(SystemExit) as exc:
+            app.main(["--model", "tiny", "--server-port", str(port)])
+    assert exc.value.code == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+def test_app_serves_ui_behind_login_and_api_on_one_app(engine, monkeypatch):
+    """create_app in-process: Gradio's login guards the page, the upload limit is
+    set, and the OpenAI routes (when their package is there) sit beside it."""
+    from fastapi.testclient import TestClient
+
+    import app
+
+    monkeypatch.delenv("QWENVL_AUTH", raising=False)
+    args = app.build_parser().parse_args(["--auth", "alice:pw", "--max-upload-mb", "2"])
+    fastapi_app, demo = app.create_app(engine, args)
+    assert demo.max_file_size == 2 * 1024 * 1024
+    with TestClient(fastapi_app) as http:
+        assert http.get("/config").status_code == 401
+        assert http.post("/login", data={"username": "alice", "password": "no"}).status_code == 400
+        assert http.post("/login", data={"username": "alice", "password": "pw"}).status_code == 200
+        config = http.get("/config").json()
+        assert any(d.get("api_name") == "chat" for d in config["dependencies"])
+        if importlib.util.find_spec("server.routes") is not None:
+            assert http.get("/v1/models").status_code == 200
+
+
+def test_share_link_failure_keeps_serving_locally(monkeypatch, caplog):
+    from gradio import networking
+
+    import app
+
+    def no_network(*_a, **_k):
+        raise RuntimeError("Could not get share link from Gradio API Server.")
+
+    monkeypatch.setattr(networking, "setup_tunnel", no_network)
+
+    class Demo:
+        share_token = "t"
+
+    assert app.open_share_link(Demo(), "0.0.0.0", 7860) is None
+    assert "could not create a share link" in caplog.text

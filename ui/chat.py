@@ -1,0 +1,283 @@
+"""The chat callbacks: they turn the typed browser state plus the settings
+into the engine's GenerationRequest, read the engine's stream, and turn every
+failure into a message in the chat (the error travels as data; the user's
+turn stays so it can be retried).
+
+Generation runs on the engine's device thread; these coroutines only wait on
+its stream, so a waiting user costs no thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from engine.base import Engine
+from engine.errors import EngineError, InvalidRequestError
+from engine.media import MediaPolicy
+from engine.stream import RequestHandle
+from engine.types import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, Finished, GenerationRequest,
+                          SamplingParams, TextDelta)
+
+from . import display, history
+from .history import State
+from .sessions import ActiveRequests
+
+log = logging.getLogger("ui.chat")
+
+POLL_S = 0.5      # how often a waiting request's queue position is refreshed
+FLUSH_S = 0.05    # at most this often the growing answer is sent to the browser
+
+
+@dataclass
+class Sampling:
+    """The settings panel's values, as the browser sends them."""
+
+    max_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 20
+    repetition_penalty: float = 1.05
+    seed: int | None = None
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @classmethod
+    def from_values(cls, max_tokens: Any, temperature: Any, top_p: Any, top_k: Any,
+                    repetition_penalty: Any, seed: Any, min_pixels: Any = None,
+                    max_pixels: Any = None) -> "Sampling":
+        def num(value: Any, default: Any, kind: type) -> Any:
+            try:
+                return kind(value) if value is not None and value != "" else default
+            except (TypeError, ValueError):
+                return default
+
+        seed_value = num(seed, None, int)
+        return cls(max_tokens=num(max_tokens, 512, int), temperature=num(temperature, 0.7, float),
+                   top_p=num(top_p, 0.8, float), top_k=num(top_k, 20, int),
+                   repetition_penalty=num(repetition_penalty, 1.05, float),
+                   seed=seed_value if seed_value is not None and seed_value >= 0 else None,
+                   min_pixels=num(min_pixels, DEFAULT_MIN_PIXELS, int),
+                   max_pixels=num(max_pixels, DEFAULT_MAX_PIXELS, int))
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k,
+                              repetition_penalty=self.repetition_penalty, seed=self.seed)
+
+
+@dataclass
+class StreamUpdate:
+    """One step of a request as the UI sees it."""
+
+    text: str = ""
+    position: int | None = None       # >= 1 while waiting in the engine's queue
+    finished: Finished | None = None
+
+
+async def follow(handle: RequestHandle, engine: Engine, poll_s: float | None = None,
+                 flush_s: float | None = None) -> AsyncIterator[StreamUpdate]:
+    """The request's growing text, throttled to `flush_s`, with its queue position
+    while it waits; ends with the Finished event. Never blocks a thread."""
+    poll_s = POLL_S if poll_s is None else poll_s
+    flush_s = FLUSH_S if flush_s is None else flush_s
+    events = handle.__aiter__()
+    pending: asyncio.Future | None = None
+    text, dirty, last_flush, last_pos = "", False, 0.0, -1
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(events.__anext__())
+            wait = poll_s if not dirty else max(0.0, flush_s - (time.monotonic() - last_flush))
+            done, _ = await asyncio.wait({pending}, timeout=wait)
+            if not done:
+                if dirty:
+                    dirty, last_flush = False, time.monotonic()
+                    yield StreamUpdate(text)
+                elif not text:
+                    pos = engine.queue_position(handle.request_id)
+                    if pos != last_pos:
+                        last_pos = pos
+                        yield StreamUpdate(text, position=pos)
+                continue
+            event, pending = pending.result(), None
+            if isinstance(event, TextDelta):
+                text += event.text
+                dirty = True
+                if time.monotonic() - last_flush >= flush_s:
+                    dirty, last_flush = False, time.monotonic()
+                    yield StreamUpdate(text)
+            else:
+                yield StreamUpdate(text, finished=event)
+                return
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+
+
+def error_message(exc: BaseException) -> str:
+    if isinstance(exc, EngineError):
+        msg = exc.message
+        if exc.param == "input_tokens" and "completion" in msg:
+            msg += " Lower *Max new tokens* in the settings."
+        return msg
+    return f"Internal error ({type(exc).__name__}). The server keeps running; please retry."
+
+
+def session_of(request: Any) -> str:
+    return getattr(request, "session_hash", None) or "anonymous"
+
+
+@dataclass
+class ChatController:
+    """Everything the Blocks callbacks need: the engine, where files may come
+    from, and the per-session registry used by Stop."""
+
+    engine: Engine
+    upload_roots: tuple[Path, ...]
+    active: ActiveRequests = field(default_factory=ActiveRequests)
+
+    @property
+    def policy(self) -> MediaPolicy:
+        """UI requests may only read the upload folder and assets/."""
+        return MediaPolicy(local_roots=self.upload_roots)
+
+    def load(self, raw: Any) -> State:
+        return history.clean_state(raw, self.upload_roots)
+
+    # ------------------------------------------------------------ instant edits
+    def add_user_turn(self, raw_state: Any, message: Any, system: str | None,
+                      request: Any = None) -> tuple[State, list[dict], bool]:
+        """Append the typed message; returns (state, display, accepted).
+        Files outside the upload folders (a tampered request) are dropped."""
+        state = self.load(raw_state)
+        if system is not None:
+            state["system"] = str(system)
+        text, files = "", []
+        if isinstance(message, dict):
+            text = str(message.get("text") or "")
+            files = [str(f) for f in message.get("files") or [] if f]
+        elif isinstance(message, str):
+            text = message
+        files = [f for f in files if history.inside_roots(Path(f), self.upload_roots)]
+        if not text.strip() and not files:
+            return state, display.render(state), False
+        self.active.forget_stop(session_of(request))
+        state["turns"].append(history.user_turn(text, files))
+        return state, display.render(state), True
+
+    def prepare_retry(self, raw_state: Any, system: str | None = None,
+                      request: Any = None) -> tuple[State, list[dict]]:
+        state = self.load(raw_state)
+        if system is not None:
+            state["system"] = str(system)
+        history.drop_last_answer(state)
+        self.active.forget_stop(session_of(request))
+        return state, display.render(state)
+
+    def undo(self, raw_state: Any) -> tuple[State, list[dict], dict | None]:
+        """Remove the last exchange; its text and files go back into the textbox."""
+        state = self.load(raw_state)
+        turn = history.pop_last_exchange(state)
+        box = None
+        if turn is not None:
+            box = {"text": turn["text"],
+                   "files": [f["path"] for f in turn["files"] if Path(f["path"]).is_file()]}
+        return state, display.render(state), box
+
+    def clear(self, raw_state: Any) -> tuple[State, list[dict]]:
+        state = history.new_state(self.load(raw_state)["system"])
+        return state, []
+
+    def stop(self, request: Any = None) -> int:
+        """Cancel this session's requests on the engine (the stream then ends by itself)."""
+        n = self.active.stop(session_of(request))
+        log.info("stop: cancelled %d request(s) of session %s", n, session_of(request)[:8])
+        return n
+
+    def disconnect(self, request: Any = None) -> None:
+        """The tab closed or reloaded: nobody reads these answers any more."""
+        self.active.stop(session_of(request), remember=False)
+
+    # ------------------------------------------------------------ generation
+    def _submit(self, state: State, sampling: Sampling) -> RequestHandle:
+        conv = history.to_conversation(state)
+        req = GenerationRequest(conv, sampling.params(), min_pixels=sampling.min_pixels,
+                                max_pixels=sampling.max_pixels)
+        return self.engine.submit(req, self.policy)
+
+    async def respond(self, raw_state: Any, sampling: Sampling,
+                      request: Any = None) -> AsyncIterator[tuple[State | None, list[dict]]]:
+        """Answer the pending user turn. Yields (state or None, display): the state
+        only when it changed for good (start and end), the display at every step."""
+        state = self.load(raw_state)
+        if history.pending_user_turn(state) is None:
+            yield state, display.render(state)
+            return
+        session = session_of(request)
+        try:
+            handle = self._submit(state, sampling)
+        except Exception as exc:  # bad input, busy, engine down: a message, never a traceback
+            if not isinstance(exc, EngineError):
+                log.exception("submit failed")
+            state["turns"].append(history.assistant_turn("", "error", None, error_message(exc)))
+            yield state, display.render(state)
+            return
+        self.active.add(session, handle)
+        if self.active.take_early_stop(session):
+            handle.cancel()
+        try:
+            yield None, display.render(state, display.STARTING_NOTE)
+            async with contextlib.aclosing(follow(handle, self.engine)) as updates:
+                async for update in updates:
+                    fin = update.finished
+                    if fin is None:
+                        if update.text:
+                            shown = update.text
+                        elif update.position:
+                            shown = display.QUEUE_NOTE.format(pos=update.position)
+                        else:
+                            shown = display.STARTING_NOTE
+                        yield None, display.render(state, shown)
+                        continue
+                    error = error_message(fin.error) if fin.reason == "error" else None
+                    if fin.reason == "error" and fin.error is None:
+                        error = "Generation failed."
+                    state["turns"].append(history.assistant_turn(update.text, fin.reason,
+                                                                 fin.stats.to_dict(), error))
+                    yield state, display.render(state)
+        finally:
+            self.active.remove(session, handle)
+            if handle.finished is None:   # cancelled by Gradio or the client went away
+                handle.cancel()
+
+    async def answer_once(self, message: Any, system: str, sampling: Sampling,
+                          request: Any = None) -> AsyncIterator[str]:
+        """The named API endpoint: one question (text + files), the growing answer.
+        Errors raise EngineError for the caller to turn into its own error type."""
+        state, _, accepted = self.add_user_turn(None, message, system, request)
+        if not accepted:
+            raise InvalidRequestError("The message is empty: send text or a file.")
+        handle = self._submit(state, sampling)
+        session = session_of(request)
+        self.active.add(session, handle)
+        try:
+            async with contextlib.aclosing(follow(handle, self.engine)) as updates:
+                async for update in updates:
+                    if update.finished is None:
+                        if update.text:
+                            yield update.text
+                        continue
+                    if update.finished.reason == "error":
+                        err = update.finished.error
+                        raise err if isinstance(err, EngineError) else EngineError(str(err))
+                    yield update.text
+        finally:
+            self.active.remove(session, handle)
+            if handle.finished is None:
+                handle.cancel()

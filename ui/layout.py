@@ -1,0 +1,271 @@
+"""The Gradio Blocks page: header, chat, message box, buttons, settings and
+examples, wired to ChatController. Building the page needs an engine but no
+device code: this module never imports torch."""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from gradio.utils import get_upload_folder
+
+from engine.base import Engine
+from engine.config import DEFAULT_MODEL
+from engine.errors import EngineError
+from engine.types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+from . import display, history
+from .chat import ChatController, Sampling
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+STORAGE_KEY = "qwenvl-chat-v1"
+GENERATE = "generate"   # the one concurrency group of everything that runs the model
+
+LATEX = [{"left": "$$", "right": "$$", "display": True},
+         {"left": "\\[", "right": "\\]", "display": True},
+         {"left": "\\(", "right": "\\)", "display": False}]
+
+EXAMPLES = [
+    ("chart.png", "What does this chart show? Summarise the trend."),
+    ("receipt.png", "Read this receipt: list the items and the total."),
+    ("street_sign.jpg", "What does the sign say?"),
+    ("diagram.png", "Explain this diagram step by step."),
+    ("shapes.png", "How many shapes are there, and what colours are they?"),
+]
+
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
+
+CSS = """
+.qvl-header { display: flex; align-items: baseline; flex-wrap: wrap; gap: .25rem 1rem; }
+.qvl-header h1 { margin: 0; font-size: 1.5rem; }
+.qvl-header .qvl-serving { color: var(--body-text-color-subdued); font-size: .95rem; }
+.qvl-warning { margin-top: .5rem; padding: .6rem .9rem; border-radius: 8px;
+  border: 2px solid #d97706; background: #fef3c7; color: #7c2d12; font-size: .95rem; }
+.qvl-warning b { color: #b91c1c; }
+#qvl-chat sub { color: var(--body-text-color-subdued); }
+#qvl-buttons button { min-width: 0; }
+#qvl-examples .gallery { display: grid; gap: .5rem;
+  grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); }
+#qvl-examples .gallery-item .container { display: flex; flex-direction: row; width: 100%;
+  align-items: center; justify-content: space-between; gap: .5rem; }
+#qvl-chat .image-frame img { max-height: 260px; width: auto; }
+#qvl-examples .gallery-item p { font-size: .85rem; margin: 0; text-align: left; }
+#qvl-examples .gallery-item img { max-height: 48px; max-width: 64px; object-fit: contain; }
+"""
+
+DOWNLOAD_JS = """
+(text) => {
+  if (!text) return;
+  const blob = new Blob([text], {type: "application/json"});
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = "qwen-vl-chat-" + new Date().toISOString().slice(0, 19).replace(/[:T]/g, "-") + ".json";
+  document.body.appendChild(a); a.click(); a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+}
+"""
+
+
+@dataclass
+class UIOptions:
+    """Server-side knobs of the page."""
+
+    concurrency: int = 8          # requests the UI hands to the engine at once (its batch size)
+    max_queue: int = 32           # Gradio's waiting room beyond that
+    browser_secret: str | None = None   # encrypts the chat kept in the browser; random if None
+
+
+def upload_roots() -> tuple[Path, ...]:
+    """Where the UI may read files from: Gradio's upload folder and assets/."""
+    return (Path(get_upload_folder()).resolve(), ASSETS.resolve())
+
+
+def header_html(engine: Engine) -> str:
+    model = html.escape(engine.model_name)
+    device = html.escape(engine.device_description)
+    out = ("<div class='qvl-header'><h1>Qwen2.5-VL chat</h1>"
+           f"<span class='qvl-serving' id='qvl-serving'>served by <b>{model}</b> on "
+           f"<b>{device}</b> · context {engine.max_model_len} tokens · up to "
+           f"{engine.limit_images} images per chat</span></div>")
+    if engine.is_tiny:
+        out += ("<div class='qvl-warning' id='qvl-tiny-warning'>⚠ <b>Tiny random model.</b> "
+                "This server runs the built-in test model, not Qwen2.5-VL-7B: its answers are "
+                f"random text. Start the app with <code>--model {DEFAULT_MODEL}</code> "
+                "on an NPU or GPU for real answers.</div>")
+    return out
+
+
+def build_demo(engine: Engine, options: UIOptions | None = None) -> gr.Blocks:
+    """The page; its queue is configured so every model call shares one concurrency group."""
+    options = options or UIOptions()
+    ctrl = ChatController(engine, upload_roots())
+    imports_dir = Path(get_upload_folder()) / "qwenvl-imports"
+    max_tokens_cap = max(1, min(engine.max_model_len, 8192))
+
+    with gr.Blocks(title="Qwen2.5-VL chat", fill_height=True) as demo:
+        state = gr.BrowserState(history.new_state(DEFAULT_SYSTEM), storage_key=STORAGE_KEY,
+                                secret=options.browser_secret)
+        gr.HTML(header_html(engine))
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=420):
+                chatbot = gr.Chatbot(
+                    elem_id="qvl-chat", show_label=False, height="62vh", min_height=360,
+                    buttons=["copy", "copy_all"], latex_delimiters=LATEX,
+                    feedback_options=None, layout="bubble",
+                    placeholder="**Drop an image or a video, ask a question.**<br>"
+                                "Or pick an example below.")
+                box = gr.MultimodalTextbox(
+                    elem_id="qvl-input", show_label=False, file_count="multiple",
+                    file_types=list(history.UPLOAD_SUFFIXES), sources=["upload"],
+                    placeholder="Ask about your images or videos (attach, drop or paste files; "
+                                "Enter sends, Shift+Enter for a new line)",
+                    submit_btn=True, autofocus=True, lines=1, max_lines=8,
+                    max_plain_text_length=200_000)   # long pastes stay text, not a .txt file
+                with gr.Row(elem_id="qvl-buttons"):
+                    stop_btn = gr.Button("Stop", variant="stop", interactive=False,
+                                         elem_id="qvl-stop", size="sm")
+                    retry_btn = gr.Button("Retry", elem_id="qvl-retry", size="sm")
+                    undo_btn = gr.Button("Undo", elem_id="qvl-undo", size="sm")
+                    clear_btn = gr.Button("Clear", elem_id="qvl-clear", size="sm")
+                    save_btn = gr.Button("Save JSON", elem_id="qvl-save", size="sm")
+                    load_btn = gr.UploadButton("Load JSON", file_types=[".json"],
+                                               file_count="single", type="filepath",
+                                               elem_id="qvl-load", size="sm")
+                gr.Examples(
+                    examples=[[{"text": q, "files": [str(ASSETS / name)]}]
+                              for name, q in EXAMPLES if (ASSETS / name).is_file()],
+                    inputs=[box], label="Examples: click one, then press Enter", elem_id="qvl-examples",
+                    examples_per_page=5)
+            with gr.Column(scale=1, min_width=260):
+                system_box = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=3,
+                                        max_lines=10, elem_id="qvl-system")
+                with gr.Accordion("Sampling", open=True):
+                    max_tokens = gr.Slider(1, max_tokens_cap, value=min(512, max_tokens_cap),
+                                           step=1, label="Max new tokens", elem_id="qvl-max-tokens")
+                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature",
+                                            info="0 = greedy", elem_id="qvl-temperature")
+                    top_p = gr.Slider(0.01, 1, value=0.8, step=0.01, label="Top-p")
+                    top_k = gr.Slider(0, 200, value=20, step=1, label="Top-k", info="0 = off")
+                    repetition_penalty = gr.Slider(0.8, 2, value=1.05, step=0.01,
+                                                   label="Repetition penalty")
+                    seed = gr.Number(-1, precision=0, label="Seed", info="-1 = random")
+                with gr.Accordion("Image resolution", open=False):
+                    min_pixels = gr.Slider(28 * 28, 4096 * 28 * 28, value=DEFAULT_MIN_PIXELS,
+                                           step=28 * 28, label="Min pixels per image",
+                                           info="smaller images are scaled up")
+                    max_pixels = gr.Slider(28 * 28, 16384 * 28 * 28, value=DEFAULT_MAX_PIXELS,
+                                           step=28 * 28, label="Max pixels per image",
+                                           info="one token per 28x28 pixels")
+        export_text = gr.Textbox(visible=False)
+        api_answer = gr.Textbox(visible=False, label="Answer")
+        api_btn = gr.Button(visible=False)
+
+        sampling_inputs = [max_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                           min_pixels, max_pixels]
+        busy_outputs = [box, stop_btn, retry_btn, undo_btn, clear_btn, save_btn, load_btn]
+
+        def buttons(busy: bool) -> list[Any]:
+            return [gr.update(interactive=not busy), gr.update(interactive=busy)] + \
+                   [gr.update(interactive=not busy)] * 5
+
+        def on_submit(raw: Any, message: Any, system: str, request: gr.Request):
+            st, shown, accepted = ctrl.add_user_turn(raw, message, system, request)
+            if not accepted:
+                return [st, shown] + [gr.skip()] * len(busy_outputs)
+            ui = buttons(True)
+            ui[0] = gr.MultimodalTextbox(value=None, interactive=False)
+            return [st, shown] + ui
+
+        def on_retry(raw: Any, system: str, request: gr.Request):
+            st, shown = ctrl.prepare_retry(raw, system, request)
+            return [st, shown] + buttons(history.pending_user_turn(st) is not None)
+
+        async def generate(raw: Any, max_new: Any, temp: Any, p: Any, k: Any, rep: Any,
+                           seed_value: Any, min_px: Any, max_px: Any, request: gr.Request):
+            sampling = Sampling.from_values(max_new, temp, p, k, rep, seed_value, min_px, max_px)
+            async for st, shown in ctrl.respond(raw, sampling, request):
+                yield (gr.skip() if st is None else st), shown
+
+        def on_idle():
+            return buttons(False)
+
+        def on_stop(request: gr.Request):
+            ctrl.stop(request)
+
+        def on_undo(raw: Any):
+            st, shown, restored = ctrl.undo(raw)
+            return st, shown, (gr.skip() if restored is None else restored)
+
+        def on_load(raw: Any):
+            st = ctrl.load(raw)
+            return st, display.render(st), st["system"] or DEFAULT_SYSTEM
+
+        def on_export(raw: Any) -> str:
+            return history.export_json(ctrl.load(raw), engine.model_name)
+
+        def on_import(path: str | None, raw: Any):
+            if not path:
+                return gr.skip(), gr.skip(), gr.skip()
+            try:
+                st = history.import_json(Path(path).read_bytes(), imports_dir)
+            except EngineError as exc:
+                gr.Warning(exc.message)
+                return gr.skip(), gr.skip(), gr.skip()
+            except OSError as exc:
+                gr.Warning(f"Cannot read the file: {exc.strerror or exc}")
+                return gr.skip(), gr.skip(), gr.skip()
+            return st, display.render(st), st["system"]
+
+        async def api_chat(message: Any, system_prompt: str, max_new_tokens: Any,
+                           temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any,
+                           seed: Any, request: gr.Request):
+            """One question (text and images or videos) to the model; streams the answer."""
+            sampling = Sampling.from_values(max_new_tokens, temperature, top_p, top_k,
+                                            repetition_penalty, seed)
+            try:
+                async for text in ctrl.answer_once(message, system_prompt, sampling, request):
+                    yield text
+            except EngineError as exc:
+                raise gr.Error(exc.message, print_exception=False) from None
+
+        quiet = {"api_visibility": "undocumented", "queue": False}
+        run = {"api_visibility": "undocumented", "concurrency_id": GENERATE,
+               "concurrency_limit": options.concurrency, "show_progress": "minimal"}
+
+        submitted = box.submit(on_submit, [state, box, system_box],
+                               [state, chatbot] + busy_outputs, **quiet)
+        submitted.then(generate, [state] + sampling_inputs, [state, chatbot], **run) \
+            .then(on_idle, None, busy_outputs, **quiet)
+        retried = retry_btn.click(on_retry, [state, system_box],
+                                  [state, chatbot] + busy_outputs, **quiet)
+        retried.then(generate, [state] + sampling_inputs, [state, chatbot], **run) \
+            .then(on_idle, None, busy_outputs, **quiet)
+        stop_btn.click(on_stop, None, None, **quiet)
+        undo_btn.click(on_undo, [state], [state, chatbot, box], **quiet)
+        clear_btn.click(ctrl.clear, [state], [state, chatbot], **quiet)
+        chatbot.clear(ctrl.clear, [state], [state, chatbot], **quiet)   # its trash icon
+        save_btn.click(on_export, [state], [export_text], **quiet) \
+            .then(None, [export_text], None, js=DOWNLOAD_JS, **quiet)
+        load_btn.upload(on_import, [load_btn, state], [state, chatbot, system_box], **quiet)
+        api_btn.click(api_chat, [box, system_box] + sampling_inputs[:6], [api_answer],
+                      api_name="chat", concurrency_id=GENERATE,
+                      concurrency_limit=options.concurrency)
+        demo.load(on_load, [state], [state, chatbot, system_box], **quiet)
+        def on_unload(request: gr.Request):
+            ctrl.disconnect(request)
+
+        demo.unload(on_unload)
+
+    demo.queue(default_concurrency_limit=4, max_size=options.max_queue)
+    return demo
+
+
+def browser_secret_from_env() -> str | None:
+    """A fixed secret keeps stored chats readable across restarts (QWENVL_BROWSER_SECRET)."""
+    return os.environ.get("QWENVL_BROWSER_SECRET") or None
