@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--backend remote needs --remote-url http://HOST:8000/v1")
 
     from engine.errors import EngineError
-    from engine.local import create_engine
+    from engine.factory import create_engine
 
     try:
         engine = create_engine(EngineConfig.from_namespace(args))

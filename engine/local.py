@@ -93,13 +93,4 @@ class LocalEngine(Engine):
         self.worker.close()
 
 
-def create_engine(config: EngineConfig) -> Engine:
-    """The engine for a config: local unless a remote backend is configured."""
-    if config.backend == "remote":
-        from .remote import RemoteEngine
-
-        return RemoteEngine(config)
-    return LocalEngine.from_config(config)
-
-
-__all__ = ["LocalEngine", "create_engine", "TRUSTED"]
+__all__ = ["LocalEngine"]

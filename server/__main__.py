@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from engine.errors import EngineError
-    from engine.local import create_engine
+    from engine.factory import create_engine
 
     from .routes import create_api_app
 

@@ -27,7 +27,8 @@ from PIL import Image  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.errors import (EngineBusyError, InvalidRequestError, ModelLoadError,  # noqa: E402
                            ModelNotFoundError)
-from engine.local import LocalEngine, create_engine  # noqa: E402
+from engine.factory import create_engine  # noqa: E402
+from engine.local import LocalEngine  # noqa: E402
 from engine.media import MediaPolicy  # noqa: E402
 from engine.remote import RemoteEngine, RemoteError, RemoteUnavailableError, api_base  # noqa: E402
 from engine.types import (Conversation, Finished, GenerationRequest, ImageInput,  # noqa: E402
@@ -375,3 +376,15 @@ def test_remote_applies_the_media_policy_before_sending(fake_remote):
     with pytest.raises(InvalidRequestError, match="Refusing to fetch"):
         eng.submit(request("x", images=["http://127.0.0.1:9/cat.png"]), api_policy)
     assert len(calls) == before, "the remote was asked anyway"
+
+
+def test_remote_backend_needs_no_torch():
+    """The UI in front of a vLLM server must not pay for (or need) torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from engine.factory import create_engine; import engine.remote, app; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
