@@ -24,6 +24,8 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from engine.config import EngineConfig, add_engine_args, env, env_bool  # noqa: E402
+from server.routes import mount_api  # noqa: E402
+from server.settings import ServerSettings, add_server_args  # noqa: E402
 
 log = logging.getLogger("app")
 DEFAULT_UPLOAD_MB = 50
@@ -57,13 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="public path prefix behind a reverse proxy [env GRADIO_ROOT_PATH]")
     g.add_argument("--log-level", default=env("QWENVL_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"], help="[env QWENVL_LOG_LEVEL]")
-    try:
-        from server.settings import add_server_args
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("server"):
-            raise
-    else:
-        add_server_args(p)
+    add_server_args(p)
     return p
 
 
@@ -86,6 +82,15 @@ def parse_auth(values: list[str]) -> list[tuple[str, str]] | None:
     return pairs or None
 
 
+def open_access_warning(args: argparse.Namespace) -> str | None:
+    """A loud warning when the page is published (share link, non-loopback address) without login."""
+    if args.auth or not (args.share or args.server_name not in ("127.0.0.1", "localhost", "::1")):
+        return None
+    where = "the public share link" if args.share else f"{args.server_name}:{args.server_port}"
+    return (f"NO LOGIN: anyone who can reach {where} can use this model and its device. "
+            "Add --auth USER:PASS (and --api-key KEY for /v1).")
+
+
 def check_port_free(host: str, port: int) -> None:
     """Fail before the (slow) model load when the address cannot be bound."""
     try:
@@ -102,21 +107,6 @@ def check_port_free(host: str, port: int) -> None:
                              "(choose another --server-port)") from None
 
 
-def attach_api(app: Any, engine: Any, args: argparse.Namespace) -> bool:
-    """Mount the OpenAI-compatible routes (package server/) on `app`, before the UI's
-    catch-all mount at /. False while that package is not there."""
-    try:
-        from server.routes import mount_api
-        from server.settings import ServerSettings
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("server"):
-            raise
-        log.warning("OpenAI-compatible API not available (%s); serving the web UI only", exc)
-        return False
-    mount_api(app, engine, ServerSettings.from_namespace(args))
-    return True
-
-
 def create_app(engine: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     """(FastAPI app serving API + UI, the Blocks) for an engine and the parsed flags."""
     import gradio as gr
@@ -129,7 +119,7 @@ def create_app(engine: Any, args: argparse.Namespace) -> tuple[Any, Any]:
                                         max_queue=max(1, args.max_queue),
                                         browser_secret=browser_secret_from_env()))
     app = FastAPI(title="Qwen2.5-VL", docs_url=None, redoc_url=None, openapi_url=None)
-    attach_api(app, engine, args)
+    mount_api(app, engine, ServerSettings.from_namespace(args))   # before the UI's catch-all at /
     gr.mount_gradio_app(
         app, demo, path="/", auth=parse_auth(args.auth),
         auth_message="Log in to chat with Qwen2.5-VL.",
@@ -212,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         check_port_free(args.server_name, args.server_port)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
+    warning = open_access_warning(args)
+    if warning:
+        log.warning("%s\n%s\n%s", "!" * 72, warning, "!" * 72)
     if args.max_upload_mb <= 0:
         parser.error("--max-upload-mb must be positive")
     if getattr(args, "backend", "local") == "remote" and not getattr(args, "remote_url", None):

@@ -381,3 +381,13 @@ def test_share_link_failure_keeps_serving_locally(monkeypatch, caplog):
 
     assert app.open_share_link(Demo(), "0.0.0.0", 7860) is None
     assert "could not create a share link" in caplog.text
+
+
+def test_publishing_without_login_warns_loudly():
+    import app
+
+    parse = app.build_parser().parse_args
+    assert "NO LOGIN" in app.open_access_warning(parse(["--share"]))
+    assert "0.0.0.0:7860" in app.open_access_warning(parse(["--server-name", "0.0.0.0"]))
+    assert app.open_access_warning(parse(["--share", "--auth", "a:b"])) is None
+    assert app.open_access_warning(parse([])) is None
