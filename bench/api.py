@@ -1,12 +1,15 @@
 """Our OpenAI-compatible HTTP API as a benchmark target: the server in a
-thread on 127.0.0.1, and a streaming client that times the first content
-chunk. Optional: without server/, fastapi or uvicorn (a bare GPU image) the
-benches skip this path with a note."""
+thread on 127.0.0.1, and streaming clients in a separate process that time
+the first content chunk. Real clients are remote: parsing their streams in the
+server's process would take the GIL from the server and the device thread and
+overstate our cost. Optional: without server/, fastapi or uvicorn (a bare GPU
+image) the benches skip this path with a note."""
 
 from __future__ import annotations
 
 import base64
 import json
+import multiprocessing
 import socket
 import threading
 import time
@@ -124,3 +127,67 @@ def stream_chat(client: Any, base: str, body: dict) -> StreamResult:
             if obj.get("usage"):
                 tokens = obj["usage"]["completion_tokens"]
     return StreamResult(first, time.monotonic() - start, tokens, "".join(parts), finish)
+
+
+def _client_process(conn: Any) -> None:
+    """Child process: run batches of streaming clients on request, reply with results."""
+    import httpx
+
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        base, body, clients, per_client, duration = job
+        results: list[StreamResult] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+        start = time.monotonic()
+        stop_at = start + duration if duration else None
+
+        def client() -> None:
+            done = 0
+            with httpx.Client(timeout=600) as http:
+                while (done < per_client) if stop_at is None else (time.monotonic() < stop_at):
+                    try:
+                        res = stream_chat(http, base, body)
+                    except Exception as exc:   # reported by the parent
+                        with lock:
+                            errors.append(f"{type(exc).__name__}: {exc}")
+                        return
+                    done += 1
+                    with lock:
+                        results.append(res)
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        conn.send((results, errors, time.monotonic() - start))
+
+
+class ClientProcess:
+    """Streaming HTTP clients in a spawned process (no fork of a process holding a model)."""
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_client_process, args=(child,), daemon=True,
+                                name="bench-http-clients")
+        self.proc.start()
+        child.close()
+
+    def run(self, base: str, body: dict, clients: int = 1, per_client: int = 1,
+            duration: float | None = None) -> tuple[list[StreamResult], list[str], float]:
+        """(results, errors, wall seconds) of `clients` closed-loop streaming clients."""
+        self.conn.send((base, body, clients, per_client, duration))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+        except (OSError, BrokenPipeError):
+            pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.terminate()

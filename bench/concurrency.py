@@ -7,7 +7,9 @@ batch size per level, and the batching speedup at 2, 4 and 8 clients.
     python bench/concurrency.py --model tiny --clients 1,2,4,8 [--max-tokens 64]
                                 [--requests-per-client 4 | --duration 10]
 
-Both engines share one copy of the weights and run one at a time."""
+Both engines share one copy of the weights and run one at a time. Engine
+clients are threads in this process (as the web UI's callbacks are); HTTP
+clients are threads in a separate process (as remote users are)."""
 
 from __future__ import annotations
 
@@ -85,7 +87,8 @@ def http_client_factory(server, max_tokens: int, image: bool):
 
 def run_level(one_request, clients: int, mode: str, worker, requests_per_client: int,
               duration: float | None) -> LevelResult:
-    """`clients` threads, each sending requests back to back (a closed loop)."""
+    """`clients` threads in this process, each sending requests back to back (a closed
+    loop), as the web UI's callbacks do."""
     result = LevelResult(clients, mode)
     lock = threading.Lock()
     batches_before = worker.batches_run
@@ -117,6 +120,18 @@ def run_level(one_request, clients: int, mode: str, worker, requests_per_client:
     return result
 
 
+def run_http_level(client_proc, server, body: dict, clients: int, mode: str, worker,
+                   requests_per_client: int, duration: float | None) -> LevelResult:
+    """The same closed loop over HTTP, the clients in a separate process."""
+    batches_before = worker.batches_run
+    results, errors, wall = client_proc.run(server.base, body, clients, requests_per_client,
+                                            duration)
+    return LevelResult(clients, mode, tokens=sum(r.tokens for r in results),
+                       requests=len(results), wall_s=wall,
+                       ttfts=[r.ttft_s if r.ttft_s is not None else r.total_s for r in results],
+                       batches=worker.batches_run - batches_before, errors=errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,39 +161,47 @@ def main(argv: list[str] | None = None) -> int:
     engines = {f"engine, max_batch {batched.config.max_batch}": batched}
     if args.unbatched:
         engines["engine, max_batch 1"] = sibling_engine(batched, max_batch=1)
-    servers = []
+    servers, client_proc = [], None
     try:
         print(describe_run(batched, helper))
-        targets = []   # (mode, one_request, worker)
+        targets = []   # (mode, run(n clients) -> LevelResult)
         for mode, eng in engines.items():
-            targets.append((mode, lambda e=eng: engine_client(e, args.max_tokens, args.image),
-                            eng.worker))
+            one = (lambda e=eng: engine_client(e, args.max_tokens, args.image))
+            one()      # untimed: lazy initialisation
+            targets.append((mode, lambda n, m=mode, o=one, w=eng.worker: run_level(
+                o, n, m, w, args.requests_per_client, args.duration)))
         if args.http:
-            from bench.api import ApiServer, api_unavailable_reason
+            from bench.api import (ApiServer, ClientProcess, api_unavailable_reason, chat_body,
+                                   image_data_uri)
 
             reason = api_unavailable_reason()
             if reason:
                 print(f"note: {reason}")
             else:
+                client_proc = ClientProcess()
                 for mode, eng in engines.items():
                     server = ApiServer(eng).__enter__()
                     servers.append(server)
+                    body = chat_body(server.model_id(), args.max_tokens,
+                                     image_data_uri() if args.image else None)
+                    client_proc.run(server.base, body)     # untimed: first connection
                     targets.append((f"HTTP, {mode.split(', ')[1]}",
-                                    http_client_factory(server, args.max_tokens, args.image),
-                                    eng.worker))
-        for _, one, _ in targets:   # untimed: first connection, lazy initialisation
-            one()
+                                    lambda n, m=f"HTTP, {mode.split(', ')[1]}", s=server, b=body,
+                                    w=eng.worker: run_http_level(
+                                        client_proc, s, b, n, m, w, args.requests_per_client,
+                                        args.duration)))
         results: dict[tuple[str, int], list[LevelResult]] = {}
         for _ in range(args.rounds):
             for n in levels:
-                for mode, one, worker in targets:
-                    res = run_level(one, n, mode, worker, args.requests_per_client,
-                                    args.duration)
+                for mode, run in targets:
+                    res = run(n)
                     results.setdefault((mode, n), []).append(res)
                     for err in res.errors[:3]:
                         print(f"error ({mode}, {n} clients): {err}")
         report(results, levels, [t[0] for t in targets], args)
     finally:
+        if client_proc is not None:
+            client_proc.close()
         for server in servers:
             server.__exit__(None, None, None)
         for eng in engines.values():

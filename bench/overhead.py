@@ -153,29 +153,29 @@ class EnginePath:
 
 
 class HttpPath:
-    """Our OpenAI-compatible streaming API over loopback HTTP."""
+    """Our OpenAI-compatible streaming API over loopback HTTP, the client in its own
+    process (as a remote client would be)."""
 
     name = "our HTTP API"
 
     def __init__(self, server, max_tokens: int, image: bool) -> None:
-        import httpx
-
-        from bench.api import chat_body, image_data_uri
+        from bench.api import ClientProcess, chat_body, image_data_uri
 
         self.server = server
-        self.client = httpx.Client(timeout=600)
+        self.clients = ClientProcess()
         self.body = chat_body(server.model_id(), max_tokens, image_data_uri() if image else None)
         self.prompt_tokens = 0
 
     def run(self) -> Sample:
-        from bench.api import stream_chat
-
-        res = stream_chat(self.client, self.server.base, self.body)
+        results, errors, _ = self.clients.run(self.server.base, self.body)
+        if errors:
+            raise RuntimeError(f"HTTP client: {errors[0]}")
+        res = results[0]
         return Sample(res.ttft_s if res.ttft_s is not None else res.total_s, res.total_s,
                       res.tokens, res.text)
 
     def close(self) -> None:
-        self.client.close()
+        self.clients.close()
 
 
 def measure(paths: list, repeats: int) -> dict[str, list[Sample]]:

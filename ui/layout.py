@@ -176,7 +176,8 @@ def build_demo(engine: Engine, options: UIOptions | None = None) -> gr.Blocks:
 
         def on_submit(raw: Any, message: Any, system: str, request: gr.Request):
             st, shown, accepted = ctrl.add_user_turn(raw, message, system, request)
-            if not accepted:
+            if not accepted:   # whitespace only: nothing to send, the box keeps its text
+                gr.Warning("The message is empty: type a question or add an image.")
                 return [st, shown] + [gr.skip()] * len(busy_outputs)
             ui = buttons(True)
             ui[0] = gr.MultimodalTextbox(value=None, interactive=False)
