@@ -301,3 +301,44 @@ def test_api_only_malformed_bodies(api, raw, message):
         resp = client.post("/v1/chat/completions", content=raw,
                            headers={"content-type": "application/json"})
         assert resp.status_code == 400 and message in resp.json()["error"]["message"]
+
+
+# --------------------------------------------------------------------------- faults
+@pytest.mark.parametrize("fault,message", [
+    (RuntimeError("injected kernel failure"), "Generation failed: RuntimeError: injected kernel failure"),
+    (__import__("torch").OutOfMemoryError("NPU out of memory. Tried to allocate 2.00 GiB"),
+     "The device ran out of memory"),
+])
+def test_fault_inside_generate_reaches_the_ui_and_the_next_turn_works(engine, files, monkeypatch,
+                                                                      fault, message):
+    """An exception or a device OOM inside generate: a clear message in the chat, the
+    device cache emptied, the conversation kept, and the next turn answered."""
+    from ui import history
+    from ui.chat import ChatController
+
+    emptied = []
+    monkeypatch.setattr(engine.device, "empty_cache", lambda: emptied.append(1))
+    ctrl = ChatController(engine, (files.resolve(), ASSETS.resolve()))
+    state = history.new_state("Be brief.")
+    state, _, _ = ui_turn(ctrl, state, "First question", [str(ASSETS / "chart.png")],
+                          {"temperature": 0.0, "max_tokens": 4})
+    assert state["turns"][-1]["finish"] in ("stop", "length")
+
+    model = engine.loaded.model
+    real = model.generate
+
+    def failing(*args, **kwargs):
+        raise fault
+
+    monkeypatch.setattr(model, "generate", failing)
+    state, shown, _ = ui_turn(ctrl, state, "Second question", [], {"temperature": 0.0,
+                                                                   "max_tokens": 4})
+    assert state["turns"][-1]["finish"] == "error" and message in state["turns"][-1]["error"]
+    assert any(message in m["content"] for m in shown if isinstance(m["content"], str))
+    assert emptied == [1]
+    assert [t["text"] for t in state["turns"] if t["role"] == "user"] == ["First question",
+                                                                          "Second question"]
+    monkeypatch.setattr(model, "generate", real)
+    state, _, _ = ui_turn(ctrl, state, "Third question", [], {"temperature": 0.0, "max_tokens": 4})
+    assert state["turns"][-1]["finish"] in ("stop", "length")
+    assert len(state["turns"]) == 6
