@@ -71,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                        min_tokens=args.min_tokens),
         min_pixels=args.min_pixels, max_pixels=args.max_pixels, request_id="cli")
     # Cheap checks before paying for the model load.
-    from .media import load_image
+    from .media import configure_limits, load_image
     from .prompt import check_conversation, check_image_limits
     from .sampling import validate_sampling
+    configure_limits(args.max_media_mb, args.max_image_pixels, args.fetch_timeout)
     try:
         check_conversation(request.conversation)
         check_image_limits(request.conversation, args.limit_images, args.limit_videos)
@@ -85,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(exc.message)
 
     from .config import EngineConfig
-    from .local import LocalEngine
+    from .factory import create_engine
 
     try:
-        engine = LocalEngine.from_config(EngineConfig.from_namespace(args))
+        engine = create_engine(EngineConfig.from_namespace(args))
     except (EngineError, RuntimeError, ValueError) as exc:
         return fail(getattr(exc, "message", str(exc)), 1)
     try:

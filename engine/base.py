@@ -7,7 +7,7 @@ from __future__ import annotations
 import abc
 from typing import Callable
 
-from .media import TRUSTED, MediaPolicy
+from .media import MediaPolicy
 from .stream import RequestHandle
 from .types import Finished, GenerationRequest
 
@@ -26,7 +26,7 @@ class Engine(abc.ABC):
         self._listeners: list[FinishListener] = []
 
     @abc.abstractmethod
-    def submit(self, request: GenerationRequest, policy: MediaPolicy = TRUSTED) -> RequestHandle:
+    def submit(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> RequestHandle:
         """Validate and queue a request; bad input raises InvalidRequestError here,
         before anything reaches the device, and a full queue raises EngineBusyError."""
 
@@ -55,7 +55,7 @@ class Engine(abc.ABC):
             except Exception:  # a metrics bug must not break serving
                 pass
 
-    def generate(self, request: GenerationRequest, policy: MediaPolicy = TRUSTED,
+    def generate(self, request: GenerationRequest, policy: MediaPolicy | None = None,
                  timeout: float | None = None) -> tuple[str, Finished]:
         """Submit and wait: the whole answer and its final record."""
         return self.submit(request, policy).collect(timeout)

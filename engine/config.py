@@ -38,6 +38,9 @@ class EngineConfig:
     max_batch: int = 8
     default_max_tokens: int = 512
     warmup: bool = True
+    max_media_mb: float | None = None
+    max_image_pixels: int | None = None
+    fetch_timeout: float | None = None
     batch_wait_ms: float = 50.0
     static_cache: bool = False
     torch_compile: bool = False
@@ -87,6 +90,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--default-max-tokens", type=int,
                    default=int(env("QWENVL_DEFAULT_MAX_TOKENS", "512")),
                    help="max new tokens when a request sets none [env QWENVL_DEFAULT_MAX_TOKENS]")
+    g.add_argument("--max-media-mb", type=float, default=float(env("QWENVL_MAX_MEDIA_MB", "50")),
+                   help="largest image or video file, data: URI or download "
+                        "[env QWENVL_MAX_MEDIA_MB]")
+    g.add_argument("--max-image-pixels", type=int,
+                   default=int(env("QWENVL_MAX_IMAGE_PIXELS", "64000000")),
+                   help="largest decoded image (decompression-bomb guard) "
+                        "[env QWENVL_MAX_IMAGE_PIXELS]")
+    g.add_argument("--fetch-timeout", type=float, default=float(env("QWENVL_FETCH_TIMEOUT", "10")),
+                   help="seconds for fetching an http(s) image or video [env QWENVL_FETCH_TIMEOUT]")
     g.add_argument("--no-warmup", dest="warmup", action="store_false",
                    default=not env_bool("QWENVL_NO_WARMUP"),
                    help="skip the short warm-up generation at start")

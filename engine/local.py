@@ -11,7 +11,7 @@ from .config import EngineConfig
 from .device import select_device
 from .errors import EngineError
 from .loader import LoadedModel, load_model
-from .media import TRUSTED, MediaPolicy
+from .media import MediaPolicy
 from .prompt import PromptRenderer
 from .sampling import validate_sampling
 from .stream import RequestHandle
@@ -54,7 +54,7 @@ class LocalEngine(Engine):
     def _on_worker_finish(self, item: WorkItem, event: Finished) -> None:
         self._notify_finished(item.request, event)
 
-    def submit(self, request: GenerationRequest, policy: MediaPolicy = TRUSTED) -> RequestHandle:
+    def submit(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> RequestHandle:
         if not self.worker.is_alive():
             raise EngineError("The generation worker has stopped; restart the server.")
         validate_sampling(request.sampling, self.max_model_len)

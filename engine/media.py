@@ -17,7 +17,7 @@ import os
 import socket
 import tempfile
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +29,51 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi")
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default: float) -> float:
     try:
-        return int(os.environ.get(name, default))
+        return float(os.environ.get(name) or default)
     except ValueError:
         return default
+
+
+@dataclass
+class MediaLimits:
+    """Process-wide defaults for every MediaPolicy; `configure_limits` sets them from flags."""
+
+    max_bytes: int = int(_env_number("QWENVL_MAX_MEDIA_MB", 50) * 1024 * 1024)
+    max_image_pixels: int = int(_env_number("QWENVL_MAX_IMAGE_PIXELS", 64_000_000))
+    timeout_s: float = _env_number("QWENVL_FETCH_TIMEOUT", 10.0)
+
+
+LIMITS = MediaLimits()
+
+
+def configure_limits(max_media_mb: float | None = None, max_image_pixels: int | None = None,
+                     fetch_timeout_s: float | None = None) -> None:
+    """Apply --max-media-mb, --max-image-pixels and --fetch-timeout to policies made from now on."""
+    if max_media_mb:
+        LIMITS.max_bytes = int(max_media_mb * 1024 * 1024)
+    if max_image_pixels:
+        LIMITS.max_image_pixels = int(max_image_pixels)
+    if fetch_timeout_s:
+        LIMITS.timeout_s = float(fetch_timeout_s)
 
 
 @dataclass(frozen=True)
 class MediaPolicy:
     """What a request may point at.
 
-    `local_roots=None` lets any local path through (the CLI, the UI's own
-    uploads); an API request gets `()` (no local files) or the folders named
-    by `--allowed-local-media-path`.
+    `local_roots=None` lets any local path through (the CLI, trusted callers);
+    the UI allows its upload folder and assets/, an API request gets `()` (no
+    local files) or the folders named by `--allowed-local-media-path`. Size and
+    time limits default to the process-wide LIMITS.
     """
 
     local_roots: tuple[Path, ...] | None = None
     allow_private_hosts: bool = False
-    timeout_s: float = float(os.environ.get("QWENVL_FETCH_TIMEOUT", 10))
-    max_bytes: int = _env_int("QWENVL_MAX_MEDIA_BYTES", 50 * 1024 * 1024)
-    max_image_pixels: int = _env_int("QWENVL_MAX_IMAGE_PIXELS", 64_000_000)
+    timeout_s: float = field(default_factory=lambda: LIMITS.timeout_s)
+    max_bytes: int = field(default_factory=lambda: LIMITS.max_bytes)
+    max_image_pixels: int = field(default_factory=lambda: LIMITS.max_image_pixels)
     max_redirects: int = 3
 
     def allows_local(self, path: Path) -> bool:
@@ -57,9 +81,6 @@ class MediaPolicy:
             return True
         real = path.resolve()
         return any(real.is_relative_to(root.resolve()) for root in self.local_roots)
-
-
-TRUSTED = MediaPolicy()
 
 
 # --------------------------------------------------------------------------- network
@@ -236,8 +257,10 @@ def _bomb(name: str, size: tuple[int, int] | None, policy: MediaPolicy) -> Inval
         param="image")
 
 
-def load_image(source: Any, policy: MediaPolicy = TRUSTED) -> Image.Image:
-    """A validated RGB PIL image from a path, file:// or data: URI, http(s) URL or PIL image."""
+def load_image(source: Any, policy: MediaPolicy | None = None) -> Image.Image:
+    """A validated RGB PIL image from a path, file:// or data: URI, http(s) URL or PIL image.
+    Without a policy: a trusted caller (any local file), with the process-wide limits."""
+    policy = policy or MediaPolicy()
     if isinstance(source, Image.Image):
         w, h = source.size
         if w * h > policy.max_image_pixels:
@@ -264,8 +287,9 @@ class VideoFile:
             self.path.unlink(missing_ok=True)
 
 
-def load_video(source: Any, policy: MediaPolicy = TRUSTED) -> VideoFile:
+def load_video(source: Any, policy: MediaPolicy | None = None) -> VideoFile:
     """A local, checked video file: its container must open and hold a video stream."""
+    policy = policy or MediaPolicy()
     if isinstance(source, Path):
         source = str(source)
     if not isinstance(source, str) or not source.strip():

@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 
 from .errors import InvalidRequestError
-from .media import TRUSTED, MediaPolicy, VideoFile, load_image, load_video
+from .media import MediaPolicy, VideoFile, load_image, load_video
 from .types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, Conversation, GenerationRequest
 
 VIDEO_FPS = float(os.environ.get("QWENVL_VIDEO_FPS", 2.0))
@@ -83,7 +83,7 @@ def read_video_frames(path: str, fps: float, max_frames: int) -> list[Image.Imag
 
 
 def build_qwen_messages(conv: Conversation, min_pixels: int, max_pixels: int,
-                        policy: MediaPolicy = TRUSTED) -> tuple[list[dict], list[VideoFile]]:
+                        policy: MediaPolicy | None = None) -> tuple[list[dict], list[VideoFile]]:
     """Qwen chat messages with every image loaded and checked (images before text)."""
     messages: list[dict] = []
     temps: list[VideoFile] = []
@@ -144,7 +144,7 @@ class PromptRenderer:
             return self.processor.apply_chat_template(messages, tokenize=False,
                                                       add_generation_prompt=True)
 
-    def prepare(self, request: GenerationRequest, policy: MediaPolicy = TRUSTED) -> PreparedPrompt:
+    def prepare(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> PreparedPrompt:
         """Everything short of the device; raises InvalidRequestError with vLLM's wording."""
         from qwen_vl_utils import process_vision_info
 

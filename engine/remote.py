@@ -30,7 +30,7 @@ from .base import Engine
 from .config import EngineConfig
 from .errors import (DeviceOutOfMemoryError, EngineBusyError, EngineError, InvalidRequestError,
                      ModelLoadError, ModelNotFoundError)
-from .media import TRUSTED, MediaPolicy, load_image, load_video
+from .media import MediaPolicy, load_image, load_video
 from .prompt import check_conversation, check_image_limits
 from .sampling import validate_sampling
 from .stream import RequestHandle
@@ -246,7 +246,7 @@ class RemoteEngine(Engine):
         return ok
 
     # ------------------------------------------------------------ requests
-    def build_body(self, request: GenerationRequest, policy: MediaPolicy = TRUSTED) -> dict:
+    def build_body(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> dict:
         """The chat.completions body for a request; loads media, so it may raise
         InvalidRequestError exactly as the local engine would."""
         conv = request.conversation
@@ -293,7 +293,7 @@ class RemoteEngine(Engine):
             body["mm_processor_kwargs"] = mm
         return body
 
-    def submit(self, request: GenerationRequest, policy: MediaPolicy = TRUSTED) -> RequestHandle:
+    def submit(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> RequestHandle:
         """Check, load media, and open the remote stream; the remote's refusal
         (bad input, unknown model, busy) is raised here, before any event."""
         check_conversation(request.conversation)

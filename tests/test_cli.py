@@ -30,6 +30,8 @@ def test_cli_streams_text_and_speed_line(tiny_model_dir):
     (lambda tmp: ["--image", "assets/chart.png"] * 11, "At most 10 image(s)"),
     (lambda tmp: ["--image", str(tmp / "corrupt.png")], "is not a readable image"),
     (lambda tmp: ["--image", "assets/chart.png", "--temperature", "-1"], "temperature must be"),
+    (lambda tmp: ["--image", "assets/chart.png", "--max-image-pixels", "1000"],
+     "at most 1,000 pixels"),
 ])
 def test_cli_bad_input_one_line_exit_2(tiny_model_dir, tmp_path, make_args, message):
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
