@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from support import loopback_only
+
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
@@ -38,33 +40,11 @@ MAX_BODY_MB = 4
 
 
 # --------------------------------------------------------------------------- fixtures
-def _is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return socket.inet_aton(host)[0] == 127          # also 127.1 and 2130706433
-    except OSError:
-        return host in ("::1", "::ffff:127.0.0.1")
-
-
 @pytest.fixture(scope="module", autouse=True)
-def loopback_only():
-    """Every HTTP request made in this process must target loopback, even if a guard breaks."""
-    blocked: list[str] = []
-    original = httpx.HTTPTransport.handle_request
-
-    def guarded(self, request):
-        if not _is_loopback(request.url.host):
-            blocked.append(str(request.url))
-            raise AssertionError(f"test tried to reach {request.url}")
-        return original(self, request)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(httpx.HTTPTransport, "handle_request", guarded)
-    yield blocked
-    mp.undo()
-    assert not blocked, blocked
+def guard_loopback():
+    """Every HTTP request made by this module must target loopback, even if a guard breaks."""
+    with loopback_only() as blocked:
+        yield blocked
 
 
 @pytest.fixture(scope="module")
@@ -539,7 +519,7 @@ def test_loopback_listener_does_serve_when_allowed(image_server):
                                  "http://metadata.invalid/latest/meta-data",
                                  "http://10.1.2.3/cat.png", "http://169.254.169.254/latest",
                                  "http://[fd00::1]/cat.png"])
-def test_private_addresses_refused(http, monkeypatch, loopback_only, url):
+def test_private_addresses_refused(http, monkeypatch, guard_loopback, url):
     resolved = {"intranet.invalid": ["10.20.30.40"], "metadata.invalid": ["169.254.169.254"]}
     asked = []
 
@@ -550,7 +530,7 @@ def test_private_addresses_refused(http, monkeypatch, loopback_only, url):
     monkeypatch.setattr(media, "resolve_host", fake_resolve)
     resp = http.post("/v1/chat/completions", json=_body(messages=[user(url, "x")]))
     assert_error_shape(resp, 400, "url", "Refusing to fetch")
-    assert asked and not loopback_only
+    assert asked and not guard_loopback
 
 
 # --------------------------------------------------------------------------- load and keys

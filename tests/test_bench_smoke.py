@@ -131,15 +131,42 @@ def test_batched_rows_give_the_same_greedy_text_as_alone(patient_engine):
         assert text_b == text_a
 
 
-def test_batch_wait_does_not_delay_a_lone_request(patient_engine):
-    """With a 30 s gathering wait configured, a single request still starts at once:
-    the wait only applies while other requests are being prepared."""
-    req = GenerationRequest(Conversation([Message("user", "Hi")]),
-                            SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    start = time.monotonic()
-    text, fin = patient_engine.generate(req, timeout=60)
-    assert fin.reason == "length"
-    assert time.monotonic() - start < 10
+def _short(text: str = "Hi", n: int = 4) -> GenerationRequest:
+    return GenerationRequest(Conversation([Message("user", text)]),
+                             SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+
+
+def test_batch_wait_does_not_delay_a_lone_user(tiny_model_dir):
+    """With a 30 s gathering wait configured, one user sending request after request is
+    never held back: nobody else is being prepared or due back."""
+    engine = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu",
+                                                  warmup=False, max_batch=8,
+                                                  batch_wait_ms=30_000))
+    try:
+        start = time.monotonic()
+        for _ in range(3):
+            assert engine.generate(_short(), timeout=60)[1].reason == "length"
+        assert time.monotonic() - start < 10
+        assert engine.worker.batches_run == 3
+    finally:
+        engine.close()
+
+
+def test_next_batch_waits_for_the_users_whose_answers_just_ended(patient_engine):
+    """Two users in a closed loop share batches instead of alternating: after a batch of
+    two ends, a request that was already waiting holds the next batch for the user
+    whose answer just ended."""
+    engine = patient_engine
+    with engine.worker.arriving():
+        first = [engine.submit(_short("one")), engine.submit(_short("two"))]
+    for h in first:
+        assert h.collect(timeout=60)[1].reason == "length"
+    batches = engine.worker.batches_run
+    waiting = engine.submit(_short("three"))      # the batch forms and waits ...
+    returning = engine.submit(_short("four"))     # ... for the second returning user
+    for h in (waiting, returning):
+        assert h.collect(timeout=60)[1].reason == "length"
+    assert engine.worker.batches_run == batches + 1
 
 
 def test_preprocessing_runs_on_the_callers_thread(patient_engine):

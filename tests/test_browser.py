@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from support import AppServer
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
@@ -27,59 +24,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM),
     reason=f"{CHROMIUM} is missing: install Debian's chromium (make browser) for the browser test")
-
-REQUEST_LINE = re.compile(r"engine\.requests: request (\S+): .*output_tokens=(\d+) .*finish=(\w+)")
-
-
-class AppServer:
-    """`python app.py` in a subprocess; its output is collected for log checks."""
-
-    def __init__(self, *args: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--no-warmup",
-             "--server-port", str(self.port), *args],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError("app.py exited:\n" + "".join(self.lines[-30:]))
-            if any("Running on local URL" in line for line in self.lines):
-                return
-            time.sleep(0.1)
-        raise AssertionError("app.py did not start:\n" + "".join(self.lines[-30:]))
-
-    def requests(self) -> list[tuple[str, int, str]]:
-        """(request id, output tokens, finish reason) of every request the engine finished."""
-        return [(m[1], int(m[2]), m[3]) for m in map(REQUEST_LINE.search, list(self.lines)) if m]
-
-    def wait_requests(self, n: int, timeout: float = 20) -> list[tuple[str, int, str]]:
-        deadline = time.monotonic() + timeout
-        while len(self.requests()) < n and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(self.requests()) >= n, "".join(self.lines[-20:])
-        return self.requests()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
 
 @pytest.fixture(scope="module")
 def server():

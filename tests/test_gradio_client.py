@@ -5,59 +5,17 @@ port."""
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from support import AppServer
+
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
-
-
-class AppServer:
-    """`python app.py` in a subprocess; its output is collected for log checks."""
-
-    def __init__(self, *args: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--no-warmup",
-             "--server-port", str(self.port), *args],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError("app.py exited:\n" + "".join(self.lines[-30:]))
-            if any("Running on local URL" in line for line in self.lines):
-                return
-            time.sleep(0.1)
-        raise AssertionError("app.py did not start:\n" + "".join(self.lines[-30:]))
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from support import loopback_only
+
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
@@ -42,22 +44,10 @@ MAX_MODEL_LEN = 4096
 
 
 @pytest.fixture(scope="module", autouse=True)
-def loopback_only():
-    """Every HTTP request made in this process must target 127.0.0.1 or localhost."""
-    blocked: list[str] = []
-    original = httpx.HTTPTransport.handle_request
-
-    def guarded(self, request):
-        if request.url.host not in ("127.0.0.1", "localhost"):
-            blocked.append(str(request.url))
-            raise AssertionError(f"test tried to reach {request.url}")
-        return original(self, request)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(httpx.HTTPTransport, "handle_request", guarded)
-    yield blocked
-    mp.undo()
-    assert not blocked, blocked
+def guard_loopback():
+    """Every HTTP request made by this module must target loopback, even if a guard breaks."""
+    with loopback_only() as blocked:
+        yield blocked
 
 
 @pytest.fixture(scope="module")

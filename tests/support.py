@@ -1,0 +1,102 @@
+"""Shared test helpers: `python app.py` as a subprocess whose log the tests read,
+and an httpx guard that fails any request not addressed to loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+REQUEST_LINE = re.compile(r"engine\.requests: request (\S+): .*output_tokens=(\d+) .*finish=(\w+)")
+
+
+class AppServer:
+    """`python app.py` in a subprocess; its output is collected for log checks."""
+
+    def __init__(self, *args: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--no-warmup",
+             "--server-port", str(self.port), *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("app.py exited:\n" + "".join(self.lines[-30:]))
+            if any("Running on local URL" in line for line in self.lines):
+                return
+            time.sleep(0.1)
+        raise AssertionError("app.py did not start:\n" + "".join(self.lines[-30:]))
+
+    def requests(self) -> list[tuple[str, int, str]]:
+        """(request id, output tokens, finish reason) of every request the engine finished."""
+        return [(m[1], int(m[2]), m[3]) for m in map(REQUEST_LINE.search, list(self.lines)) if m]
+
+    def wait_requests(self, n: int, timeout: float = 20) -> list[tuple[str, int, str]]:
+        deadline = time.monotonic() + timeout
+        while len(self.requests()) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(self.requests()) >= n, "".join(self.lines[-20:])
+        return self.requests()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 in any spelling inet_aton takes (127.1, 2130706433), ::1."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return socket.inet_aton(host)[0] == 127
+    except OSError:
+        return host in ("::1", "::ffff:127.0.0.1")
+
+
+@contextmanager
+def loopback_only() -> Iterator[list[str]]:
+    """Every httpx request made inside must target loopback, even if a guard under test breaks."""
+    blocked: list[str] = []
+    original = httpx.HTTPTransport.handle_request
+
+    def guarded(self, request):
+        if not is_loopback(request.url.host):
+            blocked.append(str(request.url))
+            raise AssertionError(f"test tried to reach {request.url}")
+        return original(self, request)
+
+    httpx.HTTPTransport.handle_request = guarded
+    try:
+        yield blocked
+    finally:
+        httpx.HTTPTransport.handle_request = original
+    assert not blocked, blocked
