@@ -73,6 +73,7 @@ def resolve_model(spec: str, device: Device, modelscope: bool = False,
 
     spec = (spec or "auto").strip()
     if spec == "tiny":
+        log.warning(TINY_WARNING)
         return "tiny", ensure_tiny(), True
     if spec == "auto":
         if device.kind == "cpu":
@@ -91,8 +92,10 @@ def resolve_model(spec: str, device: Device, modelscope: bool = False,
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"Cannot load model {spec!r}: the folder has no config.json")
-        tiny = is_tiny(path)
-        return ("tiny" if tiny else spec), path, tiny
+        if is_tiny(path):
+            log.warning(TINY_WARNING)
+            return "tiny", path, True
+        return spec, path, False
     if spec.count("/") != 1 or spec.startswith(("/", ".", "~")):
         raise ModelLoadError(f"Cannot load model {spec!r}: no such folder, and not a hub id "
                              "like Qwen/Qwen2.5-VL-7B-Instruct")
@@ -105,8 +108,6 @@ def load_model(config: EngineConfig, device: Device) -> LoadedModel:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     name, path, tiny = resolve_model(config.model, device, config.modelscope, config.revision)
-    if tiny:
-        log.warning(TINY_WARNING)
     attn = config.attn_implementation or "sdpa"
     kwargs: dict[str, Any] = {"dtype": device.dtype, "attn_implementation": attn}
     if device.kind != "cpu":
