@@ -73,12 +73,14 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                    help="with --full-size: vision blocks (default 32)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (CPU); default: torch's choice")
-    g.add_argument("--quiet", action="store_true", help="hide the engine's per-request log lines")
+    g.add_argument("--quiet", action="store_true",
+                   help="hide the engine's warnings (per-request log lines are always hidden)")
 
 
 def setup(args: argparse.Namespace) -> str:
     """Logging, thread count and the vision helper; returns which vision helper is in use."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("engine.requests").setLevel(logging.WARNING)
     if args.threads:
         import torch
@@ -110,25 +112,23 @@ def build_engine(args: argparse.Namespace, **overrides: Any):
     return engine
 
 
-def sibling_engine(engine: Any, **overrides: Any):
-    """A second LocalEngine on the same loaded model (e.g. max_batch=1): no second copy
-    of the weights. Use one engine at a time; each has its own device thread."""
-    from engine.local import LocalEngine
-
-    return LocalEngine(engine.loaded, replace(engine.config, warmup=False, **overrides))
-
-
 def build_processor(tokenizer: Any) -> Any:
     """The Qwen2.5-VL processor (the real image-processor settings) around `tokenizer`.
 
     Without torchvision (a bare PyTorch image) transformers falls back to the PIL
     image processor, and the video processor cannot be built, so the processor is
     made without one: image and text prompts only."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    import importlib.util
+
+    from transformers import Qwen2_5_VLProcessor
 
     from engine import tiny
 
-    image_processor = Qwen2VLImageProcessor(
+    if importlib.util.find_spec("torchvision") is not None:
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
+    else:   # the class transformers would fall back to, without its warning
+        from transformers import Qwen2VLImageProcessorPil as ImageProcessor
+    image_processor = ImageProcessor(
         size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384},
         patch_size=14, temporal_patch_size=2, merge_size=2)
     try:
@@ -214,8 +214,7 @@ def build_full_size_model(device: Any, layers: int | None = None,
     depth = config.vision_config.depth
     name = "Qwen2.5-VL-7B shapes, random weights" + (
         "" if (n_layers, depth) == (28, 32) else f" ({n_layers} text layers, {depth} vision blocks)")
-    logging.getLogger("bench").warning("built %s on %s in %.1fs", name, device.describe(),
-                                       time.monotonic() - start)
+    print(f"built {name} on {device.describe()} in {time.monotonic() - start:.1f}s", flush=True)
     return LoadedModel(model=model, processor=processor, name=name, path=Path("<random>"),
                        is_tiny=False, device=device)
 
@@ -316,7 +315,11 @@ def describe_run(engine: Any, vision_helper: str) -> str:
     import torch
     import transformers
 
+    cfg, worker = engine.config, engine.worker
     return (f"model: {engine.model_name} | device: {engine.device_description} | "
             f"torch {torch.__version__}, transformers {transformers.__version__} | "
             f"vision helper: {vision_helper} | image processor: "
-            f"{type(engine.loaded.processor.image_processor).__name__}")
+            f"{type(engine.loaded.processor.image_processor).__name__} | engine: "
+            f"{cfg.attn_implementation} attention, max_batch {cfg.max_batch}, batch wait "
+            f"{cfg.batch_wait_ms:g} ms, static cache {worker.static_cache}, "
+            f"torch.compile {worker.torch_compile}")

@@ -5,11 +5,14 @@ Prints aggregate output tokens/s, p50/p95 time to first token and the mean
 batch size per level, and the batching speedup at 2, 4 and 8 clients.
 
     python bench/concurrency.py --model tiny --clients 1,2,4,8 [--max-tokens 64]
-                                [--requests-per-client 4 | --duration 10]
+                                [--requests-per-client 4 | --duration 10] [--image]
 
-Both engines share one copy of the weights and run one at a time. Engine
-clients are threads in this process (as the web UI's callbacks are); HTTP
-clients are threads in a separate process (as remote users are)."""
+One engine serves every target; between levels its worker's max_batch is
+switched (a second engine would add a second device thread, and on a CPU a
+second OpenMP thread team slows every op of the first; see
+docs/performance.md). Engine clients are threads in this process (as the web
+UI's callbacks are); HTTP clients are threads in a separate process (as remote
+users are)."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (add_bench_args, bench_request, build_engine, describe_run,  # noqa: E402
-                          percentile, print_table, setup, sibling_engine)
+                          percentile, print_table, setup)
 
 GOAL_SPEEDUP_AT_8 = 3.0
 
@@ -50,7 +53,8 @@ class LevelResult:
 
 
 def engine_client(engine, max_tokens: int, image: bool):
-    """One streamed request on the engine: (ttft_s, output tokens)."""
+    """One streamed request on the engine: (ttft_s, output tokens). TTFT is the engine's
+    first-token time (queueing and preprocessing included), as in bench/overhead.py."""
     from engine.types import TextDelta
 
     start = time.monotonic()
@@ -62,27 +66,10 @@ def engine_client(engine, max_tokens: int, image: bool):
         else:
             if event.reason == "error":
                 raise RuntimeError(str(event.error))
-            return (first if first is not None else time.monotonic() - start,
+            ttft = event.stats.ttft_s if event.stats.ttft_s is not None else first
+            return (ttft if ttft is not None else time.monotonic() - start,
                     event.stats.output_tokens)
     raise RuntimeError("stream ended without Finished")
-
-
-def http_client_factory(server, max_tokens: int, image: bool):
-    """A per-thread function streaming one request over HTTP: (ttft_s, tokens)."""
-    import httpx
-
-    from bench.api import chat_body, image_data_uri, stream_chat
-
-    body = chat_body(server.model_id(), max_tokens, image_data_uri() if image else None)
-    local = threading.local()
-
-    def one() -> tuple[float, int]:
-        if not hasattr(local, "client"):
-            local.client = httpx.Client(timeout=600)
-        res = stream_chat(local.client, server.base, body)
-        return (res.ttft_s if res.ttft_s is not None else res.total_s), res.tokens
-
-    return one
 
 
 def run_level(one_request, clients: int, mode: str, worker, requests_per_client: int,
@@ -143,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds per level instead of a fixed number of requests")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat every level this many times (interleaved); medians reported")
-    parser.add_argument("--no-image", dest="image", action="store_false",
-                        help="text-only prompts (default: the 448x448 assets/shapes.png)")
+    parser.add_argument("--image", action="store_true",
+                        help="add the 448x448 assets/shapes.png to every prompt (default: text "
+                             "only; on a CPU the image's prefill does not batch, see "
+                             "docs/performance.md)")
     parser.add_argument("--no-http", dest="http", action="store_false")
     parser.add_argument("--no-unbatched", dest="unbatched", action="store_false",
                         help="skip the max_batch=1 comparison")
@@ -157,19 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     if not levels or min(levels) < 1 or args.requests_per_client < 1:
         parser.error("--clients and --requests-per-client must be positive")
     helper = setup(args)
-    batched = build_engine(args)
-    engines = {f"engine, max_batch {batched.config.max_batch}": batched}
-    if args.unbatched:
-        engines["engine, max_batch 1"] = sibling_engine(batched, max_batch=1)
-    servers, client_proc = [], None
+    engine = build_engine(args)
+    worker = engine.worker
+    sizes = [engine.config.max_batch] + ([1] if args.unbatched and engine.config.max_batch > 1
+                                         else [])
+    server, client_proc = None, None
     try:
-        print(describe_run(batched, helper))
-        targets = []   # (mode, run(n clients) -> LevelResult)
-        for mode, eng in engines.items():
-            one = (lambda e=eng: engine_client(e, args.max_tokens, args.image))
-            one()      # untimed: lazy initialisation
-            targets.append((mode, lambda n, m=mode, o=one, w=eng.worker: run_level(
-                o, n, m, w, args.requests_per_client, args.duration)))
+        print(describe_run(engine, helper))
+        one = (lambda: engine_client(engine, args.max_tokens, args.image))
+        one()      # untimed: lazy initialisation
+        # (label, max_batch, run(n clients) -> LevelResult)
+        targets = [(f"engine, max_batch {size}", size,
+                    lambda n, m=f"engine, max_batch {size}": run_level(
+                        one, n, m, worker, args.requests_per_client, args.duration))
+                   for size in sizes]
         if args.http:
             from bench.api import (ApiServer, ClientProcess, api_unavailable_reason, chat_body,
                                    image_data_uri)
@@ -179,33 +169,32 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"note: {reason}")
             else:
                 client_proc = ClientProcess()
-                for mode, eng in engines.items():
-                    server = ApiServer(eng).__enter__()
-                    servers.append(server)
-                    body = chat_body(server.model_id(), args.max_tokens,
-                                     image_data_uri() if args.image else None)
-                    client_proc.run(server.base, body)     # untimed: first connection
-                    targets.append((f"HTTP, {mode.split(', ')[1]}",
-                                    lambda n, m=f"HTTP, {mode.split(', ')[1]}", s=server, b=body,
-                                    w=eng.worker: run_http_level(
-                                        client_proc, s, b, n, m, w, args.requests_per_client,
-                                        args.duration)))
+                server = ApiServer(engine).__enter__()
+                body = chat_body(server.model_id(), args.max_tokens,
+                                 image_data_uri() if args.image else None)
+                client_proc.run(server.base, body)     # untimed: first connection
+                targets += [(f"HTTP, max_batch {size}", size,
+                             lambda n, m=f"HTTP, max_batch {size}": run_http_level(
+                                 client_proc, server, body, n, m, worker,
+                                 args.requests_per_client, args.duration))
+                            for size in sizes]
         results: dict[tuple[str, int], list[LevelResult]] = {}
         for _ in range(args.rounds):
             for n in levels:
-                for mode, run in targets:
+                for mode, size, run in targets:
+                    worker.max_batch = size     # read when the next batch forms; engine idle
                     res = run(n)
                     results.setdefault((mode, n), []).append(res)
                     for err in res.errors[:3]:
                         print(f"error ({mode}, {n} clients): {err}")
+        worker.max_batch = engine.config.max_batch
         report(results, levels, [t[0] for t in targets], args)
     finally:
         if client_proc is not None:
             client_proc.close()
-        for server in servers:
+        if server is not None:
             server.__exit__(None, None, None)
-        for eng in engines.values():
-            eng.close()
+        engine.close()
     return 0
 
 

@@ -48,16 +48,16 @@ EOF
 FULL=(--full-size --device "${BENCH_DEVICE:-cuda}" --quiet)
 read -r -a EXTRA <<< "${BENCH_ARGS:-}"   # appended last, so they override the defaults below
 
-step 130 "overhead: bare generate vs our engine, 128 tokens" \
-  "$PY" bench/overhead.py "${FULL[@]}" --max-tokens 128 --repeats 3 "${EXTRA[@]}"
-step 170 "concurrency: 1, 2, 4, 8 clients, batched vs max_batch 1" \
-  "$PY" bench/concurrency.py "${FULL[@]}" --clients 1,2,4,8 --max-tokens 64 --requests-per-client 2 "${EXTRA[@]}"
-step 50 "image preprocessing (CPU side)" \
+step 110 "overhead: bare generate vs our engine, 128 tokens" \
+  "$PY" bench/overhead.py "${FULL[@]}" --max-tokens 128 --repeats 3 ${EXTRA[@]+"${EXTRA[@]}"}
+step 200 "concurrency: 1, 2, 4, 8 clients (image + text), batched vs max_batch 1" \
+  "$PY" bench/concurrency.py "${FULL[@]}" --clients 1,2,4,8 --max-tokens 64 --requests-per-client 2 --image ${EXTRA[@]+"${EXTRA[@]}"}
+step 45 "image preprocessing (CPU side)" \
   "$PY" bench/preprocess.py --repeats 1 --bounds 0,1
-step 110 "warm-up: first request in a fresh process" \
-  "$PY" bench/warmup.py "${FULL[@]}" --max-tokens 16 --variants none,engine,image "${EXTRA[@]}"
+step 100 "warm-up: first request in a fresh process" \
+  "$PY" bench/warmup.py "${FULL[@]}" --max-tokens 16 --variants none,engine,image ${EXTRA[@]+"${EXTRA[@]}"}
 if [ "${BENCH_COMPILE:-0}" = 1 ]; then
   step 150 "overhead with --static-cache --torch-compile (engine path compiled, bare not)" \
-    "$PY" bench/overhead.py "${FULL[@]}" --max-tokens 128 --repeats 2 --static-cache --torch-compile "${EXTRA[@]}"
+    "$PY" bench/overhead.py "${FULL[@]}" --max-tokens 128 --repeats 2 --static-cache --torch-compile ${EXTRA[@]+"${EXTRA[@]}"}
 fi
 echo; echo "bench/gpu.sh done in $(( $(date +%s) - start ))s; log: $LOG"

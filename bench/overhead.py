@@ -243,10 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     helper = setup(args)
     engine = build_engine(args)
     server = None
+    paths: list = []
     try:
         print(describe_run(engine, helper))
-        paths: list = [BarePath(engine, args.max_tokens, args.image),
-                       EnginePath(engine, args.max_tokens, args.image)]
+        paths += [BarePath(engine, args.max_tokens, args.image),
+                  EnginePath(engine, args.max_tokens, args.image)]
         if args.http:
             from bench.api import ApiServer, api_unavailable_reason
 
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'met' if ratio >= GOAL_TPS_RATIO else 'NOT met'}); added TTFT "
               f"{summary['our engine']['added_ttft_ms']:+.1f} ms")
     finally:
-        for p in locals().get("paths", []):
+        for p in paths:
             if hasattr(p, "close"):
                 p.close()
         if server is not None:

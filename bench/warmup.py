@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="none,engine,image",
                         help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
-    args, _ = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
     if args.variant:
         return child(args)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

@@ -104,9 +104,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="skip the short warm-up generation at start")
     g.add_argument("--batch-wait-ms", type=float,
                    default=float(env("QWENVL_BATCH_WAIT_MS", "50")),
-                   help="while other requests are still being prepared (images decoded), a new "
-                        "batch waits up to this long after each arrival for them to join "
-                        "[env QWENVL_BATCH_WAIT_MS]")
+                   help="a new batch waits up to this long (after each arrival) for requests "
+                        "still being prepared, and for the users of a batch that just ended; "
+                        "0 starts every batch at once [env QWENVL_BATCH_WAIT_MS]")
     g.add_argument("--static-cache", action="store_true", default=env_bool("QWENVL_STATIC_CACHE"),
                    help="CUDA only (ignored on NPU/CPU): a static KV cache [env QWENVL_STATIC_CACHE]")
     g.add_argument("--torch-compile", action="store_true", default=env_bool("QWENVL_TORCH_COMPILE"),

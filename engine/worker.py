@@ -240,6 +240,8 @@ class GenerationWorker:
         self._cond = threading.Condition()
         self._running: list[WorkItem] = []
         self._arriving = 0           # requests being prepared by callers (see `arriving`)
+        self._submitted = 0          # requests queued so far
+        self._last_batch = (0, 0.0, 0)   # (rows, end time, _submitted then) of the last batch
         self._stopping = False
         self.batches_run = 0
         self.largest_batch = 0
@@ -258,6 +260,7 @@ class GenerationWorker:
             handle = RequestHandle(request.request_id, on_cancel=lambda: self._cancel_queued(item))
             item = WorkItem(request, prompt, handle, batch_key(request.sampling))
             self._queue.append(item)
+            self._submitted += 1
             self._cond.notify()
         return handle
 
@@ -340,12 +343,27 @@ class GenerationWorker:
                         batch.append(item)
                         # each arrival restarts the wait: preparation is serial
                         deadline = time.monotonic() + self.batch_wait_s
-                remaining = deadline - time.monotonic()
-                if (len(batch) >= self.max_batch or not self._arriving or self._stopping
-                        or remaining <= 0):
+                wait = self._gather_wait(deadline)
+                if len(batch) >= self.max_batch or self._stopping or wait <= 0:
                     break
-                self._cond.wait(remaining)   # a request being prepared joins this batch
+                self._cond.wait(wait)
             return batch
+
+    def _gather_wait(self, deadline: float) -> float:
+        """How long a forming batch should still wait for more requests (0: start now).
+
+        It waits while a request is being prepared (`arriving`), and, just after a batch
+        ended, for as many new requests as that batch had rows: users whose answer just
+        finished often send the next request at once (agents, scripts, benchmarks), and
+        without this wait they would form a second, alternating batch (every request queued
+        after that batch's answers were released counts as one of them). Both waits end
+        `batch_wait_s` after the last arrival or batch end. Called under `_cond`."""
+        now = time.monotonic()
+        if self._arriving:
+            return deadline - now
+        rows, ended, submitted_then = self._last_batch
+        returning = rows - (self._submitted - submitted_then)
+        return min(deadline, ended + self.batch_wait_s) - now if returning > 0 else 0.0
 
     def _loop(self) -> None:
         self.device.bind_thread()
@@ -409,6 +427,8 @@ class GenerationWorker:
             del model_inputs
             if error is not None:
                 self.device.empty_cache()
+        with self._cond:   # before the answers are released: see _gather_wait
+            self._last_batch = (len(rows), time.monotonic(), self._submitted)
         for row in rows:
             if error is not None and not row.done:
                 row.reason = "error"

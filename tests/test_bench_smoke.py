@@ -50,7 +50,7 @@ def test_overhead_bandwidth_fraction_when_given(tiny_model_dir, capsys):
 
 def test_concurrency_runs_both_modes(tiny_model_dir, capsys):
     args = _common(tiny_model_dir) + ["--clients", "1,2", "--max-tokens", "8",
-                                      "--requests-per-client", "1"]
+                                      "--requests-per-client", "1", "--image"]
     assert concurrency.main(args) == 0
     out = capsys.readouterr().out
     for target in ["engine, max_batch 8", "engine, max_batch 1"] + (
@@ -93,10 +93,11 @@ def test_full_size_config_reads_the_7b_weight_bytes():
 
 
 # ----------------------------------------------------------------- engine behaviour
-@pytest.fixture(scope="module")
+@pytest.fixture
 def patient_engine(tiny_model_dir):
-    """Batches wait up to 30 s for requests being prepared: batch formation is then
-    decided by `worker.arriving()` alone, not by timing."""
+    """Batches wait up to 30 s for requests being prepared or due back: batch formation
+    is then decided by the engine's rules alone, not by timing. A fresh engine per test,
+    so no test waits for users of an earlier one."""
     engine = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu",
                                                   warmup=False, max_batch=8,
                                                   batch_wait_ms=30_000))
@@ -136,20 +137,14 @@ def _short(text: str = "Hi", n: int = 4) -> GenerationRequest:
                              SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 
 
-def test_batch_wait_does_not_delay_a_lone_user(tiny_model_dir):
+def test_batch_wait_does_not_delay_a_lone_user(patient_engine):
     """With a 30 s gathering wait configured, one user sending request after request is
     never held back: nobody else is being prepared or due back."""
-    engine = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu",
-                                                  warmup=False, max_batch=8,
-                                                  batch_wait_ms=30_000))
-    try:
-        start = time.monotonic()
-        for _ in range(3):
-            assert engine.generate(_short(), timeout=60)[1].reason == "length"
-        assert time.monotonic() - start < 10
-        assert engine.worker.batches_run == 3
-    finally:
-        engine.close()
+    start = time.monotonic()
+    for _ in range(3):
+        assert patient_engine.generate(_short(), timeout=60)[1].reason == "length"
+    assert time.monotonic() - start < 10
+    assert patient_engine.worker.batches_run == 3
 
 
 def test_next_batch_waits_for_the_users_whose_answers_just_ended(patient_engine):
@@ -163,6 +158,10 @@ def test_next_batch_waits_for_the_users_whose_answers_just_ended(patient_engine)
         assert h.collect(timeout=60)[1].reason == "length"
     batches = engine.worker.batches_run
     waiting = engine.submit(_short("three"))      # the batch forms and waits ...
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:            # (without the rule it would start at once)
+        assert engine.worker.batches_run == batches, "the batch did not wait"
+        time.sleep(0.01)
     returning = engine.submit(_short("four"))     # ... for the second returning user
     for h in (waiting, returning):
         assert h.collect(timeout=60)[1].reason == "length"
