@@ -58,10 +58,10 @@ class LocalEngine(Engine):
         if not self.worker.is_alive():
             raise EngineError("The generation worker has stopped; restart the server.")
         validate_sampling(request.sampling, self.max_model_len)
-        with self.worker.arriving():
+        with self.worker.arriving() as arrival:
             prompt = self.renderer.prepare(request, policy)
             try:
-                return self.worker.submit(request, prompt)
+                return self.worker.submit(request, prompt, arrival)
             except BaseException:
                 prompt.close()
                 raise

@@ -57,6 +57,20 @@ class RequestHandle:
         return self.cancel_event.is_set()
 
     # ------------------------------------------------------------- consumers
+    def _pop(self) -> Event | None:
+        """The next event; text deltas already waiting are merged into one, so a consumer
+        that falls behind the device (a slow client, a busy CPU) catches up in one step.
+        Called under `_cond`."""
+        if not self._events:
+            return None
+        event = self._events.popleft()
+        if isinstance(event, TextDelta) and self._events and isinstance(self._events[0], TextDelta):
+            parts = [event.text]
+            while self._events and isinstance(self._events[0], TextDelta):
+                parts.append(self._events.popleft().text)
+            event = TextDelta("".join(parts))
+        return event
+
     def __iter__(self) -> Iterator[Event]:
         return self.events()
 
@@ -71,7 +85,7 @@ class RequestHandle:
                     if remaining is not None and remaining <= 0:
                         break
                     self._cond.wait(remaining)
-                event = self._events.popleft() if self._events else None
+                event = self._pop()
             if event is None:
                 from .errors import EngineError
 
@@ -90,7 +104,7 @@ class RequestHandle:
         wakeup = self._wakeup
         while True:
             with self._cond:
-                event = self._events.popleft() if self._events else None
+                event = self._pop()
                 if event is None:
                     wakeup.clear()
             if event is None:

@@ -71,6 +71,13 @@ class WorkItem:
     key: tuple
 
 
+@dataclass
+class Arrival:
+    """A request being prepared on a caller's thread (see GenerationWorker.arriving)."""
+
+    done: bool = False
+
+
 class RowState:
     """One request inside a running generate call."""
 
@@ -249,8 +256,14 @@ class GenerationWorker:
         self._thread.start()
 
     # ------------------------------------------------------------------ API
-    def submit(self, request: GenerationRequest, prompt: PreparedPrompt) -> RequestHandle:
+    def submit(self, request: GenerationRequest, prompt: PreparedPrompt,
+               arrival: "Arrival | None" = None) -> RequestHandle:
+        """Queue a prepared request. `arrival` (from `arriving()`) ends under the same lock,
+        so a forming batch sees the request queued and its preparation over in one step."""
         with self._cond:
+            if arrival is not None and not arrival.done:
+                arrival.done = True
+                self._arriving -= 1
             if self._stopping:
                 raise EngineError("The engine is shutting down.")
             if len(self._queue) >= self.max_queue:
@@ -261,23 +274,26 @@ class GenerationWorker:
             item = WorkItem(request, prompt, handle, batch_key(request.sampling))
             self._queue.append(item)
             self._submitted += 1
-            self._cond.notify()
+            self._cond.notify_all()
         return handle
 
     @contextlib.contextmanager
-    def arriving(self) -> Iterator[None]:
-        """Wrap the caller's preparation of a request it is about to submit. While any
-        request is being prepared, a new batch waits for it (at most `batch_wait_s`)
-        instead of starting without it: concurrent users then share one batch rather
-        than alternating between half-empty ones."""
+    def arriving(self) -> Iterator["Arrival"]:
+        """Wrap the caller's preparation of a request it is about to submit (pass the
+        yielded Arrival to `submit`). While any request is being prepared, a new batch
+        waits for it (at most `batch_wait_s`) instead of starting without it: concurrent
+        users then share one batch rather than alternating between half-empty ones."""
+        arrival = Arrival()
         with self._cond:
             self._arriving += 1
         try:
-            yield
+            yield arrival
         finally:
-            with self._cond:
-                self._arriving -= 1
-                self._cond.notify_all()
+            if not arrival.done:       # preparation failed: nothing will be submitted
+                with self._cond:
+                    arrival.done = True
+                    self._arriving -= 1
+                    self._cond.notify_all()
 
     def queue_depth(self) -> int:
         with self._cond:

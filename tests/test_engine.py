@@ -336,3 +336,16 @@ def test_video_input_and_fake_video(tiny_engine, tmp_path):
     fake.write_text("not a video at all")
     with pytest.raises(InvalidRequestError, match="is not a readable video"):
         tiny_engine.submit(GenerationRequest(Conversation([Message("user", "x", videos=[VideoInput(str(fake))])])))
+
+
+def test_waiting_deltas_are_merged_for_a_slow_consumer():
+    from engine.stream import RequestHandle
+    from engine.types import RequestStats
+
+    handle = RequestHandle("r")
+    for piece in ("a", "b", "", "c"):
+        handle.push(TextDelta(piece))
+    handle.push(Finished("length", RequestStats(output_tokens=3)))
+    events = list(handle)
+    assert [type(e).__name__ for e in events] == ["TextDelta", "Finished"]
+    assert events[0].text == "abc"
