@@ -102,14 +102,17 @@ def test_remote_engine_reads_the_remote_model(remote, remote_server):
 
 def test_remote_streams_the_same_answer_as_local(remote, local_engine):
     image = ASSETS / "shapes.png"
-    handle = remote.submit(request(images=[image]))
+    # 64 tokens: long enough to arrive in several chunks even when a busy consumer
+    # gets deltas merged (the stream merges what it has not read yet)
+    handle = remote.submit(request(images=[image], max_tokens=64))
     events = list(handle.events(timeout=30))
     deltas = [e for e in events if isinstance(e, TextDelta)]
     finished = events[-1]
     assert isinstance(finished, Finished) and finished.reason == "length", finished
     assert len(deltas) >= 2, "the answer did not stream"
-    assert finished.stats.output_tokens == 12
-    local_text, local_fin = local_engine.generate(request(images=[image]), timeout=30)
+    assert finished.stats.output_tokens == 64
+    local_text, local_fin = local_engine.generate(request(images=[image], max_tokens=64),
+                                                  timeout=30)
     assert "".join(d.text for d in deltas) == local_text
     assert finished.stats.prompt_tokens == local_fin.stats.prompt_tokens > 256
     assert finished.stats.images == 1 and finished.stats.ttft_s is not None
