@@ -62,6 +62,17 @@ class AppServer:
         assert len(self.requests()) >= n, "".join(self.lines[-20:])
         return self.requests()
 
+    def __enter__(self) -> "AppServer":
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         self.proc.terminate()
         try:

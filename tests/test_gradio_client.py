@@ -20,12 +20,8 @@ ASSETS = ROOT / "assets"
 
 @pytest.fixture(scope="module")
 def server():
-    srv = AppServer()
-    try:
-        srv.wait_ready()
+    with AppServer() as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -393,9 +393,7 @@ def test_web_app_in_remote_mode_streams_through_the_remote(remote_server, local_
 
     finished = []
     local_engine.add_finish_listener(lambda req, fin: finished.append(fin))
-    app = AppServer("--backend", "remote", "--remote-url", f"{remote_server.url}/v1")
-    try:
-        app.wait_ready()
+    with AppServer("--backend", "remote", "--remote-url", f"{remote_server.url}/v1") as app:
         client = Client(app.url, verbose=False)
         job = client.submit({"text": "What does this chart show?",
                              "files": [handle_file(str(ASSETS / "chart.png"))]},
@@ -406,8 +404,6 @@ def test_web_app_in_remote_mode_streams_through_the_remote(remote_server, local_
         assert final and len(chunks) >= 2 and all(final.startswith(c) for c in chunks)
         assert any(f.stats.images == 1 and f.stats.output_tokens > 0 for f in finished)
         assert any("remote" in line for line in app.lines)
-    finally:
-        app.stop()
 
 
 def test_web_app_with_the_remote_down_shows_a_clear_error():
@@ -416,14 +412,10 @@ def test_web_app_with_the_remote_down_shows_a_clear_error():
     from support import AppServer
 
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    app = AppServer("--backend", "remote", "--remote-url", dead, "--remote-model", "m")
-    try:
-        app.wait_ready()
+    with AppServer("--backend", "remote", "--remote-url", dead, "--remote-model", "m") as app:
         client = Client(app.url, verbose=False)
         start = time.monotonic()
         with pytest.raises(Exception, match="Cannot connect to the remote server"):
             client.predict({"text": "Hello", "files": []}, max_new_tokens=8, api_name="/chat")
         assert time.monotonic() - start < 15
         client.close()
-    finally:
-        app.stop()
