@@ -85,6 +85,7 @@ def setup(args: argparse.Namespace) -> str:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
+        args.cpu_threads = args.threads      # the engine's device thread uses the same count
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     return ensure_process_vision_info()
 

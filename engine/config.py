@@ -38,6 +38,7 @@ class EngineConfig:
     max_batch: int = 8
     default_max_tokens: int = 512
     warmup: bool = True
+    cpu_threads: int | None = None     # None: 1 for the tiny model, torch's default otherwise
     max_media_mb: float | None = None
     max_image_pixels: int | None = None
     fetch_timeout: float | None = None
@@ -90,6 +91,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--default-max-tokens", type=int,
                    default=int(env("QWENVL_DEFAULT_MAX_TOKENS", "512")),
                    help="max new tokens when a request sets none [env QWENVL_DEFAULT_MAX_TOKENS]")
+    g.add_argument("--cpu-threads", type=int,
+                   default=int(env("QWENVL_CPU_THREADS", "0")) or None,
+                   help="torch threads on the CPU (default: 1 for the tiny model, where more "
+                        "threads only add synchronisation; torch's choice otherwise) "
+                        "[env QWENVL_CPU_THREADS]")
     g.add_argument("--max-media-mb", type=float, default=float(env("QWENVL_MAX_MEDIA_MB", "50")),
                    help="largest image or video file, data: URI or download "
                         "[env QWENVL_MAX_MEDIA_MB]")

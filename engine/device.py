@@ -67,6 +67,7 @@ class Device:
     kind: DeviceKind
     index: int = 0
     dtype: torch.dtype = torch.float32
+    cpu_threads: int | None = None   # torch intra-op threads on the CPU; None: torch's default
 
     @property
     def torch_device(self) -> torch.device:
@@ -82,6 +83,14 @@ class Device:
             torch.npu.set_device(self.index)
         elif self.kind == "cuda":
             torch.cuda.set_device(self.index)
+        elif self.cpu_threads:
+            torch.set_num_threads(self.cpu_threads)
+
+    def set_cpu_threads(self, threads: int | None) -> None:
+        """Intra-op threads for the CPU, here and (through bind_thread) in the device thread."""
+        if self.kind == "cpu" and threads:
+            self.cpu_threads = threads
+            torch.set_num_threads(threads)
 
     def empty_cache(self) -> None:
         """Give cached blocks back after an out-of-memory error, so the next request can run."""
@@ -95,7 +104,8 @@ class Device:
 
     def describe(self) -> str:
         if self.kind == "cpu":
-            return f"CPU ({torch.get_num_threads()} threads, {_dtype_name(self.dtype)})"
+            threads = self.cpu_threads or torch.get_num_threads()
+            return f"CPU ({threads} thread{'s' if threads != 1 else ''}, {_dtype_name(self.dtype)})"
         try:
             mod = torch.npu if self.kind == "npu" else torch.cuda
             name = mod.get_device_name(self.index)
