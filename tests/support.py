@@ -21,13 +21,18 @@ ROOT = Path(__file__).resolve().parent.parent
 REQUEST_LINE = re.compile(r"engine\.requests: request (\S+): .*output_tokens=(\d+) .*finish=(\w+)")
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on (closed again at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class AppServer:
     """`python app.py` in a subprocess; its output is collected for log checks."""
 
     def __init__(self, *args: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.lines: list[str] = []
         self.proc = subprocess.Popen(

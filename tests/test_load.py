@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import socket
 import threading
 import time
 from collections import Counter
@@ -21,10 +20,10 @@ from collections import Counter
 import httpx
 import psutil
 import pytest
-import uvicorn
 
 from engine.config import EngineConfig
 from engine.local import LocalEngine
+from server.background import BackgroundServer
 from server.routes import create_api_app
 from server.settings import ServerSettings
 
@@ -33,32 +32,6 @@ MAX_QUEUE = 12
 SECONDS = float(os.environ.get("QWENVL_LOAD_SECONDS", "20"))
 ANSWER_TOKENS = 24
 LONG_TOKENS = 4000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    def __init__(self, app) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", timeout_keep_alive=2))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 def chat_body(i: int, max_tokens: int) -> dict:
@@ -117,7 +90,9 @@ def test_load_with_disconnects(tiny_model_dir):
     engine.add_finish_listener(on_finish)
     proc = psutil.Process()
     try:
-        with ServerThread(create_api_app(engine, ServerSettings())) as base:
+        with BackgroundServer(create_api_app(engine, ServerSettings()),
+                              timeout_keep_alive=2) as srv:
+            base = srv.url
             # Warm up once so the baseline includes lazily created threads and buffers.
             with httpx.Client(timeout=60) as c:
                 stream_once(c, base, -1, False, Counter(), [])

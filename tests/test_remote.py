@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from support import loopback_only
+from support import free_port, loopback_only
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -71,12 +71,6 @@ def remote(remote_server):
     eng = create_engine(EngineConfig(backend="remote", remote_url=f"{remote_server.url}/v1"))
     yield eng
     eng.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def request(text="Describe this image.", images=(), **sampling) -> GenerationRequest:
