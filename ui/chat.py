@@ -58,12 +58,13 @@ class Sampling:
                 return default
 
         seed_value = num(seed, None, int)
-        return cls(max_tokens=num(max_tokens, 512, int), temperature=num(temperature, 0.7, float),
-                   top_p=num(top_p, 0.8, float), top_k=num(top_k, 20, int),
-                   repetition_penalty=num(repetition_penalty, 1.05, float),
+        return cls(max_tokens=num(max_tokens, cls.max_tokens, int),
+                   temperature=num(temperature, cls.temperature, float),
+                   top_p=num(top_p, cls.top_p, float), top_k=num(top_k, cls.top_k, int),
+                   repetition_penalty=num(repetition_penalty, cls.repetition_penalty, float),
                    seed=seed_value if seed_value is not None and seed_value >= 0 else None,
-                   min_pixels=num(min_pixels, DEFAULT_MIN_PIXELS, int),
-                   max_pixels=num(max_pixels, DEFAULT_MAX_PIXELS, int))
+                   min_pixels=num(min_pixels, cls.min_pixels, int),
+                   max_pixels=num(max_pixels, cls.max_pixels, int))
 
     def params(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
