@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def timed(source, lo: int, hi: int) -> tuple[float, int, tuple[int, int]]:
         times, tokens, grid = [], 0, (0, 0)
-        renderer.prepare(request(source, lo, hi)).close()     # untimed first call
+        renderer.prepare(request(source, lo, hi))     # untimed first call
         for _ in range(args.repeats):
             start = time.perf_counter()
             prompt = renderer.prepare(request(source, lo, hi))
@@ -108,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
             thw = prompt.inputs["image_grid_thw"][0].tolist()
             tokens = int(thw[0] * thw[1] * thw[2]) // 4
             grid = (thw[2] * 14, thw[1] * 14)
-            prompt.close()
         return median(times), tokens, grid
 
     rows = []

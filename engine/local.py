@@ -64,11 +64,7 @@ class LocalEngine(Engine):
         validate_sampling(request.sampling, self.max_model_len)
         with self.worker.arriving() as arrival:
             prompt = self.renderer.prepare(request, policy)
-            try:
-                return self.worker.submit(request, prompt, arrival)
-            except BaseException:
-                prompt.close()
-                raise
+            return self.worker.submit(request, prompt, arrival)
 
     def warmup(self) -> float:
         """One short generation so the first user does not pay for lazy initialisation."""

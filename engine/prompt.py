@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from .errors import InvalidRequestError
-from .media import MediaPolicy, VideoFile, load_image, load_video
+from .media import MediaPolicy, load_image, load_video
 from .types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, Conversation, GenerationRequest
 
 VIDEO_FPS = float(os.environ.get("QWENVL_VIDEO_FPS", 2.0))
@@ -33,12 +33,6 @@ class PreparedPrompt:
     images: int
     videos: int
     max_new_tokens: int
-    temp_files: list[VideoFile] = field(default_factory=list)
-
-    def close(self) -> None:
-        for f in self.temp_files:
-            f.close()
-        self.temp_files.clear()
 
 
 def check_image_limits(conv: Conversation, limit_images: int, limit_videos: int) -> None:
@@ -83,47 +77,40 @@ def read_video_frames(path: str, fps: float, max_frames: int) -> list[Image.Imag
 
 
 def build_qwen_messages(conv: Conversation, min_pixels: int, max_pixels: int,
-                        policy: MediaPolicy | None = None) -> tuple[list[dict], list[VideoFile]]:
-    """Qwen chat messages with every image loaded and checked (images before text)."""
+                        policy: MediaPolicy | None = None) -> list[dict]:
+    """Qwen chat messages with every image loaded and checked and every video decoded to
+    frames (images before text); nothing is left open afterwards."""
     messages: list[dict] = []
-    temps: list[VideoFile] = []
     if conv.system is not None and conv.system.strip():
         messages.append({"role": "system", "content": conv.system})
-    try:
-        for m in conv.messages:
-            if m.role == "system":
-                messages.append({"role": "system", "content": m.text})
-                continue
-            if m.role == "assistant":
-                messages.append({"role": "assistant", "content": m.text})
-                continue
-            parts: list[dict] = []
-            for img in m.images:
-                parts.append({"type": "image", "image": load_image(img.source, policy),
-                              "min_pixels": img.min_pixels or min_pixels,
-                              "max_pixels": img.max_pixels or max_pixels})
-            for vid in m.videos:
-                vf = load_video(vid.source, policy)
-                temps.append(vf)
-                try:
-                    frames = read_video_frames(str(vf.path), vid.fps or VIDEO_FPS, VIDEO_MAX_FRAMES)
-                except InvalidRequestError:
-                    raise
-                except Exception:
-                    raise InvalidRequestError("Failed to load video: its frames cannot be decoded.",
-                                              param="video") from None
-                parts.append({"type": "video", "video": frames,
-                              "min_pixels": vid.min_pixels or 128 * 28 * 28,
-                              "max_pixels": vid.max_pixels or min(max_pixels, VIDEO_MAX_PIXELS),
-                              "sample_fps": vid.fps or VIDEO_FPS})
-            if m.text:
-                parts.append({"type": "text", "text": m.text})
-            messages.append({"role": "user", "content": parts})
-    except BaseException:
-        for f in temps:
-            f.close()
-        raise
-    return messages, temps
+    for m in conv.messages:
+        if m.role in ("system", "assistant"):
+            messages.append({"role": m.role, "content": m.text})
+            continue
+        parts: list[dict] = []
+        for img in m.images:
+            parts.append({"type": "image", "image": load_image(img.source, policy),
+                          "min_pixels": img.min_pixels or min_pixels,
+                          "max_pixels": img.max_pixels or max_pixels})
+        for vid in m.videos:
+            video = load_video(vid.source, policy)
+            try:
+                frames = read_video_frames(str(video.path), vid.fps or VIDEO_FPS, VIDEO_MAX_FRAMES)
+            except InvalidRequestError:
+                raise
+            except Exception:
+                raise InvalidRequestError("Failed to load video: its frames cannot be decoded.",
+                                          param="video") from None
+            finally:
+                video.close()      # a temp copy of a URL or data: URI; the frames are in memory
+            parts.append({"type": "video", "video": frames,
+                          "min_pixels": vid.min_pixels or 128 * 28 * 28,
+                          "max_pixels": vid.max_pixels or min(max_pixels, VIDEO_MAX_PIXELS),
+                          "sample_fps": vid.fps or VIDEO_FPS})
+        if m.text:
+            parts.append({"type": "text", "text": m.text})
+        messages.append({"role": "user", "content": parts})
+    return messages
 
 
 class PromptRenderer:
@@ -139,11 +126,6 @@ class PromptRenderer:
         self.default_max_tokens = default_max_tokens
         self._lock = threading.Lock()
 
-    def render_text(self, messages: list[dict]) -> str:
-        with self._lock:
-            return self.processor.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True)
-
     def prepare(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> PreparedPrompt:
         """Everything short of the device; raises InvalidRequestError with vLLM's wording."""
         from qwen_vl_utils import process_vision_info
@@ -157,33 +139,27 @@ class PromptRenderer:
             raise InvalidRequestError(
                 f"min_pixels ({min_px}) must be positive and at most max_pixels ({max_px}).",
                 param="max_pixels")
-        messages, temps = build_qwen_messages(conv, min_px, max_px, policy)
+        messages = build_qwen_messages(conv, min_px, max_px, policy)
         try:
-            try:
-                images, videos, video_kwargs = process_vision_info(messages, return_video_kwargs=True)
-            except ValueError as exc:  # e.g. qwen_vl_utils' aspect-ratio check
-                raise InvalidRequestError(f"Failed to process image: {exc}", param="image") from None
-            extra: dict[str, Any] = {}
-            if videos:
-                # qwen_vl_utils returns one fps per video; this processor takes one value.
-                fps = video_kwargs.get("fps") or [VIDEO_FPS]
-                extra = {"fps": float(fps[0]), "do_sample_frames": False,
-                         "cap_pixels_per_frame": True}
-            with self._lock:
-                text = self.processor.apply_chat_template(messages, tokenize=False,
-                                                          add_generation_prompt=True)
-                inputs = self.processor(text=[text], images=images, videos=videos,
-                                        return_tensors="pt", **extra)
-            n_prompt = int(inputs["input_ids"].shape[1])
-            max_new = self.check_context(n_prompt, request.sampling.max_tokens,
-                                         request.sampling.cap_to_context)
-        except BaseException:
-            for f in temps:
-                f.close()
-            raise
+            images, videos, video_kwargs = process_vision_info(messages, return_video_kwargs=True)
+        except ValueError as exc:  # e.g. qwen_vl_utils' aspect-ratio check
+            raise InvalidRequestError(f"Failed to process image: {exc}", param="image") from None
+        extra: dict[str, Any] = {}
+        if videos:
+            # qwen_vl_utils returns one fps per video; this processor takes one value.
+            fps = video_kwargs.get("fps") or [VIDEO_FPS]
+            extra = {"fps": float(fps[0]), "do_sample_frames": False, "cap_pixels_per_frame": True}
+        with self._lock:
+            text = self.processor.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=True)
+            inputs = self.processor(text=[text], images=images, videos=videos,
+                                    return_tensors="pt", **extra)
+        n_prompt = int(inputs["input_ids"].shape[1])
+        max_new = self.check_context(n_prompt, request.sampling.max_tokens,
+                                     request.sampling.cap_to_context)
         return PreparedPrompt(inputs=dict(inputs), prompt_text=text, prompt_tokens=n_prompt,
                               images=len(images or []), videos=len(videos or []),
-                              max_new_tokens=max_new, temp_files=temps)
+                              max_new_tokens=max_new)
 
     def check_context(self, prompt_tokens: int, max_tokens: int | None, cap: bool = False) -> int:
         """The number of new tokens to allow, or vLLM's context-length error."""

@@ -323,7 +323,6 @@ class GenerationWorker:
             running = list(self._running)
             self._cond.notify_all()
         for item in pending:
-            item.prompt.close()
             self._finish(item, "cancelled", RequestStats())
         for item in running:
             item.handle.cancel()
@@ -336,7 +335,6 @@ class GenerationWorker:
                 self._queue.remove(item)
             except ValueError:
                 return   # already running: the criteria will see the event
-        item.prompt.close()
         self._finish(item, "cancelled", self._stats(item, None, 0, time.monotonic()))
 
     def _take_batch(self) -> list[WorkItem] | None:
@@ -396,8 +394,6 @@ class GenerationWorker:
             finally:
                 with self._cond:
                     self._running = []
-                for item in batch:
-                    item.prompt.close()
 
     def _run(self, batch: list[WorkItem]) -> None:
         start = time.monotonic()

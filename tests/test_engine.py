@@ -332,6 +332,17 @@ def test_video_input_and_fake_video(tiny_engine, tmp_path):
     assert prepared.videos == 1 and int((prepared.inputs["input_ids"] == pad).sum()) > 0
     _, fin = tiny_engine.generate(req)
     assert fin.reason == "length" and fin.stats.videos == 1
+    # a video sent as a data: URI is decoded to frames and its temp copy removed at once
+    import base64
+    import glob
+    import tempfile
+
+    pattern = f"{tempfile.gettempdir()}/qwenvl-video-*"
+    before = set(glob.glob(pattern))
+    uri = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    prepared = tiny_engine.renderer.prepare(GenerationRequest(Conversation(
+        [Message("user", "And now?", videos=[VideoInput(uri)])])))
+    assert prepared.videos == 1 and set(glob.glob(pattern)) == before
     fake = tmp_path / "fake.mp4"
     fake.write_text("not a video at all")
     with pytest.raises(InvalidRequestError, match="is not a readable video"):
