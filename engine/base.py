@@ -5,6 +5,8 @@ OpenAI-compatible server such as vllm-ascend). Front ends never know which."""
 from __future__ import annotations
 
 import abc
+import asyncio
+from concurrent.futures import Executor
 from typing import Callable
 
 from .media import MediaPolicy
@@ -54,6 +56,22 @@ class Engine(abc.ABC):
                 listener(request, event)
             except Exception:  # a metrics bug must not break serving
                 pass
+
+    async def asubmit(self, request: GenerationRequest, policy: MediaPolicy | None = None,
+                      executor: Executor | None = None) -> RequestHandle:
+        """`submit` for async callers: preparation (image decoding, a remote's HTTP request)
+        runs in a thread, not on the event loop. If the caller is cancelled meanwhile, a
+        handle that still arrives is cancelled too, so nothing generates for nobody."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(executor, self.submit, request, policy)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            def cancel_late(f: asyncio.Future) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    f.result().cancel()
+            future.add_done_callback(cancel_late)
+            raise
 
     def generate(self, request: GenerationRequest, policy: MediaPolicy | None = None,
                  timeout: float | None = None) -> tuple[str, Finished]:

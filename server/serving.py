@@ -263,17 +263,7 @@ class ChatServing:
         return error_response(exc)
 
     async def _submit(self, gen: GenerationRequest) -> RequestHandle:
-        """engine.submit in the pool; a handle arriving after the caller gave up is cancelled."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, self.engine.submit, gen, self.policy)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            def cancel_late(f: asyncio.Future) -> None:
-                if not f.cancelled() and f.exception() is None:
-                    f.result().cancel()
-            future.add_done_callback(cancel_late)
-            raise
+        return await self.engine.asubmit(gen, self.policy, self._pool)
 
     async def _run(self, req: ChatCompletionRequest, gen: GenerationRequest,
                    model: str) -> Response:

@@ -27,6 +27,7 @@ pytest.importorskip("uvicorn")
 from PIL import Image  # noqa: E402
 
 from engine import media  # noqa: E402
+from engine.base import Engine  # noqa: E402
 from engine.config import DEFAULT_MODEL, EngineConfig  # noqa: E402
 from engine.local import LocalEngine  # noqa: E402
 from server.background import BackgroundServer  # noqa: E402
@@ -322,22 +323,17 @@ def test_tutorial_curl(server):
     assert answer["usage"]["prompt_tokens"] > 256
 
 
-class ScriptedEngine:
+class ScriptedEngine(Engine):
     """An engine whose requests play a fixed script of events (for mid-stream errors)."""
 
     model_name, is_tiny, max_model_len, device_description = "scripted", False, 100, "none"
 
     def __init__(self, script) -> None:
+        super().__init__()
         self.script = script
-
-    def add_finish_listener(self, cb):
-        pass
 
     def health(self):
         return True
-
-    def queue_depth(self):
-        return 0
 
     def submit(self, request, policy=None):
         from engine.stream import RequestHandle

@@ -391,3 +391,46 @@ def test_publishing_without_login_warns_loudly():
     assert "0.0.0.0:7860" in app.open_access_warning(parse(["--server-name", "0.0.0.0"]))
     assert app.open_access_warning(parse(["--share", "--auth", "a:b"])) is None
     assert app.open_access_warning(parse([])) is None
+
+
+def test_preparation_runs_off_the_event_loop(uploads):
+    """A slow submit (big images, a remote's prefill) must not freeze the page for others."""
+    import time
+
+    from engine.base import Engine
+    from engine.stream import RequestHandle
+    from engine.types import RequestStats, TextDelta
+
+    class SlowEngine(Engine):
+        model_name, device_description = "slow", "none"
+
+        def submit(self, request, policy=None):
+            time.sleep(0.4)
+            handle = RequestHandle(request.request_id)
+            handle.push(TextDelta("ok"))
+            handle.push(Finished("stop", RequestStats(output_tokens=1)))
+            return handle
+
+        def health(self):
+            return True
+
+    ctrl = ChatController(SlowEngine(), (uploads.resolve(), ASSETS.resolve()))
+    state, _, _ = ctrl.add_user_turn(history.new_state(), {"text": "hi", "files": []}, None, Req())
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.02)
+                ticks += 1
+
+        tick_task = asyncio.create_task(ticker())
+        steps = [step async for step in ctrl.respond(state, FAST, Req())]
+        tick_task.cancel()
+        return ticks, steps
+
+    ticks, steps = asyncio.run(main())
+    assert ticks >= 10, f"the event loop was blocked ({ticks} ticks in 0.4 s)"
+    assert steps[-1][0]["turns"][-1]["text"] == "ok"

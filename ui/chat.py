@@ -206,11 +206,12 @@ class ChatController:
         self.active.stop(session_of(request), remember=False)
 
     # ------------------------------------------------------------ generation
-    def _submit(self, state: State, sampling: Sampling) -> RequestHandle:
+    async def _submit(self, state: State, sampling: Sampling) -> RequestHandle:
+        """Preparation runs off the event loop, which serves every other user meanwhile."""
         conv = history.to_conversation(state)
         req = GenerationRequest(conv, sampling.params(), min_pixels=sampling.min_pixels,
                                 max_pixels=sampling.max_pixels)
-        return self.engine.submit(req, self.policy)
+        return await self.engine.asubmit(req, self.policy)
 
     async def respond(self, raw_state: Any, sampling: Sampling,
                       request: Any = None) -> AsyncIterator[tuple[State | None, list[dict]]]:
@@ -222,7 +223,7 @@ class ChatController:
             return
         session = session_of(request)
         try:
-            handle = self._submit(state, sampling)
+            handle = await self._submit(state, sampling)
         except Exception as exc:  # bad input, busy, engine down: a message, never a traceback
             if not isinstance(exc, EngineError):
                 log.exception("submit failed")
@@ -264,7 +265,7 @@ class ChatController:
         state, _, accepted = self.add_user_turn(None, message, system, request)
         if not accepted:
             raise InvalidRequestError("The message is empty: send text or a file.")
-        handle = self._submit(state, sampling)
+        handle = await self._submit(state, sampling)
         session = session_of(request)
         self.active.add(session, handle)
         try:
