@@ -15,7 +15,16 @@ from .types import Event, Finished, RequestStats, TextDelta
 
 
 class RequestHandle:
-    """One request's events plus its cancel switch."""
+    """One request's events plus its cancel switch.
+
+    Text is handed over as it comes, but the consumer is woken at most every
+    `notify_interval_s` (and always for the end): a small model makes a token every
+    millisecond or so, and waking another thread for each one cost a tenth of its speed.
+    A token that arrives sooner after the last wake-up waits in the queue for the next
+    one, merged with its neighbours; a 7B model's tokens are further apart than this, so
+    each is still delivered at once."""
+
+    notify_interval_s = 0.01
 
     def __init__(self, request_id: str, on_cancel: Callable[[], None] | None = None) -> None:
         self.request_id = request_id
@@ -26,6 +35,9 @@ class RequestHandle:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self.finished: Finished | None = None
+        self._notified_at = 0.0
+        self.tokens = 0                               # generated so far (the device thread's count)
+        self.tokens_at_cancel: int | None = None
 
     # ------------------------------------------------------------- producer
     def push(self, event: Event) -> None:
@@ -37,6 +49,10 @@ class RequestHandle:
             if isinstance(event, Finished):
                 self.finished = event
             self._events.append(event)
+            now = time.monotonic()
+            if self.finished is None and now - self._notified_at < self.notify_interval_s:
+                return
+            self._notified_at = now
             self._cond.notify_all()
             loop, wakeup = self._loop, self._wakeup
         if loop is not None and wakeup is not None:
@@ -48,6 +64,7 @@ class RequestHandle:
     def cancel(self) -> None:
         """Ask the engine to stop this request; it ends within a few tokens."""
         if not self.cancel_event.is_set():
+            self.tokens_at_cancel = self.tokens
             self.cancel_event.set()
             if self._on_cancel is not None:
                 self._on_cancel()

@@ -109,6 +109,7 @@ class RequestStats:
     queue_s: float = 0.0
     ttft_s: float | None = None
     total_s: float = 0.0
+    tokens_after_cancel: int | None = None   # cancelled requests: tokens made after the cancel
 
     @property
     def input_tps(self) -> float:

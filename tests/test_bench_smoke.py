@@ -196,3 +196,18 @@ def test_preprocessing_runs_on_the_callers_thread(patient_engine):
     assert isinstance(events[-1], Finished) and events[-1].reason != "error"
     assert seen == [threading.current_thread().name]
     assert all(isinstance(e, TextDelta) for e in events[:-1])
+
+
+def test_a_short_answer_ends_while_its_batch_runs_on(patient_engine):
+    """A row that is done is released at once (its Finished event), not when the
+    longest row of its batch ends."""
+    engine = patient_engine
+    with engine.worker.arriving():
+        short = engine.submit(_short("short", n=4))
+        long = engine.submit(_short("long", n=3000))
+    text, fin = short.collect(timeout=60)
+    assert fin.reason == "length" and fin.stats.output_tokens == 4
+    assert long.finished is None and long.tokens < 3000, "the short answer waited for the batch"
+    long.cancel()
+    assert long.collect(timeout=60)[1].reason == "cancelled"
+    assert engine.worker.batches_run == 1 and engine.worker.largest_batch == 2
