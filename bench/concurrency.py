@@ -185,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                     worker.max_batch = size     # read when the next batch forms; engine idle
                     res = run(n)
                     results.setdefault((mode, n), []).append(res)
+                    # a line per level as it ends, so a run cut short still says something
+                    print(f"  {n} client(s), {mode}: {res.tps:.1f} tok/s, mean batch "
+                          f"{res.mean_batch:.2f}, {res.requests} requests, {len(res.errors)} "
+                          f"errors, {res.wall_s:.1f} s", flush=True)
                     for err in res.errors[:3]:
                         print(f"error ({mode}, {n} clients): {err}")
         worker.max_batch = engine.config.max_batch
