@@ -61,5 +61,5 @@ fi
 step 40 "image preprocessing (CPU side)" \
   "$PY" bench/preprocess.py --repeats 1 --bounds 0,1
 step 90 "warm-up: first request in a fresh process" \
-  "$PY" bench/warmup.py "${FULL[@]}" --max-tokens 16 --variants none,engine,image ${EXTRA[@]+"${EXTRA[@]}"}
+  "$PY" bench/warmup.py "${FULL[@]}" --max-tokens 16 --variants none,text,engine ${EXTRA[@]+"${EXTRA[@]}"}
 echo; echo "bench/gpu.sh done in $(( $(date +%s) - start ))s; log: $LOG"

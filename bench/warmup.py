@@ -1,7 +1,7 @@
 """Does the warm-up at start help the first user? Time to first token of the
-first request (an image question) in a fresh process, without warm-up, with
-the engine's warm-up (`LocalEngine.warmup`, a 2-token text request) and with a
-warm-up that also carries a small image (so the vision tower runs once), each
+first request (an image question) in a fresh process, without warm-up, after a
+2-token text-only request, and after the engine's warm-up (`LocalEngine.warmup`,
+a 2-token request with a small image, so the vision tower runs once too), each
 against the second request as the steady state.
 
     python bench/warmup.py --model tiny [--max-tokens 16]
@@ -25,8 +25,8 @@ if __package__ in (None, ""):
 
 from bench.common import ROOT, add_bench_args, bench_request, print_table  # noqa: E402
 
-VARIANTS = {"none": "no warm-up", "engine": "engine warm-up (text)",
-            "image": "warm-up with an image"}
+VARIANTS = {"none": "no warm-up", "text": "text-only warm-up",
+            "engine": "engine warm-up (with an image)"}
 
 
 def first_request(engine, max_tokens: int) -> dict[str, float]:
@@ -44,15 +44,13 @@ def first_request(engine, max_tokens: int) -> dict[str, float]:
     return {"ttft_s": ttft, "total_s": total}
 
 
-def image_warmup(engine) -> None:
-    """A 2-token request with a small image: runs the vision tower once too."""
-    from PIL import Image
+def text_warmup(engine) -> None:
+    """A 2-token text-only request (the engine's warm-up before 2026-11-27)."""
+    from engine.types import Conversation, GenerationRequest, Message, SamplingParams
 
-    from engine.types import Conversation, GenerationRequest, ImageInput, Message, SamplingParams
-
-    req = GenerationRequest(Conversation([Message("user", "Hello", images=[
-        ImageInput(Image.new("RGB", (224, 224), (128, 128, 128)))])]),
-        SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), request_id="warmup-image")
+    req = GenerationRequest(Conversation([Message("user", "Hello")]),
+                            SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                            request_id="warmup-text")
     engine.generate(req, timeout=600)
 
 
@@ -65,10 +63,10 @@ def child(args: argparse.Namespace) -> int:
     engine = build_engine(args, warmup=False)
     load_s = time.monotonic() - start
     start = time.monotonic()
-    if args.variant in ("engine", "image"):
+    if args.variant == "text":
+        text_warmup(engine)
+    elif args.variant == "engine":
         engine.warmup()
-    if args.variant == "image":
-        image_warmup(engine)
     warm_s = time.monotonic() - start
     try:
         first = first_request(engine, args.max_tokens)
@@ -85,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_args(parser)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--variants", default="none,engine,image",
+    parser.add_argument("--variants", default="none,text,engine",
                         help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

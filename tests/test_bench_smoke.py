@@ -71,7 +71,7 @@ def test_preprocess_counts_image_tokens(capsys):
 
 
 def test_warmup_child_reports_first_request(tiny_model_dir, capsys):
-    assert warmup.main(_common(tiny_model_dir) + ["--variant", "image", "--max-tokens", "4"]) == 0
+    assert warmup.main(_common(tiny_model_dir) + ["--variant", "engine", "--max-tokens", "4"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("RESULT "))
     assert '"first": {"ttft_s":' in line and '"second"' in line
 
