@@ -202,15 +202,19 @@ def report(samples: dict[str, list[Sample]], engine, max_tokens: int,
         tps = median(s.tps for s in runs)
         ttft = median(s.ttft_s for s in runs)
         dec = median(s.decode_tps for s in runs)
+        # Paired: each round ran every path back to back, so the ratio within a round is
+        # untouched by the machine's slow and fast phases, which last longer than a round.
+        paired = median(s.tps / b.tps for s, b in zip(runs, bare) if b.tps > 0)
         summary[name] = {"tps": tps, "ttft_ms": ttft * 1000, "decode_tps": dec,
-                         "tps_ratio": tps / base_tps, "added_ttft_ms": (ttft - base_ttft) * 1000}
+                         "tps_ratio": tps / base_tps, "paired_ratio": paired,
+                         "added_ttft_ms": (ttft - base_ttft) * 1000}
         rows.append([name, f"{ttft * 1000:.1f}", f"{tps:.1f}", f"{dec:.1f}",
-                     f"{tps / base_tps:.3f}", "-" if name == "bare generate"
+                     f"{tps / base_tps:.3f}", f"{paired:.3f}", "-" if name == "bare generate"
                      else f"{(ttft - base_ttft) * 1000:+.1f}",
                      str(runs[0].tokens)])
     print_table(f"Overhead: {max_tokens} output tokens, median of {len(bare)} interleaved runs",
                 ["path", "TTFT ms", "output tok/s", "decode tok/s", "tok/s ours/bare",
-                 "added TTFT ms", "tokens"], rows)
+                 "paired ours/bare", "added TTFT ms", "tokens"], rows)
 
     weight_bytes = decode_weight_bytes(engine.loaded.model)
     bound = bandwidth_gbs * 1e9 / weight_bytes if bandwidth_gbs else None
@@ -271,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name}: {text[:80]!r}")
         bw, note = device_bandwidth(engine.device, args.bandwidth_gbs)
         summary = report(samples, engine, args.max_tokens, bw, note)
-        ratio = summary["our engine"]["tps_ratio"]
-        print(f"\nengine output tok/s / bare: {ratio:.3f} (goal >= {GOAL_TPS_RATIO}: "
-              f"{'met' if ratio >= GOAL_TPS_RATIO else 'NOT met'}); added TTFT "
+        ratio = summary["our engine"]["paired_ratio"]
+        print(f"\nengine output tok/s / bare, median of the per-round ratios: {ratio:.3f} (goal >= "
+              f"{GOAL_TPS_RATIO}: {'met' if ratio >= GOAL_TPS_RATIO else 'NOT met'}); ratio of "
+              f"the medians {summary['our engine']['tps_ratio']:.3f}; added TTFT "
               f"{summary['our engine']['added_ttft_ms']:+.1f} ms")
     finally:
         for p in paths:

@@ -35,7 +35,8 @@ def test_overhead_runs_and_paths_agree(tiny_model_dir, capsys):
             re.sub(r"\|\s+", "| ", line)}
     assert {"bare generate", "our engine"} <= rows.keys()
     assert ("our HTTP API" in rows) == HTTP
-    assert re.search(r"engine output tok/s / bare: \d+\.\d+", out)
+    assert re.search(r"engine output tok/s / bare, median of the per-round ratios: \d+\.\d+", out)
+    assert re.search(r"\| +our engine \|( +[-+\d.]+ \|){6}", out)   # incl. the paired ratio
     assert "fraction of bound" in out and "n/a" in out      # CPU: no bandwidth figure
 
 
