@@ -14,7 +14,7 @@ from engine.config import EngineConfig
 from engine.errors import EngineBusyError, InvalidRequestError
 from engine.local import LocalEngine
 from engine.types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
-                          SamplingParams, TextDelta)
+                          RequestStats, SamplingParams, TextDelta)
 
 ASSET = "assets/chart.png"
 
@@ -355,7 +355,6 @@ def test_video_input_and_fake_video(tiny_engine, tmp_path):
 
 def test_waiting_deltas_are_merged_for_a_slow_consumer():
     from engine.stream import RequestHandle
-    from engine.types import RequestStats
 
     handle = RequestHandle("r")
     for piece in ("a", "b", "", "c"):
@@ -394,7 +393,6 @@ def test_consumer_is_woken_for_each_token_of_a_slow_model_and_nothing_is_lost():
     """Tokens further apart than the notify interval (a 7B model's) each reach a waiting
     consumer at once; a burst (a tiny model's) is merged, and everything arrives."""
     from engine.stream import RequestHandle
-    from engine.types import RequestStats
 
     handle = RequestHandle("r")
     got: list[str] = []
@@ -416,3 +414,41 @@ def test_consumer_is_woken_for_each_token_of_a_slow_model_and_nothing_is_lost():
     reader.join(5)
     assert "".join(got) == "one two " + "".join(f"{i}," for i in range(200))
     assert len(got) < 2 + 200, "a burst should be merged into fewer deltas"
+
+
+def test_criteria_streams_the_first_token_at_once_and_batches_the_rest(tiny_engine, monkeypatch):
+    """The device thread decodes and hands over text at most every notify interval, except
+    the first token (time to first token) and a row's end, which go out at once."""
+    from engine.stream import RequestHandle
+    from engine.worker import BatchCriteria, RowState, WorkItem
+
+    monkeypatch.setattr(RequestHandle, "notify_interval_s", 3600.0)
+    worker = tiny_engine.worker
+    tok = worker.tokenizer
+    req = ask("x", max_tokens=4, ignore_eos=True)
+    prompt = tiny_engine.renderer.prepare(req)
+    handle = RequestHandle("r")
+    row = RowState(WorkItem(req, prompt, handle, ()), tok, worker.eos_ids, worker.pieces)
+    released = []
+    criteria = BatchCriteria([row], on_done=lambda r: (released.append(r),
+                                                      worker._finish(r.item, r.finish("stop"),
+                                                                     RequestStats())))
+    ids = tok("ab cd ef gh", add_special_tokens=False).input_ids[:4]
+    assert len(ids) == 4
+    seq = torch.tensor([[1, 2, 3]])
+
+    def step(token):
+        nonlocal seq
+        seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
+        return criteria(seq, None)
+
+    assert not step(ids[0]).any()
+    assert [e.text for e in handle._events] == [tok.decode(ids[:1])]   # the first token at once
+    assert handle.tokens == 1
+    step(ids[1])
+    step(ids[2])
+    assert len(handle._events) == 1 and row.pending == ids[1:3]         # counted, not yet sent
+    assert step(ids[3]).all()                                           # max_tokens: done
+    assert released == [row] and handle.finished is not None            # released at once
+    text = "".join(e.text for e in handle._events if isinstance(e, TextDelta))
+    assert text == tok.decode(ids) and handle.finished.reason == "length"
