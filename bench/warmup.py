@@ -44,16 +44,6 @@ def first_request(engine, max_tokens: int) -> dict[str, float]:
     return {"ttft_s": ttft, "total_s": total}
 
 
-def text_warmup(engine) -> None:
-    """A 2-token text-only request (the engine's warm-up before 2026-11-27)."""
-    from engine.types import Conversation, GenerationRequest, Message, SamplingParams
-
-    req = GenerationRequest(Conversation([Message("user", "Hello")]),
-                            SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
-                            request_id="warmup-text")
-    engine.generate(req, timeout=600)
-
-
 def child(args: argparse.Namespace) -> int:
     """One fresh process: load, warm up as asked, time the first and second request."""
     from bench.common import build_engine, setup
@@ -63,10 +53,8 @@ def child(args: argparse.Namespace) -> int:
     engine = build_engine(args, warmup=False)
     load_s = time.monotonic() - start
     start = time.monotonic()
-    if args.variant == "text":
-        text_warmup(engine)
-    elif args.variant == "engine":
-        engine.warmup()
+    if args.variant != "none":   # "text": the engine's warm-up before 2026-11-27
+        engine.warmup(with_image=args.variant == "engine")
     warm_s = time.monotonic() - start
     try:
         first = first_request(engine, args.max_tokens)

@@ -67,7 +67,7 @@ class LocalEngine(Engine):
             prompt = self.renderer.prepare(request, policy)
             return self.worker.submit(request, prompt, arrival)
 
-    def warmup(self) -> float:
+    def warmup(self, with_image: bool = True) -> float:
         """One short generation with a small image, so the first user pays neither for lazy
         initialisation nor for the vision tower's first run. Measured on an H200 (random
         7B, bench/warmup.py): the first image question took 1.09 s to its first token
@@ -75,8 +75,8 @@ class LocalEngine(Engine):
         from PIL import Image
 
         start = time.monotonic()
-        image = ImageInput(Image.new("RGB", (224, 224), (128, 128, 128)))
-        req = GenerationRequest(Conversation([Message("user", "Hello", images=[image])]),
+        images = [ImageInput(Image.new("RGB", (224, 224), (128, 128, 128)))] if with_image else []
+        req = GenerationRequest(Conversation([Message("user", "Hello", images=images)]),
                                 SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
                                 request_id="warmup")
         _, fin = self.generate(req, timeout=600)

@@ -136,10 +136,14 @@ class RowState:
         self.detok = IncrementalDetokenizer(tokenizer, pieces)
         self.text = ""
         self.sent = 0
-        self.tokens = 0
         self.pending: list[int] = []
         self.first_token_at: float | None = None
         self.reason: FinishReason | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens generated so far: counted on the handle, where a cancel reads it."""
+        return self.handle.tokens
 
     @property
     def done(self) -> bool:
@@ -156,8 +160,7 @@ class RowState:
             return
         if self.first_token_at is None:
             self.first_token_at = now
-        self.tokens += 1
-        self.handle.tokens = self.tokens
+        self.handle.tokens += 1
         if token_id in self.eos_ids:
             self.reason = "stop"
         elif not self.stops:           # no text to keep: decoded and streamed by flush()
