@@ -18,13 +18,13 @@ import os
 import socket
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from engine.config import EngineConfig, add_engine_args, env, env_bool  # noqa: E402
 from server.routes import mount_api  # noqa: E402
+from server.auth import parse_auth  # noqa: E402,F401  (app.parse_auth, as before)
 from server.settings import ServerSettings, add_server_args  # noqa: E402
 
 log = logging.getLogger("app")
@@ -44,10 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
                    default=env_bool("GRADIO_SHARE") or env_bool("QWENVL_SHARE"),
                    help="also open a temporary public link through Gradio's share tunnel "
                         "(UI and API); ignored on a Hugging Face Space [env GRADIO_SHARE]")
-    g.add_argument("--auth", action="append", metavar="USER:PASS|FILE",
-                   default=[a for a in [env("QWENVL_AUTH")] if a],
-                   help="require a login for the web UI: USER:PASS, or a file with one USER:PASS "
-                        "per line; repeatable [env QWENVL_AUTH]")
     g.add_argument("--max-upload-mb", type=float,
                    default=env("QWENVL_MAX_UPLOAD_MB", str(DEFAULT_UPLOAD_MB)),
                    help="largest file a browser may upload [env QWENVL_MAX_UPLOAD_MB]")
@@ -63,32 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_auth(values: list[str]) -> list[tuple[str, str]] | None:
-    """USER:PASS entries, given directly or as files of them (blank lines and # comments skipped)."""
-    pairs: list[tuple[str, str]] = []
-    for value in values or []:
-        path = Path(value).expanduser()
-        if path.is_file():
-            lines = [(f"{path}:{n}", line.strip()) for n, line in
-                     enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)]
-            lines = [(where, line) for where, line in lines if line and not line.startswith("#")]
-        else:
-            lines = [("--auth", value)]
-        for where, line in lines:
-            user, sep, password = line.partition(":")
-            if not sep or not user.strip() or not password:
-                raise ValueError(f"{where}: expected USER:PASS (or the path of a file of them)")
-            pairs.append((user.strip(), password))
-    return pairs or None
+def open_doors(args: argparse.Namespace) -> list[str]:
+    """Which ways in have no login, when the server can be reached from other machines
+    (a share link, a non-loopback address); empty on loopback or with everything guarded."""
+    if not (args.share or args.server_name not in ("127.0.0.1", "localhost", "::1")):
+        return []
+    doors = []
+    if not args.auth:
+        doors.append("the web page (add --auth USER:PASS)")
+    if not args.auth and not args.api_key:
+        doors.append("the API at /v1, /metrics and /version (--auth or --api-key guards it)")
+    return doors
 
 
 def open_access_warning(args: argparse.Namespace) -> str | None:
-    """A loud warning when the page is published (share link, non-loopback address) without login."""
-    if args.auth or not (args.share or args.server_name not in ("127.0.0.1", "localhost", "::1")):
+    """A loud warning naming every door left open when the server is published."""
+    doors = open_doors(args)
+    if not doors:
         return None
     where = "the public share link" if args.share else f"{args.server_name}:{args.server_port}"
-    return (f"NO LOGIN: anyone who can reach {where} can use this model and its device. "
-            "Add --auth USER:PASS (and --api-key KEY for /v1).")
+    return (f"NO LOGIN on {' and on '.join(doors)}: anyone who can reach {where} can use this "
+            "model and its device.")
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -112,6 +103,7 @@ def create_app(engine: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     import gradio as gr
     from fastapi import FastAPI
 
+    from ui.gate import LoginGate, gradio_session_check
     from ui.layout import ASSETS, CSS, THEME, UIOptions, browser_secret_from_env, build_demo
 
     concurrency = args.ui_concurrency or args.max_batch
@@ -120,13 +112,20 @@ def create_app(engine: Any, args: argparse.Namespace) -> tuple[Any, Any]:
                                         browser_secret=browser_secret_from_env()))
     app = FastAPI(title="Qwen2.5-VL", docs_url=None, redoc_url=None, openapi_url=None)
     mount_api(app, engine, ServerSettings.from_namespace(args))   # before the UI's catch-all at /
+    users = parse_auth(args.auth)
     gr.mount_gradio_app(
-        app, demo, path="/", auth=parse_auth(args.auth),
+        app, demo, path="/", auth=users,
         auth_message="Log in to chat with Qwen2.5-VL.",
         allowed_paths=[str(ASSETS)], max_file_size=f"{int(args.max_upload_mb * 1024)}kb",
         root_path=args.root_path, ssr_mode=False, show_error=False,
         footer_links=["api", "settings"], run_history=False, theme=THEME, css=CSS,
         server_name=args.server_name, server_port=args.server_port)
+    # Gradio checks that a file named in an event's data was uploaded (lies in its upload
+    # folder) only once `launch()` has run; mounted under uvicorn it never has, so every
+    # path a browser sends would be copied into the cache and served. Turn the check on.
+    demo.has_launched = True
+    app.add_middleware(LoginGate, logged_in=gradio_session_check(gradio_sub_app(app)),
+                       enabled=bool(users))
     return app, demo
 
 

@@ -9,6 +9,12 @@ import os
 from dataclasses import dataclass, fields
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+# The largest per-image pixel bound a request may ask for: the processor's own default
+# max_pixels (16384 image tokens), so no request can make the server upscale without end.
+DEFAULT_MAX_PIXELS_LIMIT = 16384 * 28 * 28
+# A prompt longer than this many characters per context token cannot fit (a Qwen token is
+# rarely more than a few characters), so it is refused before it is tokenized.
+CHARS_PER_TOKEN_LIMIT = 32
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -42,6 +48,11 @@ class EngineConfig:
     max_media_mb: float | None = None
     max_image_pixels: int | None = None
     fetch_timeout: float | None = None
+    max_pixels_limit: int = DEFAULT_MAX_PIXELS_LIMIT
+    video_fps: float = 2.0
+    video_max_frames: int = 32
+    video_max_pixels: int = 360 * 420   # per frame
+    max_prompt_chars: int | None = None  # None: CHARS_PER_TOKEN_LIMIT * max_model_len
     batch_wait_ms: float = 50.0
     static_cache: bool = False
     torch_compile: bool = False
@@ -50,6 +61,11 @@ class EngineConfig:
     remote_api_key: str | None = None
     remote_model: str | None = None    # default: the first model the remote lists
     remote_timeout: float = 300.0      # seconds without a byte from the remote before giving up
+    remote_mm_kwargs: bool = False     # the remote runs with --trust-request-mm-kwargs
+
+    @property
+    def prompt_chars_limit(self) -> int:
+        return self.max_prompt_chars or CHARS_PER_TOKEN_LIMIT * self.max_model_len
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "EngineConfig":
@@ -105,6 +121,22 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "[env QWENVL_MAX_IMAGE_PIXELS]")
     g.add_argument("--fetch-timeout", type=float, default=float(env("QWENVL_FETCH_TIMEOUT", "10")),
                    help="seconds for fetching an http(s) image or video [env QWENVL_FETCH_TIMEOUT]")
+    g.add_argument("--max-pixels-limit", type=int,
+                   default=int(env("QWENVL_MAX_PIXELS_LIMIT", str(DEFAULT_MAX_PIXELS_LIMIT))),
+                   help="largest min_pixels/max_pixels a request may set per image (default: the "
+                        "processor's own 16384*28*28) [env QWENVL_MAX_PIXELS_LIMIT]")
+    g.add_argument("--max-prompt-chars", type=int,
+                   default=int(env("QWENVL_MAX_PROMPT_CHARS", "0")) or None,
+                   help=f"longest prompt text, refused before tokenizing (default: "
+                        f"{CHARS_PER_TOKEN_LIMIT} x --max-model-len) [env QWENVL_MAX_PROMPT_CHARS]")
+    g.add_argument("--video-fps", type=float, default=float(env("QWENVL_VIDEO_FPS", "2")),
+                   help="frames sampled per second of video [env QWENVL_VIDEO_FPS]")
+    g.add_argument("--video-max-frames", type=int,
+                   default=int(env("QWENVL_VIDEO_MAX_FRAMES", "32")),
+                   help="most frames sampled from one video [env QWENVL_VIDEO_MAX_FRAMES]")
+    g.add_argument("--video-max-pixels", type=int,
+                   default=int(env("QWENVL_VIDEO_MAX_PIXELS", str(360 * 420))),
+                   help="pixels per video frame [env QWENVL_VIDEO_MAX_PIXELS]")
     g.add_argument("--no-warmup", dest="warmup", action="store_false",
                    default=not env_bool("QWENVL_NO_WARMUP"),
                    help="skip the short warm-up generation at start")
@@ -135,3 +167,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    default=float(env("QWENVL_REMOTE_TIMEOUT", "300")),
                    help="seconds to wait for the remote's next byte (connecting: at most 5 s) "
                         "[env QWENVL_REMOTE_TIMEOUT]")
+    r.add_argument("--remote-mm-kwargs", action="store_true",
+                   default=env_bool("QWENVL_REMOTE_MM_KWARGS"),
+                   help="also send mm_processor_kwargs (pixel bounds, video fps); only for a "
+                        "vLLM started with --trust-request-mm-kwargs. Without it, pictures are "
+                        "resized here to the requested bounds [env QWENVL_REMOTE_MM_KWARGS]")

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from .base import Engine
 from .config import EngineConfig
-from .media import configure_limits
 
 
 def create_engine(config: EngineConfig) -> Engine:
     """The engine for a config: local unless a remote backend is configured."""
-    configure_limits(config.max_media_mb, config.max_image_pixels, config.fetch_timeout)
     if config.backend == "remote":
         from .remote import RemoteEngine
 

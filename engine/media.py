@@ -17,7 +17,7 @@ import os
 import socket
 import tempfile
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,52 +29,30 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi")
 
 
-def _env_number(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name) or default)
-    except ValueError:
-        return default
-
-
-@dataclass
-class MediaLimits:
-    """Process-wide defaults for every MediaPolicy; `configure_limits` sets them from flags."""
-
-    max_bytes: int = int(_env_number("QWENVL_MAX_MEDIA_MB", 50) * 1024 * 1024)
-    max_image_pixels: int = int(_env_number("QWENVL_MAX_IMAGE_PIXELS", 64_000_000))
-    timeout_s: float = _env_number("QWENVL_FETCH_TIMEOUT", 10.0)
-
-
-LIMITS = MediaLimits()
-
-
-def configure_limits(max_media_mb: float | None = None, max_image_pixels: int | None = None,
-                     fetch_timeout_s: float | None = None) -> None:
-    """Apply --max-media-mb, --max-image-pixels and --fetch-timeout to policies made from now on."""
-    if max_media_mb:
-        LIMITS.max_bytes = int(max_media_mb * 1024 * 1024)
-    if max_image_pixels:
-        LIMITS.max_image_pixels = int(max_image_pixels)
-    if fetch_timeout_s:
-        LIMITS.timeout_s = float(fetch_timeout_s)
-
-
 @dataclass(frozen=True)
 class MediaPolicy:
     """What a request may point at.
 
     `local_roots=None` lets any local path through (the CLI, trusted callers);
     the UI allows its upload folder and assets/, an API request gets `()` (no
-    local files) or the folders named by `--allowed-local-media-path`. Size and
-    time limits default to the process-wide LIMITS.
+    local files) or the folders named by `--allowed-local-media-path`. The size and
+    time limits are the engine's (`with_limits`, from its EngineConfig).
     """
 
     local_roots: tuple[Path, ...] | None = None
     allow_private_hosts: bool = False
-    timeout_s: float = field(default_factory=lambda: LIMITS.timeout_s)
-    max_bytes: int = field(default_factory=lambda: LIMITS.max_bytes)
-    max_image_pixels: int = field(default_factory=lambda: LIMITS.max_image_pixels)
+    timeout_s: float = 10.0
+    max_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 64_000_000
     max_redirects: int = 3
+
+    def with_limits(self, max_media_mb: float | None = None, max_image_pixels: int | None = None,
+                    fetch_timeout_s: float | None = None) -> "MediaPolicy":
+        """A copy with the given limits (None keeps the current one)."""
+        return replace(self, max_bytes=int(max_media_mb * 1024 * 1024) if max_media_mb
+                       else self.max_bytes,
+                       max_image_pixels=int(max_image_pixels or self.max_image_pixels),
+                       timeout_s=float(fetch_timeout_s or self.timeout_s))
 
     def allows_local(self, path: Path) -> bool:
         if self.local_roots is None:
@@ -98,8 +76,9 @@ def _is_public(addr: str) -> bool:
                 or ip.is_reserved or ip.is_unspecified)
 
 
-def check_url_host(url: str, policy: MediaPolicy) -> None:
-    """Refuse URLs whose host is, or resolves to, a non-public address."""
+def check_url_host(url: str, policy: MediaPolicy) -> str | None:
+    """Refuse URLs whose host is, or resolves to, a non-public address. Returns the address
+    that passed (the one to connect to), or None when private hosts are allowed."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise InvalidRequestError(f"Unsupported URL scheme {parts.scheme!r}: use http(s) or data:",
@@ -108,7 +87,7 @@ def check_url_host(url: str, policy: MediaPolicy) -> None:
     if not host:
         raise InvalidRequestError("The image URL has no host.", param="url")
     if policy.allow_private_hosts:
-        return
+        return None
     try:
         addrs = resolve_host(host, parts.port or (443 if parts.scheme == "https" else 80))
     except (OSError, UnicodeError) as exc:
@@ -117,17 +96,36 @@ def check_url_host(url: str, policy: MediaPolicy) -> None:
         raise InvalidRequestError(
             f"Refusing to fetch {host!r}: private, loopback, link-local and metadata addresses "
             "are not allowed.", param="url")
+    return addrs[0].split("%", 1)[0]
+
+
+def pinned_request(url: str, addr: str | None) -> tuple[str, dict, dict]:
+    """(url, headers, extensions) that connect to `addr`, the address that passed the check,
+    instead of resolving the name again (DNS rebinding could answer a private address the
+    second time). The Host header and the TLS name (SNI and certificate check) stay the
+    original host's."""
+    if addr is None:
+        return url, {}, {}
+    parts = urllib.parse.urlsplit(url)
+    literal = f"[{addr}]" if ":" in addr else addr
+    netloc = literal + (f":{parts.port}" if parts.port else "")
+    host_header = parts.netloc.rsplit("@", 1)[-1]
+    pinned = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    return pinned, {"Host": host_header}, extensions
 
 
 def fetch_url(url: str, policy: MediaPolicy) -> bytes:
-    """GET a URL with a timeout and a size cap, re-checking the host at every redirect."""
+    """GET a URL with a timeout and a size cap, re-checking the host at every redirect and
+    connecting to the address that was checked."""
     import httpx
 
     for _ in range(policy.max_redirects + 1):
-        check_url_host(url, policy)
+        target, headers, extensions = pinned_request(url, check_url_host(url, policy))
         try:
             with httpx.Client(timeout=policy.timeout_s, follow_redirects=False) as client:
-                with client.stream("GET", url) as resp:
+                with client.stream("GET", target, headers=headers,
+                                   extensions=extensions) as resp:
                     if resp.is_redirect:
                         url = urllib.parse.urljoin(url, resp.headers.get("location", ""))
                         continue

@@ -6,21 +6,27 @@ anything is queued for the device."""
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
+from .config import CHARS_PER_TOKEN_LIMIT, DEFAULT_MAX_PIXELS_LIMIT
 from .errors import InvalidRequestError
 from .media import MediaPolicy, load_image, load_video
-from .types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, Conversation, GenerationRequest
+from .types import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, Conversation, GenerationRequest,
+                    VideoInput)
 
-VIDEO_FPS = float(os.environ.get("QWENVL_VIDEO_FPS", 2.0))
-VIDEO_MAX_FRAMES = int(os.environ.get("QWENVL_VIDEO_MAX_FRAMES", 32))
-# Per-frame bound for videos (Qwen's own default for video frames is 768*28*28 total/frames).
-VIDEO_MAX_PIXELS = int(os.environ.get("QWENVL_VIDEO_MAX_PIXELS", 360 * 420))
+
+@dataclass(frozen=True)
+class VideoSampling:
+    """How videos are sampled (EngineConfig's video_fps, video_max_frames, video_max_pixels).
+    The per-frame pixel bound: Qwen's own default for video frames is 768*28*28 in total."""
+
+    fps: float = 2.0
+    max_frames: int = 32
+    max_pixels: int = 360 * 420
 
 
 @dataclass
@@ -59,6 +65,52 @@ def check_conversation(conv: Conversation) -> None:
                                   param="messages")
 
 
+def check_request_bounds(request: GenerationRequest, max_pixels_limit: int,
+                         max_chars: int) -> None:
+    """Every size a request controls, checked before any media is read or any text tokenized:
+    pixel bounds (an upscale to 1e10 pixels would exhaust memory) and the prompt's length."""
+    bounds = [("min_pixels", request.min_pixels), ("max_pixels", request.max_pixels)]
+    for m in request.conversation.messages:
+        for media in [*m.images, *m.videos]:
+            bounds += [("min_pixels", media.min_pixels), ("max_pixels", media.max_pixels)]
+    for name, value in bounds:
+        if value is not None and not 1 <= value <= max_pixels_limit:
+            raise InvalidRequestError(
+                f"{name} must be between 1 and {max_pixels_limit} (the server's limit, see "
+                f"--max-pixels-limit), got {value}.", param=name)
+    conv = request.conversation
+    chars = len(conv.system or "") + sum(len(m.text) for m in conv.messages)
+    if chars > max_chars:
+        raise InvalidRequestError(
+            f"The prompt has {chars} characters, more than the {max_chars} this server accepts "
+            f"(see --max-prompt-chars); it could not fit the model's context anyway. Please "
+            f"shorten the messages.", param="messages")
+
+
+def resized_image(img: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+    """The picture at the size the processor will see (qwen_vl_utils' smart_resize, the same
+    resize call), so the decoded original is not kept; resizing again there is a copy."""
+    from qwen_vl_utils.vision_process import smart_resize
+
+    if min_pixels > max_pixels:
+        raise InvalidRequestError(f"min_pixels ({min_pixels}) must be at most max_pixels "
+                                  f"({max_pixels}).", param="max_pixels")
+    try:
+        h, w = smart_resize(img.height, img.width, factor=28, min_pixels=min_pixels,
+                            max_pixels=max_pixels)
+    except ValueError as exc:   # the aspect-ratio check
+        raise InvalidRequestError(f"Failed to process image: {exc}", param="image") from None
+    return img if (w, h) == img.size else img.resize((w, h))
+
+
+def context_error(limit: int, prompt_tokens: int) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"This model's maximum context length is {limit} tokens. However, your prompt "
+        f"contains at least {prompt_tokens} input tokens, which exceeds this limit even "
+        f"without any output tokens. Please reduce the length of the input prompt. "
+        f"(parameter=input_tokens, value={prompt_tokens})", param="input_tokens")
+
+
 def read_video_frames(path: str, fps: float, max_frames: int) -> list[Image.Image]:
     """Sample frames with PyAV (torchvision 0.29 no longer decodes video)."""
     import av
@@ -76,39 +128,55 @@ def read_video_frames(path: str, fps: float, max_frames: int) -> list[Image.Imag
     return frames
 
 
+def _video_part(vid: VideoInput, max_pixels: int, policy: MediaPolicy | None,
+                sampling: VideoSampling) -> dict:
+    """A video as decoded frames (its temp copy deleted at once)."""
+    video = load_video(vid.source, policy)
+    fps = vid.fps or sampling.fps
+    try:
+        frames = read_video_frames(str(video.path), fps, sampling.max_frames)
+    except InvalidRequestError:
+        raise
+    except Exception:
+        raise InvalidRequestError("Failed to load video: its frames cannot be decoded.",
+                                  param="video") from None
+    finally:
+        video.close()      # a temp copy of a URL or data: URI; the frames are in memory
+    return {"type": "video", "video": frames, "min_pixels": vid.min_pixels or 128 * 28 * 28,
+            "max_pixels": vid.max_pixels or min(max_pixels, sampling.max_pixels),
+            "sample_fps": fps}
+
+
 def build_qwen_messages(conv: Conversation, min_pixels: int, max_pixels: int,
-                        policy: MediaPolicy | None = None) -> list[dict]:
-    """Qwen chat messages with every image loaded and checked and every video decoded to
-    frames (images before text); nothing is left open afterwards."""
+                        policy: MediaPolicy | None = None,
+                        max_image_tokens: int | None = None,
+                        video: VideoSampling = VideoSampling()) -> list[dict]:
+    """Qwen chat messages with every image loaded, checked and resized to what the model
+    sees, and every video decoded to frames, all parts in their order; nothing is left open
+    afterwards. Images past `max_image_tokens` (the context) stop the work at once."""
     messages: list[dict] = []
+    image_tokens = 0
     if conv.system is not None and conv.system.strip():
         messages.append({"role": "system", "content": conv.system})
     for m in conv.messages:
-        if m.role in ("system", "assistant"):
-            messages.append({"role": m.role, "content": m.text})
+        if m.role in ("system", "assistant") or not (m.images or m.videos):
+            messages.append({"role": m.role, "content": m.text})   # text parts, in turn
             continue
         parts: list[dict] = []
-        for img in m.images:
-            parts.append({"type": "image", "image": load_image(img.source, policy),
-                          "min_pixels": img.min_pixels or min_pixels,
-                          "max_pixels": img.max_pixels or max_pixels})
-        for vid in m.videos:
-            video = load_video(vid.source, policy)
-            try:
-                frames = read_video_frames(str(video.path), vid.fps or VIDEO_FPS, VIDEO_MAX_FRAMES)
-            except InvalidRequestError:
-                raise
-            except Exception:
-                raise InvalidRequestError("Failed to load video: its frames cannot be decoded.",
-                                          param="video") from None
-            finally:
-                video.close()      # a temp copy of a URL or data: URI; the frames are in memory
-            parts.append({"type": "video", "video": frames,
-                          "min_pixels": vid.min_pixels or 128 * 28 * 28,
-                          "max_pixels": vid.max_pixels or min(max_pixels, VIDEO_MAX_PIXELS),
-                          "sample_fps": vid.fps or VIDEO_FPS})
-        if m.text:
-            parts.append({"type": "text", "text": m.text})
+        for part in m.parts:
+            if isinstance(part, str):
+                if part:
+                    parts.append({"type": "text", "text": part})
+            elif isinstance(part, VideoInput):
+                parts.append(_video_part(part, max_pixels, policy, video))
+            else:
+                lo, hi = part.min_pixels or min_pixels, part.max_pixels or max_pixels
+                picture = resized_image(load_image(part.source, policy), lo, hi)
+                image_tokens += picture.width * picture.height // (28 * 28)
+                if max_image_tokens is not None and image_tokens >= max_image_tokens:
+                    raise context_error(max_image_tokens, image_tokens)
+                parts.append({"type": "image", "image": picture, "min_pixels": lo,
+                              "max_pixels": hi})
         messages.append({"role": "user", "content": parts})
     return messages
 
@@ -118,9 +186,15 @@ class PromptRenderer:
     can fail with "Already borrowed" while another thread changes its padding."""
 
     def __init__(self, processor: Any, max_model_len: int, limit_images: int = 10,
-                 limit_videos: int = 2, default_max_tokens: int = 512) -> None:
+                 limit_videos: int = 2, default_max_tokens: int = 512,
+                 max_pixels_limit: int = DEFAULT_MAX_PIXELS_LIMIT,
+                 max_prompt_chars: int | None = None,
+                 video: VideoSampling = VideoSampling()) -> None:
         self.processor = processor
+        self.video = video
         self.max_model_len = max_model_len
+        self.max_pixels_limit = max_pixels_limit
+        self.max_prompt_chars = max_prompt_chars or CHARS_PER_TOKEN_LIMIT * max_model_len
         self.limit_images = limit_images
         self.limit_videos = limit_videos
         self.default_max_tokens = default_max_tokens
@@ -133,13 +207,15 @@ class PromptRenderer:
         conv = request.conversation
         check_conversation(conv)
         check_image_limits(conv, self.limit_images, self.limit_videos)
+        check_request_bounds(request, self.max_pixels_limit, self.max_prompt_chars)
         min_px = request.min_pixels or DEFAULT_MIN_PIXELS
         max_px = request.max_pixels or DEFAULT_MAX_PIXELS
         if min_px < 1 or max_px < min_px:
             raise InvalidRequestError(
                 f"min_pixels ({min_px}) must be positive and at most max_pixels ({max_px}).",
                 param="max_pixels")
-        messages = build_qwen_messages(conv, min_px, max_px, policy)
+        messages = build_qwen_messages(conv, min_px, max_px, policy, self.max_model_len,
+                                       self.video)
         try:
             images, videos, video_kwargs = process_vision_info(messages, return_video_kwargs=True)
         except ValueError as exc:  # e.g. qwen_vl_utils' aspect-ratio check
@@ -147,7 +223,7 @@ class PromptRenderer:
         extra: dict[str, Any] = {}
         if videos:
             # qwen_vl_utils returns one fps per video; this processor takes one value.
-            fps = video_kwargs.get("fps") or [VIDEO_FPS]
+            fps = video_kwargs.get("fps") or [self.video.fps]
             extra = {"fps": float(fps[0]), "do_sample_frames": False, "cap_pixels_per_frame": True}
         with self._lock:
             text = self.processor.apply_chat_template(messages, tokenize=False,
@@ -165,11 +241,7 @@ class PromptRenderer:
         """The number of new tokens to allow, or vLLM's context-length error."""
         limit = self.max_model_len
         if prompt_tokens >= limit:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {limit} tokens. However, your prompt "
-                f"contains at least {prompt_tokens} input tokens, which exceeds this limit even "
-                f"without any output tokens. Please reduce the length of the input prompt. "
-                f"(parameter=input_tokens, value={prompt_tokens})", param="input_tokens")
+            raise context_error(limit, prompt_tokens)
         if max_tokens is None:
             return min(self.default_max_tokens, limit - prompt_tokens)
         if cap:

@@ -31,11 +31,11 @@ from .config import EngineConfig
 from .errors import (DeviceOutOfMemoryError, EngineBusyError, EngineError, InvalidRequestError,
                      ModelLoadError, ModelNotFoundError)
 from .media import MediaPolicy, load_image, load_video
-from .prompt import check_conversation, check_image_limits
+from .prompt import check_conversation, check_image_limits, check_request_bounds, resized_image
 from .sampling import validate_sampling
 from .stream import RequestHandle
 from .types import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, Finished, FinishReason,
-                    GenerationRequest, RequestStats, TextDelta)
+                    GenerationRequest, RequestStats, TextDelta, VideoInput)
 
 log = logging.getLogger("engine.requests")
 
@@ -114,9 +114,17 @@ def error_from_body(status: int, body: bytes) -> EngineError:
     return remote_error(status, message, param)
 
 
-def image_data_uri(source: Any, policy: MediaPolicy) -> str:
-    """Load and check an image here, then send its pixels (never its URL or path)."""
-    img = load_image(source, policy)
+MM_KWARGS_REFUSED = ("The remote server refuses per-request mm_processor_kwargs: start it with "
+                     "--trust-request-mm-kwargs, or run this app without --remote-mm-kwargs "
+                     "(pictures are then resized here). The remote said: ")
+
+
+def image_data_uri(source: Any, policy: MediaPolicy, min_pixels: int, max_pixels: int) -> str:
+    """Load and check an image here, resize it to what the model will see for the requested
+    pixel bounds (a multiple of 28 on each side, so the remote's own smart_resize leaves it as
+    it is and its default bounds give the same image tokens), then send its pixels (never its
+    URL or path)."""
+    img = resized_image(load_image(source, policy), min_pixels, max_pixels)
     buf = io.BytesIO()
     if img.width * img.height <= PNG_MAX_PIXELS:
         img.save(buf, format="PNG")
@@ -259,15 +267,19 @@ class RemoteEngine(Engine):
                 messages.append({"role": m.role, "content": m.text})
                 continue
             parts: list[dict] = []
-            for img in m.images:
-                parts.append({"type": "image_url",
-                              "image_url": {"url": image_data_uri(img.source, policy)}})
-            for vid in m.videos:
-                fps = fps or vid.fps
-                parts.append({"type": "video_url",
-                              "video_url": {"url": video_data_uri(vid.source, policy)}})
-            if m.text:
-                parts.append({"type": "text", "text": m.text})
+            for part in m.parts:          # in their order, as the local engine renders them
+                if isinstance(part, str):
+                    if part:
+                        parts.append({"type": "text", "text": part})
+                elif isinstance(part, VideoInput):
+                    fps = fps or part.fps
+                    parts.append({"type": "video_url",
+                                  "video_url": {"url": video_data_uri(part.source, policy)}})
+                else:
+                    lo = part.min_pixels or request.min_pixels or DEFAULT_MIN_PIXELS
+                    hi = part.max_pixels or request.max_pixels or DEFAULT_MAX_PIXELS
+                    url = image_data_uri(part.source, policy, lo, hi)
+                    parts.append({"type": "image_url", "image_url": {"url": url}})
             messages.append({"role": "user", "content": parts})
         sp = request.sampling
         body: dict[str, Any] = {
@@ -285,7 +297,7 @@ class RemoteEngine(Engine):
             body["ignore_eos"] = True
         if sp.min_tokens:
             body["min_tokens"] = sp.min_tokens
-        if conv.image_count() or conv.video_count():
+        if self.config.remote_mm_kwargs and (conv.image_count() or conv.video_count()):
             mm: dict[str, Any] = {"min_pixels": request.min_pixels or DEFAULT_MIN_PIXELS,
                                   "max_pixels": request.max_pixels or DEFAULT_MAX_PIXELS}
             if fps:
@@ -298,8 +310,9 @@ class RemoteEngine(Engine):
         (bad input, unknown model, busy) is raised here, before any event."""
         check_conversation(request.conversation)
         check_image_limits(request.conversation, self.limit_images, self.limit_videos)
+        check_request_bounds(request, self.config.max_pixels_limit, self.config.prompt_chars_limit)
         validate_sampling(request.sampling, self.max_model_len)
-        body = self.build_body(request, policy)
+        body = self.build_body(request, self.media_policy(policy))
         try:
             response = self.client.send(
                 self.client.build_request("POST", f"{self.base_url}/chat/completions", json=body),
@@ -317,7 +330,11 @@ class RemoteEngine(Engine):
                 pass
             finally:
                 response.close()
-            raise error_from_body(response.status_code, data)
+            error = error_from_body(response.status_code, data)
+            if "mm_processor_kwargs" in error.message and "mm_processor_kwargs" in body:
+                raise InvalidRequestError(MM_KWARGS_REFUSED + error.message,
+                                          param="mm_processor_kwargs")
+            raise error
         call = _RemoteCall(request, response)
         with self._lock:
             self._active[request.request_id] = call

@@ -40,14 +40,32 @@ class VideoInput:
     fps: float | None = None
 
 
+Part = Union[str, "ImageInput", "VideoInput"]
+
+
 @dataclass
 class Message:
-    """One turn. Images and videos are shown before the text, as in the tutorial."""
+    """One turn: its content parts in order (text, images, videos), as an OpenAI message's
+    content list has them; the chat template renders them in that order, as vLLM does.
+
+    Built from `text`, `images` and `videos` alone, the parts are the images, then the
+    videos, then the text (the tutorial's order). Built from `parts`, the other three
+    fields are derived from them (`text` is the text parts joined, for counting and display).
+    """
 
     role: Role
     text: str = ""
     images: list[ImageInput] = field(default_factory=list)
     videos: list[VideoInput] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.parts:
+            self.text = "".join(p for p in self.parts if isinstance(p, str))
+            self.images = [p for p in self.parts if isinstance(p, ImageInput)]
+            self.videos = [p for p in self.parts if isinstance(p, VideoInput)]
+        else:
+            self.parts = [*self.images, *self.videos, *([self.text] if self.text else [])]
 
 
 @dataclass

@@ -16,6 +16,7 @@ import copy
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -93,11 +94,14 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """Whatever is still held back (an incomplete character) at the end."""
+        """Whatever is still held back at the end, unless it is an unfinished UTF-8
+        character: vLLM emits nothing for that, and neither do we (no trailing U+FFFD)."""
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return full[len(prefix):] if len(full) > len(prefix) else ""
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        return full[len(prefix):]
 
 
 @dataclass
@@ -354,8 +358,20 @@ class GenerationWorker:
                 raise EngineBusyError(
                     f"The server is busy: {len(self._queue)} requests are already waiting. "
                     "Please try again shortly.")
-            handle = RequestHandle(request.request_id, on_cancel=lambda: self._cancel_queued(item))
+            # The cancel callback reaches the item through a weak reference: a closure over
+            # the item itself made a cycle (handle -> callback -> item -> handle) that kept
+            # every finished request's tensors, images and data: URIs alive until Python's
+            # rare full garbage collection (hundreds of MB under concurrent image requests).
+            item_ref: weakref.ref[WorkItem] | None = None
+
+            def cancel_queued() -> None:
+                queued = item_ref() if item_ref is not None else None
+                if queued is not None:      # gone: it ran and finished, nothing to cancel
+                    self._cancel_queued(queued)
+
+            handle = RequestHandle(request.request_id, on_cancel=cancel_queued)
             item = WorkItem(request, prompt, handle, batch_key(request.sampling))
+            item_ref = weakref.ref(item)
             self._queue.append(item)
             self._submitted += 1
             self._cond.notify_all()

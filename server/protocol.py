@@ -1,7 +1,7 @@
 """The wire format of the OpenAI-compatible API, as vLLM's
 entrypoints/openai/protocol.py defines it: request models that validate what
 clients send, and response models whose JSON matches `vllm serve` field for
-field (see /work/shared/reference/vllm-0.32/)."""
+field (raw vLLM 0.32 responses in tests/data/vllm-0.32/)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """The API's routes, mountable on any FastAPI app: the standalone API server
 (`python -m server`) and the web UI (app.py) serve the same endpoints.
 
-    POST /v1/chat/completions   GET /v1/models   (Bearer key when --api-key is set)
-    GET /health   GET /version   GET /metrics    (open, like vLLM's)
+    POST /v1/chat/completions   GET /v1/models   GET /version   GET /metrics
+        (behind the login when --auth or --api-key is set: Basic USER:PASS or a Bearer key)
+    GET /health   (always open: a load balancer's probe; it says only 200 or 503)
 
 Bodies are parsed by the route itself rather than by FastAPI, so malformed
 JSON and validation errors come out in vLLM's 400 shape whatever exception
@@ -25,8 +26,13 @@ from .protocol import ModelCard, ModelList, error_body
 from .serving import ChatServing
 from .settings import ServerSettings
 
-UNAUTHORIZED = error_body("Unauthorized: send 'Authorization: Bearer <API key>'.",
-                          "AuthenticationError", 401)
+
+
+def unauthorized_body(settings: ServerSettings) -> dict:
+    how = ("'Authorization: Bearer <API key>'" if not settings.users else
+           "HTTP Basic USER:PASS, or 'Authorization: Bearer USER:PASS'"
+           + (" or the API key" if settings.api_key else ""))
+    return error_body(f"Unauthorized: log in with {how}.", "AuthenticationError", 401)
 
 
 def build_router(engine: Engine, settings: ServerSettings,
@@ -38,12 +44,14 @@ def build_router(engine: Engine, settings: ServerSettings,
     router = APIRouter()
     started = int(time.time())
 
+    credentials = settings.credentials
+
     def refused(request: Request) -> JSONResponse | None:
-        if settings.authorized(request.headers.get("authorization")):
+        if credentials.allows(request.headers.get("authorization")):
             return None
         metrics.on_refused(401)
-        return JSONResponse(UNAUTHORIZED, status_code=401,
-                            headers={"WWW-Authenticate": "Bearer"})
+        return JSONResponse(unauthorized_body(settings), status_code=401,
+                            headers={"WWW-Authenticate": credentials.challenge()})
 
     @router.post("/v1/chat/completions", tags=["OpenAI-compatible API"])
     async def create_chat_completion(request: Request) -> Response:
@@ -80,12 +88,18 @@ def build_router(engine: Engine, settings: ServerSettings,
                                        503), status_code=503)
 
     @router.get("/version", tags=["monitoring"])
-    async def version() -> Response:
+    async def version(request: Request) -> Response:
+        denied = refused(request)
+        if denied is not None:
+            return denied
         return JSONResponse({"version": __version__, "model": engine.model_name,
                              "device": engine.device_description})
 
     @router.get("/metrics", tags=["monitoring"])
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
+        denied = refused(request)
+        if denied is not None:
+            return denied
         gauges = engine_gauges(engine)
         healthy = await asyncio.to_thread(engine.health)
         return PlainTextResponse(metrics.render(gauges["queue_depth"], gauges["running"], healthy),

@@ -113,7 +113,34 @@ async def read_body(raw: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+MAX_JSON_DEPTH = 32   # a chat request nests 6 deep (messages[].content[].image_url.url)
+
+
+def check_content_type(raw: Request) -> None:
+    """Only JSON bodies: a form or text/plain POST is what a page on another site can send
+    without a CORS preflight, and it must not start any work (415)."""
+    media_type = raw.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(f"Unsupported Content-Type {media_type or '(none)'!r}: send the body as "
+                       "application/json.", 415, "UnsupportedMediaType", "content-type")
+
+
+def json_depth_ok(data: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether no container nests deeper than `limit` (iterative: no recursion to exhaust)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return False
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in items if isinstance(v, (dict, list)))
+    return True
+
+
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    too_deep = APIError(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.", 400,
+                        "Bad Request", "body")
     try:
         data = json.loads(body)
     except json.JSONDecodeError as exc:
@@ -121,6 +148,10 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
                        f"{exc.msg}", 400, "Bad Request", f"body.{exc.pos}") from None
     except UnicodeDecodeError:
         raise APIError("The request body is not UTF-8 JSON.", 400, "Bad Request", "body") from None
+    except RecursionError:
+        raise too_deep from None
+    if not json_depth_ok(data):
+        raise too_deep
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
@@ -145,30 +176,28 @@ def check_unsupported(req: ChatCompletionRequest) -> None:
 
 
 def to_generation_request(req: ChatCompletionRequest, request_id: str) -> GenerationRequest:
-    """The engine's typed request. Text parts are joined with newlines (as vLLM
-    does); images and videos keep their order within a message."""
+    """The engine's typed request. Content parts keep their order, and a list of text
+    parts stays a list (the chat template renders each in turn, as vLLM does)."""
     mm = req.mm_processor_kwargs
     fps = mm.fps if mm else None
     messages: list[Message] = []
     for i, m in enumerate(req.messages):
         role = "system" if m.role in ("system", "developer") else m.role
-        texts: list[str] = []
-        images: list[ImageInput] = []
-        videos: list[VideoInput] = []
+        parts: list[Any] = []
         if isinstance(m.content, str):
-            texts.append(m.content)
+            parts.append(m.content)
         elif m.content is not None:
             for part in m.content:
                 if isinstance(part, TextPart):
-                    texts.append(part.text)
+                    parts.append(part.text)
                 elif isinstance(part, ImageURLPart):
-                    images.append(ImageInput(part.image_url.url))
+                    parts.append(ImageInput(part.image_url.url))
                 elif isinstance(part, VideoURLPart):
-                    videos.append(VideoInput(part.video_url.url, fps=fps))
-        if (images or videos) and role != "user":
+                    parts.append(VideoInput(part.video_url.url, fps=fps))
+        if role != "user" and any(not isinstance(p, str) for p in parts):
             raise _bad(f"messages[{i}]: only user messages may contain images or videos.",
                        "messages")
-        messages.append(Message(role, "\n".join(texts), images, videos))
+        messages.append(Message(role, parts=[p for p in parts if not isinstance(p, str) or p]))
     sampling = SamplingParams(
         max_tokens=req.effective_max_tokens, temperature=req.temperature, top_p=req.top_p,
         top_k=req.top_k, repetition_penalty=req.repetition_penalty, seed=req.seed,
@@ -244,6 +273,7 @@ class ChatServing:
 
     async def create_chat_completion(self, raw: Request) -> Response:
         try:
+            check_content_type(raw)
             body = await read_body(raw, self.settings.max_body_bytes)
         except ClientDisconnect:
             return Response(status_code=499)   # gone while sending the body: nothing to answer

@@ -5,12 +5,13 @@ configure the API the same way."""
 from __future__ import annotations
 
 import argparse
-import hmac
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.config import env
 from engine.media import MediaPolicy
+
+from .auth import Credentials, parse_auth
 
 DEFAULT_MAX_BODY_MB = 64.0
 
@@ -20,6 +21,7 @@ class ServerSettings:
     """What the OpenAI-compatible routes need besides the engine."""
 
     api_key: str | None = None
+    users: tuple[tuple[str, str], ...] = ()      # --auth: the web page's users, also on /v1
     served_model_name: list[str] = field(default_factory=list)  # empty: the engine's model name
     allowed_local_media_path: list[str] = field(default_factory=list)
     max_body_mb: float = DEFAULT_MAX_BODY_MB
@@ -27,6 +29,7 @@ class ServerSettings:
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "ServerSettings":
         return cls(api_key=ns.api_key or None,
+                   users=tuple(parse_auth(getattr(ns, "auth", None)) or ()),
                    served_model_name=list(ns.served_model_name or []),
                    allowed_local_media_path=list(ns.allowed_local_media_path or []),
                    max_body_mb=ns.max_body_mb)
@@ -40,13 +43,13 @@ class ServerSettings:
         return MediaPolicy(local_roots=tuple(Path(p).expanduser().resolve()
                                              for p in self.allowed_local_media_path))
 
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials(self.users, self.api_key)
+
     def authorized(self, authorization_header: str | None) -> bool:
-        """True when no key is configured or the header is `Bearer <key>` (constant-time check)."""
-        if not self.api_key:
-            return True
-        scheme, _, token = (authorization_header or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
-                                                                  self.api_key.encode())
+        """True when no login is configured, or the header carries the API key or a user."""
+        return self.credentials.allows(authorization_header)
 
 
 def _split_env(name: str) -> list[str]:
@@ -57,8 +60,14 @@ def _split_env(name: str) -> list[str]:
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     """Flags of the OpenAI-compatible API (shared by `python -m server` and app.py)."""
     g = parser.add_argument_group("OpenAI-compatible API")
+    g.add_argument("--auth", action="append", metavar="USER:PASS|FILE",
+                   default=[a for a in [env("QWENVL_AUTH")] if a],
+                   help="require a login: USER:PASS, or a file with one USER:PASS per line; "
+                        "repeatable. The web page asks for it; the API takes it as HTTP Basic or "
+                        "as 'Authorization: Bearer USER:PASS' [env QWENVL_AUTH]")
     g.add_argument("--api-key", default=env("QWENVL_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* [env QWENVL_API_KEY]")
+                   help="also accept 'Authorization: Bearer KEY' on the API (alone: the only "
+                        "way in) [env QWENVL_API_KEY]")
     g.add_argument("--served-model-name", nargs="+", default=_split_env("QWENVL_SERVED_MODEL_NAME"),
                    metavar="NAME",
                    help="name(s) the model answers to in the API (default: the model's name; the "

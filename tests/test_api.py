@@ -34,7 +34,7 @@ from server.background import BackgroundServer  # noqa: E402
 from server.routes import create_api_app  # noqa: E402
 from server.settings import ServerSettings  # noqa: E402
 
-REFERENCE = Path("/work/shared/reference/vllm-0.32")
+REFERENCE = Path(__file__).resolve().parent / "data" / "vllm-0.32"   # raw vLLM 0.32 responses
 MAX_MODEL_LEN = 4096
 MAX_QUEUE = 2
 MAX_BODY_MB = 4

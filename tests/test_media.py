@@ -149,7 +149,8 @@ def no_network(monkeypatch):
             raise OSError("no such host") from None
 
     def handler(request: httpx.Request) -> httpx.Response:
-        requests.append(str(request.url))
+        # the fetch connects to the checked address; the name travels in the Host header
+        requests.append(str(request.url.copy_with(host=request.headers["host"])))
         path = request.url.path
         if path == "/redirect-private":
             return httpx.Response(302, headers={"location": "http://169.254.169.254/latest/meta-data"})

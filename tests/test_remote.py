@@ -40,6 +40,7 @@ from server.routes import create_api_app  # noqa: E402
 from server.settings import ServerSettings  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DATA = Path(__file__).resolve().parent / "data" / "vllm-0.32"   # raw vLLM 0.32 responses
 MAX_MODEL_LEN = 4096
 
 
@@ -252,6 +253,9 @@ def fake_remote():
                 "param": "temperature", "code": 400}
         if what == "flat":
             return JSONResponse(flat, status_code=400)
+        if "mm_processor_kwargs" in body:   # as `vllm serve` started the tutorial's way
+            return JSONResponse(json.loads((DATA / "err_mm_processor_kwargs.json").read_text()),
+                                status_code=400)
         if what == "nested404":
             return JSONResponse({"error": {"message": "The model `fake` does not exist.",
                                            "type": "NotFoundError", "param": "model",
@@ -344,14 +348,35 @@ def test_fake_remote_receives_media_as_data_uris_and_sampling(fake_remote, tmp_p
                 "stop": ["\n\n"], "min_tokens": 2, "ignore_eos": True,
                 "repetition_penalty": 1.1}
     assert {k: body[k] for k in expected} == expected
-    assert body["mm_processor_kwargs"] == {"min_pixels": 28 * 28, "max_pixels": 256 * 28 * 28}
+    assert "mm_processor_kwargs" not in body   # a tutorial-started vLLM refuses them
     assert body["messages"][0] == {"role": "system", "content": "You are a helpful assistant."}
     image_part, text_part = body["messages"][1]["content"]
     assert text_part == {"type": "text", "text": "describe"}
     url = image_part["image_url"]["url"]
     assert url.startswith("data:image/png;base64,")
     sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
-    assert sent.size == (300, 200) and sent.convert("RGB").getpixel((5, 5)) == (128, 0, 128)
+    # resized here to its smart_resize target for the bounds, so the remote's defaults give
+    # the same 77 image tokens the local engine would
+    assert sent.size == (308, 196) and sent.convert("RGB").getpixel((5, 5)) == (128, 0, 128)
+
+
+def test_mm_kwargs_only_with_the_flag_and_a_refusal_names_it(fake_remote, tmp_path):
+    """Replays vLLM 0.32's recorded 400 for per-request mm_processor_kwargs."""
+    eng, calls = fake_remote
+    picture = tmp_path / "pic.png"
+    Image.new("RGB", (300, 200), "purple").save(picture)
+    eng.config.remote_mm_kwargs = True
+    try:
+        req = request("describe", images=[picture])
+        req.min_pixels, req.max_pixels = 28 * 28, 256 * 28 * 28
+        with pytest.raises(InvalidRequestError, match="--trust-request-mm-kwargs") as exc:
+            eng.submit(req)
+        assert "--remote-mm-kwargs" in exc.value.message and exc.value.code == 400
+        assert calls[-1][1]["mm_processor_kwargs"] == {"min_pixels": 28 * 28,
+                                                       "max_pixels": 256 * 28 * 28}
+    finally:
+        eng.config.remote_mm_kwargs = False
+    assert eng.generate(request("describe", images=[picture]), timeout=10)[0] == "ok"
 
 
 def test_remote_applies_the_media_policy_before_sending(fake_remote):

@@ -6,7 +6,6 @@ and the JSON export loads back. Also the app's flag parsing."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import shutil
 import threading
@@ -347,7 +346,7 @@ def test_app_refuses_a_bad_port_before_loading_the_model(capsys):
 
 def test_app_serves_ui_behind_login_and_api_on_one_app(engine, monkeypatch):
     """create_app in-process: Gradio's login guards the page, the upload limit is
-    set, and the OpenAI routes (when their package is there) sit beside it."""
+    set, and the OpenAI routes sit beside it behind the same users."""
     from fastapi.testclient import TestClient
 
     import app
@@ -362,8 +361,8 @@ def test_app_serves_ui_behind_login_and_api_on_one_app(engine, monkeypatch):
         assert http.post("/login", data={"username": "alice", "password": "pw"}).status_code == 200
         config = http.get("/config").json()
         assert any(d.get("api_name") == "chat" for d in config["dependencies"])
-        if importlib.util.find_spec("server.routes") is not None:
-            assert http.get("/v1/models").status_code == 200
+        assert http.get("/v1/models").status_code == 401     # the page's cookie is not enough
+        assert http.get("/v1/models", auth=("alice", "pw")).status_code == 200
 
 
 def test_share_link_failure_keeps_serving_locally(monkeypatch, caplog):

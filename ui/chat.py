@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from engine.base import Engine
 from engine.errors import EngineError, InvalidRequestError
@@ -142,6 +142,7 @@ class ChatController:
     engine: Engine
     upload_roots: tuple[Path, ...]
     active: ActiveRequests = field(default_factory=ActiveRequests)
+    warn: Callable[[str], None] | None = None   # a visible note on the page (gr.Warning)
 
     @property
     def policy(self) -> MediaPolicy:
@@ -149,7 +150,18 @@ class ChatController:
         return MediaPolicy(local_roots=self.upload_roots)
 
     def load(self, raw: Any) -> State:
-        return history.clean_state(raw, self.upload_roots)
+        dropped: list[str] = []
+        state = history.clean_state(raw, self.upload_roots, dropped)
+        self.note_dropped(dropped)
+        return state
+
+    def note_dropped(self, names: list[str]) -> None:
+        """Files named from outside the upload folder are never read; say so on the page."""
+        if names:
+            log.warning("dropped %d file(s) from outside the upload folder", len(names))
+            if self.warn is not None:
+                self.warn(f"{len(names)} file(s) were left out because they were not "
+                          f"uploaded here: {', '.join(names[:3])}")
 
     # ------------------------------------------------------------ instant edits
     def add_user_turn(self, raw_state: Any, message: Any, system: str | None,
@@ -165,6 +177,8 @@ class ChatController:
             files = [str(f) for f in message.get("files") or [] if f]
         elif isinstance(message, str):
             text = message
+        self.note_dropped([Path(f).name for f in files
+                           if not history.inside_roots(Path(f), self.upload_roots)])
         files = [f for f in files if history.inside_roots(Path(f), self.upload_roots)]
         if not text.strip() and not files:
             return state, display.render(state), False

@@ -67,8 +67,9 @@ def _text(value: Any) -> str:
     return value[:MAX_TEXT_CHARS] if isinstance(value, str) else ""
 
 
-def clean_state(raw: Any, roots: Iterable[Path]) -> State:
-    """A well-formed state from whatever the browser sent; files outside `roots` are dropped."""
+def clean_state(raw: Any, roots: Iterable[Path], dropped: list[str] | None = None) -> State:
+    """A well-formed state from whatever the browser sent; files outside `roots` (after
+    resolving links and `..`) are dropped, never read, and their names added to `dropped`."""
     roots = [Path(r).resolve() for r in roots]
     state = new_state()
     if not isinstance(raw, dict):
@@ -88,6 +89,8 @@ def clean_state(raw: Any, roots: Iterable[Path]) -> State:
                     if inside_roots(path, roots):
                         files.append({"path": str(path),
                                       "name": _text(f.get("name")) or path.name})
+                    elif dropped is not None:
+                        dropped.append(_text(f.get("name")) or path.name)
             state["turns"].append({"role": "user", "text": _text(turn.get("text")),
                                    "files": files})
         elif turn.get("role") == "assistant":

@@ -104,7 +104,7 @@ def header_html(engine: Engine) -> str:
 def build_demo(engine: Engine, options: UIOptions | None = None) -> gr.Blocks:
     """The page; its queue is configured so every model call shares one concurrency group."""
     options = options or UIOptions()
-    ctrl = ChatController(engine, upload_roots())
+    ctrl = ChatController(engine, upload_roots(), warn=gr.Warning)
     imports_dir = Path(get_upload_folder()) / "qwenvl-imports"
     max_tokens_cap = max(1, min(engine.max_model_len, 8192))
 
@@ -212,6 +212,9 @@ def build_demo(engine: Engine, options: UIOptions | None = None) -> gr.Blocks:
 
         def on_import(path: str | None, raw: Any):
             if not path:
+                return gr.skip(), gr.skip(), gr.skip()
+            if not history.inside_roots(Path(path), ctrl.upload_roots):
+                ctrl.note_dropped([Path(path).name])
                 return gr.skip(), gr.skip(), gr.skip()
             try:
                 st = history.import_json(Path(path).read_bytes(), imports_dir)

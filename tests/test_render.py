@@ -1,0 +1,120 @@
+"""Our rendered prompt equals vLLM's for the same OpenAI messages.
+
+vLLM (0.32, checked by hand against a real server on the same tiny folder) hands
+the chat template each message's content parts in their order, as OpenAI sends
+them: `{"type": "text"}` parts each in turn, an `image_url` part as an image. So the
+expectation is the processor's own `apply_chat_template` on exactly that, and the
+prompt's token count is the template's tokens plus each picture's smart_resize
+tokens. Ours goes through the API's conversion and the engine's renderer: the one
+path the CLI, the page and the API share."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+from qwen_vl_utils.vision_process import smart_resize
+
+from engine.media import MediaPolicy
+from engine.types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from server.protocol import ChatCompletionRequest
+from server.serving import to_generation_request
+
+SIZES = {"red": (640, 480), "green": (300, 200), "blue": (90, 120)}
+
+
+def img(name: str) -> dict:
+    buf = io.BytesIO()
+    Image.new("RGB", SIZES[name], name).save(buf, "PNG")
+    return {"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
+
+
+def text(t: str) -> dict:
+    return {"type": "text", "text": t}
+
+
+def user(*parts):
+    return {"role": "user", "content": list(parts)}
+
+
+CASES = {
+    "text only": [{"role": "user", "content": "Hello there"}],
+    "image then text": [user(img("red"), text("What is this?"))],
+    "text, image, text": [user(text("Look:"), img("red"), text("what colour is it?"))],
+    "text before image": [user(text("Describe"), img("green"))],
+    "two images between texts": [user(text("A"), img("red"), img("green"), text("B"))],
+    "three images": [user(img("red"), img("green"), img("blue"), text("Compare them."))],
+    "list of text parts": [user(text("first part"), text(" second"), text("\nthird"))],
+    "system and two turns": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "How are you?"}],
+    "images in two turns": [
+        user(img("red"), text("One")), {"role": "assistant", "content": "A red picture."},
+        user(text("And"), img("blue"), text("this one?"))],
+    "assistant as text parts": [
+        user(text("Hi")), {"role": "assistant", "content": [text("Hel"), text("lo")]},
+        user(text("Again"))],
+    "unicode": [user(img("green"), text("Qu'est-ce que c'est ? 这是什么？ 🙂"))],
+    "developer role": [{"role": "developer", "content": "Answer in French."},
+                       user(text("Bonjour"))],
+}
+
+
+def vllm_view(messages: list[dict]) -> tuple[list[dict], int]:
+    """The template input vLLM builds, and the image tokens its processor adds."""
+    out, image_tokens = [], 0
+    for m in messages:
+        role = "system" if m["role"] == "developer" else m["role"]
+        content = m["content"]
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                if p["type"] == "text":
+                    parts.append({"type": "text", "text": p["text"]})
+                else:
+                    parts.append({"type": "image"})
+                    w, h = Image.open(io.BytesIO(base64.b64decode(
+                        p["image_url"]["url"].split(",", 1)[1]))).size
+                    rh, rw = smart_resize(h, w, 28, DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+                    image_tokens += rh * rw // (28 * 28)
+            content = parts
+        out.append({"role": role, "content": content})
+    return out, image_tokens
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_prompt_equals_vllms(tiny_engine, name):
+    messages = CASES[name]
+    processor = tiny_engine.renderer.processor
+    expected_msgs, image_tokens = vllm_view(messages)
+    expected = processor.apply_chat_template(expected_msgs, tokenize=False,
+                                             add_generation_prompt=True)
+    n_images = sum(1 for m in expected_msgs if isinstance(m["content"], list)
+                   for p in m["content"] if p["type"] == "image")
+    expected_tokens = len(processor.tokenizer(expected).input_ids) + image_tokens - n_images
+
+    req = ChatCompletionRequest.model_validate({"model": "tiny", "messages": messages})
+    prompt = tiny_engine.renderer.prepare(to_generation_request(req, "r"),
+                                          MediaPolicy(local_roots=()))
+    assert prompt.prompt_text == expected
+    assert prompt.prompt_tokens == expected_tokens
+    assert prompt.images == n_images
+
+
+def test_part_order_reaches_the_remote_too(tiny_engine):
+    """The remote engine serialises the same ordered parts (only resized pictures)."""
+    from engine.config import EngineConfig
+    from engine.remote import RemoteEngine
+
+    eng = RemoteEngine.__new__(RemoteEngine)       # no remote to ask: only build the body
+    eng.config, eng.model_name = EngineConfig(), "m"
+    req = ChatCompletionRequest.model_validate(
+        {"messages": CASES["two images between texts"]})
+    body = eng.build_body(to_generation_request(req, "r"), MediaPolicy(local_roots=()))
+    kinds = [p["type"] if p["type"] != "text" else p["text"]
+             for p in body["messages"][0]["content"]]
+    assert kinds == ["A", "image_url", "image_url", "B"]
