@@ -8,6 +8,8 @@ import argparse
 import os
 from dataclasses import dataclass, fields
 
+from .types import DEFAULT_MAX_TOKENS
+
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 # The largest per-image pixel bound a request may ask for: the processor's own default
 # max_pixels (16384 image tokens), so no request can make the server upscale without end.
@@ -42,7 +44,7 @@ class EngineConfig:
     limit_videos: int = 2
     max_queue: int = 32
     max_batch: int = 8
-    default_max_tokens: int = 512
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
     warmup: bool = True
     cpu_threads: int | None = None     # None: 1 for the tiny model, torch's default otherwise
     max_media_mb: float | None = None
@@ -105,7 +107,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, default=int(env("QWENVL_MAX_BATCH", "8")),
                    help="waiting requests run together in one batch [env QWENVL_MAX_BATCH]")
     g.add_argument("--default-max-tokens", type=int,
-                   default=int(env("QWENVL_DEFAULT_MAX_TOKENS", "512")),
+                   default=int(env("QWENVL_DEFAULT_MAX_TOKENS", str(DEFAULT_MAX_TOKENS))),
                    help="max new tokens when a request sets none [env QWENVL_DEFAULT_MAX_TOKENS]")
     g.add_argument("--cpu-threads", type=int,
                    default=int(env("QWENVL_CPU_THREADS", "0")) or None,

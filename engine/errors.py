@@ -5,6 +5,11 @@ one-line message without knowing where it came from."""
 from __future__ import annotations
 
 
+def error_dict(message: str, type_: str, code: int, param: str | None = None) -> dict:
+    """vLLM's nested error shape: {"error": {message, type, param, code}} (the one builder)."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 class EngineError(Exception):
     """Base class: a message fit to show a user, plus an OpenAI-style code/type/param."""
 
@@ -17,9 +22,7 @@ class EngineError(Exception):
         self.param = param
 
     def to_dict(self) -> dict:
-        """vLLM's nested error shape: {"error": {message, type, param, code}}."""
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
+        return error_dict(self.message, self.type, self.code, self.param)
 
 
 class InvalidRequestError(EngineError):

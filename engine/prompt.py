@@ -15,8 +15,8 @@ from PIL import Image
 from .config import CHARS_PER_TOKEN_LIMIT, DEFAULT_MAX_PIXELS_LIMIT
 from .errors import InvalidRequestError
 from .media import MediaPolicy, load_image, load_video
-from .types import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, Conversation, GenerationRequest,
-                    VideoInput)
+from .types import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_TOKENS, DEFAULT_MIN_PIXELS, Conversation,
+                    GenerationRequest, VideoInput)
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ class PromptRenderer:
     can fail with "Already borrowed" while another thread changes its padding."""
 
     def __init__(self, processor: Any, max_model_len: int, limit_images: int = 10,
-                 limit_videos: int = 2, default_max_tokens: int = 512,
+                 limit_videos: int = 2, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                  max_pixels_limit: int = DEFAULT_MAX_PIXELS_LIMIT,
                  max_prompt_chars: int | None = None,
                  video: VideoSampling = VideoSampling()) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 

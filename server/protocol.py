@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from engine.errors import error_dict
+
 # ----------------------------------------------------------------------------- requests
 
 
@@ -220,6 +222,4 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def error_body(message: str, type_: str, code: int, param: str | None = None) -> dict:
-    """vLLM's nested error shape; the HTTP status is always `code`."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+error_body = error_dict   # vLLM's nested error shape; the HTTP status is always `code`

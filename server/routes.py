@@ -105,8 +105,7 @@ def build_router(engine: Engine, settings: ServerSettings,
         return PlainTextResponse(metrics.render(gauges["queue_depth"], gauges["running"], healthy),
                                  media_type=CONTENT_TYPE)
 
-    router.chat_serving = chat  # type: ignore[attr-defined]  # for shutdown and tests
-    router.metrics = metrics    # type: ignore[attr-defined]
+    router.on_shutdown.append(chat.close)   # its preparation threads end with the app
     return router
 
 
@@ -121,6 +120,5 @@ def create_api_app(engine: Engine, settings: ServerSettings | None = None) -> Fa
     """A FastAPI app serving only the API (the standalone `python -m server`)."""
     app = FastAPI(title="Qwen2.5-VL OpenAI-compatible API", version=__version__,
                   docs_url="/docs", redoc_url=None)
-    router = mount_api(app, engine, settings)
-    app.state.api_router = router
+    mount_api(app, engine, settings)
     return app

@@ -21,8 +21,8 @@ from engine.base import Engine
 from engine.errors import EngineError, InvalidRequestError
 from engine.media import MediaPolicy
 from engine.stream import RequestHandle
-from engine.types import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, Finished, GenerationRequest,
-                          SamplingParams, TextDelta)
+from engine.types import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_TOKENS, DEFAULT_MIN_PIXELS, Finished,
+                          GenerationRequest, SamplingParams, TextDelta)
 
 from . import display, history
 from .history import State
@@ -38,7 +38,7 @@ FLUSH_S = 0.05    # at most this often the growing answer is sent to the browser
 class Sampling:
     """The settings panel's values, as the browser sends them."""
 
-    max_tokens: int = 512
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.7
     top_p: float = 0.8
     top_k: int = 20

@@ -15,10 +15,10 @@ from gradio.utils import get_upload_folder
 
 from engine.base import Engine
 from engine.config import DEFAULT_MODEL
-from engine.errors import EngineError
 from engine.types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
-from . import display, history
+from . import history
+from .callbacks import Callbacks
 from .chat import ChatController, Sampling
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,171 +101,134 @@ def header_html(engine: Engine) -> str:
     return out
 
 
+@dataclass
+class Page:
+    """The page's components, for the event wiring."""
+
+    state: Any
+    chatbot: Any
+    box: Any
+    system_box: Any
+    stop_btn: Any
+    retry_btn: Any
+    undo_btn: Any
+    clear_btn: Any
+    save_btn: Any
+    load_btn: Any
+    sampling: list[Any]          # max tokens, temperature, top-p, top-k, rep. penalty, seed,
+    export_text: Any             # min pixels, max pixels (in that order)
+    api_answer: Any
+    api_btn: Any
+
+    @property
+    def busy_outputs(self) -> list[Any]:
+        return [self.box, self.stop_btn, self.retry_btn, self.undo_btn, self.clear_btn,
+                self.save_btn, self.load_btn]
+
+
+def build_layout(engine: Engine, options: UIOptions) -> Page:
+    """The components, inside an open gr.Blocks; no events."""
+    max_tokens_cap = max(1, min(engine.max_model_len, 8192))
+    state = gr.BrowserState(history.new_state(DEFAULT_SYSTEM), storage_key=STORAGE_KEY,
+                            secret=options.browser_secret)
+    gr.HTML(header_html(engine))
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=420):
+            chatbot = gr.Chatbot(
+                elem_id="qvl-chat", show_label=False, height="62vh", min_height=360,
+                buttons=["copy", "copy_all"], latex_delimiters=LATEX,
+                feedback_options=None, layout="bubble",
+                placeholder="**Drop an image or a video, ask a question.**<br>"
+                            "Or pick an example below.")
+            box = gr.MultimodalTextbox(
+                elem_id="qvl-input", show_label=False, file_count="multiple",
+                file_types=list(history.UPLOAD_SUFFIXES), sources=["upload"],
+                placeholder="Ask about your images or videos (attach, drop or paste files; "
+                            "Enter sends, Shift+Enter for a new line)",
+                submit_btn=True, autofocus=True, lines=1, max_lines=8,
+                max_plain_text_length=200_000)   # long pastes stay text, not a .txt file
+            with gr.Row(elem_id="qvl-buttons"):
+                stop_btn = gr.Button("Stop", variant="stop", interactive=False,
+                                     elem_id="qvl-stop", size="sm")
+                retry_btn = gr.Button("Retry", elem_id="qvl-retry", size="sm")
+                undo_btn = gr.Button("Undo", elem_id="qvl-undo", size="sm")
+                clear_btn = gr.Button("Clear", elem_id="qvl-clear", size="sm")
+                save_btn = gr.Button("Save JSON", elem_id="qvl-save", size="sm")
+                load_btn = gr.UploadButton("Load JSON", file_types=[".json"],
+                                           file_count="single", type="filepath",
+                                           elem_id="qvl-load", size="sm")
+            gr.Examples(
+                examples=[[{"text": q, "files": [str(ASSETS / name)]}]
+                          for name, q in EXAMPLES if (ASSETS / name).is_file()],
+                inputs=[box], label="Examples: click one, then press Enter", elem_id="qvl-examples",
+                examples_per_page=5)
+        with gr.Column(scale=1, min_width=260):
+            system_box = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=3,
+                                    max_lines=10, elem_id="qvl-system")
+            with gr.Accordion("Sampling", open=True):
+                max_tokens = gr.Slider(1, max_tokens_cap, value=min(Sampling.max_tokens, max_tokens_cap),
+                                       step=1, label="Max new tokens", elem_id="qvl-max-tokens")
+                temperature = gr.Slider(0, 2, value=Sampling.temperature, step=0.05, label="Temperature",
+                                        info="0 = greedy", elem_id="qvl-temperature")
+                top_p = gr.Slider(0.01, 1, value=Sampling.top_p, step=0.01, label="Top-p")
+                top_k = gr.Slider(0, 200, value=Sampling.top_k, step=1, label="Top-k", info="0 = off")
+                repetition_penalty = gr.Slider(0.8, 2, value=Sampling.repetition_penalty, step=0.01,
+                                               label="Repetition penalty")
+                seed = gr.Number(-1, precision=0, label="Seed", info="-1 = random")
+            with gr.Accordion("Image resolution", open=False):
+                min_pixels = gr.Slider(28 * 28, 4096 * 28 * 28, value=DEFAULT_MIN_PIXELS,
+                                       step=28 * 28, label="Min pixels per image",
+                                       info="smaller images are scaled up")
+                max_pixels = gr.Slider(28 * 28, 16384 * 28 * 28, value=DEFAULT_MAX_PIXELS,
+                                       step=28 * 28, label="Max pixels per image",
+                                       info="one token per 28x28 pixels")
+    export_text = gr.Textbox(visible=False)
+    api_answer = gr.Textbox(visible=False, label="Answer")
+    api_btn = gr.Button(visible=False)
+
+    return Page(state, chatbot, box, system_box, stop_btn, retry_btn, undo_btn, clear_btn,
+                save_btn, load_btn, [max_tokens, temperature, top_p, top_k, repetition_penalty,
+                                     seed, min_pixels, max_pixels],
+                export_text, api_answer, api_btn)
+
+
+def wire_events(page: Page, cb: Callbacks, options: UIOptions, demo: gr.Blocks) -> None:
+    """Which callback each component's event runs, and in which concurrency group."""
+    quiet = {"api_visibility": "undocumented", "queue": False}
+    run = {"api_visibility": "undocumented", "concurrency_id": GENERATE,
+           "concurrency_limit": options.concurrency, "show_progress": "minimal"}
+    st, chat, busy = page.state, page.chatbot, page.busy_outputs
+    submitted = page.box.submit(cb.on_submit, [st, page.box, page.system_box],
+                                [st, chat] + busy, **quiet)
+    submitted.then(cb.generate, [st] + page.sampling, [st, chat], **run) \
+        .then(cb.on_idle, None, busy, **quiet)
+    retried = page.retry_btn.click(cb.on_retry, [st, page.system_box], [st, chat] + busy,
+                                   **quiet)
+    retried.then(cb.generate, [st] + page.sampling, [st, chat], **run) \
+        .then(cb.on_idle, None, busy, **quiet)
+    page.stop_btn.click(cb.on_stop, None, None, **quiet)
+    page.undo_btn.click(cb.on_undo, [st], [st, chat, page.box], **quiet)
+    page.clear_btn.click(cb.ctrl.clear, [st], [st, chat], **quiet)
+    chat.clear(cb.ctrl.clear, [st], [st, chat], **quiet)   # its trash icon
+    page.save_btn.click(cb.on_export, [st], [page.export_text], **quiet) \
+        .then(None, [page.export_text], None, js=DOWNLOAD_JS, **quiet)
+    page.load_btn.upload(cb.on_import, [page.load_btn, st], [st, chat, page.system_box],
+                         **quiet)
+    page.api_btn.click(cb.api_chat, [page.box, page.system_box] + page.sampling[:6],
+                       [page.api_answer], api_name="chat", concurrency_id=GENERATE,
+                       concurrency_limit=options.concurrency)
+    demo.load(cb.on_load, [st], [st, chat, page.system_box], **quiet)
+    demo.unload(cb.on_unload)
+
+
 def build_demo(engine: Engine, options: UIOptions | None = None) -> gr.Blocks:
     """The page; its queue is configured so every model call shares one concurrency group."""
     options = options or UIOptions()
     ctrl = ChatController(engine, upload_roots(), warn=gr.Warning)
-    imports_dir = Path(get_upload_folder()) / "qwenvl-imports"
-    max_tokens_cap = max(1, min(engine.max_model_len, 8192))
-
+    cb = Callbacks(ctrl, engine.model_name, Path(get_upload_folder()) / "qwenvl-imports",
+                   DEFAULT_SYSTEM)
     with gr.Blocks(title="Qwen2.5-VL chat", fill_height=True) as demo:
-        state = gr.BrowserState(history.new_state(DEFAULT_SYSTEM), storage_key=STORAGE_KEY,
-                                secret=options.browser_secret)
-        gr.HTML(header_html(engine))
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=3, min_width=420):
-                chatbot = gr.Chatbot(
-                    elem_id="qvl-chat", show_label=False, height="62vh", min_height=360,
-                    buttons=["copy", "copy_all"], latex_delimiters=LATEX,
-                    feedback_options=None, layout="bubble",
-                    placeholder="**Drop an image or a video, ask a question.**<br>"
-                                "Or pick an example below.")
-                box = gr.MultimodalTextbox(
-                    elem_id="qvl-input", show_label=False, file_count="multiple",
-                    file_types=list(history.UPLOAD_SUFFIXES), sources=["upload"],
-                    placeholder="Ask about your images or videos (attach, drop or paste files; "
-                                "Enter sends, Shift+Enter for a new line)",
-                    submit_btn=True, autofocus=True, lines=1, max_lines=8,
-                    max_plain_text_length=200_000)   # long pastes stay text, not a .txt file
-                with gr.Row(elem_id="qvl-buttons"):
-                    stop_btn = gr.Button("Stop", variant="stop", interactive=False,
-                                         elem_id="qvl-stop", size="sm")
-                    retry_btn = gr.Button("Retry", elem_id="qvl-retry", size="sm")
-                    undo_btn = gr.Button("Undo", elem_id="qvl-undo", size="sm")
-                    clear_btn = gr.Button("Clear", elem_id="qvl-clear", size="sm")
-                    save_btn = gr.Button("Save JSON", elem_id="qvl-save", size="sm")
-                    load_btn = gr.UploadButton("Load JSON", file_types=[".json"],
-                                               file_count="single", type="filepath",
-                                               elem_id="qvl-load", size="sm")
-                gr.Examples(
-                    examples=[[{"text": q, "files": [str(ASSETS / name)]}]
-                              for name, q in EXAMPLES if (ASSETS / name).is_file()],
-                    inputs=[box], label="Examples: click one, then press Enter", elem_id="qvl-examples",
-                    examples_per_page=5)
-            with gr.Column(scale=1, min_width=260):
-                system_box = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=3,
-                                        max_lines=10, elem_id="qvl-system")
-                with gr.Accordion("Sampling", open=True):
-                    max_tokens = gr.Slider(1, max_tokens_cap, value=min(512, max_tokens_cap),
-                                           step=1, label="Max new tokens", elem_id="qvl-max-tokens")
-                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature",
-                                            info="0 = greedy", elem_id="qvl-temperature")
-                    top_p = gr.Slider(0.01, 1, value=0.8, step=0.01, label="Top-p")
-                    top_k = gr.Slider(0, 200, value=20, step=1, label="Top-k", info="0 = off")
-                    repetition_penalty = gr.Slider(0.8, 2, value=1.05, step=0.01,
-                                                   label="Repetition penalty")
-                    seed = gr.Number(-1, precision=0, label="Seed", info="-1 = random")
-                with gr.Accordion("Image resolution", open=False):
-                    min_pixels = gr.Slider(28 * 28, 4096 * 28 * 28, value=DEFAULT_MIN_PIXELS,
-                                           step=28 * 28, label="Min pixels per image",
-                                           info="smaller images are scaled up")
-                    max_pixels = gr.Slider(28 * 28, 16384 * 28 * 28, value=DEFAULT_MAX_PIXELS,
-                                           step=28 * 28, label="Max pixels per image",
-                                           info="one token per 28x28 pixels")
-        export_text = gr.Textbox(visible=False)
-        api_answer = gr.Textbox(visible=False, label="Answer")
-        api_btn = gr.Button(visible=False)
-
-        sampling_inputs = [max_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-                           min_pixels, max_pixels]
-        busy_outputs = [box, stop_btn, retry_btn, undo_btn, clear_btn, save_btn, load_btn]
-
-        def buttons(busy: bool) -> list[Any]:
-            return [gr.update(interactive=not busy), gr.update(interactive=busy)] + \
-                   [gr.update(interactive=not busy)] * 5
-
-        def on_submit(raw: Any, message: Any, system: str, request: gr.Request):
-            st, shown, accepted = ctrl.add_user_turn(raw, message, system, request)
-            if not accepted:   # whitespace only: nothing to send, the box keeps its text
-                gr.Warning("The message is empty: type a question or add an image.")
-                return [st, shown] + [gr.skip()] * len(busy_outputs)
-            ui = buttons(True)
-            ui[0] = gr.MultimodalTextbox(value=None, interactive=False)
-            return [st, shown] + ui
-
-        def on_retry(raw: Any, system: str, request: gr.Request):
-            st, shown = ctrl.prepare_retry(raw, system, request)
-            return [st, shown] + buttons(history.pending_user_turn(st) is not None)
-
-        async def generate(raw: Any, max_new: Any, temp: Any, p: Any, k: Any, rep: Any,
-                           seed_value: Any, min_px: Any, max_px: Any, request: gr.Request):
-            sampling = Sampling.from_values(max_new, temp, p, k, rep, seed_value, min_px, max_px)
-            async for st, shown in ctrl.respond(raw, sampling, request):
-                yield (gr.skip() if st is None else st), shown
-
-        def on_idle():
-            return buttons(False)
-
-        def on_stop(request: gr.Request):
-            ctrl.stop(request)
-
-        def on_undo(raw: Any):
-            st, shown, restored = ctrl.undo(raw)
-            return st, shown, (gr.skip() if restored is None else restored)
-
-        def on_load(raw: Any):
-            st = ctrl.load(raw)
-            return st, display.render(st), st["system"] or DEFAULT_SYSTEM
-
-        def on_export(raw: Any) -> str:
-            return history.export_json(ctrl.load(raw), engine.model_name)
-
-        def on_import(path: str | None, raw: Any):
-            if not path:
-                return gr.skip(), gr.skip(), gr.skip()
-            if not history.inside_roots(Path(path), ctrl.upload_roots):
-                ctrl.note_dropped([Path(path).name])
-                return gr.skip(), gr.skip(), gr.skip()
-            try:
-                st = history.import_json(Path(path).read_bytes(), imports_dir)
-            except EngineError as exc:
-                gr.Warning(exc.message)
-                return gr.skip(), gr.skip(), gr.skip()
-            except OSError as exc:
-                gr.Warning(f"Cannot read the file: {exc.strerror or exc}")
-                return gr.skip(), gr.skip(), gr.skip()
-            return st, display.render(st), st["system"]
-
-        async def api_chat(message: Any, system_prompt: str, max_new_tokens: Any,
-                           temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any,
-                           seed: Any, request: gr.Request):
-            """One question (text and images or videos) to the model; streams the answer."""
-            sampling = Sampling.from_values(max_new_tokens, temperature, top_p, top_k,
-                                            repetition_penalty, seed)
-            try:
-                async for text in ctrl.answer_once(message, system_prompt, sampling, request):
-                    yield text
-            except EngineError as exc:
-                raise gr.Error(exc.message, print_exception=False) from None
-
-        quiet = {"api_visibility": "undocumented", "queue": False}
-        run = {"api_visibility": "undocumented", "concurrency_id": GENERATE,
-               "concurrency_limit": options.concurrency, "show_progress": "minimal"}
-
-        submitted = box.submit(on_submit, [state, box, system_box],
-                               [state, chatbot] + busy_outputs, **quiet)
-        submitted.then(generate, [state] + sampling_inputs, [state, chatbot], **run) \
-            .then(on_idle, None, busy_outputs, **quiet)
-        retried = retry_btn.click(on_retry, [state, system_box],
-                                  [state, chatbot] + busy_outputs, **quiet)
-        retried.then(generate, [state] + sampling_inputs, [state, chatbot], **run) \
-            .then(on_idle, None, busy_outputs, **quiet)
-        stop_btn.click(on_stop, None, None, **quiet)
-        undo_btn.click(on_undo, [state], [state, chatbot, box], **quiet)
-        clear_btn.click(ctrl.clear, [state], [state, chatbot], **quiet)
-        chatbot.clear(ctrl.clear, [state], [state, chatbot], **quiet)   # its trash icon
-        save_btn.click(on_export, [state], [export_text], **quiet) \
-            .then(None, [export_text], None, js=DOWNLOAD_JS, **quiet)
-        load_btn.upload(on_import, [load_btn, state], [state, chatbot, system_box], **quiet)
-        api_btn.click(api_chat, [box, system_box] + sampling_inputs[:6], [api_answer],
-                      api_name="chat", concurrency_id=GENERATE,
-                      concurrency_limit=options.concurrency)
-        demo.load(on_load, [state], [state, chatbot, system_box], **quiet)
-        def on_unload(request: gr.Request):
-            ctrl.disconnect(request)
-
-        demo.unload(on_unload)
-
+        wire_events(build_layout(engine, options), cb, options, demo)
     demo.queue(default_concurrency_limit=4, max_size=options.max_queue)
     return demo
 

@@ -1,0 +1,98 @@
+"""The page's event handlers: each turns Gradio's values into a ChatController call
+and its result into component updates (the wiring is in layout.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from engine.errors import EngineError
+
+from . import display, history
+from .chat import ChatController, Sampling
+
+BUSY_OUTPUTS = 7   # the message box, Stop, Retry, Undo, Clear, Save and Load
+
+
+@dataclass
+class Callbacks:
+    ctrl: ChatController
+    model_name: str
+    imports_dir: Path
+    default_system: str
+
+    @staticmethod
+    def buttons(busy: bool) -> list[Any]:
+        return [gr.update(interactive=not busy), gr.update(interactive=busy)] + \
+               [gr.update(interactive=not busy)] * (BUSY_OUTPUTS - 2)
+
+    def on_submit(self, raw: Any, message: Any, system: str, request: gr.Request):
+        st, shown, accepted = self.ctrl.add_user_turn(raw, message, system, request)
+        if not accepted:   # whitespace only: nothing to send, the box keeps its text
+            gr.Warning("The message is empty: type a question or add an image.")
+            return [st, shown] + [gr.skip()] * BUSY_OUTPUTS
+        ui = self.buttons(True)
+        ui[0] = gr.MultimodalTextbox(value=None, interactive=False)
+        return [st, shown] + ui
+
+    def on_retry(self, raw: Any, system: str, request: gr.Request):
+        st, shown = self.ctrl.prepare_retry(raw, system, request)
+        return [st, shown] + self.buttons(history.pending_user_turn(st) is not None)
+
+    async def generate(self, raw: Any, max_new: Any, temp: Any, p: Any, k: Any, rep: Any,
+                       seed_value: Any, min_px: Any, max_px: Any, request: gr.Request):
+        sampling = Sampling.from_values(max_new, temp, p, k, rep, seed_value, min_px, max_px)
+        async for st, shown in self.ctrl.respond(raw, sampling, request):
+            yield (gr.skip() if st is None else st), shown
+
+    def on_idle(self) -> list[Any]:
+        return self.buttons(False)
+
+    def on_stop(self, request: gr.Request):
+        self.ctrl.stop(request)
+
+    def on_undo(self, raw: Any):
+        st, shown, restored = self.ctrl.undo(raw)
+        return st, shown, (gr.skip() if restored is None else restored)
+
+    def on_load(self, raw: Any):
+        st = self.ctrl.load(raw)
+        return st, display.render(st), st["system"] or self.default_system
+
+    def on_export(self, raw: Any) -> str:
+        return history.export_json(self.ctrl.load(raw), self.model_name)
+
+    def on_import(self, path: str | None, raw: Any):
+        if not path:
+            return gr.skip(), gr.skip(), gr.skip()
+        if not history.inside_roots(Path(path), self.ctrl.upload_roots):
+            self.ctrl.note_dropped([Path(path).name])
+            return gr.skip(), gr.skip(), gr.skip()
+        try:
+            st = history.import_json(Path(path).read_bytes(), self.imports_dir)
+        except EngineError as exc:
+            gr.Warning(exc.message)
+            return gr.skip(), gr.skip(), gr.skip()
+        except OSError as exc:
+            gr.Warning(f"Cannot read the file: {exc.strerror or exc}")
+            return gr.skip(), gr.skip(), gr.skip()
+        return st, display.render(st), st["system"]
+
+    async def api_chat(self, message: Any, system_prompt: str, max_new_tokens: Any,
+                       temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any,
+                       seed: Any, request: gr.Request):
+        """One question (text and images or videos) to the model; streams the answer."""
+        sampling = Sampling.from_values(max_new_tokens, temperature, top_p, top_k,
+                                        repetition_penalty, seed)
+        try:
+            async for text in self.ctrl.answer_once(message, system_prompt, sampling, request):
+                yield text
+        except EngineError as exc:
+            raise gr.Error(exc.message, print_exception=False) from None
+
+    def on_unload(self, request: gr.Request):
+        self.ctrl.disconnect(request)
+
