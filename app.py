@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.errors import EngineError
     from engine.factory import create_engine
+    from engine.memory import configure_malloc
+
+    configure_malloc()   # big image buffers go back to the system when freed (bench/soak.py)
 
     try:
         engine = create_engine(EngineConfig.from_namespace(args))

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.errors import EngineError
     from engine.factory import create_engine
+    from engine.memory import configure_malloc
+
+    configure_malloc()   # big image buffers go back to the system when freed (bench/soak.py)
 
     from .routes import create_api_app
 

@@ -467,3 +467,39 @@ def test_criteria_streams_the_first_token_at_once_and_batches_the_rest(tiny_engi
     assert released == [row] and handle.finished is not None            # released at once
     text = "".join(e.text for e in handle._events if isinstance(e, TextDelta))
     assert text == tok.decode(ids) and handle.finished.reason == "length"
+
+
+def test_a_finished_request_frees_its_pictures_without_the_cycle_collector(tiny_engine):
+    """The leak under concurrent image requests: a reference cycle (handle -> cancel callback
+    -> work item -> handle) kept every finished request's pixel tensors until Python's rare
+    full collection. With the collector off, they must go as soon as the request ends."""
+    import gc
+    import weakref
+
+    from PIL import Image
+
+    from engine.types import Conversation, GenerationRequest, ImageInput, Message, SamplingParams
+
+    seen: list[weakref.ref] = []
+    original = tiny_engine.renderer.prepare
+
+    def recording(request, policy=None):
+        prompt = original(request, policy)
+        seen.append(weakref.ref(prompt.inputs["pixel_values"]))
+        return prompt
+
+    gc.collect()
+    gc.disable()
+    tiny_engine.renderer.prepare = recording
+    try:
+        for color in ("red", "blue", "green"):
+            req = GenerationRequest(Conversation([Message("user", "What?", images=[
+                ImageInput(Image.new("RGB", (320, 240), color))])]),
+                SamplingParams(max_tokens=2, temperature=0))
+            tiny_engine.generate(req, timeout=60)
+        time.sleep(0.1)
+        alive = sum(ref() is not None for ref in seen[:-1])   # the last batch may linger
+    finally:
+        tiny_engine.renderer.prepare = original
+        gc.enable()
+    assert len(seen) == 3 and alive == 0, f"{alive} finished requests still hold their pixels"
