@@ -85,11 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     helper = ensure_process_vision_info()
 
     from engine import tiny
+    from engine.config import EngineConfig
+    from engine.inputs import InputStage
     from engine.prompt import PromptRenderer
     from engine.types import Conversation, GenerationRequest, ImageInput, Message, SamplingParams
 
     processor = build_processor(tiny.build_tokenizer())
-    renderer = PromptRenderer(processor, max_model_len=1 << 20)
+    renderer = PromptRenderer(processor, InputStage(EngineConfig(max_model_len=1 << 20)),
+                              max_model_len=1 << 20)
     print(f"image processor: {type(processor.image_processor).__name__} | vision helper: "
           f"{helper} | torch threads: {torch.get_num_threads()}")
 

@@ -71,22 +71,19 @@ def main(argv: list[str] | None = None) -> int:
                        min_tokens=args.min_tokens),
         min_pixels=args.min_pixels, max_pixels=args.max_pixels, request_id="cli")
     # Cheap checks before paying for the model load.
-    from .media import MediaPolicy, load_image
-    from .prompt import check_conversation, check_image_limits
-    from .sampling import validate_sampling
-    policy = MediaPolicy().with_limits(args.max_media_mb, args.max_image_pixels,
-                                       args.fetch_timeout)
+    from .config import EngineConfig
+    from .inputs import InputStage
+    from .media import load_image
+    stage = InputStage(EngineConfig.from_namespace(args))
+    policy = stage.policy(None)
     try:
-        check_conversation(request.conversation)
-        check_image_limits(request.conversation, args.limit_images, args.limit_videos)
-        validate_sampling(request.sampling, args.max_model_len)
+        stage.validate(request, args.max_model_len)
         for img in request.conversation.messages[0].images:
             if "://" not in img.source and not img.source.startswith("data:"):
                 load_image(img.source, policy)   # local files: fail fast, before the model loads
     except EngineError as exc:
         return fail(exc.message)
 
-    from .config import EngineConfig
     from .factory import create_engine
 
     try:

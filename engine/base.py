@@ -27,16 +27,6 @@ class Engine(abc.ABC):
     def __init__(self) -> None:
         self._listeners: list[FinishListener] = []
 
-    def media_policy(self, policy: MediaPolicy | None) -> MediaPolicy:
-        """The caller's policy (where media may come from) with this engine's size and time
-        limits; None: a trusted caller (any local file)."""
-        config = getattr(self, "config", None)
-        policy = policy or MediaPolicy()
-        if config is None:
-            return policy
-        return policy.with_limits(config.max_media_mb, config.max_image_pixels,
-                                  config.fetch_timeout)
-
     @abc.abstractmethod
     def submit(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> RequestHandle:
         """Validate and queue a request; bad input raises InvalidRequestError here,

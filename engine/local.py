@@ -12,8 +12,8 @@ from .device import select_device
 from .errors import EngineError
 from .loader import LoadedModel, load_model
 from .media import MediaPolicy
-from .prompt import PromptRenderer, VideoSampling
-from .sampling import validate_sampling
+from .inputs import InputStage
+from .prompt import PromptRenderer
 from .stream import RequestHandle
 from .types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
                     SamplingParams)
@@ -34,12 +34,9 @@ class LocalEngine(Engine):
         self.max_model_len = self.config.max_model_len
         self.limit_images = self.config.limit_images
         self.limit_videos = self.config.limit_videos
-        self.renderer = PromptRenderer(loaded.processor, self.max_model_len, self.limit_images,
-                                       self.limit_videos, self.config.default_max_tokens,
-                                       self.config.max_pixels_limit, self.config.max_prompt_chars,
-                                       VideoSampling(self.config.video_fps,
-                                                     self.config.video_max_frames,
-                                                     self.config.video_max_pixels))
+        self.inputs = InputStage(self.config)
+        self.renderer = PromptRenderer(loaded.processor, self.inputs, self.max_model_len,
+                                       self.config.default_max_tokens)
         self.worker = GenerationWorker(loaded.model, loaded.processor.tokenizer, loaded.device,
                                        max_queue=self.config.max_queue,
                                        max_batch=self.config.max_batch,
@@ -66,9 +63,9 @@ class LocalEngine(Engine):
     def submit(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> RequestHandle:
         if not self.worker.is_alive():
             raise EngineError("The generation worker has stopped; restart the server.")
-        validate_sampling(request.sampling, self.max_model_len)
+        self.inputs.validate(request, self.max_model_len)
         with self.worker.arriving() as arrival:
-            prompt = self.renderer.prepare(request, self.media_policy(policy))
+            prompt = self.renderer.prepare(request, policy)
             return self.worker.submit(request, prompt, arrival)
 
     def warmup(self, with_image: bool = True) -> float:

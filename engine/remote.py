@@ -25,17 +25,16 @@ import time
 from typing import Any
 
 import httpx
+from PIL import Image
 
 from .base import Engine
 from .config import EngineConfig
 from .errors import (DeviceOutOfMemoryError, EngineBusyError, EngineError, InvalidRequestError,
                      ModelLoadError, ModelNotFoundError)
-from .media import MediaPolicy, load_image, load_video
-from .prompt import check_conversation, check_image_limits, check_request_bounds, resized_image
-from .sampling import validate_sampling
+from .inputs import InputStage, LoadedImage, LoadedMessage, LoadedVideo, close_all
+from .media import MediaPolicy
 from .stream import RequestHandle
-from .types import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, Finished, FinishReason,
-                    GenerationRequest, RequestStats, TextDelta, VideoInput)
+from .types import Finished, FinishReason, GenerationRequest, RequestStats, TextDelta
 
 log = logging.getLogger("engine.requests")
 
@@ -119,32 +118,41 @@ MM_KWARGS_REFUSED = ("The remote server refuses per-request mm_processor_kwargs:
                      "(pictures are then resized here). The remote said: ")
 
 
-def image_data_uri(source: Any, policy: MediaPolicy, min_pixels: int, max_pixels: int) -> str:
-    """Load and check an image here, resize it to what the model will see for the requested
-    pixel bounds (a multiple of 28 on each side, so the remote's own smart_resize leaves it as
-    it is and its default bounds give the same image tokens), then send its pixels (never its
-    URL or path)."""
-    img = resized_image(load_image(source, policy), min_pixels, max_pixels)
+def image_data_uri(picture: Image.Image) -> str:
+    """A loaded picture (already at its resized size: its sides are multiples of 28, so the
+    remote's own smart_resize leaves it as it is and its default bounds give the same image
+    tokens) as a data: URI; the remote never fetches a URL or reads a file for us."""
     buf = io.BytesIO()
-    if img.width * img.height <= PNG_MAX_PIXELS:
-        img.save(buf, format="PNG")
+    if picture.width * picture.height <= PNG_MAX_PIXELS:
+        picture.save(buf, format="PNG")
         mime = "image/png"
     else:
-        img.save(buf, format="JPEG", quality=95)
+        picture.save(buf, format="JPEG", quality=95)
         mime = "image/jpeg"
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
 
 
-def video_data_uri(source: Any, policy: MediaPolicy) -> str:
-    video = load_video(source, policy)
-    try:
-        data = video.path.read_bytes()
-    finally:
-        video.close()
-    suffix = video.path.suffix.lower().lstrip(".") or "mp4"
+def video_data_uri(video: LoadedVideo) -> str:
+    path = video.file.path
+    suffix = path.suffix.lower().lstrip(".") or "mp4"
     mime = {"mov": "video/quicktime", "mkv": "video/x-matroska", "avi": "video/x-msvideo"}.get(
         suffix, f"video/{suffix}")
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def serialise(message: LoadedMessage) -> dict:
+    """One loaded message as OpenAI content, parts in order."""
+    if not message.has_media:
+        return {"role": message.role, "content": message.text}
+    parts: list[dict] = []
+    for part in message.parts:
+        if isinstance(part, str):
+            parts.append({"type": "text", "text": part})
+        elif isinstance(part, LoadedImage):
+            parts.append({"type": "image_url", "image_url": {"url": image_data_uri(part.picture)}})
+        else:
+            parts.append({"type": "video_url", "video_url": {"url": video_data_uri(part)}})
+    return {"role": message.role, "content": parts}
 
 
 # --------------------------------------------------------------------------- one call
@@ -189,6 +197,7 @@ class RemoteEngine(Engine):
         self.limit_images = config.limit_images
         self.limit_videos = config.limit_videos
         self.is_tiny = False
+        self.inputs = InputStage(config)
         self._lock = threading.Lock()
         self._active: dict[str, _RemoteCall] = {}
         self._health: tuple[float, bool] = (0.0, False)
@@ -255,32 +264,16 @@ class RemoteEngine(Engine):
 
     # ------------------------------------------------------------ requests
     def build_body(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> dict:
-        """The chat.completions body for a request; loads media, so it may raise
-        InvalidRequestError exactly as the local engine would."""
+        """The chat.completions body for a request: the input stage loads its media (so it
+        may raise InvalidRequestError exactly as the local engine would), this serialises
+        the parts in order: pictures at their resized size, videos as data: URIs."""
+        loaded = self.inputs.load(request, policy, self.max_model_len)
+        try:
+            messages = [serialise(m) for m in loaded]
+        finally:
+            close_all(loaded)
+        fps = next((p.fps for m in loaded for p in m.parts if isinstance(p, LoadedVideo)), None)
         conv = request.conversation
-        messages: list[dict] = []
-        if conv.system is not None and conv.system.strip():
-            messages.append({"role": "system", "content": conv.system})
-        fps = None
-        for m in conv.messages:
-            if m.role != "user" or (not m.images and not m.videos):
-                messages.append({"role": m.role, "content": m.text})
-                continue
-            parts: list[dict] = []
-            for part in m.parts:          # in their order, as the local engine renders them
-                if isinstance(part, str):
-                    if part:
-                        parts.append({"type": "text", "text": part})
-                elif isinstance(part, VideoInput):
-                    fps = fps or part.fps
-                    parts.append({"type": "video_url",
-                                  "video_url": {"url": video_data_uri(part.source, policy)}})
-                else:
-                    lo = part.min_pixels or request.min_pixels or DEFAULT_MIN_PIXELS
-                    hi = part.max_pixels or request.max_pixels or DEFAULT_MAX_PIXELS
-                    url = image_data_uri(part.source, policy, lo, hi)
-                    parts.append({"type": "image_url", "image_url": {"url": url}})
-            messages.append({"role": "user", "content": parts})
         sp = request.sampling
         body: dict[str, Any] = {
             "model": self.model_name, "messages": messages, "stream": True,
@@ -298,8 +291,8 @@ class RemoteEngine(Engine):
         if sp.min_tokens:
             body["min_tokens"] = sp.min_tokens
         if self.config.remote_mm_kwargs and (conv.image_count() or conv.video_count()):
-            mm: dict[str, Any] = {"min_pixels": request.min_pixels or DEFAULT_MIN_PIXELS,
-                                  "max_pixels": request.max_pixels or DEFAULT_MAX_PIXELS}
+            lo, hi = InputStage.bounds(request)
+            mm: dict[str, Any] = {"min_pixels": lo, "max_pixels": hi}
             if fps:
                 mm["fps"] = fps
             body["mm_processor_kwargs"] = mm
@@ -308,11 +301,8 @@ class RemoteEngine(Engine):
     def submit(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> RequestHandle:
         """Check, load media, and open the remote stream; the remote's refusal
         (bad input, unknown model, busy) is raised here, before any event."""
-        check_conversation(request.conversation)
-        check_image_limits(request.conversation, self.limit_images, self.limit_videos)
-        check_request_bounds(request, self.config.max_pixels_limit, self.config.prompt_chars_limit)
-        validate_sampling(request.sampling, self.max_model_len)
-        body = self.build_body(request, self.media_policy(policy))
+        self.inputs.validate(request, self.max_model_len)
+        body = self.build_body(request, policy)
         try:
             response = self.client.send(
                 self.client.build_request("POST", f"{self.base_url}/chat/completions", json=body),

@@ -200,3 +200,25 @@ def test_unknown_scheme():
     for url in ("ftp://public.test/a.png", "gopher://x/", "javascript:alert(1)"):
         with pytest.raises(InvalidRequestError, match="Unsupported URL scheme"):
             load_image(url, API_POLICY)
+
+
+def test_media_limits_come_from_the_engine_config():
+    """No process-wide state: each engine's input stage applies its own config's limits."""
+    import base64 as b64
+
+    from engine.config import EngineConfig
+    from engine.inputs import InputStage
+    from engine.types import Conversation, GenerationRequest, ImageInput, Message
+
+    data = png_bytes(Image.new("RGB", (40, 30), (1, 2, 3)))
+    uri = "data:image/png;base64," + b64.b64encode(data).decode()
+    req = GenerationRequest(Conversation([Message("user", "x", images=[ImageInput(uri)])]))
+    strict = InputStage(EngineConfig(max_media_mb=len(data) / 2 / 2**20))
+    with pytest.raises(InvalidRequestError, match="larger than the limit"):
+        strict.load(req, MediaPolicy(local_roots=()), 16384)
+    few_pixels = InputStage(EngineConfig(max_image_pixels=1000))
+    with pytest.raises(InvalidRequestError, match="too large"):
+        few_pixels.load(req, MediaPolicy(local_roots=()), 16384)
+    loaded = InputStage(EngineConfig()).load(req, MediaPolicy(local_roots=()), 16384)
+    picture = loaded[0].parts[0]          # scaled up to the tutorial's 224x224 minimum
+    assert picture.picture.size == (280, 196) and picture.tokens == 70

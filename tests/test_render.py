@@ -107,11 +107,16 @@ def test_prompt_equals_vllms(tiny_engine, name):
 
 def test_part_order_reaches_the_remote_too(tiny_engine):
     """The remote engine serialises the same ordered parts (only resized pictures)."""
+    import httpx
+
     from engine.config import EngineConfig
     from engine.remote import RemoteEngine
 
-    eng = RemoteEngine.__new__(RemoteEngine)       # no remote to ask: only build the body
-    eng.config, eng.model_name = EngineConfig(), "m"
+    def card(request):   # a remote that only lists its model: nothing leaves the process
+        return httpx.Response(200, json={"data": [{"id": "m", "max_model_len": 16384}]})
+
+    eng = RemoteEngine(EngineConfig(backend="remote", remote_url="http://remote.test/v1"),
+                       client=httpx.Client(transport=httpx.MockTransport(card)))
     req = ChatCompletionRequest.model_validate(
         {"messages": CASES["two images between texts"]})
     body = eng.build_body(to_generation_request(req, "r"), MediaPolicy(local_roots=()))

@@ -1,0 +1,223 @@
+"""The input stage every backend shares (vLLM's renderer, SGLang's conversion to
+the internal request): built from EngineConfig, it owns the limits (images per
+prompt, pixel bounds, prompt length, media size and fetch time, video sampling),
+checks a request once, and loads its media once into one ordered list of parts
+per message: each picture decoded, checked and resized to what the model will
+see, each video checked and made a local file. The local engine renders that
+with the chat template (engine/prompt.py); the remote engine only serialises it
+(engine/remote.py). The CLI, the page and the API all reach it through an engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from PIL import Image
+
+from .config import EngineConfig
+from .errors import InvalidRequestError
+from .media import MediaPolicy, VideoFile, load_image, load_video
+from .sampling import validate_sampling
+from .types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, GenerationRequest, VideoInput
+
+PATCH = 28   # pixels per image token side (14-pixel patches, merged 2x2)
+
+
+@dataclass(frozen=True)
+class VideoSampling:
+    """How videos are sampled (EngineConfig's video_fps, video_max_frames, video_max_pixels).
+    The per-frame pixel bound: Qwen's own default for video frames is 768*28*28 in total."""
+
+    fps: float = 2.0
+    max_frames: int = 32
+    max_pixels: int = 360 * 420
+
+
+@dataclass
+class LoadedImage:
+    picture: Image.Image      # RGB, already at its smart_resize size
+    min_pixels: int
+    max_pixels: int
+
+    @property
+    def tokens(self) -> int:
+        return self.picture.width * self.picture.height // (PATCH * PATCH)
+
+
+@dataclass
+class LoadedVideo:
+    file: VideoFile           # checked; the consumer closes it (deletes a temp copy)
+    min_pixels: int
+    max_pixels: int
+    fps: float
+
+
+LoadedPart = Union[str, LoadedImage, LoadedVideo]
+
+
+@dataclass
+class LoadedMessage:
+    role: str
+    parts: list[LoadedPart] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(p for p in self.parts if isinstance(p, str))
+
+    @property
+    def has_media(self) -> bool:
+        return any(not isinstance(p, str) for p in self.parts)
+
+
+def close_all(messages: list[LoadedMessage]) -> None:
+    for m in messages:
+        for part in m.parts:
+            if isinstance(part, LoadedVideo):
+                part.file.close()
+
+
+def context_error(limit: int, prompt_tokens: int) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"This model's maximum context length is {limit} tokens. However, your prompt "
+        f"contains at least {prompt_tokens} input tokens, which exceeds this limit even "
+        f"without any output tokens. Please reduce the length of the input prompt. "
+        f"(parameter=input_tokens, value={prompt_tokens})", param="input_tokens")
+
+
+def resized_image(img: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+    """The picture at the size the processor will see (qwen_vl_utils' smart_resize, the same
+    resize call), so the decoded original is not kept; resizing again there is a copy."""
+    from qwen_vl_utils.vision_process import smart_resize
+
+    if min_pixels > max_pixels:
+        raise InvalidRequestError(f"min_pixels ({min_pixels}) must be at most max_pixels "
+                                  f"({max_pixels}).", param="max_pixels")
+    try:
+        h, w = smart_resize(img.height, img.width, factor=PATCH, min_pixels=min_pixels,
+                            max_pixels=max_pixels)
+    except ValueError as exc:   # the aspect-ratio check
+        raise InvalidRequestError(f"Failed to process image: {exc}", param="image") from None
+    return img if (w, h) == img.size else img.resize((w, h))
+
+
+class InputStage:
+    """One per engine, from its config; thread-safe (no state per request)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.limit_images = config.limit_images
+        self.limit_videos = config.limit_videos
+        self.max_pixels_limit = config.max_pixels_limit
+        self.max_prompt_chars = config.prompt_chars_limit
+        self.video = VideoSampling(config.video_fps, config.video_max_frames,
+                                   config.video_max_pixels)
+
+    def policy(self, policy: MediaPolicy | None) -> MediaPolicy:
+        """The caller's policy (where media may come from) with this engine's size and time
+        limits; None: a trusted caller (any local file)."""
+        return (policy or MediaPolicy()).with_limits(
+            self.config.max_media_mb, self.config.max_image_pixels, self.config.fetch_timeout)
+
+    # ------------------------------------------------------------ checks, before any work
+    def validate(self, request: GenerationRequest, max_model_len: int) -> None:
+        """Everything that needs no media: raises InvalidRequestError in vLLM's words."""
+        self.check_conversation(request)
+        self.check_bounds(request)
+        validate_sampling(request.sampling, max_model_len)
+
+    def check_conversation(self, request: GenerationRequest) -> None:
+        conv = request.conversation
+        if not conv.messages:
+            raise InvalidRequestError("The conversation is empty: send a message.",
+                                      param="messages")
+        last = conv.messages[-1]
+        if last.role != "user":
+            raise InvalidRequestError("The last message must come from the user.",
+                                      param="messages")
+        for m in conv.messages:
+            if m.role not in ("user", "assistant", "system"):
+                raise InvalidRequestError(f"Unknown role {m.role!r}.", param="messages")
+        if not last.text.strip() and not last.images and not last.videos:
+            raise InvalidRequestError("The message is empty: type a question or add an image.",
+                                      param="messages")
+        if conv.image_count() > self.limit_images:
+            raise InvalidRequestError(
+                f"At most {self.limit_images} image(s) may be provided in one prompt.",
+                param="image")
+        if conv.video_count() > self.limit_videos:
+            raise InvalidRequestError(
+                f"At most {self.limit_videos} video(s) may be provided in one prompt.",
+                param="video")
+
+    def check_bounds(self, request: GenerationRequest) -> None:
+        """Every size a request controls: pixel bounds (an upscale to 1e10 pixels would
+        exhaust memory) and the prompt's length, refused before it is tokenized."""
+        bounds = [("min_pixels", request.min_pixels), ("max_pixels", request.max_pixels)]
+        for m in request.conversation.messages:
+            for media in [*m.images, *m.videos]:
+                bounds += [("min_pixels", media.min_pixels), ("max_pixels", media.max_pixels)]
+        for name, value in bounds:
+            if value is not None and not 1 <= value <= self.max_pixels_limit:
+                raise InvalidRequestError(
+                    f"{name} must be between 1 and {self.max_pixels_limit} (the server's limit, "
+                    f"see --max-pixels-limit), got {value}.", param=name)
+        lo, hi = self.bounds(request)
+        if lo > hi:
+            raise InvalidRequestError(
+                f"min_pixels ({lo}) must be positive and at most max_pixels ({hi}).",
+                param="max_pixels")
+        conv = request.conversation
+        chars = len(conv.system or "") + sum(len(m.text) for m in conv.messages)
+        if chars > self.max_prompt_chars:
+            raise InvalidRequestError(
+                f"The prompt has {chars} characters, more than the {self.max_prompt_chars} this "
+                f"server accepts (see --max-prompt-chars); it could not fit the model's context "
+                f"anyway. Please shorten the messages.", param="messages")
+
+    @staticmethod
+    def bounds(request: GenerationRequest) -> tuple[int, int]:
+        """The request's pixel bounds, the tutorial's where it sets none."""
+        return (request.min_pixels or DEFAULT_MIN_PIXELS, request.max_pixels or DEFAULT_MAX_PIXELS)
+
+    # ------------------------------------------------------------ media, once
+    def load(self, request: GenerationRequest, policy: MediaPolicy | None,
+             max_model_len: int) -> list[LoadedMessage]:
+        """The system prompt and every turn, parts in order, media loaded. Pictures whose
+        tokens alone reach `max_model_len` stop the work at the first one that does."""
+        policy = self.policy(policy)
+        conv = request.conversation
+        min_px, max_px = self.bounds(request)
+        out: list[LoadedMessage] = []
+        if conv.system is not None and conv.system.strip():
+            out.append(LoadedMessage("system", [conv.system]))
+        image_tokens = 0
+        try:
+            for m in conv.messages:
+                message = LoadedMessage(m.role)
+                out.append(message)          # before its media: a failure closes what is open
+                parts = message.parts
+                for part in m.parts:
+                    if isinstance(part, str):
+                        if part:
+                            parts.append(part)
+                    elif isinstance(part, VideoInput):
+                        parts.append(self._video(part, policy, max_px))
+                    else:
+                        lo, hi = part.min_pixels or min_px, part.max_pixels or max_px
+                        image = LoadedImage(resized_image(load_image(part.source, policy),
+                                                          lo, hi), lo, hi)
+                        image_tokens += image.tokens
+                        if image_tokens >= max_model_len:
+                            raise context_error(max_model_len, image_tokens)
+                        parts.append(image)
+        except BaseException:
+            close_all(out)
+            raise
+        return out
+
+    def _video(self, vid: VideoInput, policy: MediaPolicy, max_pixels: int) -> LoadedVideo:
+        return LoadedVideo(load_video(vid.source, policy),
+                           vid.min_pixels or 128 * PATCH * PATCH,
+                           vid.max_pixels or min(max_pixels, self.video.max_pixels),
+                           vid.fps or self.video.fps)
