@@ -123,3 +123,22 @@ def test_part_order_reaches_the_remote_too(tiny_engine):
     kinds = [p["type"] if p["type"] != "text" else p["text"]
              for p in body["messages"][0]["content"]]
     assert kinds == ["A", "image_url", "image_url", "B"]
+
+
+def test_video_between_texts_renders_in_place(tiny_engine, tmp_path):
+    """A video_url part keeps its place among the text parts, as vLLM renders it."""
+    from test_engine import write_video
+
+    clip = tmp_path / "clip.mp4"
+    write_video(clip)
+    uri = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    messages = [user(text("Watch:"), {"type": "video_url", "video_url": {"url": uri}},
+                     text("what happens?"))]
+    expected = tiny_engine.renderer.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "Watch:"}, {"type": "video"},
+                                      {"type": "text", "text": "what happens?"}]}],
+        tokenize=False, add_generation_prompt=True)
+    req = ChatCompletionRequest.model_validate({"model": "tiny", "messages": messages})
+    prompt = tiny_engine.renderer.prepare(to_generation_request(req, "r"),
+                                          MediaPolicy(local_roots=()))
+    assert prompt.prompt_text == expected and prompt.videos == 1
