@@ -233,13 +233,19 @@ def run_round(base: str, bodies: list[dict], clients: int, requests: int,
                 if outcome == "busy":
                     time.sleep(0.1)
 
-    threads = [threading.Thread(target=client, name=f"soak-client-{i}", daemon=True)
-               for i in range(clients)]
+    run_clients(lambda i: client(), clients, "soak-client", deadline, request_timeout)
+    return tally, time.monotonic() - start
+
+
+def run_clients(client, count: int, name: str, until: float, request_timeout: float) -> None:
+    """`count` client threads (each called with its index), joined by `until` plus one
+    request's time at most (all are daemons: a stuck one cannot hold the script)."""
+    threads = [threading.Thread(target=client, args=(i,), name=f"{name}-{i}", daemon=True)
+               for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(max(1.0, deadline - time.monotonic()) + request_timeout)
-    return tally, time.monotonic() - start
+        t.join(max(1.0, until - time.monotonic()) + request_timeout)
 
 
 def run_phase(base: str, bodies: list[dict], long_bodies: list[dict], clients: int,
@@ -277,12 +283,7 @@ def run_phase(base: str, bodies: list[dict], long_bodies: list[dict], clients: i
                 if outcome == "busy":
                     time.sleep(0.1)     # a polite client backs off before retrying
 
-    threads = [threading.Thread(target=client, args=(i,), name=f"soak-stream-{i}", daemon=True)
-               for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(max(1.0, stop_at - time.monotonic()) + request_timeout)
+    run_clients(client, clients, "soak-stream", stop_at, request_timeout)
     return tally, time.monotonic() - start
 
 

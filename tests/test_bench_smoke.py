@@ -16,7 +16,7 @@ from engine.local import LocalEngine
 from engine.types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
                           SamplingParams, TextDelta)
 
-from bench import concurrency, overhead, preprocess, warmup
+from bench import concurrency, overhead, preprocess, soak, warmup
 from bench.api import api_unavailable_reason
 
 HTTP = api_unavailable_reason() is None
@@ -59,6 +59,16 @@ def test_concurrency_runs_both_modes(tiny_model_dir, capsys):
         assert re.search(rf"\| +2 \| +{re.escape(target)} \| +[\d.,]+ \|", out), target
     assert "### Speedup" in out and "| errors |" in out
     assert not re.search(r"^error \(", out, re.M)
+
+
+def test_soak_runs_both_modes(capsys):
+    assert soak.main(["--mode", "rounds", "--clients", "2", "--rounds", "2",
+                      "--requests-per-round", "4"]) == 0
+    assert soak.main(["--mode", "load", "--clients", "4", "--phase-seconds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"(PASS|FAIL): rounds: RSS growth round 2 -> round 2: [-+]\d+ MB", out)
+    assert re.search(r"(PASS|FAIL): load: RSS growth phase 1 -> phase 2: [-+]\d+ MB", out)
+    assert re.search(r"round +2: rss \d+ MB .* ok 4", out)
 
 
 def test_preprocess_counts_image_tokens(capsys):
