@@ -47,10 +47,6 @@ class ServerSettings:
     def credentials(self) -> Credentials:
         return Credentials(self.users, self.api_key)
 
-    def authorized(self, authorization_header: str | None) -> bool:
-        """True when no login is configured, or the header carries the API key or a user."""
-        return self.credentials.allows(authorization_header)
-
 
 def _split_env(name: str) -> list[str]:
     value = env(name)

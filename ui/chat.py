@@ -177,9 +177,9 @@ class ChatController:
             files = [str(f) for f in message.get("files") or [] if f]
         elif isinstance(message, str):
             text = message
-        self.note_dropped([Path(f).name for f in files
-                           if not history.inside_roots(Path(f), self.upload_roots)])
-        files = [f for f in files if history.inside_roots(Path(f), self.upload_roots)]
+        kept = [f for f in files if history.inside_roots(Path(f), self.upload_roots)]
+        self.note_dropped([Path(f).name for f in files if f not in kept])
+        files = kept
         if not text.strip() and not files:
             return state, display.render(state), False
         self.active.forget_stop(session_of(request))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
 from typing import Any, Awaitable, Callable
 
 ASGIApp = Callable[..., Awaitable[None]]
@@ -28,6 +27,7 @@ PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
 FREE_FAILURES = 5          # failed logins from one address before the back-off starts
 MAX_BACKOFF_S = 300.0
 FORGET_S = 900.0           # failures older than this are forgotten
+MAX_TRACKED = 10_000       # addresses remembered at once (the oldest are forgotten first)
 
 
 class LoginBackoff:
@@ -36,7 +36,7 @@ class LoginBackoff:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self._failures: dict[str, tuple[int, float]] = defaultdict(lambda: (0, 0.0))
+        self._failures: dict[str, tuple[int, float]] = {}
 
     def wait_s(self, client: str) -> float:
         count, last = self._failures.get(client, (0, 0.0))
@@ -49,8 +49,10 @@ class LoginBackoff:
         return max(0.0, last + min(MAX_BACKOFF_S, 2.0 ** (count - FREE_FAILURES + 1)) - now)
 
     def failed(self, client: str) -> None:
-        count, _ = self._failures.get(client, (0, 0.0))
-        self._failures[client] = (count + 1, self.clock())
+        count, _ = self._failures.pop(client, (0, 0.0))
+        self._failures[client] = (count + 1, self.clock())   # newest last
+        while len(self._failures) > MAX_TRACKED:
+            self._failures.pop(next(iter(self._failures)))
 
     def succeeded(self, client: str) -> None:
         self._failures.pop(client, None)
