@@ -56,6 +56,7 @@ class EngineConfig:
     video_max_pixels: int = 360 * 420   # per frame
     max_prompt_chars: int | None = None  # None: CHARS_PER_TOKEN_LIMIT * max_model_len
     batch_wait_ms: float = 50.0
+    log_stats_interval: float = 10.0   # seconds between engine lines; 0: none
     static_cache: bool = False
     torch_compile: bool = False
     backend: str = "local"             # local | remote (an OpenAI-compatible server)
@@ -147,6 +148,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="a new batch waits up to this long (after each arrival) for requests "
                         "still being prepared, and for the users of a batch that just ended; "
                         "0 starts every batch at once [env QWENVL_BATCH_WAIT_MS]")
+    g.add_argument("--log-stats-interval", type=float,
+                   default=float(env("QWENVL_LOG_STATS_INTERVAL", "10")),
+                   help="seconds between the engine's periodic line (running, waiting, "
+                        "tokens/s) while it has work; 0 turns it off "
+                        "[env QWENVL_LOG_STATS_INTERVAL]")
     g.add_argument("--static-cache", action="store_true", default=env_bool("QWENVL_STATIC_CACHE"),
                    help="CUDA only (ignored on NPU/CPU): a static KV cache [env QWENVL_STATIC_CACHE]")
     g.add_argument("--torch-compile", action="store_true", default=env_bool("QWENVL_TORCH_COMPILE"),

@@ -14,6 +14,7 @@ from .loader import LoadedModel, load_model
 from .media import MediaPolicy
 from .inputs import InputStage
 from .prompt import PromptRenderer
+from .stats import StatsLogger
 from .stream import RequestHandle
 from .types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
                     SamplingParams)
@@ -44,6 +45,7 @@ class LocalEngine(Engine):
                                        batch_wait_s=self.config.batch_wait_ms / 1000,
                                        static_cache=self.config.static_cache,
                                        torch_compile=self.config.torch_compile)
+        self.stats = StatsLogger(self.worker, self.config.log_stats_interval)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LocalEngine":
@@ -98,6 +100,7 @@ class LocalEngine(Engine):
         return self.worker.queue_depth()
 
     def close(self) -> None:
+        self.stats.close()
         self.worker.close()
 
 

@@ -338,6 +338,7 @@ class GenerationWorker:
         self._submitted = 0          # requests queued so far
         self._last_batch = (0, 0.0, 0)   # (rows, end time, _submitted then) of the last batch
         self._stopping = False
+        self._done_totals = (0, 0, 0)   # finished requests: (count, prompt tokens, generated)
         self.batches_run = 0
         self.largest_batch = 0
         self._thread = threading.Thread(target=self._loop, name="generation-worker", daemon=True)
@@ -402,6 +403,17 @@ class GenerationWorker:
     def running_count(self) -> int:
         with self._cond:
             return len(self._running)
+
+    def totals(self) -> tuple[int, int, int]:
+        """(requests finished, prompt tokens, generated tokens) so far, the running rows
+        counted as far as they got: the periodic stats line takes differences of these."""
+        with self._cond:
+            done, prompt, generated = self._done_totals
+            for item in self._running:
+                if item.handle.finished is None:
+                    prompt += item.prompt.prompt_tokens
+                    generated += item.handle.tokens
+            return done, prompt, generated
 
     def queue_position(self, request_id: str) -> int | None:
         """0 while running, 1.. while waiting, None when unknown or finished."""
@@ -582,6 +594,10 @@ class GenerationWorker:
         if item.handle.finished is not None:
             return
         event = Finished(reason, stats, error)
+        with self._cond:
+            done, prompt, generated = self._done_totals
+            self._done_totals = (done + 1, prompt + stats.prompt_tokens,
+                                 generated + stats.output_tokens)
         log.info("request %s: prompt_tokens=%d images=%d videos=%d queue=%.3fs ttft=%s "
                  "output_tokens=%d tokens/s=%.1f finish=%s%s%s", item.request.request_id,
                  stats.prompt_tokens, stats.images, stats.videos, stats.queue_s,

@@ -503,3 +503,31 @@ def test_a_finished_request_frees_its_pictures_without_the_cycle_collector(tiny_
         tiny_engine.renderer.prepare = original
         gc.enable()
     assert len(seen) == 3 and alive == 0, f"{alive} finished requests still hold their pixels"
+
+
+def test_periodic_engine_line_reports_running_waiting_and_throughput(tiny_engine):
+    """vLLM-style engine line: what runs and waits, and tokens/s since the last line;
+    nothing while idle."""
+    from engine.stats import StatsLogger
+
+    from engine.types import Conversation, GenerationRequest, Message, SamplingParams
+
+    stats = StatsLogger(tiny_engine.worker, interval_s=0)    # no thread: lines on demand
+    assert stats.line() is None
+    long = tiny_engine.submit(GenerationRequest(Conversation([Message("user", "Go on")]),
+                                                SamplingParams(max_tokens=400, temperature=0,
+                                                               ignore_eos=True)))
+    deadline = time.monotonic() + 30
+    while long.tokens < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    line = stats.line()
+    assert line is not None and "running=1 waiting=0" in line
+    assert float(line.split("generation_tokens/s=")[1].split()[0]) > 0
+    assert float(line.split("prompt_tokens/s=")[1].split()[0]) > 0
+    long.cancel()
+    long.collect(timeout=30)
+    while tiny_engine.worker.running_count() and time.monotonic() < deadline:
+        time.sleep(0.01)    # the batch is cleared just after its last row is released
+    done = stats.line()
+    assert done is not None and "finished=1" in done and "running=0" in done
+    assert stats.line() is None

@@ -1,0 +1,53 @@
+"""The periodic engine line, like vLLM's: every `interval_s` while there is work,
+one log line with the running and waiting requests and the prompt and generation
+throughput since the last line; silent while idle."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger("engine.stats")
+
+
+class StatsLogger:
+    """A daemon thread sampling a GenerationWorker (`running_count`, `queue_depth`,
+    `totals`); `close()` stops it."""
+
+    def __init__(self, worker: Any, interval_s: float = 10.0) -> None:
+        self.worker = worker
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._last = (time.monotonic(), *worker.totals())
+        self._thread = threading.Thread(target=self._loop, name="engine-stats", daemon=True)
+        if interval_s > 0:
+            self._thread.start()
+
+    def line(self) -> str | None:
+        """The line for the time since the last call, or None when nothing happened."""
+        now, done, prompt, generated = time.monotonic(), *self.worker.totals()
+        then, done0, prompt0, generated0 = self._last
+        self._last = (now, done, prompt, generated)
+        running, waiting = self.worker.running_count(), self.worker.queue_depth()
+        if not (running or waiting or done > done0):
+            return None
+        span = max(1e-9, now - then)
+        return (f"engine: running={running} waiting={waiting} "
+                f"prompt_tokens/s={(prompt - prompt0) / span:.1f} "
+                f"generation_tokens/s={(generated - generated0) / span:.1f} "
+                f"finished={done - done0} in {span:.1f}s")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                text = self.line()
+            except Exception:   # never let the stats thread take anything down
+                log.exception("stats line failed")
+                continue
+            if text:
+                log.info(text)
+
+    def close(self) -> None:
+        self._stop.set()
