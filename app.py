@@ -24,7 +24,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from engine.config import EngineConfig, add_engine_args, env, env_bool  # noqa: E402
 from server.routes import mount_api  # noqa: E402
-from server.auth import parse_auth  # noqa: E402,F401  (app.parse_auth, as before)
+from server.auth import parse_auth  # noqa: E402
 from server.settings import ServerSettings, add_server_args  # noqa: E402
 
 log = logging.getLogger("app")
