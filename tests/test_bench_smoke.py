@@ -16,7 +16,7 @@ from engine.local import LocalEngine
 from engine.types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
                           SamplingParams, TextDelta)
 
-from bench import concurrency, overhead, preprocess, soak, warmup
+from bench import concurrency, interference, overhead, preprocess, soak, warmup
 from bench.api import api_unavailable_reason
 
 HTTP = api_unavailable_reason() is None
@@ -59,6 +59,21 @@ def test_concurrency_runs_both_modes(tiny_model_dir, capsys):
         assert re.search(rf"\| +2 \| +{re.escape(target)} \| +[\d.,]+ \|", out), target
     assert "### Speedup" in out and "| errors |" in out
     assert not re.search(r"^error \(", out, re.M)
+
+
+@pytest.mark.skipif(not HTTP, reason="bench/interference.py needs the HTTP API")
+def test_interference_runs_and_max_ratio_fails_the_run(tiny_model_dir, capsys):
+    args = _common(tiny_model_dir) + ["--long-tokens", "48", "--after-tokens", "4",
+                                      "--short-tokens", "2", "--repeats", "1", "--image"]
+    assert interference.main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"round 1: A alone [\d.]+ s .*; B alone [\d.]+ ms; B beside [\d.]+ ms", out)
+    assert re.search(r"^\|( +[\d.,]+ \|){2} +[\d.]+x \|( +([\d.,]+|n/a) \|){2}$", out, re.M)
+    assert re.search(r"TTFT beside a long answer / alone: [\d.]+x \(goal <= 3x: (met|NOT met)\)",
+                     out)
+    assert interference.main(args + ["--max-ratio", "1e-9"]) == 1
+    assert re.search(r"FAIL: TTFT ratio [\d.]+x exceeds --max-ratio 1e-09",
+                     capsys.readouterr().out)
 
 
 def test_soak_runs_both_modes(capsys):
