@@ -316,11 +316,11 @@ def describe_run(engine: Any, vision_helper: str) -> str:
     import torch
     import transformers
 
-    cfg, worker = engine.config, engine.worker
+    cfg, worker = engine.config, engine.scheduler
     return (f"model: {engine.model_name} | device: {engine.device_description} | "
             f"torch {torch.__version__}, transformers {transformers.__version__} | "
             f"vision helper: {vision_helper} | image processor: "
             f"{type(engine.loaded.processor.image_processor).__name__} | engine: "
-            f"{cfg.attn_implementation} attention, max_batch {cfg.max_batch}, batch wait "
-            f"{cfg.batch_wait_ms:g} ms, static cache {worker.static_cache}, "
-            f"torch.compile {worker.torch_compile}")
+            f"{cfg.attn_implementation} attention, max_batch {worker.max_batch}, KV cache "
+            f"{engine.kv.rows} rows x {engine.kv.row_len - 1} tokens, decode step "
+            f"{'captured' if getattr(worker.decode_step, 'captured', False) else 'eager'}")

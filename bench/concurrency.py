@@ -40,7 +40,8 @@ class LevelResult:
     requests: int = 0
     wall_s: float = 0.0
     ttfts: list[float] = field(default_factory=list)
-    batches: int = 0
+    steps: int = 0           # decode steps in this level, and the rows they decoded
+    rows: int = 0
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -49,7 +50,8 @@ class LevelResult:
 
     @property
     def mean_batch(self) -> float:
-        return self.requests / self.batches if self.batches else float("nan")
+        """Rows per decode step: how many users shared each step on average."""
+        return self.rows / self.steps if self.steps else float("nan")
 
 
 def engine_client(engine, max_tokens: int, image: bool):
@@ -78,7 +80,7 @@ def run_level(one_request, clients: int, mode: str, worker, requests_per_client:
     loop), as the web UI's callbacks do."""
     result = LevelResult(clients, mode)
     lock = threading.Lock()
-    batches_before = worker.batches_run
+    before = (worker.steps_run, worker.rows_decoded)
     start = time.monotonic()
     stop_at = start + duration if duration else None
 
@@ -103,20 +105,22 @@ def run_level(one_request, clients: int, mode: str, worker, requests_per_client:
     for t in threads:
         t.join()
     result.wall_s = time.monotonic() - start
-    result.batches = worker.batches_run - batches_before
+    result.steps = worker.steps_run - before[0]
+    result.rows = worker.rows_decoded - before[1]
     return result
 
 
 def run_http_level(client_proc, server, body: dict, clients: int, mode: str, worker,
                    requests_per_client: int, duration: float | None) -> LevelResult:
     """The same closed loop over HTTP, the clients in a separate process."""
-    batches_before = worker.batches_run
+    before = (worker.steps_run, worker.rows_decoded)
     results, errors, wall = client_proc.run(server.base, body, clients, requests_per_client,
                                             duration)
     return LevelResult(clients, mode, tokens=sum(r.tokens for r in results),
                        requests=len(results), wall_s=wall,
                        ttfts=[r.ttft_s if r.ttft_s is not None else r.total_s for r in results],
-                       batches=worker.batches_run - batches_before, errors=errors)
+                       steps=worker.steps_run - before[0],
+                       rows=worker.rows_decoded - before[1], errors=errors)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--clients and --requests-per-client must be positive")
     helper = setup(args)
     engine = build_engine(args)
-    worker = engine.worker
+    worker = engine.scheduler
     sizes = [engine.config.max_batch] + ([1] if args.unbatched and engine.config.max_batch > 1
                                          else [])
     server, client_proc = None, None
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for n in levels:
                 for mode, size, run in targets:
-                    worker.max_batch = size     # read when the next batch forms; engine idle
+                    worker.max_batch = size     # rows decoding at once, read at admission; engine idle
                     res = run(n)
                     results.setdefault((mode, n), []).append(res)
                     # a line per level as it ends, so a run cut short still says something

@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # The benchmark tables for a randomly initialised Qwen2.5-VL-7B (real shapes,
-# bf16, built directly on the GPU) on one CUDA GPU: at most 6.5 minutes (8.8 with
-# BENCH_COMPILE=1), each step under its own time limit so one slow step cannot eat
+# bf16, built directly on the GPU) on one CUDA GPU: at most 7.5 minutes, each step
+# under its own time limit so one slow step cannot eat
 # the others' budget. Uses only what a bare PyTorch GPU image has (torch,
 # transformers, tokenizers, pillow, numpy): no downloads and no installs. Without
 # qwen-vl-utils the bench's image-only stand-in is used (same resize rule); without
 # fastapi/uvicorn the HTTP API path is skipped with a note.
 #
 #   bash bench/gpu.sh                 # tables on stdout, and in $OUT/bench-gpu.txt if $OUT is set
-#   BENCH_COMPILE=1 bash bench/gpu.sh # also --static-cache --torch-compile (slow first request)
 #   BENCH_DEVICE=cpu BENCH_ARGS="--layers 1 --vision-layers 1 --dtype bfloat16 --max-tokens 4" \
 #     bash bench/gpu.sh               # a dry run of the same code path on a CPU
 set -uo pipefail
@@ -48,16 +47,14 @@ EOF
 FULL=(--full-size --device "${BENCH_DEVICE:-cuda}" --quiet)
 read -r -a EXTRA <<< "${BENCH_ARGS:-}"   # appended last, so they override the defaults below
 
-# Most telling first, so a run cut short still has them. Limits add up to 6.5 minutes
-# (8.8 with BENCH_COMPILE=1), model builds and imports included.
-step 100 "overhead: bare generate vs our engine (and our HTTP API if its packages are here), 128 tokens" \
+# Most telling first, so a run cut short still has them. Limits add up to 7.5 minutes,
+# model builds, graph capture and imports included.
+step 110 "overhead: bare generate vs our engine, decode step captured as CUDA graphs (and our HTTP API if its packages are here), 128 tokens" \
   "$PY" bench/overhead.py "${FULL[@]}" --max-tokens 128 --repeats 3 ${EXTRA[@]+"${EXTRA[@]}"}
-step 150 "concurrency: 1, 2, 4, 8 clients (image + text), batched vs max_batch 1" \
+step 150 "concurrency: 1, 2, 4, 8 clients (image + text), batched vs max_batch 1, captured step" \
   "$PY" bench/concurrency.py "${FULL[@]}" --clients 1,2,4,8 --max-tokens 64 --requests-per-client 2 --image --no-http ${EXTRA[@]+"${EXTRA[@]}"}
-if [ "${BENCH_COMPILE:-0}" = 1 ]; then
-  step 140 "overhead with --static-cache --torch-compile (engine path compiled, bare not)" \
-    "$PY" bench/overhead.py "${FULL[@]}" --max-tokens 128 --repeats 2 --no-http --no-warmup --static-cache --torch-compile ${EXTRA[@]+"${EXTRA[@]}"}
-fi
+step 80 "overhead with --enforce-eager (the same engine, no graphs)" \
+  "$PY" bench/overhead.py "${FULL[@]}" --max-tokens 128 --repeats 2 --no-http --enforce-eager ${EXTRA[@]+"${EXTRA[@]}"}
 step 40 "image preprocessing (CPU side)" \
   "$PY" bench/preprocess.py --repeats 1 --bounds 0,1
 step 90 "warm-up: first request in a fresh process" \

@@ -43,6 +43,14 @@ class Engine(abc.ABC):
     def queue_depth(self) -> int:
         return 0
 
+    def running_count(self) -> int | None:
+        """Requests generating now, where the engine knows (None for a remote server)."""
+        return None
+
+    def kv_cache_usage(self) -> float | None:
+        """Share of the KV cache in use (0..1), where the engine has one."""
+        return None
+
     def close(self) -> None:
         """Stop serving; cancels what is queued."""
 

@@ -17,6 +17,10 @@ DEFAULT_MAX_PIXELS_LIMIT = 16384 * 28 * 28
 # A prompt longer than this many characters per context token cannot fit (a Qwen token is
 # rarely more than a few characters), so it is refused before it is tokenized.
 CHARS_PER_TOKEN_LIMIT = 32
+# KV memory for the running requests. The 7B holds 56 KiB per token (28 layers, 4 KV heads
+# of 128, bf16), so 8 GiB keeps 8 full 16384-token contexts beside its 15.6 GB of weights
+# on a 64 GB 910B; the tiny model's 8 rows take 64 MiB of it.
+DEFAULT_KV_CACHE_GIB = 8.0
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -55,10 +59,11 @@ class EngineConfig:
     video_max_frames: int = 32
     video_max_pixels: int = 360 * 420   # per frame
     max_prompt_chars: int | None = None  # None: CHARS_PER_TOKEN_LIMIT * max_model_len
-    batch_wait_ms: float = 50.0
     log_stats_interval: float = 10.0   # seconds between engine lines; 0: none
-    static_cache: bool = False
-    torch_compile: bool = False
+    kv_cache_gib: float = DEFAULT_KV_CACHE_GIB
+    max_num_batched_tokens: int = 2048   # prompt tokens prefilled per scheduler iteration
+    enforce_eager: bool = False        # no captured decode step (CUDA graphs) even on CUDA
+    npu_graphs: bool = False           # capture the decode step with torch_npu's NPUGraph
     backend: str = "local"             # local | remote (an OpenAI-compatible server)
     remote_url: str | None = None      # e.g. http://npu-host:8000/v1
     remote_api_key: str | None = None
@@ -106,7 +111,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="requests waiting for the device before new ones get 'busy' "
                         "[env QWENVL_MAX_QUEUE]")
     g.add_argument("--max-batch", type=int, default=int(env("QWENVL_MAX_BATCH", "8")),
-                   help="waiting requests run together in one batch [env QWENVL_MAX_BATCH]")
+                   help="requests decoding at once; each step runs them together [env QWENVL_MAX_BATCH]")
     g.add_argument("--default-max-tokens", type=int,
                    default=int(env("QWENVL_DEFAULT_MAX_TOKENS", str(DEFAULT_MAX_TOKENS))),
                    help="max new tokens when a request sets none [env QWENVL_DEFAULT_MAX_TOKENS]")
@@ -143,22 +148,28 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-warmup", dest="warmup", action="store_false",
                    default=not env_bool("QWENVL_NO_WARMUP"),
                    help="skip the short warm-up generation at start")
-    g.add_argument("--batch-wait-ms", type=float,
-                   default=float(env("QWENVL_BATCH_WAIT_MS", "50")),
-                   help="a new batch waits up to this long (after each arrival) for requests "
-                        "still being prepared, and for the users of a batch that just ended; "
-                        "0 starts every batch at once [env QWENVL_BATCH_WAIT_MS]")
     g.add_argument("--log-stats-interval", type=float,
                    default=float(env("QWENVL_LOG_STATS_INTERVAL", "10")),
-                   help="seconds between the engine's periodic line (running, waiting, "
-                        "tokens/s) while it has work; 0 turns it off "
+                   help="seconds between the engine's periodic line (running, waiting, KV cache "
+                        "use, tokens/s) while it has work; 0 turns it off "
                         "[env QWENVL_LOG_STATS_INTERVAL]")
-    g.add_argument("--static-cache", action="store_true", default=env_bool("QWENVL_STATIC_CACHE"),
-                   help="CUDA only (ignored on NPU/CPU): a static KV cache [env QWENVL_STATIC_CACHE]")
-    g.add_argument("--torch-compile", action="store_true", default=env_bool("QWENVL_TORCH_COMPILE"),
-                   help="CUDA only (ignored on NPU/CPU): static KV cache plus a torch.compile'd "
-                        "decoding step; each new batch size compiles once (slow first request) "
-                        "[env QWENVL_TORCH_COMPILE]")
+    s = parser.add_argument_group("scheduler")
+    s.add_argument("--kv-cache-gib", type=float,
+                   default=float(env("QWENVL_KV_CACHE_GIB", str(DEFAULT_KV_CACHE_GIB))),
+                   help="device memory for the running requests' KV cache, allocated at start; "
+                        "it holds min(--max-batch, what fits) full contexts of --max-model-len "
+                        "(the 7B: 0.88 GiB each at 16384) [env QWENVL_KV_CACHE_GIB]")
+    s.add_argument("--max-num-batched-tokens", type=int,
+                   default=int(env("QWENVL_MAX_NUM_BATCHED_TOKENS", "2048")),
+                   help="prompt tokens prefilled between two decode steps: a longer prompt is "
+                        "prefilled in chunks, so running answers keep streaming "
+                        "[env QWENVL_MAX_NUM_BATCHED_TOKENS]")
+    s.add_argument("--enforce-eager", action="store_true", default=env_bool("QWENVL_ENFORCE_EAGER"),
+                   help="never capture the decode step (on CUDA it is captured as CUDA graphs "
+                        "at start) [env QWENVL_ENFORCE_EAGER]")
+    s.add_argument("--npu-graphs", action="store_true", default=env_bool("QWENVL_NPU_GRAPHS"),
+                   help="on an Ascend NPU, capture the decode step with torch_npu's NPUGraph "
+                        "(unverified on hardware) [env QWENVL_NPU_GRAPHS]")
     r = parser.add_argument_group("remote backend")
     r.add_argument("--backend", default=env("QWENVL_BACKEND", "local"), choices=["local", "remote"],
                    help="local: load the model here; remote: forward to an OpenAI-compatible "

@@ -1,5 +1,5 @@
 """The local engine: a Qwen2.5-VL loaded on this machine, its prompt renderer
-(caller's thread) and its generation worker (device thread)."""
+(caller's thread) and its scheduler (device thread) over a KV store."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ from .stats import StatsLogger
 from .stream import RequestHandle
 from .types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
                     SamplingParams)
-from .worker import GenerationWorker, WorkItem
+from .graphs import decode_step_for
+from .kvstore import GIB, KVLayout, KVStore, plan_rows
+from .scheduler import Scheduler, WorkItem
+from .step import ModelRunner
 
 log = logging.getLogger("engine")
 
@@ -38,14 +41,24 @@ class LocalEngine(Engine):
         self.inputs = InputStage(self.config)
         self.renderer = PromptRenderer(loaded.processor, self.inputs, self.max_model_len,
                                        self.config.default_max_tokens)
-        self.worker = GenerationWorker(loaded.model, loaded.processor.tokenizer, loaded.device,
-                                       max_queue=self.config.max_queue,
-                                       max_batch=self.config.max_batch,
-                                       on_finish=self._on_worker_finish,
-                                       batch_wait_s=self.config.batch_wait_ms / 1000,
-                                       static_cache=self.config.static_cache,
-                                       torch_compile=self.config.torch_compile)
-        self.stats = StatsLogger(self.worker, self.config.log_stats_interval)
+        self.kv = self._kv_store()
+        runner = ModelRunner(loaded.model, self.kv, loaded.device)
+        decode = decode_step_for(runner, self.config.enforce_eager, self.config.npu_graphs,
+                                 self.kv.rows, self.max_model_len)
+        self.scheduler = Scheduler(runner, loaded.processor.tokenizer, decode=decode,
+                                max_queue=self.config.max_queue,
+                                prefill_chunk=self.config.max_num_batched_tokens,
+                                on_finish=self._on_worker_finish)
+        self.stats = StatsLogger(self.scheduler, self.config.log_stats_interval)
+
+    def _kv_store(self) -> KVStore:
+        layout = KVLayout.of_model(self.loaded.model, self.device.dtype)
+        rows = plan_rows(layout, int(self.config.kv_cache_gib * GIB), self.max_model_len,
+                         self.config.max_batch)
+        store = KVStore(layout, rows, self.max_model_len, self.device.torch_device)
+        log.info("KV cache: %d rows of %d tokens, %.2f GiB (%d bytes per token)", rows,
+                 self.max_model_len, store.capacity_bytes / GIB, layout.bytes_per_token)
+        return store
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LocalEngine":
@@ -63,12 +76,11 @@ class LocalEngine(Engine):
         self._notify_finished(item.request, event)
 
     def submit(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> RequestHandle:
-        if not self.worker.is_alive():
+        if not self.scheduler.is_alive():
             raise EngineError("The generation worker has stopped; restart the server.")
         self.inputs.validate(request, self.max_model_len)
-        with self.worker.arriving() as arrival:
-            prompt = self.renderer.prepare(request, policy)
-            return self.worker.submit(request, prompt, arrival)
+        prompt = self.renderer.prepare(request, policy)
+        return self.scheduler.submit(request, prompt)
 
     def warmup(self, with_image: bool = True) -> float:
         """One short generation with a small image, so the first user pays neither for lazy
@@ -91,17 +103,23 @@ class LocalEngine(Engine):
         return took
 
     def health(self) -> bool:
-        return self.worker.is_alive()
+        return self.scheduler.is_alive()
 
     def queue_position(self, request_id: str) -> int | None:
-        return self.worker.queue_position(request_id)
+        return self.scheduler.queue_position(request_id)
 
     def queue_depth(self) -> int:
-        return self.worker.queue_depth()
+        return self.scheduler.queue_depth()
+
+    def running_count(self) -> int:
+        return self.scheduler.running_count()
+
+    def kv_cache_usage(self) -> float:
+        return self.kv.usage()
 
     def close(self) -> None:
         self.stats.close()
-        self.worker.close()
+        self.scheduler.close()
 
 
 __all__ = ["LocalEngine"]

@@ -8,7 +8,7 @@ from the heap arenas, where freed space is kept rather than returned: resident
 memory then sits a few hundred MB above what is live, and moves by as much
 from one minute to the next. A fixed threshold keeps big buffers on mmap,
 returned to the system when freed. Not a leak fix (that was a reference cycle,
-engine/worker.py); it makes RSS lower and steadier. Measured with
+engine/scheduler.py); it makes RSS lower and steadier. Measured with
 bench/soak.py (tiny model, 2 CPUs, after the cycle fix): 8 image clients settle
 at about 960 MB with 4 MiB (880 MB with 1 MiB) instead of 1050 to 1150 MB;
 the load mode's phase-to-phase change was -52 MB with 4 MiB, 0 and -5 MB with

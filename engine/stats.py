@@ -1,6 +1,6 @@
 """The periodic engine line, like vLLM's: every `interval_s` while there is work,
-one log line with the running and waiting requests and the prompt and generation
-throughput since the last line; silent while idle."""
+one log line with the running and waiting requests, the KV cache's use and the prompt
+and generation throughput since the last line; silent while idle."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ log = logging.getLogger("engine.stats")
 
 
 class StatsLogger:
-    """A daemon thread sampling a GenerationWorker (`running_count`, `queue_depth`,
+    """A daemon thread sampling a Scheduler (`running_count`, `queue_depth`, `kv_usage`,
     `totals`); `close()` stops it."""
 
     def __init__(self, worker: Any, interval_s: float = 10.0) -> None:
-        self.worker = worker
+        self.scheduler = worker
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._last = (time.monotonic(), *worker.totals())
@@ -27,14 +27,15 @@ class StatsLogger:
 
     def line(self) -> str | None:
         """The line for the time since the last call, or None when nothing happened."""
-        now, done, prompt, generated = time.monotonic(), *self.worker.totals()
+        now, done, prompt, generated = time.monotonic(), *self.scheduler.totals()
         then, done0, prompt0, generated0 = self._last
         self._last = (now, done, prompt, generated)
-        running, waiting = self.worker.running_count(), self.worker.queue_depth()
+        running, waiting = self.scheduler.running_count(), self.scheduler.queue_depth()
         if not (running or waiting or done > done0):
             return None
         span = max(1e-9, now - then)
         return (f"engine: running={running} waiting={waiting} "
+                f"kv_cache={100 * self.scheduler.kv_usage():.1f}% "
                 f"prompt_tokens/s={(prompt - prompt0) / span:.1f} "
                 f"generation_tokens/s={(generated - generated0) / span:.1f} "
                 f"finished={done - done0} in {span:.1f}s")

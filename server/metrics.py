@@ -8,7 +8,6 @@ from __future__ import annotations
 import bisect
 import math
 import threading
-from typing import Callable
 
 from engine.base import Engine
 from engine.types import Finished, GenerationRequest
@@ -96,7 +95,7 @@ class MetricsRegistry:
 
     # ------------------------------------------------------------------ output
     def render(self, queue_depth: int | None = None, running: int | None = None,
-               healthy: bool | None = None) -> str:
+               healthy: bool | None = None, kv_usage: float | None = None) -> str:
         model = f'model_name="{_escape(self.model_name)}"'
         lines: list[str] = []
 
@@ -136,14 +135,17 @@ class MetricsRegistry:
         if running is not None:
             name = head("requests_running", "gauge", "Requests generating now.")
             lines.append(f"{name}{{{model}}} {running}")
+        if kv_usage is not None:
+            name = head("kv_cache_usage_perc", "gauge",
+                        "Share of the KV cache's token positions in use (1 = full), as vLLM's.")
+            lines.append(f"{name}{{{model}}} {_fmt(kv_usage)}")
         if healthy is not None:
             name = head("engine_healthy", "gauge", "1 while the engine can serve requests.")
             lines.append(f"{name}{{{model}}} {int(healthy)}")
         return "\n".join(lines) + "\n"
 
 
-def engine_gauges(engine: Engine) -> dict[str, int | None]:
-    """Queue length and running count where the engine knows them."""
-    running: Callable[[], int] | None = getattr(getattr(engine, "worker", None), "running_count",
-                                                None)
-    return {"queue_depth": engine.queue_depth(), "running": running() if running else None}
+def engine_gauges(engine: Engine) -> dict[str, float | None]:
+    """Queue length, running count and KV cache use where the engine knows them."""
+    return {"queue_depth": engine.queue_depth(), "running": engine.running_count(),
+            "kv_usage": engine.kv_cache_usage()}

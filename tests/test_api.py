@@ -539,7 +539,8 @@ def _wait_until(predicate, timeout=10.0, what="condition"):
         time.sleep(0.02)
 
 
-def test_queue_full_is_503(server, engine):
+def test_queue_full_is_503(server, engine, monkeypatch):
+    monkeypatch.setattr(engine.scheduler, "max_batch", 1)    # one row: the rest must queue
     long = _body(max_tokens=3000, ignore_eos=True, stream=True)
     with httpx.Client(base_url=server.url, timeout=30) as c:
         streams = []
@@ -562,7 +563,7 @@ def test_queue_full_is_503(server, engine):
         finally:
             for s in streams:
                 s.__exit__(None, None, None)
-    _wait_until(lambda: engine.queue_depth() == 0 and engine.worker.running_count() == 0,
+    _wait_until(lambda: engine.queue_depth() == 0 and engine.scheduler.running_count() == 0,
                 what="the cancelled requests to leave the engine")
 
 
@@ -619,7 +620,7 @@ def test_nonstream_disconnect_cancels_generation(server, engine, finish_log):
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                  b"Content-Type: application/json\r\nContent-Length: "
                  + str(len(body)).encode() + b"\r\n\r\n" + body)
-    _wait_until(lambda: engine.worker.running_count() == 1, what="generation to start")
+    _wait_until(lambda: engine.scheduler.running_count() == 1, what="generation to start")
     closed_at = time.monotonic()
     sock.close()
     req, finished = finish_log.wait(lambda req, ev: req.sampling.max_tokens == 2999)
@@ -648,6 +649,7 @@ def test_metrics(http, client):
     assert values[f'qwenvl_generation_tokens_total{{{model}}}'] >= 3
     assert values[f'qwenvl_prompt_tokens_total{{{model}}}'] > 0
     assert values[f'qwenvl_requests_waiting{{{model}}}'] == 0
+    assert 0 <= values[f'qwenvl_kv_cache_usage_perc{{{model}}}'] <= 1
     assert values[f'qwenvl_engine_healthy{{{model}}}'] == 1
     for hist in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
                  "output_tokens_per_second"):

@@ -309,9 +309,9 @@ def test_api_only_malformed_bodies(api, raw, message):
     (__import__("torch").OutOfMemoryError("NPU out of memory. Tried to allocate 2.00 GiB"),
      "The device ran out of memory"),
 ])
-def test_fault_inside_generate_reaches_the_ui_and_the_next_turn_works(engine, files, monkeypatch,
+def test_fault_inside_a_model_step_reaches_the_ui_and_the_next_turn_works(engine, files, monkeypatch,
                                                                       fault, message):
-    """An exception or a device OOM inside generate: a clear message in the chat, the
+    """An exception or a device OOM inside a model step: a clear message in the chat, the
     device cache emptied, the conversation kept, and the next turn answered."""
     from ui import history
     from ui.chat import ChatController
@@ -325,12 +325,12 @@ def test_fault_inside_generate_reaches_the_ui_and_the_next_turn_works(engine, fi
     assert state["turns"][-1]["finish"] in ("stop", "length")
 
     model = engine.loaded.model
-    real = model.generate
+    real = model.forward
 
     def failing(*args, **kwargs):
         raise fault
 
-    monkeypatch.setattr(model, "generate", failing)
+    monkeypatch.setattr(model, "forward", failing)
     state, shown, _ = ui_turn(ctrl, state, "Second question", [], {"temperature": 0.0,
                                                                    "max_tokens": 4})
     assert state["turns"][-1]["finish"] == "error" and message in state["turns"][-1]["error"]
@@ -338,7 +338,7 @@ def test_fault_inside_generate_reaches_the_ui_and_the_next_turn_works(engine, fi
     assert emptied == [1]
     assert [t["text"] for t in state["turns"] if t["role"] == "user"] == ["First question",
                                                                           "Second question"]
-    monkeypatch.setattr(model, "generate", real)
+    monkeypatch.setattr(model, "forward", real)
     state, _, _ = ui_turn(ctrl, state, "Third question", [], {"temperature": 0.0, "max_tokens": 4})
     assert state["turns"][-1]["finish"] in ("stop", "length")
     assert len(state["turns"]) == 6

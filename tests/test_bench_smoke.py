@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 
 import pytest
 
@@ -121,12 +120,10 @@ def test_full_size_config_reads_the_7b_weight_bytes():
 # ----------------------------------------------------------------- engine behaviour
 @pytest.fixture
 def patient_engine(tiny_model_dir):
-    """Batches wait up to 30 s for requests being prepared or due back: batch formation
-    is then decided by the engine's rules alone, not by timing. A fresh engine per test,
-    so no test waits for users of an earlier one."""
+    """A fresh engine per test, so no test sees another's requests or counters."""
     engine = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu",
                                                   warmup=False, max_batch=8,
-                                                  batch_wait_ms=30_000))
+                                                  log_stats_interval=0))
     yield engine
     engine.close()
 
@@ -146,12 +143,9 @@ def _mixed_requests() -> list[GenerationRequest]:
 def test_batched_rows_give_the_same_greedy_text_as_alone(patient_engine):
     engine = patient_engine
     alone = [engine.generate(r, timeout=120) for r in _mixed_requests()]
-    batches_before = engine.worker.batches_run
-    with engine.worker.arriving():          # the batch waits for all four to be queued
-        handles = [engine.submit(r) for r in _mixed_requests()]
+    handles = [engine.submit(r) for r in _mixed_requests()]
     together = [h.collect(timeout=120) for h in handles]
-    assert engine.worker.batches_run - batches_before == 1
-    assert engine.worker.largest_batch == 4
+    assert engine.scheduler.largest_batch >= 2
     for (text_a, fin_a), (text_b, fin_b), req in zip(alone, together, _mixed_requests()):
         assert fin_b.reason == fin_a.reason == "length"
         assert fin_b.stats.output_tokens == req.sampling.max_tokens
@@ -161,37 +155,6 @@ def test_batched_rows_give_the_same_greedy_text_as_alone(patient_engine):
 def _short(text: str = "Hi", n: int = 4) -> GenerationRequest:
     return GenerationRequest(Conversation([Message("user", text)]),
                              SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-
-
-def test_batch_wait_does_not_delay_a_lone_user(patient_engine):
-    """With a 30 s gathering wait configured, one user sending request after request is
-    never held back: nobody else is being prepared or due back."""
-    start = time.monotonic()
-    for _ in range(3):
-        assert patient_engine.generate(_short(), timeout=60)[1].reason == "length"
-    assert time.monotonic() - start < 10
-    assert patient_engine.worker.batches_run == 3
-
-
-def test_next_batch_waits_for_the_users_whose_answers_just_ended(patient_engine):
-    """Two users in a closed loop share batches instead of alternating: after a batch of
-    two ends, a request that was already waiting holds the next batch for the user
-    whose answer just ended."""
-    engine = patient_engine
-    with engine.worker.arriving():
-        first = [engine.submit(_short("one")), engine.submit(_short("two"))]
-    for h in first:
-        assert h.collect(timeout=60)[1].reason == "length"
-    batches = engine.worker.batches_run
-    waiting = engine.submit(_short("three"))      # the batch forms and waits ...
-    deadline = time.monotonic() + 0.5
-    while time.monotonic() < deadline:            # (without the rule it would start at once)
-        assert engine.worker.batches_run == batches, "the batch did not wait"
-        time.sleep(0.01)
-    returning = engine.submit(_short("four"))     # ... for the second returning user
-    for h in (waiting, returning):
-        assert h.collect(timeout=60)[1].reason == "length"
-    assert engine.worker.batches_run == batches + 1
 
 
 def test_preprocessing_runs_on_the_callers_thread(patient_engine):
@@ -228,12 +191,11 @@ def test_a_short_answer_ends_while_its_batch_runs_on(patient_engine):
     """A row that is done is released at once (its Finished event), not when the
     longest row of its batch ends."""
     engine = patient_engine
-    with engine.worker.arriving():
-        short = engine.submit(_short("short", n=4))
-        long = engine.submit(_short("long", n=3000))
+    long = engine.submit(_short("long", n=3000))
+    short = engine.submit(_short("short", n=4))
     text, fin = short.collect(timeout=60)
     assert fin.reason == "length" and fin.stats.output_tokens == 4
     assert long.finished is None and long.tokens < 3000, "the short answer waited for the batch"
     long.cancel()
     assert long.collect(timeout=60)[1].reason == "cancelled"
-    assert engine.worker.batches_run == 1 and engine.worker.largest_batch == 2
+    assert engine.scheduler.largest_batch == 2

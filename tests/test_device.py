@@ -74,13 +74,16 @@ def test_dtype_override_for_atlas_300i(fake_npu):
 
 def test_worker_thread_binds_the_npu(fake_npu):
     """NPU contexts are per thread: the generation thread must call set_device itself."""
-    from engine.worker import GenerationWorker
+    from engine.scheduler import Scheduler
 
-    class StubModel:
-        generation_config = types.SimpleNamespace(eos_token_id=[2], pad_token_id=0)
-
+    text_config = types.SimpleNamespace(vocab_size=8)
+    model = types.SimpleNamespace(
+        generation_config=types.SimpleNamespace(eos_token_id=[2], pad_token_id=0),
+        config=types.SimpleNamespace(get_text_config=lambda: text_config))
+    runner = types.SimpleNamespace(model=model, device=Device("npu", 0, torch.bfloat16),
+                                   kv=types.SimpleNamespace(rows=1), prepare=lambda: None)
     tok = types.SimpleNamespace(decode=lambda ids, **k: "")
-    worker = GenerationWorker(StubModel(), tok, Device("npu", 0, torch.bfloat16))
+    worker = Scheduler(runner, tok)
     try:
         for _ in range(200):
             if "generation-worker" in fake_npu.set_device_threads:

@@ -136,19 +136,19 @@ def test_cancel_while_queued(tiny_engine):
     assert blocker.collect(timeout=30)[1].reason == "cancelled"
 
 
-def test_exception_in_generate_is_an_error_and_worker_survives(tiny_engine, monkeypatch):
+def test_exception_in_a_step_is_an_error_and_worker_survives(tiny_engine, monkeypatch):
     model = tiny_engine.loaded.model
-    real = model.generate
+    real = model.forward
     calls = {"n": 0}
 
     def boom(*a, **k):
         calls["n"] += 1
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(model, "generate", boom)
+    monkeypatch.setattr(model, "forward", boom)
     _, fin = tiny_engine.generate(ask(max_tokens=5), timeout=30)
     assert fin.reason == "error" and "injected fault" in fin.error.message
-    monkeypatch.setattr(model, "generate", real)
+    monkeypatch.setattr(model, "forward", real)
     _, fin = tiny_engine.generate(ask(max_tokens=5, ignore_eos=True), timeout=30)
     assert fin.reason == "length" and calls["n"] == 1
 
@@ -156,7 +156,7 @@ def test_exception_in_generate_is_an_error_and_worker_survives(tiny_engine, monk
 def test_out_of_memory_frees_cache(tiny_engine, monkeypatch):
     freed = []
     monkeypatch.setattr(tiny_engine.device, "empty_cache", lambda: freed.append(1))
-    monkeypatch.setattr(tiny_engine.loaded.model, "generate",
+    monkeypatch.setattr(tiny_engine.loaded.model, "forward",
                         lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("NPU out of memory")))
     _, fin = tiny_engine.generate(ask(max_tokens=5), timeout=30)
     assert fin.reason == "error" and "ran out of memory" in fin.error.message
@@ -168,7 +168,7 @@ def test_busy_when_queue_full(tiny_engine):
     try:
         running = small.submit(ask(max_tokens=4000, ignore_eos=True))
         deadline = time.monotonic() + 10
-        while small.worker.running_count() == 0 and time.monotonic() < deadline:
+        while small.scheduler.running_count() == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         waiting = small.submit(ask(max_tokens=4))
         with pytest.raises(EngineBusyError, match="busy"):
@@ -197,20 +197,17 @@ def test_sampling_fields(tiny_engine):
 
 def test_ignore_eos_generates_past_a_forced_eos(tiny_engine, monkeypatch):
     """A model that wants to end at once still yields max_tokens tokens with ignore_eos."""
-    from transformers import LogitsProcessor
-
     eos = tiny_engine.loaded.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-
-    class AlwaysEos(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            scores[:, :] = -1e9
-            scores[:, eos] = 0
-            return scores
-
     model = tiny_engine.loaded.model
-    real = model.generate
-    monkeypatch.setattr(model, "generate",
-                        lambda *a, **k: real(*a, logits_processor=[AlwaysEos()], **k))
+    real = model.forward
+
+    def always_eos(*a, **k):
+        out = real(*a, **k)
+        out.logits[..., :] = -1e9
+        out.logits[..., eos] = 0
+        return out
+
+    monkeypatch.setattr(model, "forward", always_eos)
     _, fin = tiny_engine.generate(ask(max_tokens=9, ignore_eos=True))
     assert fin.reason == "length" and fin.stats.output_tokens == 9
     _, fin = tiny_engine.generate(ask(max_tokens=9))
@@ -368,9 +365,9 @@ def test_waiting_deltas_are_merged_for_a_slow_consumer():
 def test_incremental_detokenizer_fast_path_matches_full_decoding(tiny_engine):
     """The per-token cache (byte-level BPE) gives the same text as decoding the whole
     answer, and never emits half a character, also for multi-byte text split across tokens."""
-    from engine.worker import IncrementalDetokenizer, TokenPieces
+    from engine.output import IncrementalDetokenizer, TokenPieces
 
-    tok = tiny_engine.worker.tokenizer
+    tok = tiny_engine.scheduler.tokenizer
     pieces = TokenPieces(tok)
     assert pieces.enabled
     text = "Héllo wörld! 你好，世界 🙂🚀 naïve café — ½ ∑x² <|im_end|> plain ascii again."
@@ -394,9 +391,9 @@ def test_incremental_detokenizer_fast_path_matches_full_decoding(tiny_engine):
 
 def test_an_unfinished_character_at_the_end_emits_nothing(tiny_engine):
     """vLLM emits nothing for a UTF-8 character cut by the end of the answer; no U+FFFD."""
-    from engine.worker import IncrementalDetokenizer, TokenPieces
+    from engine.output import IncrementalDetokenizer, TokenPieces
 
-    tok = tiny_engine.worker.tokenizer
+    tok = tiny_engine.scheduler.tokenizer
     ids = tok("ok 🙂", add_special_tokens=False).input_ids
     cut = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))
     detok = IncrementalDetokenizer(tok, TokenPieces(tok))
@@ -431,42 +428,23 @@ def test_consumer_is_woken_for_each_token_of_a_slow_model_and_nothing_is_lost():
     assert len(got) < 2 + 200, "a burst should be merged into fewer deltas"
 
 
-def test_criteria_streams_the_first_token_at_once_and_batches_the_rest(tiny_engine, monkeypatch):
+def test_first_token_goes_out_at_once_and_the_rest_in_batches(tiny_engine, monkeypatch):
     """The device thread decodes and hands over text at most every notify interval, except
     the first token (time to first token) and a row's end, which go out at once."""
     from engine.stream import RequestHandle
-    from engine.worker import BatchCriteria, RowState, WorkItem
 
+    first_alone, _ = tiny_engine.generate(ask("x", max_tokens=1, ignore_eos=True), timeout=60)
+    whole, _ = tiny_engine.generate(ask("x", max_tokens=6, ignore_eos=True), timeout=60)
     monkeypatch.setattr(RequestHandle, "notify_interval_s", 3600.0)
-    worker = tiny_engine.worker
-    tok = worker.tokenizer
-    req = ask("x", max_tokens=4, ignore_eos=True)
-    prompt = tiny_engine.renderer.prepare(req)
-    handle = RequestHandle("r")
-    row = RowState(WorkItem(req, prompt, handle, ()), tok, worker.eos_ids, worker.pieces)
-    released = []
-    criteria = BatchCriteria([row], on_done=lambda r: (released.append(r),
-                                                      worker._finish(r.item, r.finish("stop"),
-                                                                     RequestStats())))
-    ids = tok("ab cd ef gh", add_special_tokens=False).input_ids[:4]
-    assert len(ids) == 4
-    seq = torch.tensor([[1, 2, 3]])
-
-    def step(token):
-        nonlocal seq
-        seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
-        return criteria(seq, None)
-
-    assert not step(ids[0]).any()
-    assert [e.text for e in handle._events] == [tok.decode(ids[:1])]   # the first token at once
-    assert handle.tokens == 1
-    step(ids[1])
-    step(ids[2])
-    assert len(handle._events) == 1 and row.pending == ids[1:3]         # counted, not yet sent
-    assert step(ids[3]).all()                                           # max_tokens: done
-    assert released == [row] and handle.finished is not None            # released at once
-    text = "".join(e.text for e in handle._events if isinstance(e, TextDelta))
-    assert text == tok.decode(ids) and handle.finished.reason == "length"
+    pushed = []
+    real_push = RequestHandle.push
+    monkeypatch.setattr(RequestHandle, "push",
+                        lambda self, event: (pushed.append(event), real_push(self, event)))
+    _, fin = tiny_engine.generate(ask("x", max_tokens=6, ignore_eos=True), timeout=60)
+    deltas = [e.text for e in pushed if isinstance(e, TextDelta) and e.text]
+    assert fin.reason == "length" and pushed[-1] is fin
+    assert deltas[0] == first_alone                 # the first token on its own, at once
+    assert len(deltas) == 2 and "".join(deltas) == whole   # the other five at the end
 
 
 def test_a_finished_request_frees_its_pictures_without_the_cycle_collector(tiny_engine):
@@ -512,22 +490,25 @@ def test_periodic_engine_line_reports_running_waiting_and_throughput(tiny_engine
 
     from engine.types import Conversation, GenerationRequest, Message, SamplingParams
 
-    stats = StatsLogger(tiny_engine.worker, interval_s=0)    # no thread: lines on demand
+    stats = StatsLogger(tiny_engine.scheduler, interval_s=0)    # no thread: lines on demand
     assert stats.line() is None
     long = tiny_engine.submit(GenerationRequest(Conversation([Message("user", "Go on")]),
                                                 SamplingParams(max_tokens=400, temperature=0,
                                                                ignore_eos=True)))
     deadline = time.monotonic() + 30
-    while long.tokens < 20 and time.monotonic() < deadline:
+    while long.tokens < 200 and time.monotonic() < deadline:
         time.sleep(0.01)
     line = stats.line()
     assert line is not None and "running=1 waiting=0" in line
+    used = float(line.split("kv_cache=")[1].split("%")[0])     # 1 of 8 rows, partly filled
+    assert 0 < used < 100 / tiny_engine.kv.rows
     assert float(line.split("generation_tokens/s=")[1].split()[0]) > 0
     assert float(line.split("prompt_tokens/s=")[1].split()[0]) > 0
     long.cancel()
     long.collect(timeout=30)
-    while tiny_engine.worker.running_count() and time.monotonic() < deadline:
+    while tiny_engine.scheduler.running_count() and time.monotonic() < deadline:
         time.sleep(0.01)    # the batch is cleared just after its last row is released
     done = stats.line()
     assert done is not None and "finished=1" in done and "running=0" in done
+    assert "kv_cache=0.0%" in done
     assert stats.line() is None

@@ -132,7 +132,7 @@ def test_load_with_disconnects(tiny_model_dir):
                 t.join(SECONDS + 90)
             # Let the engine settle: every disconnected request must end as cancelled.
             deadline = time.monotonic() + 30
-            while (engine.worker.running_count() or engine.queue_depth()) and time.monotonic() < deadline:
+            while (engine.scheduler.running_count() or engine.queue_depth()) and time.monotonic() < deadline:
                 time.sleep(0.1)
             running.clear()
             mon.join(10)

@@ -265,7 +265,8 @@ def test_waiting_users_see_their_place_in_the_queue(ctrl, engine, monkeypatch):
     import ui.chat
 
     monkeypatch.setattr(ui.chat, "POLL_S", 0.05)
-    # Seeded requests never share a batch, so the second one must wait.
+    # One request decoding at a time: the second one must wait for the first's row.
+    monkeypatch.setattr(engine.scheduler, "max_batch", 1)
     long = Sampling(max_tokens=1500, temperature=0.0, seed=1)
     first, _, _ = ctrl.add_user_turn(None, {"text": "one", "files": []}, None, Req("a"))
     second, _, _ = ctrl.add_user_turn(None, {"text": "two", "files": []}, None, Req("b"))

@@ -1,0 +1,123 @@
+"""The model's forward passes as the scheduler needs them: a prompt's embeddings and M-RoPE
+positions, a chunk of its prefill into its KV row, and one decode step over the first B
+rows. Positions are always passed explicitly (the model's stateful `rope_deltas` would be
+wrong as soon as requests interleave); masks are 4-D, so transformers uses them as given."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .device import Device
+from .kvstore import KVStore, decode_mask, prefill_mask
+
+
+@dataclass
+class PromptEmbedding:
+    """A prompt ready to prefill: embeddings with the pictures' encoder outputs in place,
+    its positions (3, 1, T), and the M-RoPE offset that continues them while decoding."""
+
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    delta: int
+
+    @property
+    def length(self) -> int:
+        return int(self.embeds.shape[1])
+
+
+def _masks(mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same mask for every layer type (Qwen2.5-VL's text layers are full attention)."""
+    return {"full_attention": mask, "sliding_attention": mask}
+
+
+class ModelRunner:
+    """Forward passes of one Qwen2.5-VL over a KVStore, on the device thread."""
+
+    def __init__(self, model: Any, kv: KVStore, device: Device) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = device
+        self.dtype = device.dtype
+        self.dev = device.torch_device
+        self.core = model.model          # Qwen2_5_VLModel: embeddings, vision, rope index
+        # transformers 5.24 names the cache argument `cache` (`past_key_values` is deprecated
+        # there, and the only name in the 5.17 of a bare GPU image)
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.rope_takes_types = "mm_token_type_ids" in inspect.signature(
+            self.core.get_rope_index).parameters
+
+    def _to_device(self, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        value = value.to(self.dev)
+        return value.to(self.dtype) if value.is_floating_point() else value
+
+    def embed(self, inputs: dict[str, Any]) -> PromptEmbedding:
+        """Run the vision encoder on the prompt's pictures and place its outputs at their
+        tokens, as the model's own forward does, and compute the prompt's positions."""
+        x = {k: self._to_device(v) for k, v in inputs.items()}
+        ids = x["input_ids"]
+        embeds = self.core.get_input_embeddings()(ids)
+        for kind, pixels, grid, token in (
+                ("image", "pixel_values", "image_grid_thw", self.core.config.image_token_id),
+                ("video", "pixel_values_videos", "video_grid_thw", self.core.config.video_token_id)):
+            if x.get(pixels) is None:
+                continue
+            encode = (self.core.get_image_features if kind == "image"
+                      else self.core.get_video_features)
+            out = encode(x[pixels], x[grid])
+            pooled = getattr(out, "pooler_output", out)     # a tuple of tensors, per picture
+            features = torch.cat(list(pooled), dim=0).to(embeds.device, embeds.dtype)
+            mask = (ids == token).unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, features)
+        positions, delta = self._positions(ids, x)
+        return PromptEmbedding(embeds, positions, delta)
+
+    def _positions(self, ids: torch.Tensor, x: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        if x.get("image_grid_thw") is None and x.get("video_grid_thw") is None:
+            n = ids.shape[1]
+            return torch.arange(n, device=ids.device).view(1, 1, n).expand(3, 1, n), 0
+        extra = {"mm_token_type_ids": x.get("mm_token_type_ids")} if self.rope_takes_types else {}
+        positions, deltas = self.core.get_rope_index(
+            ids, image_grid_thw=x.get("image_grid_thw"), video_grid_thw=x.get("video_grid_thw"),
+            second_per_grid_ts=x.get("second_per_grid_ts"),
+            attention_mask=x.get("attention_mask"), **extra)
+        return positions, int(deltas.reshape(-1)[0])
+
+    def prefill(self, row: int, prompt: PromptEmbedding, start: int, end: int) -> torch.Tensor:
+        """Prompt positions [start, end) into the row's KV; the last position's logits (V,)."""
+        out = self.model(inputs_embeds=prompt.embeds[:, start:end],
+                         position_ids=prompt.positions[:, :, start:end],
+                         attention_mask=_masks(prefill_mask(start, end, self.dtype, self.dev)),
+                         use_cache=True, logits_to_keep=1,
+                         **{self.cache_arg: self.kv.prefill_view(row, start, end)})
+        self.kv.lengths[row] = end
+        return out.logits[0, -1]
+
+    def prepare(self) -> None:
+        """Nothing to capture: the eager step (see engine.graphs for the captured one)."""
+
+    def batch_size_for(self, rows: int) -> int:
+        """Eager steps run exactly the rows in use (a captured step rounds up to a bucket)."""
+        return rows
+
+    def kv_len_for(self, length: int) -> int:
+        return length
+
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor, write_pos: torch.Tensor,
+               seen: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """One token for each of rows [0, B): ids (B,), positions (B,) (the M-RoPE text
+        position, equal in all three sections), write_pos (B,), seen (B,). Logits (B, V).
+        Every shape depends on (B, kv_len) only, so the step can be captured."""
+        batch = ids.shape[0]
+        out = self.model(input_ids=ids.view(batch, 1),
+                         position_ids=positions.view(1, batch, 1).expand(3, batch, 1),
+                         attention_mask=_masks(decode_mask(seen, kv_len, self.dtype)),
+                         use_cache=True,
+                         **{self.cache_arg: self.kv.decode_view(batch, write_pos, kv_len)})
+        return out.logits[:, -1]
