@@ -111,7 +111,8 @@ class GraphedDecode:
         return cls()
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, write_pos: torch.Tensor,
-               seen: torch.Tensor, kv_len: int) -> torch.Tensor:
+               seen: torch.Tensor, kv_len: int, unmasked: bool = False) -> torch.Tensor:
+        """The captured graphs always mask: `unmasked` is an eager-only shortcut."""
         batch = ids.shape[0]
         graph, out = self.graphs[(batch, kv_len)]
         self.inputs[batch].load(ids, positions, write_pos, seen)

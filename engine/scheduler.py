@@ -288,21 +288,23 @@ class Scheduler:
             return
         span = max(s.row for s in rows) + 1
         batch = self.decode_step.batch_size_for(span)
-        ids = torch.full((batch,), self.pad_id, dtype=torch.long)
-        positions = torch.zeros(batch, dtype=torch.long)
-        write_pos = torch.full((batch,), self.kv.scratch, dtype=torch.long)
-        seen = torch.zeros(batch, dtype=torch.long)
+        ids, positions = [self.pad_id] * batch, [0] * batch
+        write_pos, seen = [self.kv.scratch] * batch, [0] * batch   # padding rows
         for s in rows:
             ids[s.row], positions[s.row] = s.last_token, s.length + s.delta
             write_pos[s.row] = seen[s.row] = s.length
-        kv_len = self.decode_step.kv_len_for(max(s.length for s in rows) + 1)
+        longest = max(s.length for s in rows) + 1
+        kv_len = self.decode_step.kv_len_for(longest)
         dev = self.device.torch_device
+        order = [s.row for s in rows]
         try:
-            with torch.inference_mode():
-                logits = self.decode_step.decode(ids.to(dev), positions.to(dev),
-                                                 write_pos.to(dev), seen.to(dev), kv_len)
-                tokens = sample(logits[torch.tensor([s.row for s in rows], device=dev)],
-                                [s.sampler for s in rows])
+            with torch.inference_mode():       # one host-to-device copy for all four inputs
+                inputs = torch.tensor([ids, positions, write_pos, seen]).to(dev).unbind(0)
+                logits = self.decode_step.decode(*inputs, kv_len,
+                                                 batch == 1 and kv_len == longest)
+                if order != list(range(batch)):   # padding or gaps: the running rows only
+                    logits = logits[torch.tensor(order, device=dev)]
+                tokens = sample(logits, [s.sampler for s in rows])
         except Exception as exc:
             self._fail(rows, _step_error(exc))
             self.device.empty_cache()

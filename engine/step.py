@@ -29,7 +29,7 @@ class PromptEmbedding:
         return int(self.embeds.shape[1])
 
 
-def _masks(mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def _masks(mask: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
     """The same mask for every layer type (Qwen2.5-VL's text layers are full attention)."""
     return {"full_attention": mask, "sliding_attention": mask}
 
@@ -46,7 +46,9 @@ class ModelRunner:
         self.core = model.model          # Qwen2_5_VLModel: embeddings, vision, rope index
         # transformers 5.24 names the cache argument `cache` (`past_key_values` is deprecated
         # there, and the only name in the 5.17 of a bare GPU image)
-        params = inspect.signature(model.forward).parameters
+        self.text = self.core.language_model   # called directly: the outer forwards' checks
+        self.lm_head = model.lm_head           # and wrappers cost a few percent of a step
+        params = inspect.signature(self.text.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.rope_takes_types = "mm_token_type_ids" in inspect.signature(
             self.core.get_rope_index).parameters
@@ -91,13 +93,12 @@ class ModelRunner:
 
     def prefill(self, row: int, prompt: PromptEmbedding, start: int, end: int) -> torch.Tensor:
         """Prompt positions [start, end) into the row's KV; the last position's logits (V,)."""
-        out = self.model(inputs_embeds=prompt.embeds[:, start:end],
-                         position_ids=prompt.positions[:, :, start:end],
-                         attention_mask=_masks(prefill_mask(start, end, self.dtype, self.dev)),
-                         use_cache=True, logits_to_keep=1,
-                         **{self.cache_arg: self.kv.prefill_view(row, start, end)})
+        out = self.text(inputs_embeds=prompt.embeds[:, start:end],
+                        position_ids=prompt.positions[:, :, start:end],
+                        attention_mask=_masks(prefill_mask(start, end, self.dtype, self.dev)),
+                        use_cache=True, **{self.cache_arg: self.kv.prefill_view(row, start, end)})
         self.kv.lengths[row] = end
-        return out.logits[0, -1]
+        return self.lm_head(out.last_hidden_state[0, -1])
 
     def prepare(self) -> None:
         """Nothing to capture: the eager step (see engine.graphs for the captured one)."""
@@ -110,14 +111,15 @@ class ModelRunner:
         return length
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, write_pos: torch.Tensor,
-               seen: torch.Tensor, kv_len: int) -> torch.Tensor:
+               seen: torch.Tensor, kv_len: int, unmasked: bool = False) -> torch.Tensor:
         """One token for each of rows [0, B): ids (B,), positions (B,) (the M-RoPE text
         position, equal in all three sections), write_pos (B,), seen (B,). Logits (B, V).
-        Every shape depends on (B, kv_len) only, so the step can be captured."""
+        Every shape depends on (B, kv_len) only, so the step can be captured. `unmasked`:
+        every row sees all kv_len positions (one row, no padding), so no mask is built."""
         batch = ids.shape[0]
-        out = self.model(input_ids=ids.view(batch, 1),
-                         position_ids=positions.view(1, batch, 1).expand(3, batch, 1),
-                         attention_mask=_masks(decode_mask(seen, kv_len, self.dtype)),
-                         use_cache=True,
-                         **{self.cache_arg: self.kv.decode_view(batch, write_pos, kv_len)})
-        return out.logits[:, -1]
+        mask = None if unmasked else decode_mask(seen, kv_len, self.dtype)
+        out = self.text(input_ids=ids.view(batch, 1),
+                        position_ids=positions.view(1, batch, 1).expand(3, batch, 1),
+                        attention_mask=_masks(mask), use_cache=True,
+                        **{self.cache_arg: self.kv.decode_view(batch, write_pos, kv_len)})
+        return self.lm_head(out.last_hidden_state[:, -1])
