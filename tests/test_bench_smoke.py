@@ -15,7 +15,7 @@ from engine.local import LocalEngine
 from engine.types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
                           SamplingParams, TextDelta)
 
-from bench import concurrency, interference, overhead, preprocess, soak, warmup
+from bench import concurrency, followup, interference, overhead, preprocess, soak, warmup
 from bench.api import api_unavailable_reason
 
 HTTP = api_unavailable_reason() is None
@@ -72,6 +72,25 @@ def test_interference_runs_and_max_ratio_fails_the_run(tiny_model_dir, capsys):
                      out)
     assert interference.main(args + ["--max-ratio", "1e-9"]) == 1
     assert re.search(r"FAIL: TTFT ratio [\d.]+x exceeds --max-ratio 1e-09",
+                     capsys.readouterr().out)
+
+
+@pytest.mark.skipif(not HTTP, reason="bench/followup.py needs the HTTP API")
+def test_followup_runs_and_max_ratio_fails_the_run(tiny_model_dir, capsys):
+    args = _common(tiny_model_dir) + ["--pictures", "2", "--size", "160x120", "--repeats", "1",
+                                      "--max-tokens", "2"]
+    assert followup.main(args) == 0
+    out = capsys.readouterr().out
+    assert "pictures: 2 x 160x120 in turn 1 (" in out
+    assert re.search(r"round 1: turn 1 [\d.]+ ms, turn 2 [\d.]+ ms \([\d.]+x\); picture first "
+                     r"time [\d.]+ ms, re-sent [\d.]+ ms \([\d.]+x\)", out)
+    assert re.search(r"^\| +chat about 2 pictures: turn 1 -> turn 2 \|( +[\d.]+ \|){2} "
+                     r"+[\d.]+x \|$", out, re.M)
+    assert re.search(r"^\| +1 picture in a new chat: first time -> re-sent \|( +[\d.]+ \|){2} "
+                     r"+[\d.]+x \|$", out, re.M)
+    assert re.search(r"TTFT turn 2 / turn 1: [\d.]+x \(goal <= 0.25x: (met|NOT met)", out)
+    assert followup.main(args + ["--max-ratio", "1e-9"]) == 1
+    assert re.search(r"FAIL: TTFT turn 2 / turn 1 [\d.]+x exceeds --max-ratio 1e-09",
                      capsys.readouterr().out)
 
 
