@@ -51,6 +51,10 @@ class Engine(abc.ABC):
         """Share of the KV cache in use (0..1), where the engine has one."""
         return None
 
+    def cache_stats(self) -> dict[str, float]:
+        """Prefix and encoder cache counters (hits, queries, bytes), where the engine has them."""
+        return {}
+
     def close(self) -> None:
         """Stop serving; cancels what is queued."""
 

@@ -21,6 +21,9 @@ CHARS_PER_TOKEN_LIMIT = 32
 # of 128, bf16), so 8 GiB keeps 8 full 16384-token contexts beside its 15.6 GB of weights
 # on a 64 GB 910B; the tiny model's 8 rows take 64 MiB of it.
 DEFAULT_KV_CACHE_GIB = 8.0
+# Finished requests' KV kept for follow-up turns and shared prefixes, grown on demand up to
+# this: 4 GiB holds about 75,000 tokens of the 7B (about six full chats of ten pictures).
+DEFAULT_PREFIX_CACHE_GIB = 4.0
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -62,6 +65,10 @@ class EngineConfig:
     log_stats_interval: float = 10.0   # seconds between engine lines; 0: none
     kv_cache_gib: float = DEFAULT_KV_CACHE_GIB
     max_num_batched_tokens: int = 2048   # prompt tokens prefilled per scheduler iteration
+    prefix_cache: bool = True          # keep finished requests' KV for later prompts
+    prefix_cache_gib: float = DEFAULT_PREFIX_CACHE_GIB
+    encoder_cache_mb: float = 1024.0   # vision-encoder outputs kept on the device
+    picture_cache_mb: float = 256.0    # decoded, resized pictures kept in host memory
     enforce_eager: bool = False        # no captured decode step (CUDA graphs) even on CUDA
     npu_graphs: bool = False           # capture the decode step with torch_npu's NPUGraph
     backend: str = "local"             # local | remote (an OpenAI-compatible server)
@@ -164,6 +171,22 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="prompt tokens prefilled between two decode steps: a longer prompt is "
                         "prefilled in chunks, so running answers keep streaming "
                         "[env QWENVL_MAX_NUM_BATCHED_TOKENS]")
+    s.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   default=not env_bool("QWENVL_NO_PREFIX_CACHE"),
+                   help="do not keep finished requests' KV for later prompts (a follow-up turn "
+                        "then prefills the whole chat again) [env QWENVL_NO_PREFIX_CACHE=1]")
+    s.add_argument("--prefix-cache-gib", type=float,
+                   default=float(env("QWENVL_PREFIX_CACHE_GIB", str(DEFAULT_PREFIX_CACHE_GIB))),
+                   help="device memory for kept KV blocks, allocated as needed up to this; "
+                        "least recently used blocks go first [env QWENVL_PREFIX_CACHE_GIB]")
+    s.add_argument("--encoder-cache-mb", type=float,
+                   default=float(env("QWENVL_ENCODER_CACHE_MB", "1024")),
+                   help="device memory for vision-encoder outputs of recent pictures; 0 off "
+                        "[env QWENVL_ENCODER_CACHE_MB]")
+    s.add_argument("--picture-cache-mb", type=float,
+                   default=float(env("QWENVL_PICTURE_CACHE_MB", "256")),
+                   help="host memory for decoded, resized pictures; 0 off "
+                        "[env QWENVL_PICTURE_CACHE_MB]")
     s.add_argument("--enforce-eager", action="store_true", default=env_bool("QWENVL_ENFORCE_EAGER"),
                    help="never capture the decode step (on CUDA it is captured as CUDA graphs "
                         "at start) [env QWENVL_ENFORCE_EAGER]")

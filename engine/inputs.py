@@ -15,9 +15,10 @@ from typing import Union
 
 from PIL import Image
 
+from .caches import BoundedCache, content_key
 from .config import EngineConfig
 from .errors import InvalidRequestError
-from .media import MediaPolicy, VideoFile, load_image, load_video
+from .media import MediaPolicy, VideoFile, load_image, load_video, open_image, read_source_bytes
 from .sampling import validate_sampling
 from .types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, GenerationRequest, VideoInput
 
@@ -36,9 +37,10 @@ class VideoSampling:
 
 @dataclass
 class LoadedImage:
-    picture: Image.Image      # RGB, already at its smart_resize size
+    picture: Image.Image      # RGB, already at its smart_resize size; shared, never changed
     min_pixels: int
     max_pixels: int
+    key: bytes = b""          # the resized picture's content: what the model's caches key on
 
     @property
     def tokens(self) -> int:
@@ -51,6 +53,7 @@ class LoadedVideo:
     min_pixels: int
     max_pixels: int
     fps: float
+    key: bytes = b""          # the file's content and its sampling
 
 
 LoadedPart = Union[str, LoadedImage, LoadedVideo]
@@ -101,6 +104,34 @@ def resized_image(img: Image.Image, min_pixels: int, max_pixels: int) -> Image.I
     return img if (w, h) == img.size else img.resize((w, h))
 
 
+def picture_key(picture: Image.Image) -> bytes:
+    return content_key(picture.mode, f"{picture.width}x{picture.height}", picture.tobytes())
+
+
+class PictureCache:
+    """Decoded, resized pictures by their source's bytes and the pixel bounds: a picture sent
+    again (the next turn of a chat, or a new chat) is neither decoded nor resized again."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.cache: BoundedCache[LoadedImage] = BoundedCache(
+            max_bytes, lambda im: im.picture.width * im.picture.height * 3)
+
+    def load(self, source: object, policy: MediaPolicy, lo: int, hi: int) -> LoadedImage:
+        if not isinstance(source, str) or not source.strip() or self.cache.max_bytes == 0:
+            picture = resized_image(load_image(source, policy), lo, hi)
+            return LoadedImage(picture, lo, hi, picture_key(picture))
+        data, path, name = read_source_bytes(source.strip(), policy)   # limits checked here
+        raw = data if data is not None else path.read_bytes()
+        key = content_key(raw, f"{lo},{hi},{policy.max_image_pixels}")
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        picture = resized_image(open_image(data, path, name, policy), lo, hi)
+        image = LoadedImage(picture, lo, hi, picture_key(picture))
+        self.cache.put(key, image)
+        return image
+
+
 class InputStage:
     """One per engine, from its config; thread-safe (no state per request)."""
 
@@ -112,6 +143,7 @@ class InputStage:
         self.max_prompt_chars = config.prompt_chars_limit
         self.video = VideoSampling(config.video_fps, config.video_max_frames,
                                    config.video_max_pixels)
+        self.pictures = PictureCache(int(config.picture_cache_mb * 1024 * 1024))
 
     def policy(self, policy: MediaPolicy | None) -> MediaPolicy:
         """The caller's policy (where media may come from) with this engine's size and time
@@ -205,8 +237,7 @@ class InputStage:
                         parts.append(self._video(part, policy, max_px))
                     else:
                         lo, hi = part.min_pixels or min_px, part.max_pixels or max_px
-                        image = LoadedImage(resized_image(load_image(part.source, policy),
-                                                          lo, hi), lo, hi)
+                        image = self.pictures.load(part.source, policy, lo, hi)
                         image_tokens += image.tokens
                         if image_tokens >= max_model_len:
                             raise context_error(max_model_len, image_tokens)
@@ -217,7 +248,9 @@ class InputStage:
         return out
 
     def _video(self, vid: VideoInput, policy: MediaPolicy, max_pixels: int) -> LoadedVideo:
-        return LoadedVideo(load_video(vid.source, policy),
-                           vid.min_pixels or 128 * PATCH * PATCH,
-                           vid.max_pixels or min(max_pixels, self.video.max_pixels),
-                           vid.fps or self.video.fps)
+        file = load_video(vid.source, policy)
+        lo = vid.min_pixels or 128 * PATCH * PATCH
+        hi = vid.max_pixels or min(max_pixels, self.video.max_pixels)
+        fps = vid.fps or self.video.fps
+        key = content_key(file.path.read_bytes(), f"{lo},{hi},{fps},{self.video.max_frames}")
+        return LoadedVideo(file, lo, hi, fps, key)

@@ -21,7 +21,8 @@ from .types import (Conversation, Finished, GenerationRequest, ImageInput, Messa
 from .graphs import decode_step_for
 from .kvstore import GIB, KVLayout, KVStore, plan_rows
 from .scheduler import Scheduler, WorkItem
-from .step import ModelRunner
+from .prefix import PrefixCache
+from .step import ModelRunner, encoder_cache
 
 log = logging.getLogger("engine")
 
@@ -42,13 +43,17 @@ class LocalEngine(Engine):
         self.renderer = PromptRenderer(loaded.processor, self.inputs, self.max_model_len,
                                        self.config.default_max_tokens)
         self.kv = self._kv_store()
-        runner = ModelRunner(loaded.model, self.kv, loaded.device)
+        caching = self.config.prefix_cache
+        runner = ModelRunner(loaded.model, self.kv, loaded.device, encoder_cache(
+            int(self.config.encoder_cache_mb * 1024 * 1024) if caching else 0))
+        self.prefix = PrefixCache(self.kv, int(self.config.prefix_cache_gib * GIB)) \
+            if caching and self.config.prefix_cache_gib > 0 else None
         decode = decode_step_for(runner, self.config.enforce_eager, self.config.npu_graphs,
                                  self.kv.rows, self.max_model_len)
         self.scheduler = Scheduler(runner, loaded.processor.tokenizer, decode=decode,
                                 max_queue=self.config.max_queue,
                                 prefill_chunk=self.config.max_num_batched_tokens,
-                                on_finish=self._on_worker_finish)
+                                on_finish=self._on_worker_finish, prefix=self.prefix)
         self.stats = StatsLogger(self.scheduler, self.config.log_stats_interval)
 
     def _kv_store(self) -> KVStore:
@@ -116,6 +121,9 @@ class LocalEngine(Engine):
 
     def kv_cache_usage(self) -> float:
         return self.kv.usage()
+
+    def cache_stats(self) -> dict[str, float]:
+        return self.scheduler.cache_figures()
 
     def close(self) -> None:
         self.stats.close()

@@ -7,8 +7,8 @@ for the device. Checks and media loading are the input stage's (engine/inputs.py
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from PIL import Image
 
@@ -19,9 +19,19 @@ from .media import MediaPolicy
 from .types import DEFAULT_MAX_TOKENS, GenerationRequest
 
 
+class MediaSpan(NamedTuple):
+    """Prompt tokens [start, end) of one picture or video, and its content key."""
+
+    start: int
+    end: int
+    kind: str           # "image" | "video"
+    key: bytes
+
+
 @dataclass
 class PreparedPrompt:
-    """Processor output for one request, CPU tensors, ready to collate into a batch."""
+    """Processor output for one request (CPU tensors) and what the caches key on: each
+    picture's and video's token span with its content key, in prompt order."""
 
     inputs: dict[str, Any]
     prompt_text: str
@@ -29,6 +39,31 @@ class PreparedPrompt:
     images: int
     videos: int
     max_new_tokens: int
+    media: list[MediaSpan] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.inputs["input_ids"][0].tolist()
+
+
+def media_spans(ids: list[int], image_token: int, video_token: int,
+                image_keys: list[bytes], video_keys: list[bytes]) -> list[MediaSpan]:
+    """Each run of image (video) placeholder tokens, matched in order with its content key."""
+    spans: list[MediaSpan] = []
+    keys = {image_token: iter(image_keys), video_token: iter(video_keys)}
+    i = 0
+    while i < len(ids):
+        token = ids[i]
+        if token in keys:
+            j = i
+            while j < len(ids) and ids[j] == token:
+                j += 1
+            spans.append(MediaSpan(i, j, "image" if token == image_token else "video",
+                                   next(keys[token], b"")))
+            i = j
+        else:
+            i += 1
+    return spans
 
 
 def read_video_frames(path: str, fps: float, max_frames: int) -> list[Image.Image]:
@@ -93,6 +128,9 @@ class PromptRenderer:
         self.max_model_len = max_model_len
         self.default_max_tokens = default_max_tokens
         self._lock = threading.Lock()
+        tokenizer = processor.tokenizer
+        self.image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.video_token = tokenizer.convert_tokens_to_ids("<|video_pad|>")
 
     def prepare(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> PreparedPrompt:
         """Everything short of the device; raises InvalidRequestError with vLLM's wording."""
@@ -120,9 +158,13 @@ class PromptRenderer:
         n_prompt = int(inputs["input_ids"].shape[1])
         max_new = self.check_context(n_prompt, request.sampling.max_tokens,
                                      request.sampling.cap_to_context)
+        parts = [p for m in loaded for p in m.parts]
+        spans = media_spans(inputs["input_ids"][0].tolist(), self.image_token, self.video_token,
+                            [p.key for p in parts if isinstance(p, LoadedImage)],
+                            [p.key for p in parts if isinstance(p, LoadedVideo)])
         return PreparedPrompt(inputs=dict(inputs), prompt_text=text, prompt_tokens=n_prompt,
                               images=len(images or []), videos=len(videos or []),
-                              max_new_tokens=max_new)
+                              max_new_tokens=max_new, media=spans)
 
     def check_context(self, prompt_tokens: int, max_tokens: int | None, cap: bool = False) -> int:
         """The number of new tokens to allow, or vLLM's context-length error."""

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -27,6 +27,7 @@ from .device import Device
 from .errors import DeviceOutOfMemoryError, EngineBusyError, EngineError
 from .kvstore import KVStore
 from .output import RowState, TokenPieces
+from .prefix import PrefixCache, block_keys
 from .prompt import PreparedPrompt
 from .sampler import RowSampler, resolve, sample
 from .step import ModelRunner, PromptEmbedding
@@ -55,6 +56,10 @@ class Sequence:
     out: RowState
     sampler: RowSampler
     admitted_at: float
+    prompt_ids: list[int] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)   # the prompt's full blocks (prefix cache)
+    generated: list[int] = field(default_factory=list)
+    cached: int = 0            # prompt tokens whose KV came from the prefix cache
     embedding: PromptEmbedding | None = None
     prefilled: int = 0
     length: int = 0            # tokens whose KV is in the row
@@ -87,8 +92,9 @@ class Scheduler:
     def __init__(self, runner: ModelRunner, tokenizer: Any, *, decode: Any = None,
                  max_queue: int = 32, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  on_finish: Callable[[WorkItem, Finished], None] | None = None,
-                 generation_config: Any = None) -> None:
+                 generation_config: Any = None, prefix: PrefixCache | None = None) -> None:
         model = runner.model
+        self.prefix = prefix
         self.tokenizer = copy.deepcopy(tokenizer)   # its own copy: decoding here, encoding elsewhere
         self.pieces = TokenPieces(self.tokenizer)
         self.runner = runner
@@ -249,7 +255,7 @@ class Scheduler:
         settings = resolve(item.request.sampling, self.generation_config, self.eos_ids)
         sampler = RowSampler(settings, ids, self.vocab_size, self.device.torch_device)
         out = RowState(item, self.tokenizer, self.eos_ids, self.pieces)
-        return Sequence(item, row, out, sampler, time.monotonic())
+        return Sequence(item, row, out, sampler, time.monotonic(), prompt_ids=ids.tolist())
 
     # ------------------------------------------------------------ prefill
     def _prefill(self) -> None:
@@ -267,8 +273,7 @@ class Scheduler:
     def _prefill_one(self, seq: Sequence, budget: int) -> int:
         with torch.inference_mode():
             if seq.embedding is None:
-                seq.embedding = self.runner.embed(seq.item.prompt.inputs)
-                seq.delta = seq.embedding.delta
+                self._start_prefill(seq)
             start = seq.prefilled
             end = min(seq.embedding.length, start + budget)
             logits = self.runner.prefill(seq.row, seq.embedding, start, end)
@@ -279,6 +284,40 @@ class Scheduler:
         token = sample(logits[None], [seq.sampler])[0]
         self._accept([seq], [token], time.monotonic())
         return end - start
+
+    def _start_prefill(self, seq: Sequence) -> None:
+        """The cached part of the prompt into the row, the rest embedded (its pictures from
+        the encoder cache where they are there)."""
+        prompt = seq.item.prompt
+        if self.prefix is not None:
+            seq.keys = block_keys(seq.prompt_ids, prompt.media, self.prefix.block_size)
+            seq.cached = self.prefix.match(seq.keys, len(seq.prompt_ids))
+            self.prefix.load(seq.row, seq.keys, seq.cached)
+        seq.embedding = self.runner.embed(prompt.inputs, prompt.media, skip_before=seq.cached)
+        seq.delta = seq.embedding.delta
+        seq.prefilled = seq.length = seq.cached
+
+    def _keep(self, seq: Sequence) -> None:
+        """The row's KV into the prefix cache, for the next turn of its chat (or anyone
+        whose prompt starts the same): every full block of prompt and answer it holds."""
+        if self.prefix is None or seq.length < self.prefix.block_size:
+            return
+        size = self.prefix.block_size
+        tokens = (seq.prompt_ids + seq.generated)[:seq.length]
+        keys = block_keys(tokens, seq.item.prompt.media, size,
+                          known=seq.keys[:seq.length // size])
+        self.prefix.store(seq.row, keys)
+
+    def cache_figures(self) -> dict[str, float]:
+        """Prefix and encoder cache figures for /metrics and the periodic line."""
+        encoder = self.runner.encoder_cache
+        out = {"encoder_cache_hits": encoder.hits, "encoder_cache_misses": encoder.misses,
+               "encoder_cache_bytes": encoder.bytes}
+        if self.prefix is not None:
+            out.update(prefix_cache_queries=self.prefix.stats.queries,
+                       prefix_cache_hits=self.prefix.stats.hits,
+                       prefix_cache_bytes=self.prefix.cached_bytes)
+        return out
 
     # ------------------------------------------------------------- decode
     def _decode(self) -> None:
@@ -324,6 +363,7 @@ class Scheduler:
         for seq, token in zip(rows, tokens):
             first = seq.out.first_token_at is None
             seq.last_token = token
+            seq.generated.append(token)
             seq.sampler.append(token)
             seq.out.on_token(token, now)
             if seq.out.done:
@@ -341,17 +381,22 @@ class Scheduler:
             if reason is not None and seq.out.reason is None:
                 seq.out.reason = reason
             final = seq.out.finish("length" if seq.handle.tokens >= seq.out.max_new else "stop")
+            try:
+                self._keep(seq)
+            except Exception:             # a cache failure must not fail the answer
+                log.exception("prefix cache: keeping a finished row failed")
             self._release(seq)
             self._finish(seq.item, final, self._stats(seq.item, seq.out.first_token_at,
-                                                      seq.handle.tokens, seq.admitted_at))
+                                                      seq.handle.tokens, seq.admitted_at,
+                                                      seq.cached))
 
     def _fail(self, rows: list[Sequence], error: EngineError | None) -> None:
         for seq in rows:
             self._release(seq)
             reason: FinishReason = "error" if error is not None else "cancelled"
             self._finish(seq.item, reason, self._stats(seq.item, seq.out.first_token_at,
-                                                       seq.handle.tokens, seq.admitted_at),
-                         error)
+                                                       seq.handle.tokens, seq.admitted_at,
+                                                       seq.cached), error)
 
     def _release(self, seq: Sequence) -> None:
         with self._cond:
@@ -361,7 +406,7 @@ class Scheduler:
         seq.embedding = None
 
     def _stats(self, item: WorkItem, first_token_at: float | None, tokens: int,
-               start: float) -> RequestStats:
+               start: float, cached: int = 0) -> RequestStats:
         now = time.monotonic()
         arrival = item.request.arrival_time
         at_cancel = item.handle.tokens_at_cancel
@@ -371,7 +416,7 @@ class Scheduler:
                             ttft_s=None if first_token_at is None else first_token_at - arrival,
                             total_s=now - arrival,
                             tokens_after_cancel=None if at_cancel is None
-                            else max(0, tokens - at_cancel))
+                            else max(0, tokens - at_cancel), cached_tokens=cached)
 
     def _finish(self, item: WorkItem, reason: FinishReason, stats: RequestStats,
                 error: EngineError | None = None) -> None:
@@ -382,9 +427,10 @@ class Scheduler:
             done, prompt, generated = self._done_totals
             self._done_totals = (done + 1, prompt + stats.prompt_tokens,
                                  generated + stats.output_tokens)
-        log.info("request %s: prompt_tokens=%d images=%d videos=%d queue=%.3fs ttft=%s "
-                 "output_tokens=%d tokens/s=%.1f finish=%s%s%s", item.request.request_id,
-                 stats.prompt_tokens, stats.images, stats.videos, stats.queue_s,
+        log.info("request %s: prompt_tokens=%d cached_tokens=%d images=%d videos=%d queue=%.3fs "
+                 "ttft=%s output_tokens=%d tokens/s=%.1f finish=%s%s%s", item.request.request_id,
+                 stats.prompt_tokens, stats.cached_tokens, stats.images, stats.videos,
+                 stats.queue_s,
                  "-" if stats.ttft_s is None else f"{stats.ttft_s:.3f}s", stats.output_tokens,
                  stats.decode_tps, reason,
                  "" if stats.tokens_after_cancel is None or reason != "cancelled"

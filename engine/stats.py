@@ -35,10 +35,21 @@ class StatsLogger:
             return None
         span = max(1e-9, now - then)
         return (f"engine: running={running} waiting={waiting} "
-                f"kv_cache={100 * self.scheduler.kv_usage():.1f}% "
+                f"kv_cache={100 * self.scheduler.kv_usage():.1f}% {self._caches()}"
                 f"prompt_tokens/s={(prompt - prompt0) / span:.1f} "
                 f"generation_tokens/s={(generated - generated0) / span:.1f} "
                 f"finished={done - done0} in {span:.1f}s")
+
+    def _caches(self) -> str:
+        """Prefix cache hit rate and encoder cache hits since start, as vLLM reports them."""
+        c = self.scheduler.cache_figures()
+        text = ""
+        if "prefix_cache_queries" in c:
+            rate = c["prefix_cache_hits"] / c["prefix_cache_queries"] if c[
+                "prefix_cache_queries"] else 0.0
+            text = (f"prefix_cache_hit_rate={100 * rate:.1f}% "
+                    f"prefix_cache={c['prefix_cache_bytes'] / 2 ** 20:.1f}MiB ")
+        return text + f"encoder_cache_hits={c['encoder_cache_hits']} "
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

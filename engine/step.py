@@ -11,8 +11,18 @@ from typing import Any
 
 import torch
 
+from .caches import BoundedCache
 from .device import Device
 from .kvstore import KVStore, decode_mask, prefill_mask
+from .prompt import MediaSpan
+
+MEDIA = (("image", "pixel_values", "image_grid_thw"),
+         ("video", "pixel_values_videos", "video_grid_thw"))
+
+
+def encoder_cache(max_bytes: int) -> BoundedCache[torch.Tensor]:
+    """Vision-encoder outputs (tokens, hidden) on the device, by picture or video key."""
+    return BoundedCache(max_bytes, lambda t: t.numel() * t.element_size())
 
 
 @dataclass
@@ -37,8 +47,10 @@ def _masks(mask: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
 class ModelRunner:
     """Forward passes of one Qwen2.5-VL over a KVStore, on the device thread."""
 
-    def __init__(self, model: Any, kv: KVStore, device: Device) -> None:
+    def __init__(self, model: Any, kv: KVStore, device: Device,
+                 encoder: BoundedCache[torch.Tensor] | None = None) -> None:
         self.model = model
+        self.encoder_cache = encoder if encoder is not None else encoder_cache(0)
         self.kv = kv
         self.device = device
         self.dtype = device.dtype
@@ -59,26 +71,63 @@ class ModelRunner:
         value = value.to(self.dev)
         return value.to(self.dtype) if value.is_floating_point() else value
 
-    def embed(self, inputs: dict[str, Any]) -> PromptEmbedding:
-        """Run the vision encoder on the prompt's pictures and place its outputs at their
-        tokens, as the model's own forward does, and compute the prompt's positions."""
+    def embed(self, inputs: dict[str, Any], media: list[MediaSpan] | None = None,
+              skip_before: int = 0) -> PromptEmbedding:
+        """The prompt's embeddings with each picture's encoder output at its tokens, and its
+        positions. Pictures whose tokens all lie before `skip_before` (their KV came from the
+        prefix cache) are not encoded; the others come from the encoder cache when their
+        content key is there. Without spans, every picture is encoded, as the model does."""
         x = {k: self._to_device(v) for k, v in inputs.items()}
         ids = x["input_ids"]
         embeds = self.core.get_input_embeddings()(ids)
-        for kind, pixels, grid, token in (
-                ("image", "pixel_values", "image_grid_thw", self.core.config.image_token_id),
-                ("video", "pixel_values_videos", "video_grid_thw", self.core.config.video_token_id)):
+        for kind, pixels, grid in MEDIA:
             if x.get(pixels) is None:
                 continue
-            encode = (self.core.get_image_features if kind == "image"
-                      else self.core.get_video_features)
-            out = encode(x[pixels], x[grid])
-            pooled = getattr(out, "pooler_output", out)     # a tuple of tensors, per picture
-            features = torch.cat(list(pooled), dim=0).to(embeds.device, embeds.dtype)
-            mask = (ids == token).unsqueeze(-1).expand_as(embeds)
-            embeds = embeds.masked_scatter(mask, features)
+            spans = [m for m in (media or []) if m.kind == kind]
+            if len(spans) != x[grid].shape[0]:
+                embeds = self._scatter_all(kind, ids, embeds, x[pixels], x[grid])
+                continue
+            for span, features in zip(spans, self._features(kind, x[pixels], x[grid], spans,
+                                                            skip_before)):
+                if features is not None:
+                    embeds[0, span.start:span.end] = features.to(embeds.dtype)
         positions, delta = self._positions(ids, x)
         return PromptEmbedding(embeds, positions, delta)
+
+    def _encode(self, kind: str, pixels: torch.Tensor, grid: torch.Tensor) -> list[torch.Tensor]:
+        encode = self.core.get_image_features if kind == "image" else self.core.get_video_features
+        out = encode(pixels, grid)
+        return list(getattr(out, "pooler_output", out))     # one tensor per picture
+
+    def _scatter_all(self, kind: str, ids: torch.Tensor, embeds: torch.Tensor,
+                     pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        token = self.core.config.image_token_id if kind == "image" else \
+            self.core.config.video_token_id
+        features = torch.cat(self._encode(kind, pixels, grid)).to(embeds.dtype)
+        return embeds.masked_scatter((ids == token).unsqueeze(-1).expand_as(embeds), features)
+
+    def _features(self, kind: str, pixels: torch.Tensor, grid: torch.Tensor,
+                  spans: list[MediaSpan], skip_before: int) -> list[torch.Tensor | None]:
+        """Per picture: its encoder output, None where not needed; the misses encoded
+        together, in one call."""
+        patches = grid.prod(-1).tolist()
+        starts = [sum(patches[:i]) for i in range(len(patches))]
+        out: list[torch.Tensor | None] = [None] * len(spans)
+        missing = []
+        for i, span in enumerate(spans):
+            if span.end <= skip_before:
+                continue
+            cached = self.encoder_cache.get(span.key) if span.key else None
+            if cached is None:
+                missing.append(i)
+            out[i] = cached
+        if missing:
+            rows = torch.cat([pixels[starts[i]:starts[i] + patches[i]] for i in missing])
+            for i, features in zip(missing, self._encode(kind, rows, grid[missing])):
+                out[i] = features
+                if spans[i].key:
+                    self.encoder_cache.put(spans[i].key, features)
+        return out
 
     def _positions(self, ids: torch.Tensor, x: dict[str, Any]) -> tuple[torch.Tensor, int]:
         if x.get("image_grid_thw") is None and x.get("video_grid_thw") is None:

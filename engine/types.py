@@ -128,6 +128,7 @@ class RequestStats:
     ttft_s: float | None = None
     total_s: float = 0.0
     tokens_after_cancel: int | None = None   # cancelled requests: tokens made after the cancel
+    cached_tokens: int = 0                   # prompt tokens whose KV came from the prefix cache
 
     @property
     def input_tps(self) -> float:
@@ -149,6 +150,7 @@ class RequestStats:
     def to_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "images": self.images,
                 "videos": self.videos, "output_tokens": self.output_tokens,
+                "cached_tokens": self.cached_tokens,
                 "queue_s": self.queue_s, "ttft_s": self.ttft_s, "total_s": self.total_s,
                 "input_tps": self.input_tps, "output_tps": self.output_tps,
                 "decode_tps": self.decode_tps}

@@ -19,6 +19,15 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
 TPS_BUCKETS = (1, 2, 5, 10, 20, 30, 40, 60, 80, 100, 150, 200, 300, 500)
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+# The engine's cache figures (Engine.cache_stats) as Prometheus metrics, as vLLM names them.
+CACHE_METRICS = {
+    "prefix_cache_queries": ("counter", "Prompt tokens looked up in the prefix cache."),
+    "prefix_cache_hits": ("counter", "Prompt tokens found in the prefix cache (not prefilled)."),
+    "prefix_cache_bytes": ("gauge", "Device memory held by cached KV blocks."),
+    "encoder_cache_hits": ("counter", "Pictures and videos whose encoder output was cached."),
+    "encoder_cache_misses": ("counter", "Pictures and videos run through the vision encoder."),
+    "encoder_cache_bytes": ("gauge", "Device memory held by cached encoder outputs."),
+}
 
 
 def _fmt(value: float) -> str:
@@ -95,7 +104,8 @@ class MetricsRegistry:
 
     # ------------------------------------------------------------------ output
     def render(self, queue_depth: int | None = None, running: int | None = None,
-               healthy: bool | None = None, kv_usage: float | None = None) -> str:
+               healthy: bool | None = None, kv_usage: float | None = None,
+               caches: dict[str, float] | None = None) -> str:
         model = f'model_name="{_escape(self.model_name)}"'
         lines: list[str] = []
 
@@ -139,13 +149,17 @@ class MetricsRegistry:
             name = head("kv_cache_usage_perc", "gauge",
                         "Share of the KV cache's token positions in use (1 = full), as vLLM's.")
             lines.append(f"{name}{{{model}}} {_fmt(kv_usage)}")
+        for key, value in sorted((caches or {}).items()):
+            kind, what = CACHE_METRICS.get(key, ("gauge", key))
+            name = head(key + ("_total" if kind == "counter" else ""), kind, what)
+            lines.append(f"{name}{{{model}}} {_fmt(value)}")
         if healthy is not None:
             name = head("engine_healthy", "gauge", "1 while the engine can serve requests.")
             lines.append(f"{name}{{{model}}} {int(healthy)}")
         return "\n".join(lines) + "\n"
 
 
-def engine_gauges(engine: Engine) -> dict[str, float | None]:
+def engine_gauges(engine: Engine) -> dict[str, object]:
     """Queue length, running count and KV cache use where the engine knows them."""
     return {"queue_depth": engine.queue_depth(), "running": engine.running_count(),
-            "kv_usage": engine.kv_cache_usage()}
+            "kv_usage": engine.kv_cache_usage(), "caches": engine.cache_stats()}

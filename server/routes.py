@@ -103,7 +103,8 @@ def build_router(engine: Engine, settings: ServerSettings,
         gauges = engine_gauges(engine)
         healthy = await asyncio.to_thread(engine.health)
         return PlainTextResponse(metrics.render(gauges["queue_depth"], gauges["running"], healthy,
-                                                gauges["kv_usage"]), media_type=CONTENT_TYPE)
+                                                gauges["kv_usage"], gauges["caches"]),
+                                 media_type=CONTENT_TYPE)
 
     router.on_shutdown.append(chat.close)   # its preparation threads end with the app
     return router

@@ -650,6 +650,9 @@ def test_metrics(http, client):
     assert values[f'qwenvl_prompt_tokens_total{{{model}}}'] > 0
     assert values[f'qwenvl_requests_waiting{{{model}}}'] == 0
     assert 0 <= values[f'qwenvl_kv_cache_usage_perc{{{model}}}'] <= 1
+    queries = values[f'qwenvl_prefix_cache_queries_total{{{model}}}']
+    assert queries > 0 and 0 <= values[f'qwenvl_prefix_cache_hits_total{{{model}}}'] <= queries
+    assert f'qwenvl_encoder_cache_misses_total{{{model}}}' in values
     assert values[f'qwenvl_engine_healthy{{{model}}}'] == 1
     for hist in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
                  "output_tokens_per_second"):

@@ -324,7 +324,7 @@ def test_fault_inside_a_model_step_reaches_the_ui_and_the_next_turn_works(engine
                           {"temperature": 0.0, "max_tokens": 4})
     assert state["turns"][-1]["finish"] in ("stop", "length")
 
-    model = engine.loaded.model
+    model = engine.loaded.model.model.language_model     # what every step runs
     real = model.forward
 
     def failing(*args, **kwargs):

@@ -137,7 +137,7 @@ def test_cancel_while_queued(tiny_engine):
 
 
 def test_exception_in_a_step_is_an_error_and_worker_survives(tiny_engine, monkeypatch):
-    model = tiny_engine.loaded.model
+    model = tiny_engine.loaded.model.model.language_model    # what every step runs
     real = model.forward
     calls = {"n": 0}
 
@@ -156,7 +156,7 @@ def test_exception_in_a_step_is_an_error_and_worker_survives(tiny_engine, monkey
 def test_out_of_memory_frees_cache(tiny_engine, monkeypatch):
     freed = []
     monkeypatch.setattr(tiny_engine.device, "empty_cache", lambda: freed.append(1))
-    monkeypatch.setattr(tiny_engine.loaded.model, "forward",
+    monkeypatch.setattr(tiny_engine.loaded.model.model.language_model, "forward",
                         lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("NPU out of memory")))
     _, fin = tiny_engine.generate(ask(max_tokens=5), timeout=30)
     assert fin.reason == "error" and "ran out of memory" in fin.error.message
@@ -198,16 +198,16 @@ def test_sampling_fields(tiny_engine):
 def test_ignore_eos_generates_past_a_forced_eos(tiny_engine, monkeypatch):
     """A model that wants to end at once still yields max_tokens tokens with ignore_eos."""
     eos = tiny_engine.loaded.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model = tiny_engine.loaded.model
-    real = model.forward
+    head = tiny_engine.loaded.model.lm_head               # the logits of every step
+    real = head.forward
 
     def always_eos(*a, **k):
-        out = real(*a, **k)
-        out.logits[..., :] = -1e9
-        out.logits[..., eos] = 0
-        return out
+        logits = real(*a, **k)
+        logits[..., :] = -1e9
+        logits[..., eos] = 0
+        return logits
 
-    monkeypatch.setattr(model, "forward", always_eos)
+    monkeypatch.setattr(head, "forward", always_eos)
     _, fin = tiny_engine.generate(ask(max_tokens=9, ignore_eos=True))
     assert fin.reason == "length" and fin.stats.output_tokens == 9
     _, fin = tiny_engine.generate(ask(max_tokens=9))
@@ -510,5 +510,5 @@ def test_periodic_engine_line_reports_running_waiting_and_throughput(tiny_engine
         time.sleep(0.01)    # the batch is cleared just after its last row is released
     done = stats.line()
     assert done is not None and "finished=1" in done and "running=0" in done
-    assert "kv_cache=0.0%" in done
+    assert "kv_cache=0.0%" in done and "prefix_cache_hit_rate=" in done
     assert stats.line() is None

@@ -434,3 +434,42 @@ def test_preparation_runs_off_the_event_loop(uploads):
     ticks, steps = asyncio.run(main())
     assert ticks >= 10, f"the event loop was blocked ({ticks} ticks in 0.4 s)"
     assert steps[-1][0]["turns"][-1]["text"] == "ok"
+
+
+def test_retry_undo_and_clear_answer_the_same_with_the_cache_on(engine, uploads):
+    """A chat about a picture, its follow-up, a Retry, an Undo and resend, a Clear and the
+    first question again: with the conversation cache on (hits on every step after the
+    first), each answer equals the same step's answer on an engine with the cache off."""
+    from engine.config import EngineConfig
+    from engine.local import LocalEngine
+
+    picture = str(uploads / "shapes.png")
+    cold = LocalEngine(engine.loaded, EngineConfig(max_model_len=MAX_MODEL_LEN,
+                                                   prefix_cache=False, log_stats_interval=0))
+
+    def session(eng) -> list[str]:
+        c = ChatController(eng, (uploads.resolve(), ASSETS.resolve()))
+        answers = []
+        state, _ = ask(c, history.new_state(), "What is this?", [picture])
+        answers.append(state["turns"][-1]["text"])
+        state, _ = ask(c, state, "And its colours?")
+        answers.append(state["turns"][-1]["text"])
+        state, _ = c.prepare_retry(state, None, Req())
+        state, _ = run(lambda: c.respond(state, FAST, Req()))[-1]
+        answers.append(state["turns"][-1]["text"])
+        state, _, box = c.undo(state)
+        state, _ = ask(c, state, box["text"])
+        answers.append(state["turns"][-1]["text"])
+        state, _ = c.clear(state)
+        state, _ = ask(c, state, "What is this?", [picture])
+        answers.append(state["turns"][-1]["text"])
+        return answers
+
+    try:
+        hits_before = engine.cache_stats()["prefix_cache_hits"]
+        warm = session(engine)
+        assert engine.cache_stats()["prefix_cache_hits"] > hits_before
+        assert warm == session(cold)
+        assert warm[1] == warm[2] == warm[3] and warm[0] == warm[4]    # greedy: same prompt
+    finally:
+        cold.close()
