@@ -22,8 +22,10 @@ CHARS_PER_TOKEN_LIMIT = 32
 # on a 64 GB 910B; the tiny model's 8 rows take 64 MiB of it.
 DEFAULT_KV_CACHE_GIB = 8.0
 # Finished requests' KV kept for follow-up turns and shared prefixes, grown on demand up to
-# this: 4 GiB holds about 75,000 tokens of the 7B (about six full chats of ten pictures).
+# this: 4 GiB of device memory holds about 75,000 tokens of the 7B (about six full chats of
+# ten pictures); on a CPU it is host memory, shared with everything else, so 1 GiB.
 DEFAULT_PREFIX_CACHE_GIB = 4.0
+DEFAULT_PREFIX_CACHE_GIB_CPU = 1.0
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -66,7 +68,7 @@ class EngineConfig:
     kv_cache_gib: float = DEFAULT_KV_CACHE_GIB
     max_num_batched_tokens: int = 2048   # prompt tokens prefilled per scheduler iteration
     prefix_cache: bool = True          # keep finished requests' KV for later prompts
-    prefix_cache_gib: float = DEFAULT_PREFIX_CACHE_GIB
+    prefix_cache_gib: float | None = None   # None: 4 on an NPU/GPU, 1 on a CPU
     encoder_cache_mb: float = 1024.0   # vision-encoder outputs kept on the device
     picture_cache_mb: float = 256.0    # decoded, resized pictures kept in host memory
     enforce_eager: bool = False        # no captured decode step (CUDA graphs) even on CUDA
@@ -176,9 +178,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="do not keep finished requests' KV for later prompts (a follow-up turn "
                         "then prefills the whole chat again) [env QWENVL_NO_PREFIX_CACHE=1]")
     s.add_argument("--prefix-cache-gib", type=float,
-                   default=float(env("QWENVL_PREFIX_CACHE_GIB", str(DEFAULT_PREFIX_CACHE_GIB))),
-                   help="device memory for kept KV blocks, allocated as needed up to this; "
-                        "least recently used blocks go first [env QWENVL_PREFIX_CACHE_GIB]")
+                   default=float(env("QWENVL_PREFIX_CACHE_GIB", "0")) or None,
+                   help=f"memory for kept KV blocks, allocated as needed up to this; least "
+                        f"recently used blocks go first (default: {DEFAULT_PREFIX_CACHE_GIB:g} on "
+                        f"an NPU or GPU, {DEFAULT_PREFIX_CACHE_GIB_CPU:g} on a CPU) "
+                        "[env QWENVL_PREFIX_CACHE_GIB]")
     s.add_argument("--encoder-cache-mb", type=float,
                    default=float(env("QWENVL_ENCODER_CACHE_MB", "1024")),
                    help="device memory for vision-encoder outputs of recent pictures; 0 off "

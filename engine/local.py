@@ -7,7 +7,7 @@ import logging
 import time
 
 from .base import Engine
-from .config import EngineConfig
+from .config import DEFAULT_PREFIX_CACHE_GIB, DEFAULT_PREFIX_CACHE_GIB_CPU, EngineConfig
 from .device import select_device
 from .errors import EngineError
 from .loader import LoadedModel, load_model
@@ -46,8 +46,9 @@ class LocalEngine(Engine):
         caching = self.config.prefix_cache
         runner = ModelRunner(loaded.model, self.kv, loaded.device, encoder_cache(
             int(self.config.encoder_cache_mb * 1024 * 1024) if caching else 0))
-        self.prefix = PrefixCache(self.kv, int(self.config.prefix_cache_gib * GIB)) \
-            if caching and self.config.prefix_cache_gib > 0 else None
+        budget = self.config.prefix_cache_gib or (
+            DEFAULT_PREFIX_CACHE_GIB_CPU if self.device.kind == "cpu" else DEFAULT_PREFIX_CACHE_GIB)
+        self.prefix = PrefixCache(self.kv, int(budget * GIB)) if caching else None
         decode = decode_step_for(runner, self.config.enforce_eager, self.config.npu_graphs,
                                  self.kv.rows, self.max_model_len)
         self.scheduler = Scheduler(runner, loaded.processor.tokenizer, decode=decode,
