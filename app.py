@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "[env QWENVL_UI_CONCURRENCY]")
     g.add_argument("--root-path", default=env("GRADIO_ROOT_PATH"),
                    help="public path prefix behind a reverse proxy [env GRADIO_ROOT_PATH]")
+    g.add_argument("--feedback-file", default=env("QWENVL_FEEDBACK_FILE"),
+                   help="append every like and dislike on an answer (question, answer, rating) "
+                        "to this JSON-lines file; off by default [env QWENVL_FEEDBACK_FILE]")
     g.add_argument("--log-level", default=env("QWENVL_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"], help="[env QWENVL_LOG_LEVEL]")
     add_server_args(p)
@@ -109,7 +113,9 @@ def create_app(engine: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     concurrency = args.ui_concurrency or args.max_batch
     demo = build_demo(engine, UIOptions(concurrency=max(1, concurrency),
                                         max_queue=max(1, args.max_queue),
-                                        browser_secret=browser_secret_from_env()))
+                                        browser_secret=browser_secret_from_env(),
+                                        feedback_file=Path(args.feedback_file)
+                                        if args.feedback_file else None))
     app = FastAPI(title="Qwen2.5-VL", docs_url=None, redoc_url=None, openapi_url=None)
     mount_api(app, engine, ServerSettings.from_namespace(args))   # before the UI's catch-all at /
     users = parse_auth(args.auth)

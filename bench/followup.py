@@ -95,12 +95,10 @@ def png_uri(png: bytes) -> str:
 
 def image_tokens(width: int, height: int) -> int:
     """Image tokens of one picture at the engine's default per-image bounds."""
-    from bench.vision_fallback import smart_resize
+    from engine import geometry
     from engine.types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
-    h, w = smart_resize(height, width, min_pixels=DEFAULT_MIN_PIXELS,
-                        max_pixels=DEFAULT_MAX_PIXELS)
-    return (h // 28) * (w // 28)
+    return geometry.image_tokens(width, height, DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
 
 
 # --------------------------------------------------------------------------- requests

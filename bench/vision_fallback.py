@@ -9,12 +9,13 @@ the benchmark's work, are the same. Videos are refused."""
 
 from __future__ import annotations
 
-import math
 import sys
 import types
 from typing import Any
 
 from PIL import Image
+
+from engine import geometry
 
 FACTOR = 28                 # patch 14 x spatial merge 2
 MAX_RATIO = 200
@@ -25,21 +26,8 @@ DEFAULT_MAX_PIXELS = 16384 * FACTOR * FACTOR
 def smart_resize(height: int, width: int, factor: int = FACTOR,
                  min_pixels: int = DEFAULT_MIN_PIXELS,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """(height, width): multiples of `factor`, pixels within bounds, aspect ratio kept."""
-    if max(height, width) / min(height, width) > MAX_RATIO:
-        raise ValueError(f"absolute aspect ratio must be smaller than {MAX_RATIO}, "
-                         f"got {max(height, width) / min(height, width)}")
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = math.floor(height / beta / factor) * factor
-        w_bar = math.floor(width / beta / factor) * factor
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    """(height, width) in qwen_vl_utils' signature, from the engine's one implementation."""
+    return geometry.smart_resize(height, width, min_pixels, max_pixels, factor)
 
 
 def fetch_image(ele: dict[str, Any]) -> Image.Image:

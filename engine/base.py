@@ -51,6 +51,11 @@ class Engine(abc.ABC):
         """Share of the KV cache in use (0..1), where the engine has one."""
         return None
 
+    def model_pixel_bounds(self) -> list[tuple[int, int]]:
+        """Resizes the model's processor applies after ours, as (min_pixels, max_pixels): []
+        when the model sees our resized pictures as they are (the local engine)."""
+        return []
+
     def cache_stats(self) -> dict[str, float]:
         """Prefix and encoder cache counters (hits, queries, bytes), where the engine has them."""
         return {}

@@ -79,6 +79,8 @@ class EngineConfig:
     remote_model: str | None = None    # default: the first model the remote lists
     remote_timeout: float = 300.0      # seconds without a byte from the remote before giving up
     remote_mm_kwargs: bool = False     # the remote runs with --trust-request-mm-kwargs
+    remote_min_pixels: int | None = None   # the remote processor's own bounds, where they
+    remote_max_pixels: int | None = None   # narrow ours (grounding coordinates follow them)
 
     @property
     def prompt_chars_limit(self) -> int:
@@ -213,6 +215,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    default=float(env("QWENVL_REMOTE_TIMEOUT", "300")),
                    help="seconds to wait for the remote's next byte (connecting: at most 5 s) "
                         "[env QWENVL_REMOTE_TIMEOUT]")
+    r.add_argument("--remote-min-pixels", type=int,
+                   default=int(env("QWENVL_REMOTE_MIN_PIXELS", "0")) or None,
+                   help="the remote's own min_pixels, if it was started with one (its "
+                        "--mm-processor-kwargs): boxes in its answers are drawn at that resize "
+                        "[env QWENVL_REMOTE_MIN_PIXELS]")
+    r.add_argument("--remote-max-pixels", type=int,
+                   default=int(env("QWENVL_REMOTE_MAX_PIXELS", "0")) or None,
+                   help="the remote's own max_pixels (see --remote-min-pixels) "
+                        "[env QWENVL_REMOTE_MAX_PIXELS]")
     r.add_argument("--remote-mm-kwargs", action="store_true",
                    default=env_bool("QWENVL_REMOTE_MM_KWARGS"),
                    help="also send mm_processor_kwargs (pixel bounds, video fps); only for a "

@@ -18,11 +18,11 @@ from PIL import Image
 from .caches import BoundedCache, content_key
 from .config import EngineConfig
 from .errors import InvalidRequestError
+from .geometry import PATCH, smart_resize
 from .media import MediaPolicy, VideoFile, load_image, load_video, open_image, read_source_bytes
 from .sampling import validate_sampling
 from .types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, GenerationRequest, VideoInput
 
-PATCH = 28   # pixels per image token side (14-pixel patches, merged 2x2)
 
 
 @dataclass(frozen=True)
@@ -91,14 +91,11 @@ def context_error(limit: int, prompt_tokens: int) -> InvalidRequestError:
 def resized_image(img: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
     """The picture at the size the processor will see (qwen_vl_utils' smart_resize, the same
     resize call), so the decoded original is not kept; resizing again there is a copy."""
-    from qwen_vl_utils.vision_process import smart_resize
-
     if min_pixels > max_pixels:
         raise InvalidRequestError(f"min_pixels ({min_pixels}) must be at most max_pixels "
                                   f"({max_pixels}).", param="max_pixels")
     try:
-        h, w = smart_resize(img.height, img.width, factor=PATCH, min_pixels=min_pixels,
-                            max_pixels=max_pixels)
+        h, w = smart_resize(img.height, img.width, min_pixels, max_pixels)
     except ValueError as exc:   # the aspect-ratio check
         raise InvalidRequestError(f"Failed to process image: {exc}", param="image") from None
     return img if (w, h) == img.size else img.resize((w, h))

@@ -177,6 +177,14 @@ class _RemoteCall:
 
 # --------------------------------------------------------------------------- the engine
 class RemoteEngine(Engine):
+    def model_pixel_bounds(self) -> list[tuple[int, int]]:
+        """The remote's own bounds, when given: it resizes our (already resized) pictures
+        again only where they fall outside them."""
+        lo, hi = self.config.remote_min_pixels, self.config.remote_max_pixels
+        if lo is None and hi is None:
+            return []
+        return [(lo or 4 * 28 * 28, hi or 16384 * 28 * 28)]
+
     def __init__(self, config: EngineConfig, client: httpx.Client | None = None) -> None:
         super().__init__()
         if not config.remote_url:

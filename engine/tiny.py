@@ -1,10 +1,13 @@
-"""A tiny, randomly initialised Qwen2.5-VL for tests and offline demos.
+"""The built-in tiny Qwen2.5-VL for tests and offline demos, trained on synthetic shapes.
 
 It uses the exact classes of the real Qwen2.5-VL-7B-Instruct
 (`Qwen2_5_VLForConditionalGeneration`, `Qwen2_5_VLProcessor` with
 `Qwen2VLImageProcessor`, `Qwen2VLVideoProcessor` and a `Qwen2Tokenizer`), the
 real chat template and Qwen's special tokens in Qwen's order, but a byte-level
-BPE trained on a small fixed English corpus and a model a few MB in size.
+BPE trained on a small fixed English corpus and a model a few MB in size. Its weights are
+engine/tiny_weights.safetensors, trained by `python -m engine.train_tiny` on pictures of
+flat coloured shapes (engine/shapes.py): it counts them, names their colours and shapes and
+detects them in Qwen2.5-VL's grounding JSON; about anything else it knows nothing.
 Builds are deterministic (identical bytes every time) and take seconds.
 
     python -m engine.tiny DIR        # write the folder to DIR and print its path
@@ -25,7 +28,8 @@ import threading
 import uuid
 from pathlib import Path
 
-TINY_VERSION = 1
+TINY_VERSION = 2
+WEIGHTS = Path(__file__).with_name("tiny_weights.safetensors")
 MARKER = "tiny_model.json"
 
 # Building seeds the global torch RNG; serialise builds within one process.
@@ -109,6 +113,19 @@ Colours: red, orange, yellow, green, blue, purple, pink, brown, black, white and
 Shapes: circle, square, rectangle, triangle, star, hexagon, octagon, line and arrow.
 It is a photograph of a mountain lake at sunrise, with pine trees on the shore and snow on the peaks.
 The table has three columns and five rows; the last row shows the sum of the values above it.
+How many shapes are there, and what colours are they? There are 3 shapes: a red circle, a blue square and a green triangle.
+There is 1 shape: a yellow star. There are 4 shapes: a red star, an orange circle, a purple square and a purple triangle.
+What shape is the red one? The red one is a circle. Which shape is blue? There are 2 blue shapes: a square and a star.
+Which colour is the star? The star is yellow. What colour is the triangle? There is no triangle. There is no green shape.
+There are 2 circles: a red one and an orange one. What colour is the shape in the second picture? The shape in the first picture is purple.
+Detect the shapes and output their bounding boxes in JSON format. Detect all shapes in the image and return their locations as JSON.
+```json
+[
+	{"bbox_2d": [120, 56, 310, 248], "label": "red circle"},
+	{"bbox_2d": [402, 371, 589, 530], "label": "green star"},
+	{"bbox_2d": [64, 197, 143, 276], "label": "purple triangle"}
+]
+```
 """
 
 
@@ -192,20 +209,27 @@ def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
+# Sizes of the built-in model (engine/train_tiny.py trains it; head_dim 32 everywhere:
+# vLLM's CPU attention refuses 16).
+TEXT_DIMS = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2)
+VISION_DIMS = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4,
+                   fullatt_block_indexes=[1, 3])
+# A lower rope base than the real 1e6, and mrope sections weighted towards the picture's
+# rows and columns, so the small model's attention can tell picture positions apart.
+ROPE_THETA = 100.0
+MROPE_SECTION = [2, 7, 7]
+
+
 def build_config(tokenizer):
     from transformers import Qwen2_5_VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text_hidden = 64
-    heads = 2  # head_dim 32: vLLM's CPU attention refuses 16
+    text_hidden = TEXT_DIMS["hidden_size"]
+    heads = TEXT_DIMS["num_attention_heads"]
     head_dim = text_hidden // heads
     text_config = dict(
         vocab_size=_round_up(len(tokenizer), 64),
-        hidden_size=text_hidden,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        num_key_value_heads=1,
         hidden_act="silu",
         max_position_embeddings=32768,
         # 0.02 (the real default) makes the random model fall into a two-token loop
@@ -215,22 +239,20 @@ def build_config(tokenizer):
         use_cache=True,
         use_sliding_window=False,
         sliding_window=32768,
-        max_window_layers=2,
+        max_window_layers=TEXT_DIMS["num_hidden_layers"],
         attention_dropout=0.0,
         # Real model: [16, 24, 24] for head_dim 128; must sum to head_dim / 2.
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA, "mrope_section": list(MROPE_SECTION)},
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
+        **TEXT_DIMS,
     )
+    assert head_dim >= 32
     assert sum(text_config["rope_parameters"]["mrope_section"]) == head_dim // 2
     vision_config = dict(
-        depth=2,
-        hidden_size=64,
         hidden_act="silu",
-        intermediate_size=128,
-        num_heads=2,
         in_channels=3,
         patch_size=14,
         spatial_merge_size=2,
@@ -238,8 +260,8 @@ def build_config(tokenizer):
         tokens_per_second=2,
         window_size=112,
         out_hidden_size=text_hidden,
-        fullatt_block_indexes=[1],
         initializer_range=INIT_STD,
+        **VISION_DIMS,
     )
     config = Qwen2_5_VLConfig(
         text_config=text_config,
@@ -257,19 +279,20 @@ def build_config(tokenizer):
     return config
 
 
-def build_generation_config(tokenizer):
+def build_generation_config(tokenizer, repetition_penalty: float = 1.0):
     from transformers import GenerationConfig
 
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    # Same values as the real generation_config.json; top_k=1 makes sampling
-    # exactly greedy, so the defaults are deterministic.
+    # The real generation_config.json's values, except the repetition penalty: the real
+    # 1.05 bends the trained model's JSON boxes (repeated digits), so 1.0 (none) here.
+    # top_k=1 makes sampling exactly greedy, so the defaults are deterministic.
     return GenerationConfig(
         bos_token_id=eot,
         pad_token_id=eot,
         eos_token_id=[im_end, eot],
         do_sample=True,
-        repetition_penalty=1.05,
+        repetition_penalty=repetition_penalty,
         temperature=0.1,
         top_p=0.001,
         top_k=1,
@@ -295,8 +318,32 @@ def build_processor(tokenizer):
     )
 
 
-def build_tiny(dest: str | Path) -> Path:
-    """Write a complete tiny Qwen2.5-VL model folder to `dest` and return its path."""
+def weights_sha256(path: Path = WEIGHTS) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def load_trained(model, path: Path = WEIGHTS) -> None:
+    """Copy the trained weights (stored as float16) into `model` (float32)."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    own = model.state_dict()
+    missing = set(own) - set(state)
+    if missing or any(state[k].shape != own[k].shape for k in own):
+        raise RuntimeError(f"{path} does not fit the tiny model's config (retrain: python -m engine.train_tiny)")
+    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+
+
+def build_tiny(dest: str | Path, trained: bool = True) -> Path:
+    """Write a complete tiny Qwen2.5-VL model folder to `dest` and return its path: the
+    trained weights when `trained` (and engine/tiny_weights.safetensors exists), else the
+    random initialisation."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -322,9 +369,12 @@ def build_tiny(dest: str | Path) -> Path:
     with torch.no_grad():
         model.get_input_embeddings().weight[n_tok:] = 0
         model.get_output_embeddings().weight[n_tok:] = 0
+    sha = weights_sha256() if trained else None
+    if sha is not None:
+        load_trained(model)
     model.eval()
     model.config.dtype = torch.float32
-    model.generation_config = build_generation_config(tokenizer)
+    model.generation_config = build_generation_config(tokenizer, 1.0 if sha else 1.05)
 
     model.save_pretrained(dest)
     processor.save_pretrained(dest)
@@ -333,7 +383,12 @@ def build_tiny(dest: str | Path) -> Path:
             {
                 "tiny": True,
                 "version": TINY_VERSION,
-                "description": "Tiny randomly initialised Qwen2.5-VL (engine/tiny.py); outputs are meaningless.",
+                "trained": sha is not None,
+                "weights_sha256": sha,
+                "description": (
+                    "Tiny Qwen2.5-VL trained on synthetic pictures of flat coloured shapes "
+                    "(engine/train_tiny.py); it knows nothing else." if sha else
+                    "Tiny randomly initialised Qwen2.5-VL (engine/tiny.py); outputs are meaningless."),
             },
             indent=2,
         )
@@ -362,6 +417,7 @@ def _complete(folder: Path) -> bool:
         return False
     return (
         marker.get("version") == TINY_VERSION
+        and marker.get("weights_sha256") == weights_sha256()
         and (folder / "model.safetensors").is_file()
         and (folder / "config.json").is_file()
         and (folder / "tokenizer.json").is_file()
@@ -408,10 +464,11 @@ def ensure_tiny(cache_dir: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m engine.tiny", description="Write a tiny random Qwen2.5-VL model folder.")
+    p = argparse.ArgumentParser(prog="python -m engine.tiny", description="Write the tiny Qwen2.5-VL model folder.")
     p.add_argument("dest", type=Path, help="folder to write (created if missing)")
+    p.add_argument("--random", action="store_true", help="random weights instead of the trained ones")
     args = p.parse_args(argv)
-    print(build_tiny(args.dest).resolve())
+    print(build_tiny(args.dest, trained=not args.random).resolve())
 
 
 if __name__ == "__main__":

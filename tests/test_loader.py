@@ -26,7 +26,7 @@ def test_auto_on_cpu_serves_tiny_with_warning(caplog):
     caplog.set_level(logging.WARNING, logger="engine.loader")
     name, path, tiny = loader.resolve_model("auto", CPU)
     assert tiny and name == "tiny" and (path / "config.json").is_file()
-    assert any("TINY RANDOM" in r.getMessage() and DEFAULT_MODEL in r.getMessage()
+    assert any("TINY Qwen2.5-VL" in r.getMessage() and DEFAULT_MODEL in r.getMessage()
                for r in caplog.records)
 
 

@@ -103,6 +103,7 @@ EVENTS = {   # every event that takes the browser-kept chat, with its other inpu
     "on_retry": lambda st: [st, "system"],
     "on_submit": lambda st: [st, {"text": "and now?", "files": []}, "system"],
     "generate": lambda st: [st, *SAMPLING],
+    "composer_meter": lambda st: [{"text": "", "files": []}, st, 224 * 224, 1280 * 28 * 28, 16],
 }
 
 
@@ -122,6 +123,13 @@ def test_a_file_in_the_message_box_from_outside_is_dropped(page, sentinel):
                                       "orig_name": "secret.png"}]}
     resp = page.post("/gradio_api/run/on_submit", json={"data": [None, box, "s"]})
     assert SENTINEL.decode() not in resp.text and copies_in_cache() == []
+
+
+def test_the_meter_never_reads_a_file_from_outside(page, sentinel):
+    box = {"text": "look", "files": [str(sentinel)]}
+    resp = page.post("/gradio_api/run/composer_meter",
+                     json={"data": [box, None, 224 * 224, 1280 * 28 * 28, 16]})
+    assert SENTINEL.decode() not in resp.text and "tokens" not in resp.text   # never measured
 
 
 def test_dropped_files_get_a_visible_note(tiny_engine, sentinel):

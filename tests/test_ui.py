@@ -473,3 +473,91 @@ def test_retry_undo_and_clear_answer_the_same_with_the_cache_on(engine, uploads)
         assert warm[1] == warm[2] == warm[3] and warm[0] == warm[4]    # greedy: same prompt
     finally:
         cold.close()
+
+
+# --------------------------------------------------------------------------- composer extras
+def two_page_pdf(folder: Path) -> Path:
+    from PIL import Image
+
+    pages = [Image.new("RGB", (420, 594), c) for c in ((250, 250, 250), (200, 220, 250))]
+    path = folder / "doc.pdf"
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+    return path
+
+
+def test_a_pdf_becomes_its_pages_and_too_many_pages_is_one_clear_line(ctrl, engine, uploads):
+    pdf = two_page_pdf(uploads)
+    state, shown, ok = ctrl.add_user_turn(None, {"text": "Summarise", "files": [str(pdf)]},
+                                          None, Req())
+    assert ok
+    files = [f["name"] for f in state["turns"][-1]["files"]]
+    assert files == ["doc-page1.png", "doc-page2.png"]
+    assert sum(1 for m in shown if isinstance(m["content"], dict)) == 2
+    full = history.new_state()
+    full["turns"] = [history.user_turn("many", [str(uploads / "shapes.png")] *
+                                       (engine.limit_images - 1)),
+                     history.assistant_turn("ok", "stop")]
+    with pytest.raises(InvalidRequestError, match="doc.pdf has 2 pages, but only 1 more"):
+        ctrl.add_user_turn(full, {"text": "and this", "files": [str(pdf)]}, None, Req())
+
+
+def test_meter_counts_a_picture_before_sending_and_warns(ctrl, engine, uploads):
+    from engine.geometry import image_tokens
+
+    shapes = str(uploads / "shapes.png")
+    from PIL import Image
+    w, h = Image.open(shapes).size
+    line = ctrl.composer_meter({"text": "", "files": [shapes]}, None, 224 * 224, 1280 * 28 * 28)
+    assert f"**shapes.png**: {image_tokens(w, h, 224 * 224, 1280 * 28 * 28):,} tokens" in line
+    assert f"of {engine.max_model_len:,} tokens" in line and "Will not fit" not in line
+    huge = ctrl.composer_meter({"text": "", "files": [shapes]}, None, 16384 * 28 * 28,
+                               16384 * 28 * 28, 512)
+    assert "Will not fit" in huge
+    pdf = two_page_pdf(uploads)
+    assert "2 pages" in ctrl.composer_meter({"text": "", "files": [str(pdf)]}, None,
+                                            224 * 224, 1280 * 28 * 28)
+    assert ctrl.composer_meter({"text": "hi", "files": []}, None, 224 * 224, 1 << 20) == ""
+
+
+def test_an_edited_question_reruns_from_there_with_its_pictures(ctrl, uploads):
+    shapes = str(uploads / "shapes.png")
+    state, _ = ask(ctrl, history.new_state(), "first", [shapes])
+    state, _ = ask(ctrl, state, "second")
+    from ui import display
+    shown, owners = display.render_indexed(state)
+    first_text = next(i for i, m in enumerate(shown) if m["content"] == "first")
+    state, shown, rerun = ctrl.edit(state, first_text, "first, edited", Req())
+    assert rerun and len(state["turns"]) == 1
+    assert state["turns"][0]["text"] == "first, edited"
+    assert [f["path"] for f in state["turns"][0]["files"]] == [shapes]
+    state, _ = run(lambda: ctrl.respond(state, FAST, Req()))[-1]
+    assert state["turns"][-1]["role"] == "assistant" and len(state["turns"]) == 2
+    picture_msg = next(i for i, m in enumerate(display.render(state))
+                       if isinstance(m["content"], dict))
+    assert ctrl.edit(state, picture_msg, "x", Req())[2] is False      # a picture: not text
+
+
+def test_like_and_dislike_are_kept_and_written_when_asked(engine, uploads, tmp_path):
+    feedback = tmp_path / "feedback.jsonl"
+    c = ChatController(engine, (uploads.resolve(), ASSETS.resolve()), feedback_file=feedback)
+    state, shown = ask(c, history.new_state(), "rate me")
+    from ui import display
+    answer_msg = next(i for i, m in enumerate(display.render(state)) if m["role"] == "assistant")
+    state = c.rate(state, answer_msg, True, Req())
+    assert state["turns"][-1]["rating"] == "like"
+    state = c.rate(state, answer_msg, False, Req())
+    assert state["turns"][-1]["rating"] == "dislike"
+    lines = [json.loads(x) for x in feedback.read_text().splitlines()]
+    assert [x["rating"] for x in lines] == ["like", "dislike"]
+    assert lines[0]["question"] == "rate me" and lines[0]["answer"] == state["turns"][-1]["text"]
+    user_msg = 0
+    assert c.rate(state, user_msg, True, Req())["turns"][0].get("rating") is None
+
+
+def test_presets_fill_the_box_and_keep_its_files():
+    from ui.callbacks import Callbacks
+    from ui.layout import PRESETS
+
+    box = Callbacks.preset({"text": "old", "files": ["a.png"]}, PRESETS[0][1])
+    assert box == {"text": PRESETS[0][1], "files": ["a.png"]}
+    assert "bbox" in PRESETS[0][1] and PRESETS[2][1] == "QwenVL HTML"

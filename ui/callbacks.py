@@ -30,7 +30,11 @@ class Callbacks:
                [gr.update(interactive=not busy)] * (BUSY_OUTPUTS - 2)
 
     def on_submit(self, raw: Any, message: Any, system: str, request: gr.Request):
-        st, shown, accepted = self.ctrl.add_user_turn(raw, message, system, request)
+        try:
+            st, shown, accepted = self.ctrl.add_user_turn(raw, message, system, request)
+        except EngineError as exc:    # e.g. a PDF with more pages than fit: the box keeps it
+            gr.Warning(exc.message)
+            return [gr.skip(), gr.skip()] + [gr.skip()] * BUSY_OUTPUTS
         if not accepted:   # whitespace only: nothing to send, the box keeps its text
             gr.Warning("The message is empty: type a question or add an image.")
             return [st, shown] + [gr.skip()] * BUSY_OUTPUTS
@@ -47,6 +51,20 @@ class Callbacks:
         sampling = Sampling.from_values(max_new, temp, p, k, rep, seed_value, min_px, max_px)
         async for st, shown in self.ctrl.respond(raw, sampling, request):
             yield (gr.skip() if st is None else st), shown
+
+    def on_edit(self, raw: Any, data: gr.EditData, request: gr.Request):
+        """An edited question reruns from there (its pictures stay)."""
+        st, shown, rerun = self.ctrl.edit(raw, data.index, data.value, request)
+        return [st, shown] + self.buttons(rerun)
+
+    def on_like(self, raw: Any, data: gr.LikeData, request: gr.Request):
+        return self.ctrl.rate(raw, data.index, data.liked, request)
+
+    @staticmethod
+    def preset(box: Any, prompt: str) -> dict:
+        """A task preset's prompt into the message box; the attached files stay."""
+        files = box.get("files") if isinstance(box, dict) else None
+        return {"text": prompt, "files": list(files or [])}
 
     def on_idle(self) -> list[Any]:
         return self.buttons(False)

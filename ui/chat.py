@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from engine.base import Engine
+from engine.documents import PDF_SUFFIX, render_pages
 from engine.errors import EngineError, InvalidRequestError
 from engine.media import MediaPolicy
 from engine.stream import RequestHandle
 from engine.types import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_TOKENS, DEFAULT_MIN_PIXELS, Finished,
                           GenerationRequest, SamplingParams, TextDelta)
 
-from . import display, history
+from . import display, grounding, history, meter
 from .history import State
 from .sessions import ActiveRequests
 
@@ -143,6 +146,14 @@ class ChatController:
     upload_roots: tuple[Path, ...]
     active: ActiveRequests = field(default_factory=ActiveRequests)
     warn: Callable[[str], None] | None = None   # a visible note on the page (gr.Warning)
+    feedback_file: Path | None = None   # likes and dislikes appended as JSON lines (opt-in)
+    _feedback_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def figures_dir(self) -> Path:
+        """Pictures with an answer's boxes drawn on them: inside the upload folder, so the
+        page may show them and a kept chat may name them."""
+        return self.upload_roots[0] / "qwenvl-figures"
 
     @property
     def policy(self) -> MediaPolicy:
@@ -179,12 +190,95 @@ class ChatController:
             text = message
         kept = [f for f in files if history.inside_roots(Path(f), self.upload_roots)]
         self.note_dropped([Path(f).name for f in files if f not in kept])
-        files = kept
+        files = self._pages(state, kept)        # InvalidRequestError: the box keeps it all
         if not text.strip() and not files:
             return state, display.render(state), False
         self.active.forget_stop(session_of(request))
         state["turns"].append(history.user_turn(text, files))
         return state, display.render(state), True
+
+    def _pages(self, state: State, files: list[str]) -> list[str]:
+        """PDFs become their pages, saved as PNGs beside the upload, as many as still fit in
+        the chat's picture limit (more is a clear error, the message kept in the box)."""
+        if not any(f.lower().endswith(PDF_SUFFIX) for f in files):
+            return files
+        used = sum(1 for t in state["turns"] if t["role"] == "user" for f in t["files"]
+                   if history.media_kind(f["path"]) == "image")
+        out: list[str] = []
+        for f in files:
+            if not f.lower().endswith(PDF_SUFFIX):
+                out.append(f)
+                continue
+            room = self.engine.limit_images - used - sum(
+                history.media_kind(p) == "image" for p in out + files[files.index(f) + 1:])
+            path = Path(f)
+            for n, page in enumerate(render_pages(path, max(0, room)), start=1):
+                target = path.with_name(f"{path.stem}-page{n}.png")
+                page.save(target)
+                out.append(str(target))
+        return out
+
+    def edit(self, raw_state: Any, message_index: Any, text: Any,
+             request: Any = None) -> tuple[State, list[dict], bool]:
+        """An edited question (message `message_index` of the chat shown): its text
+        replaced, its pictures kept, every later turn dropped; (state, display, rerun?)."""
+        state = self.load(raw_state)
+        shown, owners = display.render_indexed(state)
+        index = message_index[0] if isinstance(message_index, (list, tuple)) else message_index
+        turn = owners[index] if isinstance(index, int) and 0 <= index < len(owners) else -1
+        if turn < 0 or owners.index(turn) != index or state["turns"][turn]["role"] != "user" \
+                or not state["turns"][turn]["text"]:
+            turn = -1          # only a question's own text (its first message) is edited
+        new_text = text if isinstance(text, str) else ""
+        if turn < 0 or not new_text.strip() or not history.edit_user_turn(state, turn, new_text):
+            return state, display.render(state), False
+        self.active.forget_stop(session_of(request))
+        return state, display.render(state), True
+
+    def rate(self, raw_state: Any, message_index: Any, liked: Any,
+             request: Any = None) -> State:
+        """Like (True), dislike (False) or undo (None) an answer; kept with the chat, and
+        appended to the feedback file when the server was started with one."""
+        state = self.load(raw_state)
+        _, owners = display.render_indexed(state)
+        index = message_index[0] if isinstance(message_index, (list, tuple)) else message_index
+        turn = owners[index] if isinstance(index, int) and 0 <= index < len(owners) else -1
+        if turn < 0 or state["turns"][turn]["role"] != "assistant":
+            return state
+        rating = {True: "like", False: "dislike"}.get(liked) if isinstance(liked, bool) else None
+        state["turns"][turn]["rating"] = rating
+        if self.feedback_file is not None:
+            self._record_feedback(state, turn, rating, session_of(request))
+        return state
+
+    def _record_feedback(self, state: State, turn: int, rating: str | None,
+                         session: str) -> None:
+        question = next((t for t in reversed(state["turns"][:turn]) if t["role"] == "user"),
+                        None)
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "model": self.engine.model_name, "session": session[:8], "rating": rating,
+                "question": question["text"] if question else "",
+                "files": [f["name"] for f in question["files"]] if question else [],
+                "answer": state["turns"][turn]["text"]}
+        try:
+            with self._feedback_lock, self.feedback_file.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+        except OSError as exc:
+            log.warning("feedback file %s: %s", self.feedback_file, exc)
+
+    def composer_meter(self, message: Any, raw_state: Any, min_pixels: Any,
+                       max_pixels: Any, max_tokens: Any = None) -> str:
+        """The token meter under the message box (see ui/meter.py)."""
+        state = self.load(raw_state)
+        files = [str(f) for f in (message or {}).get("files") or []] \
+            if isinstance(message, dict) else []
+        files = [f for f in files if history.inside_roots(Path(f), self.upload_roots)]
+        text = str((message or {}).get("text") or "") if isinstance(message, dict) else ""
+        sampling = Sampling.from_values(max_tokens, None, None, None, None, None, min_pixels,
+                                        max_pixels)
+        return meter.describe(meter.measure(state, text, files, sampling.min_pixels,
+                                            sampling.max_pixels), self.engine.max_model_len,
+                              self.engine.limit_images, sampling.max_tokens)
 
     def prepare_retry(self, raw_state: Any, system: str | None = None,
                       request: Any = None) -> tuple[State, list[dict]]:
@@ -264,13 +358,29 @@ class ChatController:
                     error = error_message(fin.error) if fin.reason == "error" else None
                     if fin.reason == "error" and fin.error is None:
                         error = "Generation failed."
+                    figures = await self._figures(state, update.text, sampling)
                     state["turns"].append(history.assistant_turn(update.text, fin.reason,
-                                                                 fin.stats.to_dict(), error))
+                                                                 fin.stats.to_dict(), error,
+                                                                 figures))
                     yield state, display.render(state)
         finally:
             self.active.remove(session, handle)
             if handle.finished is None:   # cancelled by Gradio or the client went away
                 handle.cancel()
+
+    async def _figures(self, state: State, answer: str, sampling: Sampling) -> list[str]:
+        """The answer's boxes and points drawn on the pictures it is about, at the resize
+        the model saw (our bounds, then the remote's own), off the event loop."""
+        if not grounding.parse(answer):
+            return []
+        pictures = history.pictures_for(state, len(state["turns"]))
+        bounds = [(sampling.min_pixels, sampling.max_pixels)] + self.engine.model_pixel_bounds()
+        try:
+            return await asyncio.to_thread(grounding.annotate, answer, pictures, bounds,
+                                           self.figures_dir)
+        except Exception:     # a drawing failure must not lose the answer
+            log.exception("drawing the answer's boxes failed")
+            return []
 
     async def answer_once(self, message: Any, system: str, sampling: Sampling,
                           request: Any = None) -> AsyncIterator[str]:

@@ -11,6 +11,7 @@ from .history import State
 STOPPED_NOTE = "*(stopped)*"
 QUEUE_NOTE = "*Waiting for the device: number {pos} in the queue…*"
 STARTING_NOTE = "*Reading the images and the question…*"
+FILES_NOTE = "<sub>{names}</sub>"
 REASONS = {"stop": "", "length": " · hit max tokens", "cancelled": " · stopped", "error": " · error"}
 
 
@@ -45,24 +46,43 @@ def _file_content(f: dict) -> Any:
 
 def render(state: State, streaming: str | None = None) -> list[dict]:
     """Chatbot messages for the state; `streaming` is the answer still being written."""
+    return render_indexed(state, streaming)[0]
+
+
+def render_indexed(state: State, streaming: str | None = None) -> tuple[list[dict], list[int]]:
+    """The messages, and for each the index of the turn it shows (-1: the streaming
+    answer), so an edit or a rating on a message reaches its turn."""
     out: list[dict] = []
-    for turn in state["turns"]:
+    owner: list[int] = []
+
+    def add(i: int, role: str, content: Any) -> None:
+        out.append({"role": role, "content": content})
+        owner.append(i)
+
+    for i, turn in enumerate(state["turns"]):
         if turn["role"] == "user":
-            for f in turn["files"]:
-                out.append({"role": "user", "content": _file_content(f)})
+            # The text first, the file names last: Gradio 6.31's Chatbot offers Edit only
+            # when a group ends in text, and sends the edit of a group from its first message
+            # on, stopping at the first picture (it cannot edit those).
             if turn["text"]:
-                out.append({"role": "user", "content": turn["text"]})
+                add(i, "user", turn["text"])
+            for f in turn["files"]:
+                add(i, "user", _file_content(f))
+            if turn["files"]:
+                add(i, "user", FILES_NOTE.format(names=" · ".join(f["name"] for f in turn["files"])))
             continue
         text = turn["text"]
         if turn["finish"] == "cancelled":
             text = f"{text} {STOPPED_NOTE}" if text else STOPPED_NOTE
         if text:
-            out.append({"role": "assistant", "content": text})
+            add(i, "assistant", text)
+        for f in turn.get("figures") or []:
+            add(i, "assistant", _file_content(f))
         if turn.get("error"):
-            out.append({"role": "assistant", "content": format_error(turn["error"])})
+            add(i, "assistant", format_error(turn["error"]))
         stats = format_stats(turn.get("stats"), turn["finish"])
         if stats:
-            out.append({"role": "assistant", "content": stats})
+            add(i, "assistant", stats)
     if streaming is not None:
-        out.append({"role": "assistant", "content": streaming})
-    return out
+        add(-1, "assistant", streaming)
+    return out, owner

@@ -7,7 +7,9 @@ State shape (version 1):
 
     {"version": 1, "system": "...", "turns": [
         {"role": "user", "text": "...", "files": [{"path": "/tmp/gradio/.../a.png", "name": "a.png"}]},
-        {"role": "assistant", "text": "...", "finish": "stop", "error": null, "stats": {...}},
+        {"role": "assistant", "text": "...", "finish": "stop", "error": null, "stats": {...},
+         "figures": [{"path": ".../qwenvl-figures/a-boxes.png", "name": ...}],  # boxes drawn
+         "rating": "like" | "dislike" | null},
     ]}
 
 The browser can edit what it stores, so every state that comes back is
@@ -34,9 +36,11 @@ STATE_VERSION = 1
 EXPORT_FORMAT = "qwen-vl-chat"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov")
-UPLOAD_SUFFIXES = IMAGE_SUFFIXES + VIDEO_SUFFIXES
+DOCUMENT_SUFFIXES = (".pdf",)      # rendered to one picture per page when attached
+UPLOAD_SUFFIXES = IMAGE_SUFFIXES + VIDEO_SUFFIXES + DOCUMENT_SUFFIXES
 MAX_TURNS = 400
 MAX_TEXT_CHARS = 200_000
+RATINGS = ("like", "dislike")
 
 State = dict[str, Any]
 
@@ -82,28 +86,36 @@ def clean_state(raw: Any, roots: Iterable[Path], dropped: list[str] | None = Non
         if not isinstance(turn, dict):
             continue
         if turn.get("role") == "user":
-            files = []
-            for f in turn.get("files") or []:
-                if isinstance(f, dict) and isinstance(f.get("path"), str) and f["path"]:
-                    path = Path(f["path"])
-                    if inside_roots(path, roots):
-                        files.append({"path": str(path),
-                                      "name": _text(f.get("name")) or path.name})
-                    elif dropped is not None:
-                        dropped.append(_text(f.get("name")) or path.name)
             state["turns"].append({"role": "user", "text": _text(turn.get("text")),
-                                   "files": files})
+                                   "files": _files(turn.get("files"), roots, dropped)})
         elif turn.get("role") == "assistant":
             finish = turn.get("finish")
             stats = turn.get("stats")
+            rating = turn.get("rating")
             state["turns"].append({
                 "role": "assistant", "text": _text(turn.get("text")),
                 "finish": finish if finish in ("stop", "length", "cancelled", "error") else "stop",
                 "error": _text(turn.get("error")) or None,
                 "stats": {k: v for k, v in stats.items() if isinstance(k, str)
                           and (v is None or isinstance(v, (int, float)))}
-                if isinstance(stats, dict) else None})
+                if isinstance(stats, dict) else None,
+                "figures": _files(turn.get("figures"), roots, dropped),
+                "rating": rating if rating in RATINGS else None})
     return state
+
+
+def _files(raw: Any, roots: list[Path], dropped: list[str] | None) -> list[dict]:
+    """The {path, name} entries whose path lies inside `roots`; the others' names go to
+    `dropped` (never read)."""
+    files = []
+    for f in raw if isinstance(raw, list) else []:
+        if isinstance(f, dict) and isinstance(f.get("path"), str) and f["path"]:
+            path = Path(f["path"])
+            if inside_roots(path, roots):
+                files.append({"path": str(path), "name": _text(f.get("name")) or path.name})
+            elif dropped is not None:
+                dropped.append(_text(f.get("name")) or path.name)
+    return files
 
 
 # ----------------------------------------------------------------------------- editing
@@ -113,8 +125,33 @@ def user_turn(text: str, paths: Iterable[str]) -> dict:
 
 
 def assistant_turn(text: str, finish: str, stats: dict | None = None,
-                   error: str | None = None) -> dict:
-    return {"role": "assistant", "text": text, "finish": finish, "error": error, "stats": stats}
+                   error: str | None = None, figures: Iterable[str] = ()) -> dict:
+    """An answer; `figures`: pictures drawn for it (its boxes on the question's pictures)."""
+    return {"role": "assistant", "text": text, "finish": finish, "error": error, "stats": stats,
+            "figures": [{"path": str(p), "name": Path(p).name} for p in figures],
+            "rating": None}
+
+
+def pictures_for(state: State, index: int) -> list[str]:
+    """The pictures an answer at turn `index` is about: its question's, else the latest
+    pictures earlier in the chat (a follow-up such as "now find the cars")."""
+    for turn in reversed(state["turns"][:index]):
+        if turn["role"] == "user":
+            found = [f["path"] for f in turn["files"] if media_kind(f["path"]) == "image"]
+            if found:
+                return found
+    return []
+
+
+def edit_user_turn(state: State, index: int, text: str) -> bool:
+    """Replace user turn `index`'s text (its files stay) and drop every later turn, so the
+    chat reruns from there. False when `index` is not a user turn."""
+    turns = state["turns"]
+    if not 0 <= index < len(turns) or turns[index]["role"] != "user":
+        return False
+    turns[index]["text"] = text
+    del turns[index + 1:]
+    return True
 
 
 def pending_user_turn(state: State) -> dict | None:
@@ -201,6 +238,7 @@ def export_json(state: State, model: str = "") -> str:
     turns = []
     for turn in state["turns"]:
         turn = dict(turn)
+        turn.pop("figures", None)      # drawn here from the answer: not part of the export
         if turn["role"] == "user":
             files = []
             for f in turn["files"]:

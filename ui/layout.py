@@ -39,6 +39,16 @@ EXAMPLES = [
     ("shapes.png", "How many shapes are there, and what colours are they?"),
 ]
 
+# Task presets beside the message box: each puts its prompt into the box (files kept).
+PRESETS = [
+    ("Detect", "Locate every object in the image and output the bbox coordinates in JSON "
+               "format."),
+    ("Read text", "Read all the text in the image and write it out as Markdown, keeping its "
+                  "structure."),
+    ("Parse document", "QwenVL HTML"),
+    ("Describe in detail", "Please provide a detailed description of this image"),
+]
+
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
 
 CSS = """
@@ -55,6 +65,10 @@ CSS = """
 #qvl-examples .gallery-item .container { display: flex; flex-direction: row; width: 100%;
   align-items: center; justify-content: space-between; gap: .5rem; }
 #qvl-chat .image-frame img { max-height: 260px; width: auto; }
+#qvl-chat .bot .image-frame img, #qvl-chat .bot img { max-height: 560px; max-width: 100%; }
+#qvl-meter { font-size: .85rem; min-height: 0; }
+#qvl-meter p { margin: 0; }
+#qvl-presets button { min-width: 0; }
 #qvl-examples .gallery-item p { font-size: .85rem; margin: 0; text-align: left; }
 #qvl-examples .gallery-item img { max-height: 48px; max-width: 64px; object-fit: contain; }
 """
@@ -79,6 +93,7 @@ class UIOptions:
     concurrency: int = 8          # requests the UI hands to the engine at once (its batch size)
     max_queue: int = 32           # Gradio's waiting room beyond that
     browser_secret: str | None = None   # encrypts the chat kept in the browser; random if None
+    feedback_file: Path | None = None   # likes and dislikes appended as JSON lines (opt-in)
 
 
 def upload_roots() -> tuple[Path, ...]:
@@ -115,6 +130,8 @@ class Page:
     clear_btn: Any
     save_btn: Any
     load_btn: Any
+    meter: Any
+    presets: list[tuple[Any, str]]
     sampling: list[Any]          # max tokens, temperature, top-p, top-k, rep. penalty, seed,
     export_text: Any             # min pixels, max pixels (in that order)
     api_answer: Any
@@ -137,7 +154,7 @@ def build_layout(engine: Engine, options: UIOptions) -> Page:
             chatbot = gr.Chatbot(
                 elem_id="qvl-chat", show_label=False, height="62vh", min_height=360,
                 buttons=["copy", "copy_all"], latex_delimiters=LATEX,
-                feedback_options=None, layout="bubble",
+                feedback_options=("Like", "Dislike"), editable="user", layout="bubble",
                 placeholder="**Drop an image or a video, ask a question.**<br>"
                             "Or pick an example below.")
             box = gr.MultimodalTextbox(
@@ -147,6 +164,11 @@ def build_layout(engine: Engine, options: UIOptions) -> Page:
                             "Enter sends, Shift+Enter for a new line)",
                 submit_btn=True, autofocus=True, lines=1, max_lines=8,
                 max_plain_text_length=200_000)   # long pastes stay text, not a .txt file
+            meter = gr.Markdown("", elem_id="qvl-meter")
+            with gr.Row(elem_id="qvl-presets"):
+                presets = [(gr.Button(label, size="sm", elem_id="qvl-preset-" +
+                                      label.lower().replace(" ", "-")), prompt)
+                           for label, prompt in PRESETS]
             with gr.Row(elem_id="qvl-buttons"):
                 stop_btn = gr.Button("Stop", variant="stop", interactive=False,
                                      elem_id="qvl-stop", size="sm")
@@ -187,7 +209,7 @@ def build_layout(engine: Engine, options: UIOptions) -> Page:
     api_btn = gr.Button(visible=False)
 
     return Page(state, chatbot, box, system_box, stop_btn, retry_btn, undo_btn, clear_btn,
-                save_btn, load_btn, [max_tokens, temperature, top_p, top_k, repetition_penalty,
+                save_btn, load_btn, meter, presets, [max_tokens, temperature, top_p, top_k, repetition_penalty,
                                      seed, min_pixels, max_pixels],
                 export_text, api_answer, api_btn)
 
@@ -206,6 +228,15 @@ def wire_events(page: Page, cb: Callbacks, options: UIOptions, demo: gr.Blocks) 
                                    **quiet)
     retried.then(cb.generate, [st] + page.sampling, [st, chat], **run) \
         .then(cb.on_idle, None, busy, **quiet)
+    edited = chat.edit(cb.on_edit, [st], [st, chat] + busy, **quiet)
+    edited.then(cb.generate, [st] + page.sampling, [st, chat], **run) \
+        .then(cb.on_idle, None, busy, **quiet)
+    chat.like(cb.on_like, [st], [st], **quiet)
+    page.box.change(cb.ctrl.composer_meter, [page.box, st, page.sampling[6], page.sampling[7],
+                                             page.sampling[0]], [page.meter],
+                    trigger_mode="always_last", **quiet)
+    for button, prompt in page.presets:
+        button.click(lambda box, p=prompt: cb.preset(box, p), [page.box], [page.box], **quiet)
     page.stop_btn.click(cb.on_stop, None, None, **quiet)
     page.undo_btn.click(cb.on_undo, [st], [st, chat, page.box], **quiet)
     page.clear_btn.click(cb.ctrl.clear, [st], [st, chat], **quiet)
@@ -224,7 +255,8 @@ def wire_events(page: Page, cb: Callbacks, options: UIOptions, demo: gr.Blocks) 
 def build_demo(engine: Engine, options: UIOptions | None = None) -> gr.Blocks:
     """The page; its queue is configured so every model call shares one concurrency group."""
     options = options or UIOptions()
-    ctrl = ChatController(engine, upload_roots(), warn=gr.Warning)
+    ctrl = ChatController(engine, upload_roots(), warn=gr.Warning,
+                          feedback_file=options.feedback_file)
     cb = Callbacks(ctrl, engine.model_name, Path(get_upload_folder()) / "qwenvl-imports",
                    DEFAULT_SYSTEM)
     with gr.Blocks(title="Qwen2.5-VL chat", fill_height=True) as demo:

@@ -1,0 +1,110 @@
+"""The built-in tiny model really answers (weights trained by engine/train_tiny.py on
+engine/shapes.py's pictures): the app's shapes example through the engine and the API,
+two users' pictures in one batch, the second of two pictures, and the conversation cache."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from engine import shapes as S
+from engine.types import Conversation, GenerationRequest, ImageInput, Message, SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = "How many shapes are there, and what colours are they?"
+
+pytestmark = pytest.mark.skipif(not (ROOT / "engine" / "tiny_weights.safetensors").is_file(),
+                                reason="no trained tiny weights")
+
+
+def ask(images, question, max_tokens=120):
+    return GenerationRequest(Conversation([Message("user", question, images=[ImageInput(i) for i in images])]),
+                             SamplingParams(max_tokens=max_tokens, temperature=0))
+
+
+def picture_a():
+    return S.scene((480, 400), [("circle", "red", (40, 50, 170, 180)), ("square", "blue", (280, 200, 420, 340))])
+
+
+def picture_b():
+    return S.scene((640, 512), [("star", "green", (300, 120, 500, 320))])
+
+
+def test_the_shapes_example_through_the_engine(tiny_engine):
+    img = Image.open(ROOT / "assets" / "shapes.png").convert("RGB")
+    text, fin = tiny_engine.generate(ask([img], EXAMPLE), timeout=120)
+    assert fin.reason == "stop", fin
+    assert S.parse_count(text) == 4, text
+    assert S.parse_colours(text) == {"red", "blue", "green", "yellow"}, text
+
+
+def test_what_shape_and_which_colour(tiny_engine):
+    img, _ = picture_a()
+    assert tiny_engine.generate(ask([img], "What shape is the red one?"))[0] == "The red one is a circle."
+    assert tiny_engine.generate(ask([img], "Which colour is the square?"))[0] == "The square is blue."
+
+
+def test_detect_the_shapes_in_resized_pixels(tiny_engine):
+    img, shapes = picture_a()
+    text, _ = tiny_engine.generate(ask([img], "Detect the shapes.", 300))
+    found = S.parse_detections(text)
+    assert sorted(label for _, label in found) == ["blue square", "red circle"], text
+    truth = S.resized_boxes(shapes, img.size)
+    assert min(S.matched_ious([b for b, _ in found], truth)) >= 0.5, (text, truth)
+
+
+def test_two_users_in_one_batch_get_their_own_answers(tiny_engine):
+    from test_scheduler import Run
+
+    (a, _), (b, _) = picture_a(), picture_b()
+    want_a = "There are 2 shapes: a red circle and a blue square."
+    want_b = "There is 1 shape: a green star."
+    for _ in range(2):               # the second round also hits the conversation cache
+        runs = [Run(tiny_engine, ask([a], EXAMPLE)), Run(tiny_engine, ask([b], EXAMPLE))]
+        assert [r.result()[0] for r in runs] == [want_a, want_b]
+    assert tiny_engine.scheduler.largest_batch >= 2
+
+
+def test_the_second_picture(tiny_engine):
+    (a, _), (b, _) = picture_a(), S.scene((400, 400), [("triangle", "purple", (100, 100, 260, 260))])
+    one, _ = S.scene((400, 400), [("circle", "orange", (120, 90, 250, 220))])
+    text, _ = tiny_engine.generate(ask([one, b], "What colour is the shape in the second picture?"))
+    assert S.parse_colours(text) == {"purple"}, text
+    text, _ = tiny_engine.generate(ask([one, b], "What colour is the shape in the first picture?"))
+    assert S.parse_colours(text) == {"orange"}, text
+
+
+def test_cache_on_a_re_sent_picture_keeps_the_answer(tiny_engine):
+    img, _ = picture_b()
+    first, fin1 = tiny_engine.generate(ask([img], "Which colour is the star?"))
+    again, fin2 = tiny_engine.generate(ask([img], "Which colour is the star?"))
+    other, fin3 = tiny_engine.generate(ask([img], "What shape is the green one?"))
+    assert first == again == "The star is green."
+    assert other == "The green one is a star."
+    assert tiny_engine.prefix is not None          # the conversation cache is on by default
+    assert fin2.stats.cached_tokens > 0 and fin3.stats.cached_tokens > 0
+
+
+def test_the_shapes_example_through_the_api(tiny_engine):
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from server.background import BackgroundServer
+    from server.routes import create_api_app
+    from server.settings import ServerSettings
+    from support import loopback_only
+
+    buf = io.BytesIO()
+    Image.open(ROOT / "assets" / "shapes.png").convert("RGB").save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    with loopback_only(), BackgroundServer(create_api_app(tiny_engine, ServerSettings())) as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        resp = client.chat.completions.create(
+            model=tiny_engine.model_name, temperature=0, max_tokens=100,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                   {"type": "text", "text": EXAMPLE}]}])
+    text = resp.choices[0].message.content
+    assert S.parse_count(text) == 4 and S.parse_colours(text) == {"red", "blue", "green", "yellow"}, text

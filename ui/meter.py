@@ -1,0 +1,114 @@
+"""The composer's token meter: what the attached pictures will cost before anything is
+sent, from their sizes alone (smart_resize at the current bounds, one token per 28x28
+pixels), against the context length, with a warning for what will not fit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from engine.documents import PDF_SUFFIX, page_sizes
+from engine.errors import EngineError
+from engine.geometry import image_tokens
+
+from . import history
+from .history import State
+
+CHARS_PER_TOKEN = 3          # a rough English/Chinese average, for text not yet tokenized
+ROTATED = (5, 6, 7, 8)       # EXIF orientations that swap width and height
+
+
+@dataclass
+class Item:
+    name: str
+    tokens: int | None          # None: not known before sending (a video)
+    pictures: int = 1
+    note: str = ""
+
+
+@dataclass
+class Measure:
+    items: list[Item] = field(default_factory=list)
+    chat_tokens: int = 0        # what the chat so far costs (the last request, or an estimate)
+    chat_pictures: int = 0
+    text_tokens: int = 0
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(i.tokens or 0 for i in self.items)
+
+    @property
+    def total(self) -> int:
+        return self.chat_tokens + self.text_tokens + self.new_tokens
+
+    @property
+    def pictures(self) -> int:
+        return self.chat_pictures + sum(i.pictures for i in self.items if i.tokens is not None)
+
+
+def picture_size(path: str) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF rotation applied), read from the header only."""
+    with Image.open(path) as img:
+        w, h = img.size
+        if img.getexif().get(0x0112) in ROTATED:
+            w, h = h, w
+    return w, h
+
+
+def _item(path: str, lo: int, hi: int) -> Item:
+    name = Path(path).name
+    try:
+        if path.lower().endswith(PDF_SUFFIX):
+            sizes = page_sizes(Path(path))
+            return Item(name, sum(image_tokens(w, h, lo, hi) for w, h in sizes), len(sizes),
+                        f"{len(sizes)} page{'s' if len(sizes) != 1 else ''}")
+        if history.media_kind(path) == "video":
+            return Item(name, None, 0, "video: counted when sent")
+        w, h = picture_size(path)
+        return Item(name, image_tokens(w, h, lo, hi), 1, f"{w}x{h}")
+    except (OSError, ValueError, EngineError):
+        return Item(name, None, 0, "not readable")
+
+
+def measure(state: State, text: str, files: list[str], lo: int, hi: int) -> Measure:
+    out = Measure(items=[_item(f, lo, hi) for f in files],
+                  text_tokens=len(text) // CHARS_PER_TOKEN)
+    out.chat_pictures = sum(1 for t in state["turns"] if t["role"] == "user"
+                            for f in t["files"] if history.media_kind(f["path"]) == "image")
+    last = next((t for t in reversed(state["turns"]) if t["role"] == "assistant"
+                 and t.get("stats")), None)
+    if last is not None:
+        stats = last["stats"]
+        out.chat_tokens = int(stats.get("prompt_tokens") or 0) + int(
+            stats.get("output_tokens") or 0)
+    else:
+        for t in state["turns"]:
+            out.chat_tokens += len(t["text"]) // CHARS_PER_TOKEN
+            if t["role"] == "user":
+                out.chat_tokens += sum(_item(f["path"], lo, hi).tokens or 0 for f in t["files"]
+                                       if Path(f["path"]).is_file())
+    return out
+
+
+def describe(m: Measure, max_model_len: int, limit_images: int, max_tokens: int) -> str:
+    """One or two lines of markdown for the page (empty while nothing is attached)."""
+    if not m.items:
+        return ""
+    parts = [f"**{i.name}**: {i.tokens:,} tokens ({i.note})" if i.tokens is not None
+             else f"**{i.name}**: {i.note}" for i in m.items]
+    line = (f"🧮 {' · '.join(parts)} — this message ≈ {m.new_tokens + m.text_tokens:,}, "
+            f"with the chat ≈ {m.total:,} of {max_model_len:,} tokens")
+    warnings = []
+    if m.pictures > limit_images:
+        warnings.append(f"{m.pictures} pictures in this chat, at most {limit_images} fit")
+    if m.total >= max_model_len:
+        warnings.append("the prompt alone is longer than the context")
+    elif m.total + max_tokens > max_model_len:
+        warnings.append(f"only {max_model_len - m.total:,} tokens are left for the answer "
+                        f"(max new tokens is {max_tokens:,})")
+    if warnings:
+        line += "\n\n⚠ **Will not fit:** " + "; ".join(warnings) + \
+                ". Remove a picture, lower *Max pixels per image*, or start a new chat."
+    return line
