@@ -154,3 +154,27 @@ def test_chat_in_a_browser(server, page):
         page.evaluate("() => { document.querySelector('#qvl-chat [role=log]').scrollTop = 0; }")
         page.wait_for_timeout(300)
     page.screenshot(path=str(OUTPUT / "chat.png"), full_page=True)
+
+
+def _contrast(page, selector: str) -> float:
+    """WCAG contrast ratio of an element's text colour against its banner's background."""
+    return page.evaluate("""sel => {
+        const el = document.querySelector(sel);
+        const banner = el.closest('.qvl-warning');
+        const rgb = c => c.match(/[\\d.]+/g).slice(0, 3).map(Number);
+        const lum = ([r, g, b]) => {
+            const f = v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+            return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+        };
+        const a = lum(rgb(getComputedStyle(el).color));
+        const b = lum(rgb(getComputedStyle(banner).backgroundColor));
+        return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+    }""", selector)
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_the_tiny_banner_is_readable_in_both_themes(server, page, theme):
+    page.goto(f"{server.url}?__theme={theme}")
+    page.wait_for_selector("#qvl-tiny-warning")
+    for part in ("#qvl-tiny-warning", "#qvl-tiny-warning code", "#qvl-tiny-warning b"):
+        assert _contrast(page, part) >= 4.5, f"{part} is hard to read in the {theme} theme"

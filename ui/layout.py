@@ -58,6 +58,11 @@ CSS = """
 .qvl-warning { margin-top: .5rem; padding: .6rem .9rem; border-radius: 8px;
   border: 2px solid #d97706; background: #fef3c7; color: #7c2d12; font-size: .95rem; }
 .qvl-warning b { color: #b91c1c; }
+.qvl-warning code { color: inherit; background: rgba(124, 45, 18, .12); padding: 0 .25em;
+  border-radius: 4px; }
+.dark .qvl-warning { border-color: #f59e0b; background: #422006; color: #fde68a; }
+.dark .qvl-warning b { color: #fca5a5; }
+.dark .qvl-warning code { background: rgba(253, 230, 138, .16); }
 #qvl-chat sub { color: var(--body-text-color-subdued); }
 #qvl-buttons button { min-width: 0; }
 #qvl-examples .gallery { display: grid; gap: .5rem;
