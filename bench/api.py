@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from bench.common import BENCH_IMAGE, BENCH_PROMPT
 
@@ -97,13 +97,9 @@ def chat_body(model: str, max_tokens: int, image_uri: str | None,
             "messages": [{"role": "user", "content": content}]}
 
 
-def stream_chat(client: Any, base: str, body: dict) -> StreamResult:
-    """One streamed chat completion; TTFT is the first chunk carrying content."""
-    start = time.monotonic()
-    first = None
-    parts: list[str] = []
-    tokens = 0
-    finish = None
+def stream_chunks(client: Any, base: str, body: dict) -> Iterator[dict]:
+    """The parsed `data:` chunks of one streamed chat completion, up to [DONE]; an HTTP
+    error or an error chunk raises RuntimeError."""
     with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {resp.read()[:300]!r}")
@@ -112,20 +108,31 @@ def stream_chat(client: Any, base: str, body: dict) -> StreamResult:
                 continue
             data = line[6:]
             if data == "[DONE]":
-                break
+                return
             obj = json.loads(data)
             if "error" in obj:
                 raise RuntimeError(f"stream error: {obj['error']}")
-            if obj.get("choices"):
-                choice = obj["choices"][0]
-                delta = choice.get("delta", {}).get("content")
-                if delta:
-                    if first is None:
-                        first = time.monotonic() - start
-                    parts.append(delta)
-                finish = choice.get("finish_reason") or finish
-            if obj.get("usage"):
-                tokens = obj["usage"]["completion_tokens"]
+            yield obj
+
+
+def stream_chat(client: Any, base: str, body: dict) -> StreamResult:
+    """One streamed chat completion; TTFT is the first chunk carrying content."""
+    start = time.monotonic()
+    first = None
+    parts: list[str] = []
+    tokens = 0
+    finish = None
+    for obj in stream_chunks(client, base, body):
+        if obj.get("choices"):
+            choice = obj["choices"][0]
+            delta = choice.get("delta", {}).get("content")
+            if delta:
+                if first is None:
+                    first = time.monotonic() - start
+                parts.append(delta)
+            finish = choice.get("finish_reason") or finish
+        if obj.get("usage"):
+            tokens = obj["usage"]["completion_tokens"]
     return StreamResult(first, time.monotonic() - start, tokens, "".join(parts), finish)
 
 

@@ -37,7 +37,6 @@ and the ratio exceeds it."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing
 import sys
@@ -49,7 +48,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.api import ClientProcess, StreamResult, stream_chat  # noqa: E402
+from bench.api import ClientProcess, StreamResult, stream_chat, stream_chunks  # noqa: E402
 from bench.common import (add_bench_args, build_engine, describe_run, median,  # noqa: E402
                           print_table, setup)
 
@@ -130,29 +129,18 @@ def _stream_long(http, base: str, body: dict, after_chars: int, ready: threading
     chars: list[int] = []
     tokens, finish = 0, None
     try:
-        with http.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
-            if resp.status_code != 200:
-                raise RuntimeError(f"HTTP {resp.status_code}: {resp.read()[:300]!r}")
-            for line in resp.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    break
-                obj = json.loads(data)
-                if "error" in obj:
-                    raise RuntimeError(f"stream error: {obj['error']}")
-                if obj.get("choices"):
-                    choice = obj["choices"][0]
-                    content = choice.get("delta", {}).get("content")
-                    if content:
-                        times.append(time.monotonic())
-                        chars.append(len(content))
-                        if after_chars and sum(chars) >= after_chars:
-                            ready.set()
-                    finish = choice.get("finish_reason") or finish
-                if obj.get("usage"):
-                    tokens = obj["usage"]["completion_tokens"]
+        for obj in stream_chunks(http, base, body):
+            if obj.get("choices"):
+                choice = obj["choices"][0]
+                content = choice.get("delta", {}).get("content")
+                if content:
+                    times.append(time.monotonic())
+                    chars.append(len(content))
+                    if after_chars and sum(chars) >= after_chars:
+                        ready.set()
+                finish = choice.get("finish_reason") or finish
+            if obj.get("usage"):
+                tokens = obj["usage"]["completion_tokens"]
         out["long"] = LongStream(start, times, chars, tokens, finish)
     except Exception as exc:       # reported by the parent
         out["error"] = f"long stream: {type(exc).__name__}: {exc}"

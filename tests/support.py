@@ -21,6 +21,57 @@ ROOT = Path(__file__).resolve().parent.parent
 REQUEST_LINE = re.compile(r"engine\.requests: request (\S+): .*output_tokens=(\d+) .*finish=(\w+)")
 
 
+def tiny_engine_with(model_dir, **overrides):
+    """A LocalEngine on the tiny model, on the CPU, without warm-up or the periodic engine
+    line, with `overrides` of its EngineConfig (the caller closes it)."""
+    from engine.config import EngineConfig
+    from engine.local import LocalEngine
+
+    settings = {"model": str(model_dir), "device": "cpu", "warmup": False,
+                "log_stats_interval": 0, **overrides}
+    return LocalEngine.from_config(EngineConfig(**settings))
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@contextmanager
+def chromium_page(width: int = 1360, height: int = 1000) -> Iterator:
+    """A Playwright page in Debian's headless Chromium (20 s default timeout)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.set_default_timeout(20_000)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def openai_stub(model_id: str, max_model_len: int):
+    """A FastAPI app with an OpenAI-style server's /v1/models and /health: tests add their
+    own /v1/chat/completions."""
+    from fastapi import FastAPI
+    from fastapi.responses import PlainTextResponse
+
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "root": model_id,
+                                            "max_model_len": max_model_len}]}
+
+    @app.get("/health")
+    async def health():
+        return PlainTextResponse("")
+
+    return app
+
+
 def free_port() -> int:
     """A loopback port nobody listens on (closed again at once)."""
     with socket.socket() as s:

@@ -12,14 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from support import AppServer
+from support import CHROMIUM, AppServer, chromium_page
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 OUTPUT = ROOT / "test-output"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM),
@@ -33,16 +30,8 @@ def server():
 
 @pytest.fixture(scope="module")
 def page(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1360, "height": 1000})
-        pg.set_default_timeout(20_000)
-        try:
-            yield pg
-        finally:
-            browser.close()
+    with chromium_page() as pg:
+        yield pg
 
 
 def set_number(page, elem_id: str, value) -> None:

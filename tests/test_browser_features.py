@@ -20,20 +20,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from support import AppServer
+from support import CHROMIUM, AppServer, chromium_page, openai_stub
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM),
     reason=f"{CHROMIUM} is missing: install Debian's chromium (make browser) for the browser test")
 
 from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import PlainTextResponse, StreamingResponse  # noqa: E402
+from fastapi.responses import StreamingResponse  # noqa: E402
 
 from server.background import BackgroundServer  # noqa: E402
 
@@ -56,17 +53,8 @@ def _chunk(content=None, finish=None, role=None) -> dict:
 
 
 def seeing_model() -> FastAPI:
-    app = FastAPI()
+    app = openai_stub("seeing", 16384)
     app.state.asked = []
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": "seeing", "object": "model", "root": "seeing",
-                                            "max_model_len": 16384}]}
-
-    @app.get("/health")
-    async def health():
-        return PlainTextResponse("")
 
     @app.post("/v1/chat/completions")
     async def chat(req: Request):
@@ -106,16 +94,8 @@ def served():
 
 @pytest.fixture(scope="module")
 def page(served):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1360, "height": 1100})
-        pg.set_default_timeout(20_000)
-        try:
-            yield pg
-        finally:
-            browser.close()
+    with chromium_page(height=1100) as pg:
+        yield pg
 
 
 def wait_idle(page) -> None:

@@ -18,10 +18,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import engine.local as local
-from engine.config import EngineConfig
 from engine.device import Device
 from engine.graphs import FallbackToEager, GraphedDecode, decode_step_for
-from engine.local import LocalEngine
+from support import tiny_engine_with
 
 from tests.test_scheduler import Run, expected, request
 
@@ -106,9 +105,7 @@ def graphed_engine(tiny_model_dir, monkeypatch, fake_api):
         return FallbackToEager(GraphedDecode(runner, fake_api, max_batch, max_len), runner)
 
     monkeypatch.setattr(local, "decode_step_for", captured)
-    eng = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu",
-                                               warmup=False, max_model_len=1024, max_batch=4,
-                                               log_stats_interval=0))
+    eng = tiny_engine_with(tiny_model_dir, max_model_len=1024, max_batch=4)
     yield eng
     eng.close()
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from engine.config import EngineConfig
-from engine.local import LocalEngine
+from support import tiny_engine_with
 from engine.types import (Conversation, GenerationRequest, ImageInput, Message,
                           SamplingParams)
 
@@ -45,9 +44,7 @@ def run(engine, req):
 
 @pytest.fixture
 def engine(tiny_model_dir):
-    eng = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu",
-                                               warmup=False, max_model_len=4096,
-                                               log_stats_interval=0))
+    eng = tiny_engine_with(tiny_model_dir, max_model_len=4096)
     yield eng
     eng.close()
 
@@ -94,10 +91,7 @@ def test_two_users_with_the_same_picture_share_it_inside_a_batch(engine):
 
 def test_after_evictions_answers_stay_exact_and_memory_within_budget(tiny_model_dir):
     budget = 64 * 1024                      # 8 blocks of the tiny model's 16 tokens
-    eng = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu",
-                                               warmup=False, max_model_len=2048,
-                                               prefix_cache_gib=budget / 2 ** 30,
-                                               log_stats_interval=0))
+    eng = tiny_engine_with(tiny_model_dir, max_model_len=2048, prefix_cache_gib=budget / 2 ** 30)
     try:
         for seed in range(6):              # distinct chats push each other out
             req = chat((f"Chat {seed}", [picture(10 + seed)]))
@@ -111,9 +105,7 @@ def test_after_evictions_answers_stay_exact_and_memory_within_budget(tiny_model_
 
 
 def test_no_prefix_cache_turns_both_caches_off(tiny_model_dir):
-    eng = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu",
-                                               warmup=False, max_model_len=2048,
-                                               prefix_cache=False, log_stats_interval=0))
+    eng = tiny_engine_with(tiny_model_dir, max_model_len=2048, prefix_cache=False)
     try:
         req = chat(("Describe it.", [picture(6)]))
         assert run(eng, req)[2] == 0

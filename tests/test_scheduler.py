@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.config import EngineConfig
 from engine.local import LocalEngine
+from support import tiny_engine_with
 from engine.sampling import generate_kwargs
 from engine.types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
                           SamplingParams, TextDelta)
@@ -84,9 +84,7 @@ class Run:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    eng = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu",
-                                               warmup=False, max_model_len=4096,
-                                               log_stats_interval=0))
+    eng = tiny_engine_with(tiny_model_dir, max_model_len=4096)
     yield eng
     eng.close()
 
@@ -138,10 +136,7 @@ def test_cancelled_and_stopped_neighbours_leave_the_others_exact(engine):
 
 
 def test_chunked_prefill_equals_generate(tiny_model_dir):
-    eng = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu",
-                                               warmup=False, max_model_len=2048,
-                                               max_num_batched_tokens=16,
-                                               log_stats_interval=0))
+    eng = tiny_engine_with(tiny_model_dir, max_model_len=2048, max_num_batched_tokens=16)
     try:
         req = request("Look at this picture carefully.", size=(336, 224), max_tokens=20)
         running = Run(eng, request("Beside it", max_tokens=120))
