@@ -324,3 +324,14 @@ def describe_run(engine: Any, vision_helper: str) -> str:
             f"{cfg.attn_implementation} attention, max_batch {worker.max_batch}, KV cache "
             f"{engine.kv.rows} rows x {engine.kv.row_len - 1} tokens, decode step "
             f"{'captured' if getattr(worker.decode_step, 'captured', False) else 'eager'}")
+
+
+def ratio_exit(started: float, ratio: float, limit: float | None, what: str) -> int:
+    """Print the runtime; exit code 1 when `ratio` exceeds `limit` (--max-ratio), else 0."""
+    import time
+
+    print(f"runtime: {time.monotonic() - started:.1f} s")
+    if limit is not None and not ratio <= limit:
+        print(f"FAIL: {what} {ratio:.2f}x exceeds --max-ratio {limit:g}")
+        return 1
+    return 0

@@ -50,7 +50,7 @@ if __package__ in (None, ""):
 
 from bench.api import ClientProcess, StreamResult, chat_body  # noqa: E402
 from bench.common import (add_bench_args, build_engine, describe_run, median,  # noqa: E402
-                          print_table, setup)
+                          print_table, ratio_exit, setup)
 from bench.preprocess import parse_sizes  # noqa: E402
 
 GOAL_MAX_RATIO = 0.25
@@ -207,11 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.__exit__(None, None, None)
         engine.close()
-    print(f"runtime: {time.monotonic() - started:.1f} s")
-    if args.max_ratio is not None and not ratio <= args.max_ratio:
-        print(f"FAIL: TTFT turn 2 / turn 1 {ratio:.2f}x exceeds --max-ratio {args.max_ratio:g}")
-        return 1
-    return 0
+    return ratio_exit(started, ratio, args.max_ratio, "TTFT turn 2 / turn 1")
 
 
 def report(args: argparse.Namespace, width: int, height: int,

@@ -50,7 +50,7 @@ if __package__ in (None, ""):
 
 from bench.api import ClientProcess, StreamResult, stream_chat, stream_chunks  # noqa: E402
 from bench.common import (add_bench_args, build_engine, describe_run, median,  # noqa: E402
-                          print_table, setup)
+                          print_table, ratio_exit, setup)
 
 GOAL_MAX_RATIO = 3.0
 SHORT_QUESTION = "What colour is the sky?"
@@ -294,11 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.__exit__(None, None, None)
         engine.close()
-    print(f"runtime: {time.monotonic() - started:.1f} s")
-    if args.max_ratio is not None and not ratio <= args.max_ratio:
-        print(f"FAIL: TTFT ratio {ratio:.2f}x exceeds --max-ratio {args.max_ratio:g}")
-        return 1
-    return 0
+    return ratio_exit(started, ratio, args.max_ratio, "TTFT ratio")
 
 
 def report(args: argparse.Namespace, alone: list[float], beside: list[BesideRound],
