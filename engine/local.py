@@ -41,7 +41,8 @@ class LocalEngine(Engine):
         self.limit_videos = self.config.limit_videos
         self.inputs = InputStage(self.config)
         self.renderer = PromptRenderer(loaded.processor, self.inputs, self.max_model_len,
-                                       self.config.default_max_tokens)
+                                       self.config.default_max_tokens,
+                                       int(self.config.picture_cache_mb * 1024 * 1024))
         self.kv = self._kv_store()
         caching = self.config.prefix_cache
         runner = ModelRunner(loaded.model, self.kv, loaded.device, encoder_cache(

@@ -142,3 +142,35 @@ def test_video_between_texts_renders_in_place(tiny_engine, tmp_path):
     prompt = tiny_engine.renderer.prepare(to_generation_request(req, "r"),
                                           MediaPolicy(local_roots=()))
     assert prompt.prompt_text == expected and prompt.videos == 1
+
+
+def test_cached_pixels_equal_the_processors_own(tiny_engine):
+    """A follow-up turn's pictures come from the pixel cache: the inputs equal a processor
+    run without it, cold and warm, for pictures of several sizes in one prompt."""
+    import torch
+    from PIL import Image
+
+    from engine.prompt import CachingImageProcessor
+    from engine.types import Conversation, GenerationRequest, ImageInput, Message
+
+    renderer = tiny_engine.renderer
+    assert isinstance(renderer.processor.image_processor, CachingImageProcessor)
+    pictures = [Image.effect_noise(size, 40 + i).convert("RGB")
+                for i, size in enumerate([(640, 480), (300, 900), (1280, 960)])]
+    req = GenerationRequest(Conversation([Message("user", "Compare",
+                                                  images=[ImageInput(p) for p in pictures])]))
+    cache = renderer.processor.image_processor.cache
+    before = cache.hits
+    cold = renderer.prepare(req).inputs
+    warm = renderer.prepare(req).inputs
+    assert cache.hits >= before + 3
+    inner = renderer.processor.image_processor
+    renderer.processor.image_processor = inner.inner
+    try:
+        plain = renderer.prepare(req).inputs
+    finally:
+        renderer.processor.image_processor = inner
+    for inputs in (cold, warm):
+        assert inputs.keys() == plain.keys()
+        for key in plain:
+            assert torch.equal(inputs[key], plain[key]), key
