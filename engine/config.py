@@ -191,8 +191,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "[env QWENVL_ENCODER_CACHE_MB]")
     s.add_argument("--picture-cache-mb", type=float,
                    default=float(env("QWENVL_PICTURE_CACHE_MB", "256")),
-                   help="host memory for decoded, resized pictures; 0 off "
-                        "[env QWENVL_PICTURE_CACHE_MB]")
+                   help="host memory for decoded, resized pictures, and as much again for their "
+                        "processed pixel values; 0 off [env QWENVL_PICTURE_CACHE_MB]")
     s.add_argument("--enforce-eager", action="store_true", default=env_bool("QWENVL_ENFORCE_EAGER"),
                    help="never capture the decode step (on CUDA it is captured as CUDA graphs "
                         "at start) [env QWENVL_ENFORCE_EAGER]")
