@@ -12,6 +12,15 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def random_tiny_dir(tmp_path_factory):
+    """The tiny model with random weights: it writes until max tokens, for tests that need
+    a long answer to stop (the trained one answers in a sentence)."""
+    from engine.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny-random"), trained=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir):
     """A LocalEngine on the tiny model (CPU), shared by the engine tests."""
     from engine.config import EngineConfig
