@@ -210,7 +210,7 @@ class Example:
 
 def make_example(rng: random.Random, task: str | None = None, **scene) -> Example:
     task = task or rng.choices(["count", "shape_of", "colour_of", "detect", "two"],
-                               weights=[3, 2, 2, 3, 1])[0]
+                               weights=[4, 2, 2, 2, 1])[0]
     if task == "two":
         a, sa = draw_scene(rng, n=1, **scene)
         b, sb = draw_scene(rng, n=1, **scene)

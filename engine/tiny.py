@@ -214,7 +214,7 @@ def _round_up(n: int, multiple: int) -> int:
 TEXT_DIMS = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2)
 VISION_DIMS = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4,
-                   fullatt_block_indexes=[1, 3])
+                   fullatt_block_indexes=[0, 1, 2, 3])
 # A lower rope base than the real 1e6, and mrope sections weighted towards the picture's
 # rows and columns, so the small model's attention can tell picture positions apart.
 ROPE_THETA = 100.0
