@@ -16,8 +16,8 @@ log = logging.getLogger("engine.loader")
 
 TINY_WARNING = (
     "Serving the built-in TINY Qwen2.5-VL: trained only on synthetic pictures of flat coloured "
-    "shapes (it counts them, names their colours and shapes and detects them; anything else gets "
-    f"nonsense), for trying the app and for tests. To run the real model use --model {DEFAULT_MODEL} "
+    "shapes (it answers questions about them, still often wrongly; anything else gets nonsense), "
+    f"for trying the app and for tests. To run the real model use --model {DEFAULT_MODEL} "
     "(needs an NPU or GPU and about 16 GB of weights).")
 
 
