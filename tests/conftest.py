@@ -21,6 +21,16 @@ def random_tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_random_model_dir(tmp_path_factory):
+    """The tiny model with its random initial weights (`python -m engine.tiny DIR --random`):
+    long, prompt-dependent answers, for tests of stopping, cancelling and queueing (the
+    trained model ends its short answers at once)."""
+    from engine.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny-random") / "tiny-random", trained=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir):
     """A LocalEngine on the tiny model (CPU), shared by the engine tests."""
     from engine.config import EngineConfig

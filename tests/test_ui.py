@@ -30,11 +30,12 @@ class Req:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
+def engine(tiny_random_model_dir):
     from engine.config import EngineConfig
     from engine.local import LocalEngine
 
-    eng = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), warmup=False,
+    # The random weights: these tests stop, cancel and queue long answers.
+    eng = LocalEngine.from_config(EngineConfig(model=str(tiny_random_model_dir), warmup=False,
                                                max_model_len=MAX_MODEL_LEN))
     finished: list[tuple[GenerationRequest, Finished]] = []
     eng.add_finish_listener(lambda req, fin: finished.append((req, fin)))
