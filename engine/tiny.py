@@ -397,6 +397,15 @@ def build_tiny(dest: str | Path, trained: bool = True) -> Path:
     return dest
 
 
+def describe(model_dir: str | Path) -> dict:
+    """What a tiny folder's marker says of it: {"trained": bool, "description": str}."""
+    try:
+        marker = json.loads((Path(model_dir) / MARKER).read_text())
+    except (OSError, ValueError):
+        return {"trained": False, "description": ""}
+    return {"trained": bool(marker.get("trained")), "description": str(marker.get("description") or "")}
+
+
 def is_tiny(model_dir: str | Path) -> bool:
     """True when `model_dir` is a folder written by `build_tiny`."""
     try:

@@ -32,12 +32,18 @@ LATEX = [{"left": "$$", "right": "$$", "display": True},
          {"left": "\\(", "right": "\\)", "display": False}]
 
 EXAMPLES = [
+    ("shapes.png", "How many shapes are there, and what colours are they?"),
+    ("shapes.png", "Detect the shapes."),
     ("chart.png", "What does this chart show? Summarise the trend."),
     ("receipt.png", "Read this receipt: list the items and the total."),
     ("street_sign.jpg", "What does the sign say?"),
     ("diagram.png", "Explain this diagram step by step."),
-    ("shapes.png", "How many shapes are there, and what colours are they?"),
 ]
+# What the built-in model knows, for the page's banner (engine/shapes.py, README).
+TINY_TRAINED_NOTE = ("it was trained only on pictures of flat shapes (circles, squares, "
+                     "triangles, stars) in six plain colours, and answers questions about "
+                     "them (how many, which colours, which shape, detect them), still often "
+                     "wrongly; it knows nothing else, so try the shapes examples first")
 
 # Task presets beside the message box: each puts its prompt into the box (files kept).
 PRESETS = [
@@ -114,10 +120,12 @@ def header_html(engine: Engine) -> str:
            f"<b>{device}</b> · context {engine.max_model_len} tokens · up to "
            f"{engine.limit_images} images per chat</span></div>")
     if engine.is_tiny:
-        out += ("<div class='qvl-warning' id='qvl-tiny-warning'>⚠ <b>Tiny random model.</b> "
-                "This server runs the built-in test model, not Qwen2.5-VL-7B: its answers are "
-                f"random text. Start the app with <code>--model {DEFAULT_MODEL}</code> "
-                "on an NPU or GPU for real answers.</div>")
+        knows = (TINY_TRAINED_NOTE if engine.tiny_trained else
+                 "its weights are random, so its answers are random text")
+        out += ("<div class='qvl-warning' id='qvl-tiny-warning'>⚠ <b>Built-in tiny model.</b> "
+                f"This server runs the project's test model, not Qwen2.5-VL-7B: {knows}. "
+                f"Start the app with <code>--model {DEFAULT_MODEL}</code> on an NPU or GPU "
+                "for real answers.</div>")
     return out
 
 
@@ -188,7 +196,7 @@ def build_layout(engine: Engine, options: UIOptions) -> Page:
                 examples=[[{"text": q, "files": [str(ASSETS / name)]}]
                           for name, q in EXAMPLES if (ASSETS / name).is_file()],
                 inputs=[box], label="Examples: click one, then press Enter", elem_id="qvl-examples",
-                examples_per_page=5)
+                examples_per_page=6)
         with gr.Column(scale=1, min_width=260):
             system_box = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=3,
                                     max_lines=10, elem_id="qvl-system")
