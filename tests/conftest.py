@@ -5,19 +5,11 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A tiny random Qwen2.5-VL folder (engine/tiny.py), built once per test session."""
+    """The built-in tiny Qwen2.5-VL folder (engine/tiny.py, trained weights), built once per
+    test session."""
     from engine.tiny import ensure_tiny
 
     return ensure_tiny(tmp_path_factory.mktemp("tiny-cache"))
-
-
-@pytest.fixture(scope="session")
-def random_tiny_dir(tmp_path_factory):
-    """The tiny model with random weights: it writes until max tokens, for tests that need
-    a long answer to stop (the trained one answers in a sentence)."""
-    from engine.tiny import build_tiny
-
-    return build_tiny(tmp_path_factory.mktemp("tiny-random"), trained=False)
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,10 @@ pytestmark = pytest.mark.skipif(
     reason=f"{CHROMIUM} is missing: install Debian's chromium (make browser) for the browser test")
 
 @pytest.fixture(scope="module")
-def server(random_tiny_dir):
+def server(tiny_random_model_dir):
     """The app on the random-weight tiny model: it writes until told to stop, so Stop can
     be seen ending a long answer."""
-    with AppServer("--model", str(random_tiny_dir)) as srv:
+    with AppServer("--model", str(tiny_random_model_dir)) as srv:
         yield srv
 
 

@@ -40,10 +40,10 @@ EXAMPLES = [
     ("diagram.png", "Explain this diagram step by step."),
 ]
 # What the built-in model knows, for the page's banner (engine/shapes.py, README).
-TINY_TRAINED_NOTE = ("it was trained only on pictures of flat shapes (circles, squares, "
-                     "triangles, stars) in six plain colours, and answers questions about "
-                     "them (how many, which colours, which shape, detect them), still often "
-                     "wrongly; it knows nothing else, so try the shapes examples first")
+TINY_TRAINED_NOTE = ("it was trained only on pictures of 1 to 4 flat circles, squares, "
+                     "triangles and stars in six plain colours; it answers in the right form "
+                     "(counts, colours, shapes, detection boxes in JSON) but is still mostly "
+                     "wrong even on such pictures, and knows nothing else")
 
 # Task presets beside the message box: each puts its prompt into the box (files kept).
 PRESETS = [
