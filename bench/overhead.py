@@ -68,7 +68,7 @@ class BarePath:
         gc.do_sample = False
         gc.temperature, gc.top_p, gc.top_k = 1.0, 1.0, 50   # neutral: greedy ignores them
         gc.max_new_tokens, gc.max_length = n, None
-        gc.eos_token_id = None                               # fixed length, like ignore_eos
+        gc.eos_token_id = []         # fixed length, like ignore_eos (None would be refilled)
         return gc
 
     def _inputs(self):
@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_args(parser)
+    # The same work on every path: bare generate has no caches, so ours are off here too
+    # (each round sends the same picture and prompt, which the caches would serve).
+    parser.set_defaults(prefix_cache=False, picture_cache_mb=0)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-image", dest="image", action="store_false",
