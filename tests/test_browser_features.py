@@ -6,7 +6,8 @@ The model is a scripted OpenAI-style server on loopback behind `app.py --backend
 that looks at the picture it receives (already resized, as the model would see it), finds
 the red rectangle on it and answers its box in Qwen2.5-VL's grounding JSON; any other
 question is echoed back, so an edit can be seen reaching the model. Screenshots go to
-docs/ (the README shows them)."""
+test-output/ (docs/grounding.png and docs/pdf-pages.png, which the README shows, are copies
+of them)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from PIL import Image
 from support import CHROMIUM, AppServer, chromium_page, openai_stub
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs"
+DOCS = ROOT / "test-output"
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM),
