@@ -40,6 +40,13 @@ def api_unavailable_reason() -> str | None:
     return None
 
 
+def require_api(parser: Any) -> None:
+    """Exit with one line (code 2) when the HTTP API cannot be served here."""
+    reason = api_unavailable_reason()
+    if reason:
+        parser.exit(2, f"error: this benchmark needs the HTTP API: {reason}\n")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -161,11 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--size must be WIDTHxHEIGHT, got {args.size!r}")
 
-    from bench.api import ApiServer, api_unavailable_reason
+    from bench.api import ApiServer, require_api
 
-    reason = api_unavailable_reason()
-    if reason:
-        parser.exit(2, f"error: this benchmark needs the HTTP API: {reason}\n")
+    require_api(parser)
     helper = setup(args)
     started = time.monotonic()
     engine = build_engine(args)

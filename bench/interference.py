@@ -247,11 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.long_tokens < args.after_tokens + 2:
         parser.error("--long-tokens must exceed --after-tokens by at least 2")
 
-    from bench.api import ApiServer, api_unavailable_reason, image_data_uri
+    from bench.api import ApiServer, image_data_uri, require_api
 
-    reason = api_unavailable_reason()
-    if reason:
-        parser.exit(2, f"error: this benchmark needs the HTTP API: {reason}\n")
+    require_api(parser)
     helper = setup(args)
     started = time.monotonic()
     engine = build_engine(args)
