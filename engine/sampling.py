@@ -55,19 +55,6 @@ def validate_sampling(sp: SamplingParams, max_model_len: int) -> None:
         raise _bad(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings.", "stop", sp.stop)
 
 
-def batch_key(sp: SamplingParams) -> tuple:
-    """Requests with equal keys can share one `generate` call (a batch).
-
-    max_tokens and stop strings are per row (checked by the stopping
-    criteria), so they are not part of the key. A seeded request runs alone
-    so that its result does not depend on its neighbours.
-    """
-    if sp.seed is not None:
-        return ("seeded", id(sp))
-    return (sp.temperature, sp.top_p, sp.top_k, sp.repetition_penalty, sp.ignore_eos,
-            sp.min_tokens)
-
-
 def generate_kwargs(sp: SamplingParams, base_config: Any, max_new_tokens: int) -> dict:
     """`generate` arguments for one batch; unset fields keep the model's generation_config."""
     gc = copy.deepcopy(base_config)
