@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import threading
-from typing import Any, Callable, Generic, TypeVar
+from typing import Callable, Generic, TypeVar
 
 V = TypeVar("V")
 
@@ -59,15 +59,3 @@ class BoundedCache(Generic[V]):
             while self.bytes > self.max_bytes:
                 _, (_, dropped) = self._items.popitem(last=False)
                 self.bytes -= dropped
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def figures(self) -> dict[str, Any]:
-        return {"hits": self.hits, "misses": self.misses, "bytes": self.bytes,
-                "entries": len(self._items)}

@@ -54,10 +54,6 @@ class PrefixStats:
     queries: int = 0          # prompt tokens looked up
     hits: int = 0             # of those, found in the cache
 
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.queries if self.queries else 0.0
-
 
 class PrefixCache:
     """Blocks of KV within `budget_bytes`, LRU, copied to and from KVStore rows."""
@@ -124,10 +120,6 @@ class PrefixCache:
         self._copy(slots, row, to_row=False, positions=[i for i, _ in new])
         for (_, key), slot in zip(new, slots):
             self._blocks[key] = slot
-
-    def clear(self) -> None:
-        self._free.extend(self._blocks.values())
-        self._blocks.clear()
 
     # ------------------------------------------------------------ internals
     def _take_slot(self, protect: set[bytes]) -> int | None:

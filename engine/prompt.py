@@ -43,10 +43,6 @@ class PreparedPrompt:
     max_new_tokens: int
     media: list[MediaSpan] = field(default_factory=list)
 
-    @property
-    def token_ids(self) -> list[int]:
-        return self.inputs["input_ids"][0].tolist()
-
 
 def media_spans(ids: list[int], image_token: int, video_token: int,
                 image_keys: list[bytes], video_keys: list[bytes]) -> list[MediaSpan]:
