@@ -54,7 +54,7 @@ class Engine(abc.ABC):
 
     def model_pixel_bounds(self) -> list[tuple[int, int]]:
         """Resizes the model's processor applies after ours, as (min_pixels, max_pixels): []
-        when the model sees our resized pictures as they are (the local engine)."""
+        when the model sees our resized pictures as they are."""
         return []
 
     def cache_stats(self) -> dict[str, float]:

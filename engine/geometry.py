@@ -30,7 +30,18 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int,
     return h_bar, w_bar
 
 
-def image_tokens(width: int, height: int, min_pixels: int, max_pixels: int) -> int:
-    """The tokens one picture of this size costs at these bounds."""
-    h, w = smart_resize(height, width, min_pixels, max_pixels)
+def resized_size(width: int, height: int, bounds: list[tuple[int, int]]) -> tuple[int, int]:
+    """(width, height) of the picture the model saw: smart_resize with each (min, max)
+    bounds in turn (ours, then the model's processor's or a remote server's own, which
+    leave a picture already within theirs as it is)."""
+    w, h = width, height
+    for lo, hi in bounds:
+        h, w = smart_resize(h, w, lo, hi)
+    return w, h
+
+
+def image_tokens(width: int, height: int, min_pixels: int, max_pixels: int,
+                 then: list[tuple[int, int]] = ()) -> int:
+    """The tokens one picture of this size costs at these bounds (and the model's after)."""
+    w, h = resized_size(width, height, [(min_pixels, max_pixels), *then])
     return (h // PATCH) * (w // PATCH)

@@ -16,7 +16,7 @@ log = logging.getLogger("engine.loader")
 
 TINY_WARNING = (
     "Serving the built-in TINY Qwen2.5-VL: trained only on synthetic pictures of flat coloured "
-    "shapes (it answers questions about them, still often wrongly; anything else gets nonsense), "
+    "shapes (it counts them; its colours and boxes are still mostly wrong; anything else gets nonsense), "
     f"for trying the app and for tests. To run the real model use --model {DEFAULT_MODEL} "
     "(needs an NPU or GPU and about 16 GB of weights).")
 

@@ -50,6 +50,9 @@ class LocalEngine(Engine):
         self.renderer = PromptRenderer(loaded.processor, self.inputs, self.max_model_len,
                                        self.config.default_max_tokens,
                                        int(self.config.picture_cache_mb * 1024 * 1024))
+        size = getattr(loaded.processor.image_processor, "size", None) or {}
+        self._processor_bounds = [(int(size["shortest_edge"]), int(size["longest_edge"]))] \
+            if "shortest_edge" in size and "longest_edge" in size else []
         self.kv = self._kv_store()
         caching = self.config.prefix_cache
         runner = ModelRunner(loaded.model, self.kv, loaded.device, encoder_cache(
@@ -64,6 +67,12 @@ class LocalEngine(Engine):
                                 prefill_chunk=self.config.max_num_batched_tokens,
                                 on_finish=self._on_worker_finish, prefix=self.prefix)
         self.stats = StatsLogger(self.scheduler, self.config.log_stats_interval)
+
+    def model_pixel_bounds(self) -> list[tuple[int, int]]:
+        """The model's processor's own bounds (preprocessor_config.json): the real model's
+        leave our resized pictures as they are; the built-in tiny model's cap them at the
+        size it was trained at."""
+        return list(self._processor_bounds)
 
     def _kv_store(self) -> KVStore:
         layout = KVLayout.of_model(self.loaded.model, self.device.dtype)

@@ -19,6 +19,10 @@ from PIL import Image, ImageDraw
 
 MIN_PIXELS = 224 * 224          # engine/types.py DEFAULT_MIN_PIXELS
 MAX_PIXELS = 1280 * 28 * 28     # engine/types.py DEFAULT_MAX_PIXELS
+# The tiny model's own processor (engine/tiny.py) then caps a picture at this many pixels
+# (100 tokens): it was trained at that size, and a CPU trains and answers quickly there.
+MODEL_MIN_PIXELS = 56 * 56
+MODEL_MAX_PIXELS = 100 * 28 * 28
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -151,18 +155,40 @@ def _a(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def _canonical(shapes: list[Shape]) -> list[Shape]:
-    return sorted(shapes, key=lambda s: (COLOUR_NAMES.index(s.colour), SHAPES.index(s.kind)))
+def model_size(size: tuple[int, int], min_pixels: int = MIN_PIXELS,
+               max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of a `size` picture as the tiny model sees it: resized with the app's
+    bounds, then by the model's own processor."""
+    h, w = smart_resize(size[1], size[0], min_pixels, max_pixels)
+    h, w = smart_resize(h, w, MODEL_MIN_PIXELS, MODEL_MAX_PIXELS)
+    return w, h
 
 
-def count_answer(shapes: list[Shape]) -> str:
+def reading_order(shapes: list[Shape], size: tuple[int, int]) -> list[int]:
+    """Indices of `shapes` in the order every answer names them: by the picture token (28x28
+    pixels as the model sees the picture) that holds each centre, row by row, left to right,
+    the order in which the model reads its picture tokens."""
+    boxes = resized_boxes(shapes, size)
+
+    def key(i: int):
+        cx, cy = (boxes[i][0] + boxes[i][2]) / 2, (boxes[i][1] + boxes[i][3]) / 2
+        return (int(cy // 28), int(cx // 28), cx)
+
+    return sorted(range(len(shapes)), key=key)
+
+
+def _ordered(shapes: list[Shape], size: tuple[int, int]) -> list[Shape]:
+    return [shapes[i] for i in reading_order(shapes, size)]
+
+
+def count_answer(shapes: list[Shape], size: tuple[int, int]) -> str:
     n = len(shapes)
-    items = _join([_a(s.label) for s in _canonical(shapes)])
+    items = _join([_a(s.label) for s in _ordered(shapes, size)])
     return f"There is 1 shape: {items}." if n == 1 else f"There are {n} shapes: {items}."
 
 
-def shape_of_colour_answer(shapes: list[Shape], colour: str) -> str:
-    kinds = [s.kind for s in _canonical(shapes) if s.colour == colour]
+def shape_of_colour_answer(shapes: list[Shape], colour: str, size: tuple[int, int]) -> str:
+    kinds = [s.kind for s in _ordered(shapes, size) if s.colour == colour]
     if not kinds:
         return f"There is no {colour} shape."
     if len(kinds) == 1:
@@ -170,8 +196,8 @@ def shape_of_colour_answer(shapes: list[Shape], colour: str) -> str:
     return f"There are {len(kinds)} {colour} shapes: " + _join([f"a {k}" for k in kinds]) + "."
 
 
-def colour_of_shape_answer(shapes: list[Shape], kind: str) -> str:
-    colours = [s.colour for s in _canonical(shapes) if s.kind == kind]
+def colour_of_shape_answer(shapes: list[Shape], kind: str, size: tuple[int, int]) -> str:
+    colours = [s.colour for s in _ordered(shapes, size) if s.kind == kind]
     if not colours:
         return f"There is no {kind}."
     if len(colours) == 1:
@@ -181,14 +207,14 @@ def colour_of_shape_answer(shapes: list[Shape], kind: str) -> str:
 
 def resized_boxes(shapes: list[Shape], size: tuple[int, int]) -> list[list[int]]:
     w, h = size
-    rh, rw = smart_resize(h, w)
+    rw, rh = model_size(size)
     sx, sy = rw / w, rh / h
     return [[round(s.box[0] * sx), round(s.box[1] * sy), round(s.box[2] * sx), round(s.box[3] * sy)]
             for s in shapes]
 
 
 def detect_answer(shapes: list[Shape], size: tuple[int, int]) -> str:
-    order = sorted(range(len(shapes)), key=lambda i: (shapes[i].box[1], shapes[i].box[0]))
+    order = reading_order(shapes, size)
     boxes = resized_boxes(shapes, size)
     rows = [f'\t{{"bbox_2d": [{", ".join(map(str, boxes[i]))}], "label": "{shapes[i].label}"}}'
             for i in order]
@@ -201,41 +227,62 @@ def second_picture_answer(shapes: list[Shape], which: str) -> str:
 
 @dataclass
 class Example:
+    """One training conversation: pictures in the first user turn, then (question, answer)
+    turns about them."""
     images: list[Image.Image]
-    question: str
-    answer: str
+    turns: list[tuple[str, str]]
     task: str
     shapes: list[list[Shape]]
 
+    @property
+    def question(self) -> str:
+        return self.turns[0][0]
 
-def make_example(rng: random.Random, task: str | None = None, **scene) -> Example:
-    task = task or rng.choices(["count", "shape_of", "colour_of", "detect", "two"],
-                               weights=[4, 2, 2, 2, 1])[0]
-    if task == "two":
-        a, sa = draw_scene(rng, n=1, **scene)
-        b, sb = draw_scene(rng, n=1, **scene)
-        which = rng.choice(["first", "second"])
-        shapes = sa if which == "first" else sb
-        q = rng.choice([f"What colour is the shape in the {which} picture?",
-                        f"What colour is the shape in the {which} picture?",
-                        f"Which colour is the shape in the {which} picture?"])
-        return Example([a, b], q, second_picture_answer(shapes, which), task, [sa, sb])
-    img, shapes = draw_scene(rng, **scene)
+    @property
+    def answer(self) -> str:
+        return self.turns[0][1]
+
+
+TASKS = ["count", "shape_of", "colour_of", "detect"]
+
+
+def ask_about(rng: random.Random, task: str, img: Image.Image, shapes: list[Shape]) -> tuple[str, str]:
+    """A question of kind `task` about one picture, and its answer."""
     if task == "count":
-        q, a = rng.choice(COUNT_QUESTIONS), count_answer(shapes)
-    elif task == "shape_of":
+        return rng.choice(COUNT_QUESTIONS), count_answer(shapes, img.size)
+    if task == "shape_of":
         colour = rng.choice([s.colour for s in shapes]) if rng.random() < 0.8 else rng.choice(COLOUR_NAMES)
         q = rng.choice([f"What shape is the {colour} one?", f"What shape is the {colour} one?",
                         f"Which shape is {colour}?"])
-        a = shape_of_colour_answer(shapes, colour)
-    elif task == "colour_of":
+        return q, shape_of_colour_answer(shapes, colour, img.size)
+    if task == "colour_of":
         kind = rng.choice([s.kind for s in shapes]) if rng.random() < 0.8 else rng.choice(SHAPES)
         q = rng.choice([f"Which colour is the {kind}?", f"What colour is the {kind}?",
                         f"Which colour is the {kind}?"])
-        a = colour_of_shape_answer(shapes, kind)
-    else:
-        q, a = rng.choice(DETECT_QUESTIONS), detect_answer(shapes, img.size)
-    return Example([img], q, a, task, [shapes])
+        return q, colour_of_shape_answer(shapes, kind, img.size)
+    return rng.choice(DETECT_QUESTIONS), detect_answer(shapes, img.size)
+
+
+def _ask_second(rng: random.Random, which: str, shapes: list[Shape]) -> tuple[str, str]:
+    q = rng.choice([f"What colour is the shape in the {which} picture?",
+                    f"What colour is the shape in the {which} picture?",
+                    f"Which colour is the shape in the {which} picture?"])
+    return q, second_picture_answer(shapes, which)
+
+
+def make_example(rng: random.Random, task: str | None = None, turns: int = 1, **scene) -> Example:
+    """A conversation of `turns` questions (different kinds where possible) about fresh
+    pictures; the first question is of kind `task` (drawn when None)."""
+    task = task or rng.choices(TASKS + ["two"], weights=[4, 2, 2, 3, 1])[0]
+    if task == "two":
+        a, sa = draw_scene(rng, n=1, **scene)
+        b, sb = draw_scene(rng, n=1, **scene)
+        order = rng.sample(["first", "second"], 2)[:turns]
+        qa = [_ask_second(rng, w, sa if w == "first" else sb) for w in order]
+        return Example([a, b], qa, task, [sa, sb])
+    img, shapes = draw_scene(rng, **scene)
+    kinds = [task] + rng.sample([t for t in TASKS if t != task], min(turns, len(TASKS)) - 1)
+    return Example([img], [ask_about(rng, k, img, shapes) for k in kinds], task, [shapes])
 
 
 # ---- scoring (engine/train_tiny.py --eval and tests) -------------------------------------

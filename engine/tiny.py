@@ -28,7 +28,7 @@ import threading
 import uuid
 from pathlib import Path
 
-TINY_VERSION = 2
+TINY_VERSION = 3
 WEIGHTS = Path(__file__).with_name("tiny_weights.safetensors")
 MARKER = "tiny_model.json"
 
@@ -299,12 +299,17 @@ def build_generation_config(tokenizer, repetition_penalty: float = 1.0):
     )
 
 
-def build_processor(tokenizer):
+def build_processor(tokenizer, trained: bool = False):
+    """The processor; the trained model's caps pictures at the size it was trained at
+    (engine/shapes.py MODEL_MAX_PIXELS), the random one's is the real preprocessor_config.json's
+    (min_pixels 3136, max_pixels 12845056)."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    # Same as the real preprocessor_config.json (min_pixels 3136, max_pixels 12845056).
+    from .shapes import MODEL_MAX_PIXELS, MODEL_MIN_PIXELS
+
+    longest = MODEL_MAX_PIXELS if trained else 28 * 28 * 16384
     image_processor = Qwen2VLImageProcessor(
-        size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384},
+        size={"shortest_edge": MODEL_MIN_PIXELS if trained else 56 * 56, "longest_edge": longest},
         patch_size=14,
         temporal_patch_size=2,
         merge_size=2,
@@ -318,21 +323,21 @@ def build_processor(tokenizer):
     )
 
 
-def weights_sha256(path: Path = WEIGHTS) -> str | None:
+def weights_sha256(path: Path | None = None) -> str | None:
     import hashlib
 
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return hashlib.sha256(Path(path or WEIGHTS).read_bytes()).hexdigest()
     except OSError:
         return None
 
 
-def load_trained(model, path: Path = WEIGHTS) -> None:
+def load_trained(model, path: Path | None = None) -> None:
     """Copy the trained weights (stored as float16) into `model` (float32)."""
     import torch
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
+    state = load_file(str(path or WEIGHTS))
     own = model.state_dict()
     missing = set(own) - set(state)
     if missing or any(state[k].shape != own[k].shape for k in own):
@@ -340,7 +345,7 @@ def load_trained(model, path: Path = WEIGHTS) -> None:
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
 
 
-def build_tiny(dest: str | Path, trained: bool = True) -> Path:
+def build_tiny(dest: str | Path, trained: bool = True, weights: Path | None = None) -> Path:
     """Write a complete tiny Qwen2.5-VL model folder to `dest` and return its path: the
     trained weights when `trained` (and engine/tiny_weights.safetensors exists), else the
     random initialisation."""
@@ -350,8 +355,9 @@ def build_tiny(dest: str | Path, trained: bool = True) -> Path:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
 
+    sha = weights_sha256(weights) if trained else None
     tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
+    processor = build_processor(tokenizer, trained=sha is not None)
     config = build_config(tokenizer)
 
     with _BUILD_LOCK:
@@ -369,9 +375,8 @@ def build_tiny(dest: str | Path, trained: bool = True) -> Path:
     with torch.no_grad():
         model.get_input_embeddings().weight[n_tok:] = 0
         model.get_output_embeddings().weight[n_tok:] = 0
-    sha = weights_sha256() if trained else None
     if sha is not None:
-        load_trained(model)
+        load_trained(model, weights)
     model.eval()
     model.config.dtype = torch.float32
     model.generation_config = build_generation_config(tokenizer, 1.0 if sha else 1.05)

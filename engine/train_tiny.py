@@ -1,14 +1,15 @@
 """Train the built-in tiny Qwen2.5-VL on synthetic shapes (engine/shapes.py).
 
-    python -m engine.train_tiny            # train from seed 0 (2 CPU cores: stage 1 about 27
-                                           # minutes, stage 2 about 14) and write
+    python -m engine.train_tiny            # train from seed 0 (1300 steps of 8 conversations,
+                                           # 25 minutes on 2 CPU cores) and write
                                            # engine/tiny_weights.safetensors (float16, 4.4 MB)
     python -m engine.train_tiny --eval     # held-out accuracy of the committed weights
 
 The model, tokenizer, processor and chat template are engine/tiny.py's (the same classes as
 Qwen2.5-VL-7B-Instruct). Training pictures come from seeds 0.. of `TRAIN_SEED`'s stream;
 the held-out evaluation draws from `EVAL_SEED`, never used in training, and goes through the
-app's own path: a LocalEngine on the built model, greedy, the app's pixel bounds.
+app's own path: a LocalEngine on the built model, greedy, the app's pixel bounds (then the
+model processor's own cap, shapes.MODEL_MAX_PIXELS).
 """
 
 from __future__ import annotations
@@ -24,35 +25,180 @@ from . import shapes as S
 
 TRAIN_SEED = 0
 EVAL_SEED = 987654321
-# Two stages: the model first learns the answers' language and only late in stage 1 starts
-# to look at the question and the picture; stage 2 restarts the learning rate from there.
-STEPS = 1100
-STAGE2_STEPS = 600
-STAGE2_LR = 1.5e-3
+STEPS = 1300
+BATCH = 8
+LR = 2e-3
+AUX_WEIGHT = 1.0
 WEIGHTS = Path(__file__).with_name("tiny_weights.safetensors")
 
+# ---- auxiliary targets: what each picture token should know -------------------------------
+# Training adds two linear probes, thrown away afterwards, that tell the model early what its
+# answers will need, so that it learns in minutes what the answers alone teach in hours:
+# - on the vision tower's output (per 28x28 token): what covers the token and, at a shape's
+#   centre, its colour, kind and its box relative to the token. The tower only has relative
+#   positions (2-D rotary) and sees the whole picture at once, so nothing absolute is asked of it.
+# - on the language model's picture tokens after LM_LAYER layers: the token's row and column
+#   (the 3-D rotary positions make these knowable there), the number of shapes and, at a
+#   shape's centre, its rank in reading order (answers name shapes in that order; causal
+#   attention counts the centres before it), among its colour and its kind, and the digits of
+#   its box in the resized picture's pixels, which the answer then copies.
+VISION_GROUPS = [("cell", 7), ("centre", 2), ("colour", 6), ("kind", 4)]
+LM_GROUPS = [("row", 24), ("col", 24), ("rank", 4), ("n", 4), ("colour_rank", 4), ("kind_rank", 4)] + \
+            [(f"digit{c}{k}", 11) for c in range(4) for k in range(3)]
+GROUPS = VISION_GROUPS + LM_GROUPS
+LM_LAYER = 2
+REPORT = ("row", "col", "rank", "n", "digit01", "digit02")
 
-def _prompt_messages(ex: S.Example, min_pixels: int, max_pixels: int) -> list[dict]:
-    parts = [{"type": "image", "image": im, "min_pixels": min_pixels, "max_pixels": max_pixels}
-             for im in ex.images]
-    return [{"role": "user", "content": parts + [{"type": "text", "text": ex.question}]}]
 
+def token_targets(shapes: list[S.Shape], size: tuple[int, int], gh: int, gw: int):
+    """Per token of one picture whose model-side grid is gh x gw tokens: classes
+    [gh*gw, len(GROUPS)] (-100: nothing to learn), the box relative to the token (in tokens)
+    and in the picture (0..1), and where a shape's centre is."""
+    import torch
+
+    cls = torch.full((gh * gw, len(GROUPS)), -100, dtype=torch.long)
+    rel = torch.zeros((gh * gw, 4))
+    absolute = torch.zeros((gh * gw, 4))
+    mask = torch.zeros(gh * gw, dtype=torch.bool)
+    boxes = S.resized_boxes(shapes, size)
+    order = S.reading_order(shapes, size)
+    col = {g: j for j, (g, _) in enumerate(GROUPS)}
+    cls[:, col["cell"]] = 0
+    cls[:, col["centre"]] = 0
+    cls[:, col["n"]] = len(shapes) - 1
+    cls[:, col["row"]] = torch.arange(gh).repeat_interleave(gw).clamp(max=23)
+    cls[:, col["col"]] = torch.arange(gw).repeat(gh).clamp(max=23)
+    for r in range(gh):
+        for c in range(gw):
+            x, y = c * 28 + 14, r * 28 + 14
+            for i, b in enumerate(boxes):
+                if b[0] <= x <= b[2] and b[1] <= y <= b[3]:
+                    cls[r * gw + c, col["cell"]] = 1 + S.COLOUR_NAMES.index(shapes[i].colour)
+    for rank, i in enumerate(order):
+        s, b = shapes[i], boxes[i]
+        r, c = min(int((b[1] + b[3]) / 2 // 28), gh - 1), min(int((b[0] + b[2]) / 2 // 28), gw - 1)
+        t = r * gw + c
+        if mask[t]:
+            continue                # two centres in one token: the first keeps it
+        same_c = [j for j in order if shapes[j].colour == s.colour]
+        same_k = [j for j in order if shapes[j].kind == s.kind]
+        row = {"centre": 1, "colour": S.COLOUR_NAMES.index(s.colour), "kind": S.SHAPES.index(s.kind),
+               "rank": rank, "colour_rank": same_c.index(i), "kind_rank": same_k.index(i)}
+        for cdx, v in enumerate(b):
+            digits = str(v)
+            for k in range(3):
+                row[f"digit{cdx}{k}"] = int(digits[k]) if k < len(digits) else 10
+        for g, v in row.items():
+            cls[t, col[g]] = v
+        x0, y0 = c * 28, r * 28
+        rel[t] = torch.tensor([(b[0] - x0) / 28, (b[1] - y0) / 28, (b[2] - x0) / 28, (b[3] - y0) / 28])
+        absolute[t] = torch.tensor([b[0] / (gw * 28), b[1] / (gh * 28), b[2] / (gw * 28), b[3] / (gh * 28)])
+        mask[t] = True
+    return cls, rel, absolute, mask
+
+
+def _probe_loss(out, cls, groups, first: int, acc: dict):
+    import torch.nn.functional as F
+
+    loss, at = 0.0, 0
+    for j, (g, n) in enumerate(groups):
+        logits, tgt = out[:, at:at + n], cls[:, first + j]
+        at += n
+        keep = tgt != -100
+        if keep.any():
+            loss = loss + F.cross_entropy(logits[keep], tgt[keep])
+            if g in REPORT:
+                acc[g] = (logits[keep].argmax(-1) == tgt[keep]).float().mean().item()
+    return loss / len(groups), at
+
+
+class Probes:
+    """The two linear probes and their loss (see above)."""
+
+    def __init__(self, vision_dim: int, lm_dim: int) -> None:
+        import torch
+
+        self.vision = torch.nn.Linear(vision_dim, sum(n for _, n in VISION_GROUPS) + 4)
+        self.lm = torch.nn.Linear(lm_dim, sum(n for _, n in LM_GROUPS) + 4)
+        self.summary = torch.nn.Linear(lm_dim, 4 + 6 + 4)
+
+    def parameters(self):
+        return [p for m in (self.vision, self.lm, self.summary) for p in m.parameters()]
+
+    def summary_loss(self, feats, summary, acc: dict):
+        """Answer tokens (after LM_LAYER layers) should know the scene: this pulls the
+        language model's attention onto the picture from the first steps."""
+        import torch.nn.functional as F
+
+        keep = summary[:, 0] >= 0
+        if not keep.any():
+            return 0.0
+        out, tgt = self.summary(feats[keep]), summary[keep]
+        n = tgt[:, 0].long()
+        acc["sum_n"] = (out[:, :4].argmax(-1) == n).float().mean().item()
+        acc["sum_colours"] = ((out[:, 4:10] > 0) == (tgt[:, 1:7] > 0.5)).all(-1).float().mean().item()
+        return 3 * F.cross_entropy(out[:, :4], n) + 3 * F.binary_cross_entropy_with_logits(out[:, 4:], tgt[:, 1:])
+
+    def loss(self, vision_feats, lm_feats, cls, rel, absolute, mask):
+        import torch
+        import torch.nn.functional as F
+
+        acc: dict[str, float] = {}
+        v_out, l_out = self.vision(vision_feats), self.lm(lm_feats)
+        v_loss, at_v = _probe_loss(v_out, cls, VISION_GROUPS, 0, acc)
+        l_loss, at_l = _probe_loss(l_out, cls, LM_GROUPS, len(VISION_GROUPS), acc)
+        loss = 3 * (v_loss + l_loss)
+        if mask.any():
+            loss = loss + 4 * F.smooth_l1_loss(v_out[mask, at_v:at_v + 4], rel[mask], beta=0.05)
+            loss = loss + 40 * F.smooth_l1_loss(torch.sigmoid(l_out[mask, at_l:at_l + 4]), absolute[mask],
+                                                beta=0.01)
+        return loss, acc
+
+
+# ---- conversations as token ids ------------------------------------------------------------
 
 def encode(processor, ex: S.Example, min_pixels: int = S.MIN_PIXELS, max_pixels: int = S.MAX_PIXELS):
-    """Token ids, labels (answer + <|im_end|>), pixel values and grids for one example."""
+    """Token ids, per-token loss weights (each answer + <|im_end|> weighs 1 in all), pixel
+    values, grids and auxiliary targets of one conversation, rendered as the app renders it."""
     import torch
     from qwen_vl_utils import process_vision_info
 
-    messages = _prompt_messages(ex, min_pixels, max_pixels)
+    q0 = ex.turns[0][0]
+    parts = [{"type": "image", "image": im, "min_pixels": min_pixels, "max_pixels": max_pixels}
+             for im in ex.images]
+    messages = [{"role": "user", "content": parts + [{"type": "text", "text": q0}]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     images, _ = process_vision_info(messages)
     inp = processor(text=[text], images=images, return_tensors="pt")
     tok = processor.tokenizer
-    answer = tok(ex.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    ids = torch.cat([inp["input_ids"][0], torch.tensor(answer)])
-    labels = torch.full_like(ids, -100)
-    labels[-len(answer):] = torch.tensor(answer)
-    return ids, labels, inp["pixel_values"], inp["image_grid_thw"]
+    ids = [inp["input_ids"][0]]
+    weights = [torch.zeros(len(ids[0]))]
+    for i, (q, a) in enumerate(ex.turns):
+        if i:
+            t = tok(f"\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n",
+                    add_special_tokens=False)["input_ids"]
+            ids.append(torch.tensor(t))
+            weights.append(torch.zeros(len(t)))
+        t = tok(a + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        ids.append(torch.tensor(t))
+        weights.append(torch.full((len(t),), 1.0 / len(t)))
+    grid = inp["image_grid_thw"]
+    targets = [token_targets(sh, im.size, int(g[1]) // 2, int(g[2]) // 2)
+               for sh, im, g in zip(ex.shapes, ex.images, grid)]
+    return (torch.cat(ids), torch.cat(weights), inp["pixel_values"], grid,
+            [torch.cat(x) for x in zip(*targets)], scene_summary(ex))
+
+
+def scene_summary(ex: S.Example):
+    """What every answer token of a one-picture conversation should have gathered from the
+    picture: [number of shapes - 1, colours present (6), kinds present (4)]; -1 for two pictures."""
+    import torch
+
+    if len(ex.shapes) != 1:
+        return torch.full((11,), -1.0)
+    shapes = ex.shapes[0]
+    return torch.tensor([len(shapes) - 1] + [float(any(s.colour == c for s in shapes)) for c in S.COLOUR_NAMES]
+                        + [float(any(s.kind == k for s in shapes)) for k in S.SHAPES])
 
 
 def collate(items, pad_id: int):
@@ -60,28 +206,40 @@ def collate(items, pad_id: int):
 
     n = max(len(i[0]) for i in items)
     ids = torch.full((len(items), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), n), -100, dtype=torch.long)
+    weights = torch.zeros((len(items), n))
     mask = torch.zeros((len(items), n), dtype=torch.long)
-    for r, (i, l, _, _) in enumerate(items):
+    for r, (i, w, *_rest) in enumerate(items):
         ids[r, :len(i)] = i
-        labels[r, :len(l)] = l
+        weights[r, :len(w)] = w
         mask[r, :len(i)] = 1
-    return dict(input_ids=ids, attention_mask=mask, labels=labels,
-                pixel_values=torch.cat([i[2] for i in items]),
-                image_grid_thw=torch.cat([i[3] for i in items]))
+    aux = [torch.cat([it[4][k] for it in items]) for k in range(4)]
+    summary = torch.stack([it[5] for it in items])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([i[2] for i in items]),
+                image_grid_thw=torch.cat([i[3] for i in items])), weights, aux, summary
 
 
-def scene_args(step: int, total: int, rng: random.Random) -> dict:
-    """Canvas sizes: the full 320..800 range, small ones more often (cheaper on a CPU)."""
-    if rng.random() < 0.25:
-        return {"min_side": 320, "max_side": 800}
-    return {"min_side": 320, "max_side": 480}
+def conversation(rng: random.Random) -> S.Example:
+    """Training conversations: 1 to 3 questions about the same pictures (follow-ups in the
+    app are turns of one chat), canvases over the whole 320..800 range."""
+    turns = rng.choices([1, 2, 3], weights=[5, 3, 2])[0]
+    return S.make_example(rng, turns=turns)
+
+
+def batches(processor, rng: random.Random, batch: int, pool: int = 4):
+    """Encoded batches of fresh conversations, `pool` batches drawn at once and grouped by
+    length, so that little of a step is spent on padding."""
+    while True:
+        items = sorted((encode(processor, conversation(rng)) for _ in range(batch * pool)),
+                       key=lambda it: len(it[0]))
+        groups = [items[k:k + batch] for k in range(0, len(items), batch)]
+        rng.shuffle(groups)
+        yield from groups
 
 
 def train(steps: int, batch: int, lr: float, out: Path, log_every: int = 10, seed: int = TRAIN_SEED,
-          resume: Path | None = None) -> None:
-    """`steps` AdamW steps of `batch` fresh examples from `random.Random(seed)`, linear warm-up
-    then cosine decay to 5 % of `lr`; from `resume`'s weights (a previous stage) if given."""
+          aux_weight: float = AUX_WEIGHT) -> None:
+    """`steps` AdamW steps of `batch` fresh conversations from `random.Random(seed)`, linear
+    warm-up then cosine decay to 5 % of `lr`."""
     import torch
     from safetensors.torch import save_file
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -91,7 +249,7 @@ def train(steps: int, batch: int, lr: float, out: Path, log_every: int = 10, see
     torch.set_num_threads(2)
     torch.manual_seed(seed)
     tokenizer = tiny.build_tokenizer()
-    processor = tiny.build_processor(tokenizer)
+    processor = tiny.build_processor(tokenizer, trained=True)
     config = tiny.build_config(tokenizer)
     config._attn_implementation = "sdpa"
     model = Qwen2_5_VLForConditionalGeneration(config).float()
@@ -103,49 +261,53 @@ def train(steps: int, batch: int, lr: float, out: Path, log_every: int = 10, see
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "embed" not in name and "lm_head" not in name:
                 p.mul_(0.02 / tiny.INIT_STD)
-    if resume is not None:
-        tiny.load_trained(model, resume)
+    probes = Probes(config.text_config.hidden_size, config.text_config.hidden_size)
+    image_token = config.image_token_id
+    seen = {}
+    model.model.visual.register_forward_hook(lambda _m, _i, o: seen.__setitem__("v", o.pooler_output))
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    params = list(model.parameters()) + probes.parameters()
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     rng = random.Random(seed)
     pad = tokenizer.pad_token_id
-    start = time.monotonic()
-    step, ema = 0, None
-    warm = 20
-    ckpt_every = 120.0
-    last_ckpt = start
-    while True:
-        elapsed = time.monotonic() - start
-        if step >= steps:
-            break
-        frac = step / steps
-        cur = lr * min(1.0, (step + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+    start = last_ckpt = time.monotonic()
+    ema = aux_ema = None
+    warm = 30
+    source = batches(processor, rng, batch)
+    for step in range(1, steps + 1):
+        frac = (step - 1) / steps
+        cur = lr * min(1.0, step / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = cur
-        items = [encode(processor, S.make_example(rng, **scene_args(step, 0, rng))) for _ in range(batch)]
-        b = collate(items, pad)
-        labels = b.pop("labels")
-        logits = model(**b).logits[:, :-1].float()
-        target = labels[:, 1:]
+        b, weights, aux_targets, summary = collate(next(source), pad)
+        res = model(**b, output_hidden_states=True)
+        logits = res.logits[:, :-1].float()
+        target = torch.where(weights[:, 1:] > 0, b["input_ids"][:, 1:], -100)
         tok_loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
             reduction="none").view(target.shape)
-        # Each example weighs the same, whatever its answer's length (boxes are long).
-        n_ans = (target != -100).sum(1).clamp(min=1)
-        loss = (tok_loss.sum(1) / n_ans).mean()
+        lm = (tok_loss * weights[:, 1:]).sum() / weights.sum()
+        lm_feats = res.hidden_states[LM_LAYER][b["input_ids"] == image_token]
+        aux, acc = probes.loss(seen.pop("v"), lm_feats, *aux_targets)
+        answering = weights[:, 1:] > 0
+        rows = answering.nonzero()[:, 0]
+        aux = aux + probes.summary_loss(res.hidden_states[LM_LAYER][:, :-1][answering], summary[rows], acc)
+        loss = lm + aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        ema = lm.item() if ema is None else 0.95 * ema + 0.05 * lm.item()
+        aux_ema = aux.item() if aux_ema is None else 0.95 * aux_ema + 0.05 * aux.item()
         if step % log_every == 0:
-            print(f"step {step} t={elapsed:.0f}s lr={cur:.2e} loss={loss.item():.3f} ema={ema:.3f}", flush=True)
-        if time.monotonic() - last_ckpt > ckpt_every:
+            accs = " ".join(f"{k}={v:.2f}" for k, v in acc.items())
+            print(f"step {step} t={time.monotonic() - start:.0f}s lr={cur:.2e} lm={ema:.3f} "
+                  f"aux={aux_ema:.3f} {accs}", flush=True)
+        if time.monotonic() - last_ckpt > 120:
             _save(model, out, save_file)
             last_ckpt = time.monotonic()
     _save(model, out, save_file)
-    print(f"trained {step} steps x {batch} examples in {time.monotonic() - start:.0f}s; "
+    print(f"trained {steps} steps x {batch} conversations in {time.monotonic() - start:.0f}s; "
           f"final ema loss {ema:.3f}; wrote {out}", flush=True)
 
 
@@ -160,7 +322,8 @@ def _save(model, out: Path, save_file) -> None:
 
 # ---- held-out evaluation through the app's path ------------------------------------------
 
-def evaluate(n: int, seed: int = EVAL_SEED, model_dir: Path | None = None, verbose: bool = False) -> dict:
+def evaluate(n: int, seed: int = EVAL_SEED, model_dir: Path | None = None, verbose: bool = False,
+             weights: Path | None = None) -> dict:
     from PIL import Image  # noqa: F401
 
     from .config import EngineConfig
@@ -172,7 +335,7 @@ def evaluate(n: int, seed: int = EVAL_SEED, model_dir: Path | None = None, verbo
     if model_dir is None:
         import tempfile
 
-        model_dir = tiny.build_tiny(Path(tempfile.mkdtemp(prefix="tiny-eval-")))
+        model_dir = tiny.build_tiny(Path(tempfile.mkdtemp(prefix="tiny-eval-")), weights=weights)
     engine = LocalEngine.from_config(EngineConfig(model=str(model_dir), device="cpu", warmup=False))
     rng = random.Random(seed)
 
@@ -201,9 +364,9 @@ def evaluate(n: int, seed: int = EVAL_SEED, model_dir: Path | None = None, verbo
             res["iou50"] += sum(v >= 0.5 for v in ious)
             target = rng.choice(shapes)
             q1 = ask([img], f"What shape is the {target.colour} one?")
-            res["shape_of"] += q1.strip() == S.shape_of_colour_answer(shapes, target.colour)
+            res["shape_of"] += q1.strip() == S.shape_of_colour_answer(shapes, target.colour, img.size)
             q2 = ask([img], f"Which colour is the {target.kind}?")
-            res["colour_of"] += q2.strip() == S.colour_of_shape_answer(shapes, target.kind)
+            res["colour_of"] += q2.strip() == S.colour_of_shape_answer(shapes, target.kind, img.size)
             res["qa"] += 1
             if k % 2 == 0:
                 a1, s1 = S.draw_scene(rng, n=1)
@@ -240,19 +403,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=100, help="held-out pictures for --eval")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps")
-    p.add_argument("--batch", type=int, default=6)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--aux-weight", type=float, default=AUX_WEIGHT)
+    p.add_argument("--eval-weights", type=Path, default=None, help="weights for --eval (default: committed)")
     p.add_argument("--out", type=Path, default=WEIGHTS)
-    p.add_argument("--stage", type=int, choices=[1, 2], help="run one stage only (2 resumes from --out)")
     args = p.parse_args(argv)
     if args.eval:
-        print(report(evaluate(args.n, verbose=args.verbose)))
+        print(report(evaluate(args.n, verbose=args.verbose, weights=args.eval_weights)))
         return
     t0 = time.monotonic()
-    if args.stage in (None, 1):
-        train(args.steps, args.batch, args.lr, args.out)
-    if args.stage in (None, 2):
-        train(STAGE2_STEPS, args.batch, STAGE2_LR, args.out, seed=TRAIN_SEED + 1, resume=args.out)
+    train(args.steps, args.batch, args.lr, args.out, aux_weight=args.aux_weight)
     print(f"total training time {time.monotonic() - t0:.0f}s", flush=True)
 
 

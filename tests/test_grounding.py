@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from engine.base import Engine
-from engine.geometry import smart_resize
+from engine.geometry import resized_size, smart_resize
 from engine.stream import RequestHandle
 from engine.types import Finished, RequestStats, TextDelta
 from ui import grounding, history
@@ -126,7 +126,7 @@ def test_boxes_land_on_the_original_pixels(tmp_path, fmt, size, box, lo, hi):
     drawn = Image.open(figure["path"]).convert("RGB")
     assert drawn.size == size                                      # the original's size
     [mark] = grounding.to_original(grounding.parse(turn["text"]),
-                                   grounding.resized_size(*size, [(lo, hi)]), size)
+                                   resized_size(*size, [(lo, hi)]), size)
     tolerance = max(size) / min(engine.seen[0]) + 2    # one resized pixel, in original pixels
     for got, want in zip(mark.box, (box[0], box[1], box[2] - 1, box[3] - 1)):
         assert abs(got - want) <= tolerance, (mark.box, box)
@@ -146,7 +146,7 @@ def test_remote_bounds_are_applied_after_ours(tmp_path, size, box, lo, hi):
     ctrl = ChatController(engine, (tmp_path.resolve(),))
     turn = ask(ctrl, picture_file(tmp_path, size, box), Sampling(min_pixels=lo, max_pixels=hi))
     [mark] = grounding.to_original(grounding.parse(turn["text"]),
-                                   grounding.resized_size(*size, [(lo, hi)] + remote), size)
+                                   resized_size(*size, [(lo, hi)] + remote), size)
     tolerance = max(size) / min(engine.seen[0]) + 2
     for got, want in zip(mark.box, (box[0], box[1], box[2] - 1, box[3] - 1)):
         assert abs(got - want) <= tolerance, (mark.box, box)

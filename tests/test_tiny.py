@@ -133,10 +133,33 @@ def test_chat_template_matches_qwen(processor):
     assert "Picture 1: <|vision_start|>" in numbered and "Video 1: <|vision_start|>" in numbered
 
 
-def test_image_placeholder_count(processor, model):
-    inputs = _inputs(processor, [{"type": "image", "image": _image(), **PIXELS}, {"type": "text", "text": "What?"}])
-    assert (inputs["input_ids"] == model.config.image_token_id).sum().item() == 256
-    assert inputs["image_grid_thw"].tolist() == [[1, 32, 32]]
+def test_image_placeholder_count(processor, model, tmp_path):
+    # The trained model's processor caps a picture at the size it was trained at (100 tokens);
+    # the random build keeps the real preprocessor_config.json's bounds.
+    content = [{"type": "image", "image": _image(), **PIXELS}, {"type": "text", "text": "What?"}]
+    inputs = _inputs(processor, content)
+    assert (inputs["input_ids"] == model.config.image_token_id).sum().item() == 100
+    assert inputs["image_grid_thw"].tolist() == [[1, 20, 20]]
+    from transformers import AutoProcessor
+
+    rnd = AutoProcessor.from_pretrained(tiny.build_tiny(tmp_path / "random", trained=False))
+    assert _inputs(rnd, content)["image_grid_thw"].tolist() == [[1, 32, 32]]
+
+
+def test_shapes_boxes_are_in_the_pixels_the_model_sees(processor):
+    """engine/shapes.py's resized frame (the app's resize, then the processor's) is the
+    processor's own, for canvases over the whole training range."""
+    import random
+
+    from engine import shapes as S
+
+    rng = random.Random(3)
+    for _ in range(12):
+        size = (rng.randint(320, 800), rng.randint(320, 800))
+        inputs = _inputs(processor, [{"type": "image", "image": _image(size), **PIXELS},
+                                     {"type": "text", "text": "?"}])
+        _, gh, gw = inputs["image_grid_thw"][0].tolist()
+        assert S.model_size(size) == (gw * 14, gh * 14), size
 
 
 def test_generate_is_prompt_dependent(processor, model):

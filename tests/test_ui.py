@@ -520,6 +520,29 @@ def test_meter_counts_a_picture_before_sending_and_warns(ctrl, engine, uploads):
     assert ctrl.composer_meter({"text": "hi", "files": []}, None, 224 * 224, 1 << 20) == ""
 
 
+def test_meter_and_boxes_follow_the_models_own_processor_bounds(tiny_random_model_dir, tmp_path, uploads):
+    """A model folder whose processor resizes pictures further (processor_config.json):
+    the engine reports those bounds, so the meter counts what the model will really see."""
+    from engine.config import EngineConfig
+    from engine.geometry import image_tokens
+    from engine.local import LocalEngine
+
+    folder = tmp_path / "capped"
+    shutil.copytree(tiny_random_model_dir, folder)
+    conf = json.loads((folder / "processor_config.json").read_text())
+    conf["image_processor"]["size"] = {"shortest_edge": 56 * 56, "longest_edge": 100 * 28 * 28}
+    (folder / "processor_config.json").write_text(json.dumps(conf))
+    eng = LocalEngine.from_config(EngineConfig(model=str(folder), warmup=False, max_model_len=MAX_MODEL_LEN))
+    try:
+        assert eng.model_pixel_bounds() == [(56 * 56, 100 * 28 * 28)]
+        line = ChatController(eng, (uploads.resolve(),)).composer_meter(
+            {"text": "", "files": [str(uploads / "shapes.png")]}, None, 224 * 224, 1280 * 28 * 28)
+        assert "**shapes.png**: 100 tokens" in line, line
+        assert image_tokens(448, 448, 224 * 224, 1280 * 28 * 28) == 256     # ours alone
+    finally:
+        eng.close()
+
+
 def test_an_edited_question_reruns_from_there_with_its_pictures(ctrl, uploads):
     shapes = str(uploads / "shapes.png")
     state, _ = ask(ctrl, history.new_state(), "first", [shapes])

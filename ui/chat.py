@@ -277,7 +277,8 @@ class ChatController:
         sampling = Sampling.from_values(max_tokens, None, None, None, None, None, min_pixels,
                                         max_pixels)
         return meter.describe(meter.measure(state, text, files, sampling.min_pixels,
-                                            sampling.max_pixels), self.engine.max_model_len,
+                                            sampling.max_pixels, self.engine.model_pixel_bounds()),
+                              self.engine.max_model_len,
                               self.engine.limit_images, sampling.max_tokens)
 
     def prepare_retry(self, raw_state: Any, system: str | None = None,

@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from engine.geometry import smart_resize
+from engine.geometry import resized_size
 
 COLOURS = ["#1f6feb", "#f58231", "#3cb44b", "#e6194b", "#911eb4", "#42d4f4", "#f032e6",
            "#bfef45", "#469990", "#9a6324"]
@@ -105,16 +105,6 @@ def parse(text: str) -> list[Mark]:
         for body in bodies:
             marks += [m for m in map(_mark, _whole_entries(body)) if m is not None]
     return marks[:MAX_MARKS]
-
-
-def resized_size(width: int, height: int, bounds: list[tuple[int, int]]) -> tuple[int, int]:
-    """(width, height) of the picture the model saw: smart_resize with each (min, max)
-    bounds in turn (ours, then a remote server's own, which leaves a picture already
-    within its bounds as it is)."""
-    w, h = width, height
-    for lo, hi in bounds:
-        h, w = smart_resize(h, w, lo, hi)
-    return w, h
 
 
 def to_original(marks: list[Mark], resized: tuple[int, int],

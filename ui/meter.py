@@ -57,23 +57,25 @@ def picture_size(path: str) -> tuple[int, int]:
     return w, h
 
 
-def _item(path: str, lo: int, hi: int) -> Item:
+def _item(path: str, lo: int, hi: int, then: list[tuple[int, int]] = ()) -> Item:
     name = Path(path).name
     try:
         if path.lower().endswith(PDF_SUFFIX):
             sizes = page_sizes(Path(path))
-            return Item(name, sum(image_tokens(w, h, lo, hi) for w, h in sizes), len(sizes),
+            return Item(name, sum(image_tokens(w, h, lo, hi, then) for w, h in sizes), len(sizes),
                         f"{len(sizes)} page{'s' if len(sizes) != 1 else ''}")
         if history.media_kind(path) == "video":
             return Item(name, None, 0, "video: counted when sent")
         w, h = picture_size(path)
-        return Item(name, image_tokens(w, h, lo, hi), 1, f"{w}x{h}")
+        return Item(name, image_tokens(w, h, lo, hi, then), 1, f"{w}x{h}")
     except (OSError, ValueError, EngineError):
         return Item(name, None, 0, "not readable")
 
 
-def measure(state: State, text: str, files: list[str], lo: int, hi: int) -> Measure:
-    out = Measure(items=[_item(f, lo, hi) for f in files],
+def measure(state: State, text: str, files: list[str], lo: int, hi: int,
+            then: list[tuple[int, int]] = ()) -> Measure:
+    """`then`: the resizes the model applies after ours (Engine.model_pixel_bounds)."""
+    out = Measure(items=[_item(f, lo, hi, then) for f in files],
                   text_tokens=len(text) // CHARS_PER_TOKEN)
     out.chat_pictures = sum(1 for t in state["turns"] if t["role"] == "user"
                             for f in t["files"] if history.media_kind(f["path"]) == "image")
@@ -87,7 +89,7 @@ def measure(state: State, text: str, files: list[str], lo: int, hi: int) -> Meas
         for t in state["turns"]:
             out.chat_tokens += len(t["text"]) // CHARS_PER_TOKEN
             if t["role"] == "user":
-                out.chat_tokens += sum(_item(f["path"], lo, hi).tokens or 0 for f in t["files"]
+                out.chat_tokens += sum(_item(f["path"], lo, hi, then).tokens or 0 for f in t["files"]
                                        if Path(f["path"]).is_file())
     return out
 
