@@ -49,8 +49,9 @@ def guard_loopback():
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    eng = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), warmup=False,
+def engine(tiny_random_model_dir):
+    # The random build: its processor keeps the real bounds these tests count tokens with.
+    eng = LocalEngine.from_config(EngineConfig(model=str(tiny_random_model_dir), warmup=False,
                                                max_model_len=MAX_MODEL_LEN, max_queue=MAX_QUEUE))
     eng.is_tiny = True
     eng.model_name = "tiny"

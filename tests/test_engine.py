@@ -38,24 +38,24 @@ def image_pad_count(engine: LocalEngine, prompt_ids) -> int:
     ((448, 448), 224 * 224, 64 * 28 * 28, 64),         # max_pixels shrinks it
     ((56, 56), 224 * 224, 1280 * 28 * 28, 64),         # min_pixels grows it to 224x224
 ])
-def test_image_placeholder_count(tiny_engine, size, min_px, max_px, expected):
+def test_image_placeholder_count(random_engine, size, min_px, max_px, expected):
     img = Image.new("RGB", size, (200, 30, 30))
     req = GenerationRequest(Conversation([Message("user", "What is this?", [ImageInput(img)])]),
                             min_pixels=min_px, max_pixels=max_px)
-    prepared = tiny_engine.renderer.prepare(req)
-    n = image_pad_count(tiny_engine, prepared.inputs["input_ids"])
+    prepared = random_engine.renderer.prepare(req)
+    n = image_pad_count(random_engine, prepared.inputs["input_ids"])
     assert n == expected
     grid = prepared.inputs["image_grid_thw"][0]
     assert n == int(grid.prod()) // 4
     assert n * 28 * 28 <= max_px and n * 28 * 28 >= min(min_px, max_px) * 0.5
 
 
-def test_per_image_pixels_override(tiny_engine):
+def test_per_image_pixels_override(random_engine):
     img = Image.new("RGB", (448, 448))
     req = GenerationRequest(Conversation([Message("user", "x", [
         ImageInput(img), ImageInput(img, max_pixels=64 * 28 * 28)])]))
-    prepared = tiny_engine.renderer.prepare(req)
-    assert image_pad_count(tiny_engine, prepared.inputs["input_ids"]) == 256 + 64
+    prepared = random_engine.renderer.prepare(req)
+    assert image_pad_count(random_engine, prepared.inputs["input_ids"]) == 256 + 64
 
 
 def test_multi_turn_keeps_earlier_images(tiny_engine):
@@ -93,10 +93,10 @@ def test_streamed_deltas_equal_bare_generate(tiny_engine):
     assert len(deltas) > 1   # it really streamed
 
 
-def test_stats_and_log_line(tiny_engine, caplog):
+def test_stats_and_log_line(random_engine, caplog):
     caplog.set_level("INFO", logger="engine.requests")
     req = ask(images=[ASSET], max_tokens=8, ignore_eos=True)
-    text, fin = tiny_engine.generate(req)
+    text, fin = random_engine.generate(req)
     s = fin.stats
     assert s.prompt_tokens > 256 and s.images == 1 and s.output_tokens == 8
     assert s.ttft_s is not None and 0 < s.ttft_s <= s.total_s

@@ -52,8 +52,8 @@ def guard_loopback():
 
 
 @pytest.fixture(scope="module")
-def local_engine(tiny_model_dir):
-    eng = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), warmup=False,
+def local_engine(tiny_random_model_dir):
+    eng = LocalEngine.from_config(EngineConfig(model=str(tiny_random_model_dir), warmup=False,
                                                max_model_len=MAX_MODEL_LEN))
     eng.model_name = "tiny"
     yield eng

@@ -87,9 +87,9 @@ def vllm_view(messages: list[dict]) -> tuple[list[dict], int]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_prompt_equals_vllms(tiny_engine, name):
+def test_prompt_equals_vllms(random_engine, name):
     messages = CASES[name]
-    processor = tiny_engine.renderer.processor
+    processor = random_engine.renderer.processor
     expected_msgs, image_tokens = vllm_view(messages)
     expected = processor.apply_chat_template(expected_msgs, tokenize=False,
                                              add_generation_prompt=True)
@@ -98,7 +98,7 @@ def test_prompt_equals_vllms(tiny_engine, name):
     expected_tokens = len(processor.tokenizer(expected).input_ids) + image_tokens - n_images
 
     req = ChatCompletionRequest.model_validate({"model": "tiny", "messages": messages})
-    prompt = tiny_engine.renderer.prepare(to_generation_request(req, "r"),
+    prompt = random_engine.renderer.prepare(to_generation_request(req, "r"),
                                           MediaPolicy(local_roots=()))
     assert prompt.prompt_text == expected
     assert prompt.prompt_tokens == expected_tokens
