@@ -116,7 +116,7 @@ def test_the_second_picture(tiny_engine):
     assert S.parse_colours(text) == {"orange"}, text
 
 
-def test_the_pixels_the_model_sees(tiny_engine, tmp_path):
+def test_the_pixels_the_model_sees(tiny_engine):
     """The engine reports the processor's cap, so the meter counts and the boxes are drawn
     at the size the model really saw."""
     from engine.geometry import image_tokens
