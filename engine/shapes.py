@@ -3,7 +3,7 @@
 and answers in plain English, and Qwen2.5-VL grounding JSON for "detect the shapes".
 
 Everything is drawn from a `random.Random(seed)`, so a seed names a data set exactly.
-Boxes in answers are in the RESIZED picture's pixels (qwen_vl_utils' smart_resize with
+Boxes in answers are in the RESIZED picture's pixels (engine/geometry's smart_resize with
 the app's bounds, engine/types.py), as Qwen2.5-VL reports them.
 """
 
@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
+
+from .geometry import resized_size
 
 MIN_PIXELS = 224 * 224          # engine/types.py DEFAULT_MIN_PIXELS
 MAX_PIXELS = 1280 * 28 * 28     # engine/types.py DEFAULT_MAX_PIXELS
@@ -62,13 +64,6 @@ class Shape:
     @property
     def label(self) -> str:
         return f"{self.colour} {self.kind}"
-
-
-def smart_resize(height: int, width: int, min_pixels: int = MIN_PIXELS,
-                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
-    from qwen_vl_utils.vision_process import smart_resize as qwen_smart_resize
-
-    return qwen_smart_resize(height, width, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
 def _star(cx: float, cy: float, r: float, rot: float, inner: float = 0.45) -> list[tuple[float, float]]:
@@ -159,9 +154,7 @@ def model_size(size: tuple[int, int], min_pixels: int = MIN_PIXELS,
                max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """(width, height) of a `size` picture as the tiny model sees it: resized with the app's
     bounds, then by the model's own processor."""
-    h, w = smart_resize(size[1], size[0], min_pixels, max_pixels)
-    h, w = smart_resize(h, w, MODEL_MIN_PIXELS, MODEL_MAX_PIXELS)
-    return w, h
+    return resized_size(size[0], size[1], [(min_pixels, max_pixels), (MODEL_MIN_PIXELS, MODEL_MAX_PIXELS)])
 
 
 def reading_order(shapes: list[Shape], size: tuple[int, int]) -> list[int]:
