@@ -105,7 +105,8 @@ def draw_scene(rng: random.Random, n: int | None = None, size: tuple[int, int] |
                min_side: int = 320, max_side: int = 800) -> tuple[Image.Image, list[Shape]]:
     """A light canvas (320..800 px a side) with 1..4 non-overlapping shapes, each an eighth to a
     third of the canvas' shorter side (a little more now and then), squares a little
-    stretched at times; colours may repeat; a black outline on a third of the pictures."""
+    stretched at times; colours and kinds may repeat, never both; a black outline on a
+    third of the pictures."""
     w, h = size or (rng.randint(min_side, max_side), rng.randint(min_side, max_side))
     n = n or rng.randint(1, 4)
     bg = tuple(rng.randint(235, 255) for _ in range(3))
@@ -117,7 +118,7 @@ def draw_scene(rng: random.Random, n: int | None = None, size: tuple[int, int] |
     outline = rng.choice([0, 0, 2, 3, 4])
     for _ in range(n):
         kind = rng.choice(SHAPES)
-        colour = rng.choice(COLOUR_NAMES)
+        colour = rng.choice([c for c in COLOUR_NAMES if (c, kind) not in {(s.colour, s.kind) for s in shapes}])
         for _attempt in range(60):
             s = int(short * rng.uniform(1 / 8, 0.37))
             sy = int(s * rng.uniform(0.8, 1.0)) if kind == "square" and rng.random() < 0.3 else s
@@ -157,31 +158,27 @@ def model_size(size: tuple[int, int], min_pixels: int = MIN_PIXELS,
     return resized_size(size[0], size[1], [(min_pixels, max_pixels), (MODEL_MIN_PIXELS, MODEL_MAX_PIXELS)])
 
 
-def reading_order(shapes: list[Shape], size: tuple[int, int]) -> list[int]:
-    """Indices of `shapes` in the order every answer names them: by the picture token (28x28
-    pixels as the model sees the picture) that holds each centre, row by row, left to right,
-    the order in which the model reads its picture tokens."""
-    boxes = resized_boxes(shapes, size)
-
-    def key(i: int):
-        cx, cy = (boxes[i][0] + boxes[i][2]) / 2, (boxes[i][1] + boxes[i][3]) / 2
-        return (int(cy // 28), int(cx // 28), cx)
-
-    return sorted(range(len(shapes)), key=key)
+def answer_order(shapes: list[Shape]) -> list[int]:
+    """Indices of `shapes` in the order every answer names them: by colour (COLOUR_NAMES'
+    order), then by kind (SHAPES' order). Naming what is there in a fixed order asks the
+    model for the set of (colour, kind) pairs in the picture and the pairs it has already
+    named, not for positions; a scene never holds the same pair twice (draw_scene)."""
+    return sorted(range(len(shapes)), key=lambda i: (COLOUR_NAMES.index(shapes[i].colour),
+                                                     SHAPES.index(shapes[i].kind)))
 
 
-def _ordered(shapes: list[Shape], size: tuple[int, int]) -> list[Shape]:
-    return [shapes[i] for i in reading_order(shapes, size)]
+def _ordered(shapes: list[Shape]) -> list[Shape]:
+    return [shapes[i] for i in answer_order(shapes)]
 
 
-def count_answer(shapes: list[Shape], size: tuple[int, int]) -> str:
+def count_answer(shapes: list[Shape]) -> str:
     n = len(shapes)
-    items = _join([_a(s.label) for s in _ordered(shapes, size)])
+    items = _join([_a(s.label) for s in _ordered(shapes)])
     return f"There is 1 shape: {items}." if n == 1 else f"There are {n} shapes: {items}."
 
 
-def shape_of_colour_answer(shapes: list[Shape], colour: str, size: tuple[int, int]) -> str:
-    kinds = [s.kind for s in _ordered(shapes, size) if s.colour == colour]
+def shape_of_colour_answer(shapes: list[Shape], colour: str) -> str:
+    kinds = [s.kind for s in _ordered(shapes) if s.colour == colour]
     if not kinds:
         return f"There is no {colour} shape."
     if len(kinds) == 1:
@@ -189,8 +186,8 @@ def shape_of_colour_answer(shapes: list[Shape], colour: str, size: tuple[int, in
     return f"There are {len(kinds)} {colour} shapes: " + _join([f"a {k}" for k in kinds]) + "."
 
 
-def colour_of_shape_answer(shapes: list[Shape], kind: str, size: tuple[int, int]) -> str:
-    colours = [s.colour for s in _ordered(shapes, size) if s.kind == kind]
+def colour_of_shape_answer(shapes: list[Shape], kind: str) -> str:
+    colours = [s.colour for s in _ordered(shapes) if s.kind == kind]
     if not colours:
         return f"There is no {kind}."
     if len(colours) == 1:
@@ -207,10 +204,12 @@ def resized_boxes(shapes: list[Shape], size: tuple[int, int]) -> list[list[int]]
 
 
 def detect_answer(shapes: list[Shape], size: tuple[int, int]) -> str:
-    order = reading_order(shapes, size)
+    """Qwen2.5-VL's grounding JSON, boxes in the resized picture's pixels; each entry names
+    its shape before its box (the same keys as Qwen's, in the other order), so the model
+    decides what it points at before it writes where."""
     boxes = resized_boxes(shapes, size)
-    rows = [f'\t{{"bbox_2d": [{", ".join(map(str, boxes[i]))}], "label": "{shapes[i].label}"}}'
-            for i in order]
+    rows = [f'\t{{"label": "{shapes[i].label}", "bbox_2d": [{", ".join(map(str, boxes[i]))}]}}'
+            for i in answer_order(shapes)]
     return "```json\n[\n" + ",\n".join(rows) + "\n]\n```"
 
 
@@ -242,17 +241,17 @@ TASKS = ["count", "shape_of", "colour_of", "detect"]
 def ask_about(rng: random.Random, task: str, img: Image.Image, shapes: list[Shape]) -> tuple[str, str]:
     """A question of kind `task` about one picture, and its answer."""
     if task == "count":
-        return rng.choice(COUNT_QUESTIONS), count_answer(shapes, img.size)
+        return rng.choice(COUNT_QUESTIONS), count_answer(shapes)
     if task == "shape_of":
         colour = rng.choice([s.colour for s in shapes]) if rng.random() < 0.8 else rng.choice(COLOUR_NAMES)
         q = rng.choice([f"What shape is the {colour} one?", f"What shape is the {colour} one?",
                         f"Which shape is {colour}?"])
-        return q, shape_of_colour_answer(shapes, colour, img.size)
+        return q, shape_of_colour_answer(shapes, colour)
     if task == "colour_of":
         kind = rng.choice([s.kind for s in shapes]) if rng.random() < 0.8 else rng.choice(SHAPES)
         q = rng.choice([f"Which colour is the {kind}?", f"What colour is the {kind}?",
                         f"Which colour is the {kind}?"])
-        return q, colour_of_shape_answer(shapes, kind, img.size)
+        return q, colour_of_shape_answer(shapes, kind)
     return rng.choice(DETECT_QUESTIONS), detect_answer(shapes, img.size)
 
 
@@ -266,7 +265,7 @@ def _ask_second(rng: random.Random, which: str, shapes: list[Shape]) -> tuple[st
 def make_example(rng: random.Random, task: str | None = None, turns: int = 1, **scene) -> Example:
     """A conversation of `turns` questions (different kinds where possible) about fresh
     pictures; the first question is of kind `task` (drawn when None)."""
-    task = task or rng.choices(TASKS + ["two"], weights=[4, 2, 2, 3, 1])[0]
+    task = task or rng.choices(TASKS + ["two"], weights=[4, 2, 2, 4, 2])[0]
     if task == "two":
         a, sa = draw_scene(rng, n=1, **scene)
         b, sb = draw_scene(rng, n=1, **scene)

@@ -28,7 +28,7 @@ import threading
 import uuid
 from pathlib import Path
 
-TINY_VERSION = 3
+TINY_VERSION = 4
 WEIGHTS = Path(__file__).with_name("tiny_weights.safetensors")
 MARKER = "tiny_model.json"
 
@@ -215,10 +215,14 @@ TEXT_DIMS = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2)
 VISION_DIMS = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4,
                    fullatt_block_indexes=[0, 1, 2, 3])
-# A lower rope base than the real 1e6, and mrope sections weighted towards the picture's
-# rows and columns, so the small model's attention can tell picture positions apart.
-ROPE_THETA = 100.0
-MROPE_SECTION = [2, 7, 7]
+# Rotary positions for 16 frequency pairs (the real model: 64 pairs, base 1e6, [16, 24, 24]).
+# Qwen's mrope gives the highest frequencies to time, then rows, then columns. Base 1000 with
+# [2, 5, 9] leaves rows 0.42..0.075 and columns 0.049..0.0016 radians per step: enough to tell
+# a picture's rows and columns apart, and a few pairs that barely turn over a whole chat, so
+# that an answer can find picture tokens by content however far back they are (base 100 left
+# none: every pair turned by a radian or more within 100 tokens).
+ROPE_THETA = 1000.0
+MROPE_SECTION = [2, 5, 9]
 
 
 def build_config(tokenizer):

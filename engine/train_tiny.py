@@ -1,6 +1,6 @@
 """Train the built-in tiny Qwen2.5-VL on synthetic shapes (engine/shapes.py).
 
-    python -m engine.train_tiny            # train from seed 0 (1300 steps of 8 conversations,
+    python -m engine.train_tiny            # train from seed 0 (2400 steps of 8 conversations,
                                            # 25 minutes on 2 CPU cores) and write
                                            # engine/tiny_weights.safetensors (float16, 4.4 MB)
     python -m engine.train_tiny --eval     # held-out accuracy of the committed weights
@@ -25,35 +25,78 @@ from . import shapes as S
 
 TRAIN_SEED = 0
 EVAL_SEED = 987654321
-STEPS = 1300
+STEPS = 2400
 BATCH = 8
 LR = 2e-3
 AUX_WEIGHT = 1.0
 WEIGHTS = Path(__file__).with_name("tiny_weights.safetensors")
 
 # ---- auxiliary targets: what each picture token should know -------------------------------
-# Training adds two linear probes, thrown away afterwards, that tell the model early what its
+# Training adds linear probes, thrown away afterwards, that tell the model early what its
 # answers will need, so that it learns in minutes what the answers alone teach in hours:
-# - on the vision tower's output (per 28x28 token): what covers the token and, at a shape's
-#   centre, its colour, kind and its box relative to the token. The tower only has relative
-#   positions (2-D rotary) and sees the whole picture at once, so nothing absolute is asked of it.
+# - on the vision tower's output (per 28x28 token): the colour and kind of the shape whose
+#   pixels cover the token, whether a shape's centre is in it, and that shape's box relative
+#   to the token. The tower only has relative positions (2-D rotary), so nothing absolute is
+#   asked of it.
 # - on the language model's picture tokens after LM_LAYER layers: the token's row and column
-#   (the 3-D rotary positions make these knowable there), the number of shapes and, at a
-#   shape's centre, its rank in reading order (answers name shapes in that order; causal
-#   attention counts the centres before it), among its colour and its kind, and the digits of
-#   its box in the resized picture's pixels, which the answer then copies.
-VISION_GROUPS = [("cell", 7), ("centre", 2), ("colour", 6), ("kind", 4)]
-LM_GROUPS = [("row", 24), ("col", 24), ("rank", 4), ("n", 4), ("colour_rank", 4), ("kind_rank", 4)] + \
+#   (the 3-D rotary positions make these knowable there), which picture it is in, the number
+#   of shapes and, on every token a shape covers, that shape's colour, kind and the digits of
+#   its box in the resized picture's pixels. An answer that has named a shape then finds its
+#   box by content: it attends to the tokens of that colour and kind, which all agree.
+# - on every answer token after LM_LAYER layers: the number of shapes and which colours, kinds
+#   and (colour, kind) pairs the picture holds (answers name shapes in a fixed order of colour
+#   and kind, so they walk through that set), and the picture word it is about to write.
+VISION_GROUPS = [("cell", 7), ("cellkind", 5), ("centre", 2)]
+LM_GROUPS = [("row", 24), ("col", 24), ("pic", 2), ("n", 4), ("colour", 7), ("kind", 5)] + \
             [(f"digit{c}{k}", 11) for c in range(4) for k in range(3)]
 GROUPS = VISION_GROUPS + LM_GROUPS
 LM_LAYER = 2
-REPORT = ("row", "col", "rank", "n", "digit01", "digit02")
+REPORT = ("row", "col", "n", "digit00", "digit01", "digit21")
+DETECT_WEIGHT = 2.0     # a detection answer weighs this much against another answer's 1
+CONTENT_WEIGHT = 4.0    # within an answer, a word that depends on the picture (a colour, a
+                        # kind, a digit) weighs this much against a word of the template
+CONTENT_WORDS = frozenset(S.COLOUR_NAMES + S.SHAPES + list(S.PLURAL.values()) + list("0123456789"))
+ABS_SCALE = 512.0       # the absolute box probe reads pixels / this (the same scale for every picture)
 
 
-def token_targets(shapes: list[S.Shape], size: tuple[int, int], gh: int, gw: int):
+def _digit_targets(box: list[int]) -> dict[str, int]:
+    out = {}
+    for cdx, v in enumerate(box):
+        digits = str(v)
+        for k in range(3):
+            out[f"digit{cdx}{k}"] = int(digits[k]) if k < len(digits) else 10
+    return out
+
+
+def coverage(pixels, mean, std, shapes: list[S.Shape], boxes: list[list[int]], gh: int, gw: int):
+    """[gh*gw, len(shapes)]: the share of each token's pixels, as the model sees them (the
+    processor's resized, normalised patches), that belong to each shape: inside its box and
+    close to its colour. A shape's box is not its pixels (a star fills half of it)."""
+    import torch
+
+    # The processor's patch order: merged token (row-major), then its 2x2 patches, then
+    # channel, frame, 14x14 pixels.
+    x = pixels.view(gh, gw, 2, 2, 3, 2, 14, 14)[:, :, :, :, :, 0]
+    rgb = (x * std.view(1, 1, 1, 1, 3, 1, 1) + mean.view(1, 1, 1, 1, 3, 1, 1)) * 255
+    ys = (torch.arange(gh).view(gh, 1, 1, 1, 1, 1) * 28 + torch.arange(2).view(1, 1, 2, 1, 1, 1) * 14
+          + torch.arange(14).view(1, 1, 1, 1, 14, 1))
+    xs = (torch.arange(gw).view(1, gw, 1, 1, 1, 1) * 28 + torch.arange(2).view(1, 1, 1, 2, 1, 1) * 14
+          + torch.arange(14).view(1, 1, 1, 1, 1, 14))
+    out = torch.zeros(gh * gw, len(shapes))
+    for i, (s, b) in enumerate(zip(shapes, boxes)):
+        colour = torch.tensor(S.COLOURS[s.colour], dtype=torch.float32).view(1, 1, 1, 1, 3, 1, 1)
+        near = ((rgb - colour) ** 2).sum(4) < 45 ** 2
+        inside = (xs >= b[0] - 1) & (xs <= b[2] + 1) & (ys >= b[1] - 1) & (ys <= b[3] + 1)
+        out[:, i] = (near & inside).float().mean(dim=(2, 3, 4, 5)).reshape(-1)
+    return out
+
+
+def token_targets(shapes: list[S.Shape], size: tuple[int, int], gh: int, gw: int, picture: int = 0,
+                  cover=None):
     """Per token of one picture whose model-side grid is gh x gw tokens: classes
-    [gh*gw, len(GROUPS)] (-100: nothing to learn), the box relative to the token (in tokens)
-    and in the picture (0..1), and where a shape's centre is."""
+    [gh*gw, len(GROUPS)] (-100: nothing to learn), the covering shape's box relative to the
+    token (in tokens) and in the picture (pixels / ABS_SCALE), and which tokens a shape
+    covers (`cover`, from `coverage`: at least a quarter of the token's pixels)."""
     import torch
 
     cls = torch.full((gh * gw, len(GROUPS)), -100, dtype=torch.long)
@@ -61,39 +104,31 @@ def token_targets(shapes: list[S.Shape], size: tuple[int, int], gh: int, gw: int
     absolute = torch.zeros((gh * gw, 4))
     mask = torch.zeros(gh * gw, dtype=torch.bool)
     boxes = S.resized_boxes(shapes, size)
-    order = S.reading_order(shapes, size)
     col = {g: j for j, (g, _) in enumerate(GROUPS)}
-    cls[:, col["cell"]] = 0
-    cls[:, col["centre"]] = 0
+    for g in ("cell", "cellkind", "centre", "colour", "kind"):
+        cls[:, col[g]] = 0
     cls[:, col["n"]] = len(shapes) - 1
+    cls[:, col["pic"]] = min(picture, 1)
     cls[:, col["row"]] = torch.arange(gh).repeat_interleave(gw).clamp(max=23)
     cls[:, col["col"]] = torch.arange(gw).repeat(gh).clamp(max=23)
-    for r in range(gh):
-        for c in range(gw):
-            x, y = c * 28 + 14, r * 28 + 14
-            for i, b in enumerate(boxes):
-                if b[0] <= x <= b[2] and b[1] <= y <= b[3]:
-                    cls[r * gw + c, col["cell"]] = 1 + S.COLOUR_NAMES.index(shapes[i].colour)
-    for rank, i in enumerate(order):
-        s, b = shapes[i], boxes[i]
+    if cover is None:
+        cover = torch.zeros(gh * gw, len(shapes))
+    share, owner = cover.max(-1) if len(shapes) else (torch.zeros(gh * gw), torch.zeros(gh * gw, dtype=torch.long))
+    for s, b in zip(shapes, boxes):
         r, c = min(int((b[1] + b[3]) / 2 // 28), gh - 1), min(int((b[0] + b[2]) / 2 // 28), gw - 1)
-        t = r * gw + c
-        if mask[t]:
-            continue                # two centres in one token: the first keeps it
-        same_c = [j for j in order if shapes[j].colour == s.colour]
-        same_k = [j for j in order if shapes[j].kind == s.kind]
-        row = {"centre": 1, "colour": S.COLOUR_NAMES.index(s.colour), "kind": S.SHAPES.index(s.kind),
-               "rank": rank, "colour_rank": same_c.index(i), "kind_rank": same_k.index(i)}
-        for cdx, v in enumerate(b):
-            digits = str(v)
-            for k in range(3):
-                row[f"digit{cdx}{k}"] = int(digits[k]) if k < len(digits) else 10
-        for g, v in row.items():
-            cls[t, col[g]] = v
-        x0, y0 = c * 28, r * 28
-        rel[t] = torch.tensor([(b[0] - x0) / 28, (b[1] - y0) / 28, (b[2] - x0) / 28, (b[3] - y0) / 28])
-        absolute[t] = torch.tensor([b[0] / (gw * 28), b[1] / (gh * 28), b[2] / (gw * 28), b[3] / (gh * 28)])
-        mask[t] = True
+        cls[r * gw + c, col["centre"]] = 1
+    for i, (s, b) in enumerate(zip(shapes, boxes)):
+        row = {"cell": 1 + S.COLOUR_NAMES.index(s.colour), "cellkind": 1 + S.SHAPES.index(s.kind),
+               "colour": 1 + S.COLOUR_NAMES.index(s.colour), "kind": 1 + S.SHAPES.index(s.kind),
+               **_digit_targets(b)}
+        for t in ((owner == i) & (share >= 0.25)).nonzero()[:, 0].tolist():
+            tr, tc = divmod(t, gw)
+            for g, v in row.items():
+                cls[t, col[g]] = v
+            x0, y0 = tc * 28, tr * 28
+            rel[t] = torch.tensor([(b[0] - x0) / 28, (b[1] - y0) / 28, (b[2] - x0) / 28, (b[3] - y0) / 28])
+            absolute[t] = torch.tensor(b, dtype=torch.float32) / ABS_SCALE
+            mask[t] = True
     return cls, rel, absolute, mask
 
 
@@ -112,18 +147,52 @@ def _probe_loss(out, cls, groups, first: int, acc: dict):
     return loss / len(groups), at
 
 
+NEXT_WORDS = S.COLOUR_NAMES + S.SHAPES + list("0123456789")
+
+
+def next_word_classes(tokenizer, vocab_size: int):
+    """token id -> index in NEXT_WORDS (a kind's plural counts as the kind), else -1."""
+    import torch
+
+    table = torch.full((vocab_size,), -1, dtype=torch.long)
+    plural = {v: k for k, v in S.PLURAL.items()}
+    for i in range(len(tokenizer)):
+        w = tokenizer.decode([i]).strip()
+        w = plural.get(w, w)
+        if w in NEXT_WORDS:
+            table[i] = NEXT_WORDS.index(w)
+    return table
+
+
+SUMMARY = 4 + len(S.COLOUR_NAMES) + len(S.SHAPES) + len(S.COLOUR_NAMES) * len(S.SHAPES)
+
+
 class Probes:
-    """The two linear probes and their loss (see above)."""
+    """The three linear probes and their loss (see above)."""
 
     def __init__(self, vision_dim: int, lm_dim: int) -> None:
         import torch
 
         self.vision = torch.nn.Linear(vision_dim, sum(n for _, n in VISION_GROUPS) + 4)
         self.lm = torch.nn.Linear(lm_dim, sum(n for _, n in LM_GROUPS) + 4)
-        self.summary = torch.nn.Linear(lm_dim, 4 + 6 + 4)
+        self.summary = torch.nn.Linear(lm_dim, SUMMARY)
+        self.next_word = torch.nn.Linear(lm_dim, len(NEXT_WORDS))
 
     def parameters(self):
-        return [p for m in (self.vision, self.lm, self.summary) for p in m.parameters()]
+        return [p for m in (self.vision, self.lm, self.summary, self.next_word) for p in m.parameters()]
+
+    def next_word_loss(self, feats, classes, acc: dict):
+        """Deep supervision: after LM_LAYER layers, an answer token should already know the
+        picture word it is about to write (a colour, a kind, a digit), the answers' own target
+        reached by a path two layers shorter."""
+        import torch.nn.functional as F
+
+        keep = classes >= 0
+        if not keep.any():
+            return 0.0
+        out = self.next_word(feats[keep])
+        acc["next_word"] = (out.argmax(-1) == classes[keep]).float().mean().item()
+        return 3 * F.cross_entropy(out, classes[keep])
 
     def summary_loss(self, feats, summary, acc: dict):
         """Answer tokens (after LM_LAYER layers) should know the scene: this pulls the
@@ -137,6 +206,7 @@ class Probes:
         n = tgt[:, 0].long()
         acc["sum_n"] = (out[:, :4].argmax(-1) == n).float().mean().item()
         acc["sum_colours"] = ((out[:, 4:10] > 0) == (tgt[:, 1:7] > 0.5)).all(-1).float().mean().item()
+        acc["sum_pairs"] = ((out[:, 14:] > 0) == (tgt[:, 11:] > 0.5)).all(-1).float().mean().item()
         return 3 * F.cross_entropy(out[:, :4], n) + 3 * F.binary_cross_entropy_with_logits(out[:, 4:], tgt[:, 1:])
 
     def loss(self, vision_feats, lm_feats, cls, rel, absolute, mask):
@@ -181,24 +251,36 @@ def encode(processor, ex: S.Example, min_pixels: int = S.MIN_PIXELS, max_pixels:
             weights.append(torch.zeros(len(t)))
         t = tok(a + "<|im_end|>", add_special_tokens=False)["input_ids"]
         ids.append(torch.tensor(t))
-        weights.append(torch.full((len(t),), 1.0 / len(t)))
+        w = torch.tensor([CONTENT_WEIGHT if tok.decode([i]).strip() in CONTENT_WORDS else 1.0 for i in t])
+        weights.append(w * (DETECT_WEIGHT if a.startswith("```json") else 1.0) / w.sum())
     grid = inp["image_grid_thw"]
-    targets = [token_targets(sh, im.size, int(g[1]) // 2, int(g[2]) // 2)
-               for sh, im, g in zip(ex.shapes, ex.images, grid)]
+    ip = processor.image_processor
+    mean, std = torch.tensor(ip.image_mean), torch.tensor(ip.image_std)
+    targets, at = [], 0
+    for k, (sh, im, g) in enumerate(zip(ex.shapes, ex.images, grid)):
+        gh, gw = int(g[1]) // 2, int(g[2]) // 2
+        pix = inp["pixel_values"][at:at + gh * gw * 4]
+        at += gh * gw * 4
+        cover = coverage(pix, mean, std, sh, S.resized_boxes(sh, im.size), gh, gw)
+        targets.append(token_targets(sh, im.size, gh, gw, picture=k, cover=cover))
     return (torch.cat(ids), torch.cat(weights), inp["pixel_values"], grid,
             [torch.cat(x) for x in zip(*targets)], scene_summary(ex))
 
 
 def scene_summary(ex: S.Example):
     """What every answer token of a one-picture conversation should have gathered from the
-    picture: [number of shapes - 1, colours present (6), kinds present (4)]; -1 for two pictures."""
+    picture: [number of shapes - 1, colours present (6), kinds present (4), (colour, kind)
+    pairs present (24)]; -1 for two pictures."""
     import torch
 
+    width = SUMMARY - 3
     if len(ex.shapes) != 1:
-        return torch.full((11,), -1.0)
+        return torch.full((width,), -1.0)
     shapes = ex.shapes[0]
+    pairs = {(s.colour, s.kind) for s in shapes}
     return torch.tensor([len(shapes) - 1] + [float(any(s.colour == c for s in shapes)) for c in S.COLOUR_NAMES]
-                        + [float(any(s.kind == k for s in shapes)) for k in S.SHAPES])
+                        + [float(any(s.kind == k for s in shapes)) for k in S.SHAPES]
+                        + [float((c, k) in pairs) for c in S.COLOUR_NAMES for k in S.SHAPES])
 
 
 def collate(items, pad_id: int):
@@ -270,6 +352,7 @@ def train(steps: int, batch: int, lr: float, out: Path, log_every: int = 10, see
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     rng = random.Random(seed)
     pad = tokenizer.pad_token_id
+    word_class = next_word_classes(tokenizer, config.text_config.vocab_size)
     start = last_ckpt = time.monotonic()
     ema = aux_ema = None
     warm = 30
@@ -291,7 +374,9 @@ def train(steps: int, batch: int, lr: float, out: Path, log_every: int = 10, see
         aux, acc = probes.loss(seen.pop("v"), lm_feats, *aux_targets)
         answering = weights[:, 1:] > 0
         rows = answering.nonzero()[:, 0]
-        aux = aux + probes.summary_loss(res.hidden_states[LM_LAYER][:, :-1][answering], summary[rows], acc)
+        feats = res.hidden_states[LM_LAYER][:, :-1][answering]
+        aux = aux + probes.summary_loss(feats, summary[rows], acc)
+        aux = aux + probes.next_word_loss(feats, word_class[b["input_ids"][:, 1:][answering]], acc)
         loss = lm + aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -364,9 +449,9 @@ def evaluate(n: int, seed: int = EVAL_SEED, model_dir: Path | None = None, verbo
             res["iou50"] += sum(v >= 0.5 for v in ious)
             target = rng.choice(shapes)
             q1 = ask([img], f"What shape is the {target.colour} one?")
-            res["shape_of"] += q1.strip() == S.shape_of_colour_answer(shapes, target.colour, img.size)
+            res["shape_of"] += q1.strip() == S.shape_of_colour_answer(shapes, target.colour)
             q2 = ask([img], f"Which colour is the {target.kind}?")
-            res["colour_of"] += q2.strip() == S.colour_of_shape_answer(shapes, target.kind, img.size)
+            res["colour_of"] += q2.strip() == S.colour_of_shape_answer(shapes, target.kind)
             res["qa"] += 1
             if k % 2 == 0:
                 a1, s1 = S.draw_scene(rng, n=1)
