@@ -91,8 +91,8 @@ def coverage(pixels, mean, std, shapes: list[S.Shape], boxes: list[list[int]], g
     return out
 
 
-def token_targets(shapes: list[S.Shape], size: tuple[int, int], gh: int, gw: int, picture: int = 0,
-                  cover=None):
+def token_targets(shapes: list[S.Shape], size: tuple[int, int], gh: int, gw: int, picture: int,
+                  cover):
     """Per token of one picture whose model-side grid is gh x gw tokens: classes
     [gh*gw, len(GROUPS)] (-100: nothing to learn), the covering shape's box relative to the
     token (in tokens) and in the picture (pixels / ABS_SCALE), and which tokens a shape
@@ -111,8 +111,6 @@ def token_targets(shapes: list[S.Shape], size: tuple[int, int], gh: int, gw: int
     cls[:, col["pic"]] = min(picture, 1)
     cls[:, col["row"]] = torch.arange(gh).repeat_interleave(gw).clamp(max=23)
     cls[:, col["col"]] = torch.arange(gw).repeat(gh).clamp(max=23)
-    if cover is None:
-        cover = torch.zeros(gh * gw, len(shapes))
     share, owner = cover.max(-1) if len(shapes) else (torch.zeros(gh * gw), torch.zeros(gh * gw, dtype=torch.long))
     for s, b in zip(shapes, boxes):
         r, c = min(int((b[1] + b[3]) / 2 // 28), gh - 1), min(int((b[0] + b[2]) / 2 // 28), gw - 1)
