@@ -118,7 +118,8 @@ def draw_scene(rng: random.Random, n: int | None = None, size: tuple[int, int] |
     outline = rng.choice([0, 0, 2, 3, 4])
     for _ in range(n):
         kind = rng.choice(SHAPES)
-        colour = rng.choice([c for c in COLOUR_NAMES if (c, kind) not in {(s.colour, s.kind) for s in shapes}])
+        taken = {(s.colour, s.kind) for s in shapes}
+        colour = rng.choice([c for c in COLOUR_NAMES if (c, kind) not in taken])
         for _attempt in range(60):
             s = int(short * rng.uniform(1 / 8, 0.37))
             sy = int(s * rng.uniform(0.8, 1.0)) if kind == "square" and rng.random() < 0.3 else s

@@ -55,7 +55,8 @@ REPORT = ("row", "col", "n", "digit00", "digit01", "digit21")
 DETECT_WEIGHT = 2.0     # a detection answer weighs this much against another answer's 1
 CONTENT_WEIGHT = 4.0    # within an answer, a word that depends on the picture (a colour, a
                         # kind, a digit) weighs this much against a word of the template
-CONTENT_WORDS = frozenset(S.COLOUR_NAMES + S.SHAPES + list(S.PLURAL.values()) + list("0123456789"))
+NEXT_WORDS = S.COLOUR_NAMES + S.SHAPES + list("0123456789")    # the picture words
+CONTENT_WORDS = frozenset(NEXT_WORDS + list(S.PLURAL.values()))
 ABS_SCALE = 512.0       # the absolute box probe reads pixels / this (the same scale for every picture)
 
 
@@ -92,11 +93,11 @@ def coverage(pixels, mean, std, shapes: list[S.Shape], boxes: list[list[int]], g
 
 
 def token_targets(shapes: list[S.Shape], size: tuple[int, int], gh: int, gw: int, picture: int,
-                  cover):
+                  pixels, mean, std):
     """Per token of one picture whose model-side grid is gh x gw tokens: classes
     [gh*gw, len(GROUPS)] (-100: nothing to learn), the covering shape's box relative to the
     token (in tokens) and in the picture (pixels / ABS_SCALE), and which tokens a shape
-    covers (`cover`, from `coverage`: at least a quarter of the token's pixels)."""
+    covers (at least a quarter of the token's `pixels`, the processor's patches: `coverage`)."""
     import torch
 
     cls = torch.full((gh * gw, len(GROUPS)), -100, dtype=torch.long)
@@ -111,6 +112,7 @@ def token_targets(shapes: list[S.Shape], size: tuple[int, int], gh: int, gw: int
     cls[:, col["pic"]] = min(picture, 1)
     cls[:, col["row"]] = torch.arange(gh).repeat_interleave(gw).clamp(max=23)
     cls[:, col["col"]] = torch.arange(gw).repeat(gh).clamp(max=23)
+    cover = coverage(pixels, mean, std, shapes, boxes, gh, gw)
     share, owner = cover.max(-1) if len(shapes) else (torch.zeros(gh * gw), torch.zeros(gh * gw, dtype=torch.long))
     for s, b in zip(shapes, boxes):
         r, c = min(int((b[1] + b[3]) / 2 // 28), gh - 1), min(int((b[0] + b[2]) / 2 // 28), gw - 1)
@@ -145,9 +147,6 @@ def _probe_loss(out, cls, groups, first: int, acc: dict):
     return loss / len(groups), at
 
 
-NEXT_WORDS = S.COLOUR_NAMES + S.SHAPES + list("0123456789")
-
-
 def next_word_classes(tokenizer, vocab_size: int):
     """token id -> index in NEXT_WORDS (a kind's plural counts as the kind), else -1."""
     import torch
@@ -166,7 +165,7 @@ SUMMARY = 4 + len(S.COLOUR_NAMES) + len(S.SHAPES) + len(S.COLOUR_NAMES) * len(S.
 
 
 class Probes:
-    """The three linear probes and their loss (see above)."""
+    """The four linear probes and their losses (see above)."""
 
     def __init__(self, vision_dim: int, lm_dim: int) -> None:
         import torch
@@ -259,8 +258,7 @@ def encode(processor, ex: S.Example, min_pixels: int = S.MIN_PIXELS, max_pixels:
         gh, gw = int(g[1]) // 2, int(g[2]) // 2
         pix = inp["pixel_values"][at:at + gh * gw * 4]
         at += gh * gw * 4
-        cover = coverage(pix, mean, std, sh, S.resized_boxes(sh, im.size), gh, gw)
-        targets.append(token_targets(sh, im.size, gh, gw, picture=k, cover=cover))
+        targets.append(token_targets(sh, im.size, gh, gw, k, pix, mean, std))
     return (torch.cat(ids), torch.cat(weights), inp["pixel_values"], grid,
             [torch.cat(x) for x in zip(*targets)], scene_summary(ex))
 
