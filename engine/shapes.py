@@ -226,6 +226,7 @@ class Example:
     turns: list[tuple[str, str]]
     task: str
     shapes: list[list[Shape]]
+    tasks: list[str] | None = None      # each turn's kind (TASKS or "two")
 
     @property
     def question(self) -> str:
@@ -272,10 +273,10 @@ def make_example(rng: random.Random, task: str | None = None, turns: int = 1, **
         b, sb = draw_scene(rng, n=1, **scene)
         order = rng.sample(["first", "second"], 2)[:turns]
         qa = [_ask_second(rng, w, sa if w == "first" else sb) for w in order]
-        return Example([a, b], qa, task, [sa, sb])
+        return Example([a, b], qa, task, [sa, sb], [task] * len(qa))
     img, shapes = draw_scene(rng, **scene)
     kinds = [task] + rng.sample([t for t in TASKS if t != task], min(turns, len(TASKS)) - 1)
-    return Example([img], [ask_about(rng, k, img, shapes) for k in kinds], task, [shapes])
+    return Example([img], [ask_about(rng, k, img, shapes) for k in kinds], task, [shapes], kinds)
 
 
 # ---- scoring (engine/train_tiny.py --eval and tests) -------------------------------------

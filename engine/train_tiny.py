@@ -1,7 +1,7 @@
 """Train the built-in tiny Qwen2.5-VL on synthetic shapes (engine/shapes.py).
 
-    python -m engine.train_tiny            # train from seed 0 (2400 steps of 8 conversations,
-                                           # 25 minutes on 2 CPU cores) and write
+    python -m engine.train_tiny            # train from seed 0 (2300 steps of 8 conversations,
+                                           # 28 minutes on 2 CPU cores) and write
                                            # engine/tiny_weights.safetensors (float16, 4.4 MB)
     python -m engine.train_tiny --eval     # held-out accuracy of the committed weights
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from . import shapes as S
 
 TRAIN_SEED = 0
 EVAL_SEED = 987654321
-STEPS = 2400
+STEPS = 2300
 BATCH = 8
 LR = 2e-3
 AUX_WEIGHT = 1.0
@@ -57,6 +58,10 @@ CONTENT_WEIGHT = 4.0    # within an answer, a word that depends on the picture (
                         # kind, a digit) weighs this much against a word of the template
 NEXT_WORDS = S.COLOUR_NAMES + S.SHAPES + list("0123456789")    # the picture words
 CONTENT_WORDS = frozenset(NEXT_WORDS + list(S.PLURAL.values()))
+# (layer, head, what) whose attention `Looking` supervises: "all" the shapes (the first
+# layer knows only its own token, not the question) or the shapes "about" to be looked up.
+ATTN_HEADS = [(0, 0, "all"), (2, 0, "about")]
+ATTN_WEIGHT = 0.3
 ABS_SCALE = 512.0       # the absolute box probe reads pixels / this (the same scale for every picture)
 
 
@@ -96,14 +101,15 @@ def token_targets(shapes: list[S.Shape], size: tuple[int, int], gh: int, gw: int
                   pixels, mean, std):
     """Per token of one picture whose model-side grid is gh x gw tokens: classes
     [gh*gw, len(GROUPS)] (-100: nothing to learn), the covering shape's box relative to the
-    token (in tokens) and in the picture (pixels / ABS_SCALE), and which tokens a shape
-    covers (at least a quarter of the token's `pixels`, the processor's patches: `coverage`)."""
+    token (in tokens) and in the picture (pixels / ABS_SCALE), and which shape covers the
+    token (its index in `shapes`, -1 for none: at least a quarter of the token's `pixels`,
+    the processor's patches, `coverage`)."""
     import torch
 
     cls = torch.full((gh * gw, len(GROUPS)), -100, dtype=torch.long)
     rel = torch.zeros((gh * gw, 4))
     absolute = torch.zeros((gh * gw, 4))
-    mask = torch.zeros(gh * gw, dtype=torch.bool)
+    owner_of = torch.full((gh * gw,), -1, dtype=torch.long)
     boxes = S.resized_boxes(shapes, size)
     col = {g: j for j, (g, _) in enumerate(GROUPS)}
     for g in ("cell", "cellkind", "centre", "colour", "kind"):
@@ -128,8 +134,8 @@ def token_targets(shapes: list[S.Shape], size: tuple[int, int], gh: int, gw: int
             x0, y0 = tc * 28, tr * 28
             rel[t] = torch.tensor([(b[0] - x0) / 28, (b[1] - y0) / 28, (b[2] - x0) / 28, (b[3] - y0) / 28])
             absolute[t] = torch.tensor(b, dtype=torch.float32) / ABS_SCALE
-            mask[t] = True
-    return cls, rel, absolute, mask
+            owner_of[t] = i
+    return cls, rel, absolute, owner_of
 
 
 def _probe_loss(out, cls, groups, first: int, acc: dict):
@@ -159,6 +165,58 @@ def next_word_classes(tokenizer, vocab_size: int):
         if w in NEXT_WORDS:
             table[i] = NEXT_WORDS.index(w)
     return table
+
+
+class Looking:
+    """Attention supervision: in layer L, head h (ATTN_HEADS), an answer token should look at
+    the picture tokens of every shape ("all"), or of the shapes its next word looks up
+    ("about", `answer_focus`). Without it, answer tokens that gather the picture's colours
+    were at chance after half of the training budget (engine/tiny_probe.py measures it)."""
+
+    def __init__(self, layers) -> None:
+        self.layers, self.seen = layers, {}
+        for layer, _head, _what in ATTN_HEADS:
+            layers[layer].self_attn.register_forward_pre_hook(self._catch(layer), with_kwargs=True)
+
+    def _catch(self, layer: int):
+        def hook(_module, _args, kwargs):
+            self.seen[layer] = (kwargs["hidden_states"], kwargs["position_embeddings"])
+        return hook
+
+    def probs(self, layer: int, head: int):
+        """[B, T, T]: the attention of `head` in `layer`, recomputed from its inputs."""
+        import torch
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
+        attn = self.layers[layer].self_attn
+        h, (cos, sin) = self.seen.pop(layer)
+        b, n, _ = h.shape
+        q = attn.q_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)[:, head:head + 1]
+        kv = head // attn.num_key_value_groups
+        k = attn.k_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)[:, kv:kv + 1]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        scores = (q @ k.transpose(-1, -2))[:, 0] * attn.scaling
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
+    def loss(self, focus, answering, owner, acc: dict):
+        """focus [B, T-1]: bitmask of the shapes position p looks up (its next token's
+        `answer_focus`); answering [B, T-1]: p writes an answer token; owner [B, T]: the
+        shape a picture token shows, -1: none."""
+        import torch
+
+        shown = (owner >= 0)[:, None, :]
+        about = ((focus[:, :, None] >> owner.clamp(min=0)[:, None, :]) & 1).bool() & shown
+        look = {"about": about, "all": shown & answering[:, :, None]}
+        total = 0.0
+        for layer, head, what in ATTN_HEADS:
+            probs = self.probs(layer, head)[:, :-1]
+            rows = look[what].any(-1)
+            if rows.any():
+                mass = (probs * look[what]).sum(-1)[rows]
+                acc[f"look{layer}"] = mass.mean().item()
+                total = total - torch.log(mass + 1e-4).mean()
+        return total / len(ATTN_HEADS)
 
 
 SUMMARY = 4 + len(S.COLOUR_NAMES) + len(S.SHAPES) + len(S.COLOUR_NAMES) * len(S.SHAPES)
@@ -206,10 +264,11 @@ class Probes:
         acc["sum_pairs"] = ((out[:, 14:] > 0) == (tgt[:, 11:] > 0.5)).all(-1).float().mean().item()
         return 3 * F.cross_entropy(out[:, :4], n) + 3 * F.binary_cross_entropy_with_logits(out[:, 4:], tgt[:, 1:])
 
-    def loss(self, vision_feats, lm_feats, cls, rel, absolute, mask):
+    def loss(self, vision_feats, lm_feats, cls, rel, absolute, owner):
         import torch
         import torch.nn.functional as F
 
+        mask = owner >= 0
         acc: dict[str, float] = {}
         v_out, l_out = self.vision(vision_feats), self.lm(lm_feats)
         v_loss, at_v = _probe_loss(v_out, cls, VISION_GROUPS, 0, acc)
@@ -240,27 +299,58 @@ def encode(processor, ex: S.Example, min_pixels: int = S.MIN_PIXELS, max_pixels:
     tok = processor.tokenizer
     ids = [inp["input_ids"][0]]
     weights = [torch.zeros(len(ids[0]))]
+    focus = [torch.zeros(len(ids[0]), dtype=torch.long)]
     for i, (q, a) in enumerate(ex.turns):
         if i:
             t = tok(f"\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n",
                     add_special_tokens=False)["input_ids"]
             ids.append(torch.tensor(t))
             weights.append(torch.zeros(len(t)))
-        t = tok(a + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            focus.append(torch.zeros(len(t), dtype=torch.long))
+        enc = tok(a + "<|im_end|>", add_special_tokens=False, return_offsets_mapping=True)
+        t = enc["input_ids"]
+        focus.append(torch.tensor(answer_focus(ex, i, enc["offset_mapping"])))
         ids.append(torch.tensor(t))
         w = torch.tensor([CONTENT_WEIGHT if tok.decode([i]).strip() in CONTENT_WORDS else 1.0 for i in t])
         weights.append(w * (DETECT_WEIGHT if a.startswith("```json") else 1.0) / w.sum())
     grid = inp["image_grid_thw"]
     ip = processor.image_processor
     mean, std = torch.tensor(ip.image_mean), torch.tensor(ip.image_std)
-    targets, at = [], 0
+    targets, at, first = [], 0, 0
     for k, (sh, im, g) in enumerate(zip(ex.shapes, ex.images, grid)):
         gh, gw = int(g[1]) // 2, int(g[2]) // 2
         pix = inp["pixel_values"][at:at + gh * gw * 4]
         at += gh * gw * 4
-        targets.append(token_targets(sh, im.size, gh, gw, k, pix, mean, std))
+        cls, rel, absolute, owner = token_targets(sh, im.size, gh, gw, k, pix, mean, std)
+        targets.append((cls, rel, absolute, torch.where(owner >= 0, owner + first, owner)))
+        first += len(sh)
     return (torch.cat(ids), torch.cat(weights), inp["pixel_values"], grid,
-            [torch.cat(x) for x in zip(*targets)], scene_summary(ex))
+            [torch.cat(x) for x in zip(*targets)], scene_summary(ex), torch.cat(focus))
+
+
+def answer_focus(ex: S.Example, turn: int, offsets) -> list[int]:
+    """Per token of turn `turn`'s answer, the shapes (a bitmask over the conversation's
+    shapes, numbered picture by picture; 0: none) that writing it means looking up: the
+    shapes of the colour or kind asked about, the shape of the picture asked about, and,
+    within a list or a detection, the shape just named (its kind, its box). Which shape a
+    list names next is not a lookup (it depends on what is there), so it gets no target."""
+    question, answer = ex.turns[turn]
+    task = (ex.tasks or [ex.task] * len(ex.turns))[turn]
+    if task == "two":
+        return [1 if "first" in question else 2] * len(offsets)
+    shapes = ex.shapes[0]
+    words = re.findall(r"[a-z]+", question.lower())
+    if task in ("shape_of", "colour_of"):
+        key = next(w for w in words if w in (S.COLOUR_NAMES if task == "shape_of" else S.SHAPES))
+        mask = sum(1 << i for i, s in enumerate(shapes) if key in (s.colour, s.kind))
+        return [mask] * len(offsets)
+    spans, at = [], 0
+    for i in S.answer_order(shapes):
+        start = answer.find(shapes[i].label, at) + len(shapes[i].colour)
+        end = answer.find("}", start) + 1 if task == "detect" else start + len(shapes[i].kind) + 1
+        spans.append((start, end, 1 << i))
+        at = end
+    return [next((m for a, b, m in spans if a <= cs < b), 0) for cs, ce in offsets]
 
 
 def scene_summary(ex: S.Example):
@@ -286,14 +376,16 @@ def collate(items, pad_id: int):
     ids = torch.full((len(items), n), pad_id, dtype=torch.long)
     weights = torch.zeros((len(items), n))
     mask = torch.zeros((len(items), n), dtype=torch.long)
-    for r, (i, w, *_rest) in enumerate(items):
-        ids[r, :len(i)] = i
-        weights[r, :len(w)] = w
-        mask[r, :len(i)] = 1
+    focus = torch.zeros((len(items), n), dtype=torch.long)
+    for r, it in enumerate(items):
+        ids[r, :len(it[0])] = it[0]
+        weights[r, :len(it[1])] = it[1]
+        mask[r, :len(it[0])] = 1
+        focus[r, :len(it[6])] = it[6]
     aux = [torch.cat([it[4][k] for it in items]) for k in range(4)]
     summary = torch.stack([it[5] for it in items])
     return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([i[2] for i in items]),
-                image_grid_thw=torch.cat([i[3] for i in items])), weights, aux, summary
+                image_grid_thw=torch.cat([i[3] for i in items])), weights, aux, summary, focus
 
 
 def conversation(rng: random.Random) -> S.Example:
@@ -343,6 +435,7 @@ def train(steps: int, batch: int, lr: float, out: Path, log_every: int = 10, see
     image_token = config.image_token_id
     seen = {}
     model.model.visual.register_forward_hook(lambda _m, _i, o: seen.__setitem__("v", o.pooler_output))
+    looking = Looking(model.model.language_model.layers)
     model.train()
     params = list(model.parameters()) + probes.parameters()
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -358,7 +451,7 @@ def train(steps: int, batch: int, lr: float, out: Path, log_every: int = 10, see
         cur = lr * min(1.0, step / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = cur
-        b, weights, aux_targets, summary = collate(next(source), pad)
+        b, weights, aux_targets, summary, focus = collate(next(source), pad)
         res = model(**b, output_hidden_states=True)
         logits = res.logits[:, :-1].float()
         target = torch.where(weights[:, 1:] > 0, b["input_ids"][:, 1:], -100)
@@ -373,6 +466,9 @@ def train(steps: int, batch: int, lr: float, out: Path, log_every: int = 10, see
         feats = res.hidden_states[LM_LAYER][:, :-1][answering]
         aux = aux + probes.summary_loss(feats, summary[rows], acc)
         aux = aux + probes.next_word_loss(feats, word_class[b["input_ids"][:, 1:][answering]], acc)
+        owner = torch.full_like(b["input_ids"], -1)
+        owner[b["input_ids"] == image_token] = aux_targets[3]
+        aux = aux + ATTN_WEIGHT * looking.loss(focus[:, 1:], answering, owner, acc)
         loss = lm + aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()

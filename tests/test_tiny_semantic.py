@@ -3,9 +3,10 @@ engine/shapes.py's pictures): in its trained formats, through the engine and the
 users' pictures in one batch, the second of two pictures, and the conversation cache.
 
 The trained model reaches the issue's goal for counting only (README, "The built-in tiny
-model"): the count is checked through every door (engine, CLI, the page's controller, API;
-tests/test_browser.py in a real browser). The tests of exact answers it still gets wrong are
-marked xfail (not strict), so they report XPASS once a better model lands."""
+model"); the app's example (count and colours) is checked through every door (engine, CLI,
+the page's controller, API; tests/test_browser.py in a real browser). The tests of exact
+answers it still gets wrong are marked xfail (not strict), so they report XPASS once a better
+model lands."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from engine.types import Conversation, GenerationRequest, ImageInput, Message, S
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = "How many shapes are there, and what colours are they?"
+SHAPES_COLOURS = {"red", "blue", "green", "yellow"}      # assets/shapes.png
 
 pytestmark = pytest.mark.skipif(not (ROOT / "engine" / "tiny_weights.safetensors").is_file(),
                                 reason="no trained tiny weights")
@@ -62,20 +64,32 @@ def test_counts_the_shapes(tiny_engine):
         assert fin.reason == "stop" and S.parse_count(text) == n, text
 
 
-@NOT_YET
 def test_the_shapes_example_through_the_engine(tiny_engine):
     img = Image.open(ROOT / "assets" / "shapes.png").convert("RGB")
     text, fin = tiny_engine.generate(ask([img], EXAMPLE), timeout=120)
     assert fin.reason == "stop", fin
     assert S.parse_count(text) == 4, text
-    assert S.parse_colours(text) == {"red", "blue", "green", "yellow"}, text
+    assert S.parse_colours(text) == SHAPES_COLOURS, text
 
 
-def test_a_question_about_one_shape_reads_the_picture(tiny_engine):
-    """Two questions it gets right (37 % held out): the answer names what is in this picture."""
-    (a, _), (b, _) = picture_a(), picture_b()
-    assert tiny_engine.generate(ask([a], "What shape is the red one?"))[0] == "The red one is a circle."
-    assert tiny_engine.generate(ask([b], "Which colour is the star?"))[0] == "The star is green."
+def test_a_question_about_one_shape_depends_on_the_picture(tiny_engine):
+    """"What shape is the X one?" and "Which colour is the X?" about 12 pictures it never
+    saw, each asked of its own picture and of the next one: an answer that ignored the
+    picture would be right as often either way. The committed model is right about a third
+    of the time held out (README), so only that it reads the picture is asserted here."""
+    import random
+
+    rng = random.Random(2026)
+    scenes = [S.draw_scene(rng) for _ in range(12)]
+    own = swapped = 0
+    for k, (img, shapes) in enumerate(scenes):
+        other = scenes[(k + 1) % len(scenes)][0]
+        target = rng.choice(shapes)
+        for q, want in ((f"What shape is the {target.colour} one?", S.shape_of_colour_answer(shapes, target.colour)),
+                        (f"Which colour is the {target.kind}?", S.colour_of_shape_answer(shapes, target.kind))):
+            own += tiny_engine.generate(ask([img], q))[0] == want
+            swapped += tiny_engine.generate(ask([other], q))[0] == want
+    assert own >= swapped + 4, (own, swapped)
 
 
 @NOT_YET
@@ -104,7 +118,7 @@ def test_the_shapes_example_through_the_cli(tiny_model_dir):
                          capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     answer = res.stdout.strip().splitlines()[0]
-    assert S.parse_count(answer) == 4 and S.parse_colours(answer), answer
+    assert S.parse_count(answer) == 4 and S.parse_colours(answer) == SHAPES_COLOURS, answer
 
 
 def test_the_shapes_example_through_the_ui(tiny_engine, tmp_path):
@@ -118,6 +132,10 @@ def test_the_shapes_example_through_the_ui(tiny_engine, tmp_path):
     class Req:
         session_hash = "semantic"
 
+    # Greedy without a repetition penalty, as the held-out accuracy was measured (the tiny
+    # model's generation_config; the page's defaults are the real model's, 0.7 and 1.05).
+    GREEDY = Sampling(max_tokens=100, temperature=0.0, repetition_penalty=1.0)
+
     shutil.copy(ROOT / "assets" / "shapes.png", tmp_path / "shapes.png")
     ctrl = ChatController(tiny_engine, (tmp_path.resolve(),))
     state, _, accepted = ctrl.add_user_turn(None, {"text": EXAMPLE, "files": [str(tmp_path / "shapes.png")]},
@@ -125,12 +143,12 @@ def test_the_shapes_example_through_the_ui(tiny_engine, tmp_path):
     assert accepted
 
     async def drain():
-        return [step async for step in ctrl.respond(state, Sampling(max_tokens=100, temperature=0.0), Req())]
+        return [step async for step in ctrl.respond(state, GREEDY, Req())]
 
     final, _ = asyncio.run(drain())[-1]
     answer = final["turns"][-1]["text"]
     assert history.pending_user_turn(final) is None and final["turns"][-1]["role"] == "assistant"
-    assert S.parse_count(answer) == 4 and S.parse_colours(answer), answer
+    assert S.parse_count(answer) == 4 and S.parse_colours(answer) == SHAPES_COLOURS, answer
 
 
 def test_two_users_in_one_batch_get_their_own_answers(tiny_engine):
@@ -207,4 +225,4 @@ def test_the_shapes_example_through_the_api(tiny_engine):
     text = resp.choices[0].message.content
     assert text == tiny_engine.generate(ask([Image.open(ROOT / "assets" / "shapes.png").convert("RGB")], EXAMPLE,
                                             100))[0]
-    assert S.parse_count(text) == 4, text          # the count is right; the colours not yet
+    assert S.parse_count(text) == 4 and S.parse_colours(text) == SHAPES_COLOURS, text
