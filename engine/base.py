@@ -52,6 +52,12 @@ class Engine(abc.ABC):
         """Share of the KV cache in use (0..1), where the engine has one."""
         return None
 
+    def sampling_defaults(self) -> dict[str, float]:
+        """The model's own sampling defaults (its generation_config: temperature, top_p, top_k,
+        repetition_penalty), which a request that leaves them unset gets; {} where not known
+        (a remote server)."""
+        return {}
+
     def model_pixel_bounds(self) -> list[tuple[int, int]]:
         """Resizes the model's processor applies after ours, as (min_pixels, max_pixels): []
         when the model sees our resized pictures as they are."""

@@ -68,6 +68,11 @@ class LocalEngine(Engine):
                                 on_finish=self._on_worker_finish, prefix=self.prefix)
         self.stats = StatsLogger(self.scheduler, self.config.log_stats_interval)
 
+    def sampling_defaults(self) -> dict[str, float]:
+        from .sampler import model_defaults
+
+        return model_defaults(self.scheduler.generation_config)
+
     def model_pixel_bounds(self) -> list[tuple[int, int]]:
         """The model's processor's own bounds (preprocessor_config.json): the real model's
         leave our resized pictures as they are; the built-in tiny model's cap them at the

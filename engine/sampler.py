@@ -60,6 +60,17 @@ def _config_value(generation_config: Any, name: str) -> Any:
     return _HF_DEFAULTS[name] if value is None else value
 
 
+def model_defaults(generation_config: Any) -> dict[str, float]:
+    """What a request that sets none of temperature, top_p, top_k and repetition_penalty gets
+    from the model's generation_config (as vLLM applies it): temperature 0 when it does not
+    sample."""
+    sampling = bool(_config_value(generation_config, "do_sample"))
+    return {"temperature": float(_config_value(generation_config, "temperature")) if sampling else 0.0,
+            "top_p": float(_config_value(generation_config, "top_p")),
+            "top_k": int(_config_value(generation_config, "top_k")),
+            "repetition_penalty": float(_config_value(generation_config, "repetition_penalty"))}
+
+
 def resolve(sp: SamplingParams, generation_config: Any, eos_ids: set[int]) -> RowSampling:
     """The settings `model.generate(**generate_kwargs(sp, generation_config, n))` would use.
 

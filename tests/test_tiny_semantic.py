@@ -109,6 +109,20 @@ def test_detect_the_shapes_in_resized_pixels(tiny_engine):
     assert min(S.matched_ious([b for b, _ in found], truth)) >= 0.5, (text, truth)
 
 
+def test_the_models_defaults_sent_explicitly_answer_as_unset_ones(tiny_engine):
+    """The page sends the model's own defaults (Sampling.starting) as explicit values; they
+    must answer as an API request that sets nothing (the held-out accuracy's settings)."""
+    img = Image.open(ROOT / "assets" / "shapes.png").convert("RGB")
+    defaults = tiny_engine.sampling_defaults()
+    assert defaults == {"temperature": 0.1, "top_p": 0.001, "top_k": 1, "repetition_penalty": 1.0}
+    unset = GenerationRequest(Conversation([Message("user", EXAMPLE, images=[ImageInput(img)])]),
+                              SamplingParams(max_tokens=60))
+    explicit = GenerationRequest(Conversation([Message("user", EXAMPLE, images=[ImageInput(img)])]),
+                                 SamplingParams(max_tokens=60, **defaults))
+    assert tiny_engine.generate(explicit)[0] == tiny_engine.generate(unset)[0] \
+        == tiny_engine.generate(ask([img], EXAMPLE, 60))[0]
+
+
 def test_the_shapes_example_through_the_cli(tiny_model_dir):
     import subprocess
     import sys
@@ -132,9 +146,8 @@ def test_the_shapes_example_through_the_ui(tiny_engine, tmp_path):
     class Req:
         session_hash = "semantic"
 
-    # Greedy without a repetition penalty, as the held-out accuracy was measured (the tiny
-    # model's generation_config; the page's defaults are the real model's, 0.7 and 1.05).
-    GREEDY = Sampling(max_tokens=100, temperature=0.0, repetition_penalty=1.0)
+    # The settings the page starts at: the model's own defaults (greedy, no repetition penalty).
+    start = Sampling.starting(tiny_engine.sampling_defaults())
 
     shutil.copy(ROOT / "assets" / "shapes.png", tmp_path / "shapes.png")
     ctrl = ChatController(tiny_engine, (tmp_path.resolve(),))
@@ -143,7 +156,7 @@ def test_the_shapes_example_through_the_ui(tiny_engine, tmp_path):
     assert accepted
 
     async def drain():
-        return [step async for step in ctrl.respond(state, GREEDY, Req())]
+        return [step async for step in ctrl.respond(state, start, Req())]
 
     final, _ = asyncio.run(drain())[-1]
     answer = final["turns"][-1]["text"]

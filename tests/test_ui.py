@@ -585,3 +585,21 @@ def test_presets_fill_the_box_and_keep_its_files():
     box = Callbacks.preset({"text": "old", "files": ["a.png"]}, PRESETS[0][1])
     assert box == {"text": PRESETS[0][1], "files": ["a.png"]}
     assert "bbox" in PRESETS[0][1] and PRESETS[2][1] == "QwenVL HTML"
+
+
+def test_the_settings_start_at_the_models_own_defaults(engine):
+    """The sampling sliders start at the served model's generation_config (as a request that
+    sets nothing gets it, vLLM's default), not at fixed numbers: the built-in random model's
+    is Qwen's own (top_k 1, repetition penalty 1.05); a remote server's is unknown, so the
+    page keeps its fields' defaults."""
+    from ui.layout import build_demo
+
+    with build_demo(engine) as demo:
+        pass
+    value = {b.elem_id: b.value for b in demo.blocks.values()
+             if getattr(b, "elem_id", None) and hasattr(b, "value")}
+    want = engine.sampling_defaults()
+    assert want == {"temperature": 0.1, "top_p": 0.001, "top_k": 1, "repetition_penalty": 1.05}
+    assert (value["qvl-temperature"], value["qvl-top-p"], value["qvl-top-k"],
+            value["qvl-repetition-penalty"]) == (0.1, 0.001, 1, 1.05)
+    assert Sampling.starting({}) == Sampling()

@@ -51,6 +51,14 @@ class Sampling:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     @classmethod
+    def starting(cls, model_defaults: dict[str, float]) -> "Sampling":
+        """The settings panel's first values: the served model's own sampling defaults (its
+        generation_config, as a request that sets none gets them) where the engine knows them,
+        else the fields' defaults above."""
+        names = ("temperature", "top_p", "top_k", "repetition_penalty")
+        return cls(**{k: v for k, v in model_defaults.items() if k in names})
+
+    @classmethod
     def from_values(cls, max_tokens: Any, temperature: Any, top_p: Any, top_k: Any,
                     repetition_penalty: Any, seed: Any, min_pixels: Any = None,
                     max_pixels: Any = None) -> "Sampling":

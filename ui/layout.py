@@ -160,6 +160,7 @@ class Page:
 def build_layout(engine: Engine, options: UIOptions) -> Page:
     """The components, inside an open gr.Blocks; no events."""
     max_tokens_cap = max(1, min(engine.max_model_len, 8192))
+    start = Sampling.starting(engine.sampling_defaults())    # the model's generation_config
     state = gr.BrowserState(history.new_state(DEFAULT_SYSTEM), storage_key=STORAGE_KEY,
                             secret=options.browser_secret)
     gr.HTML(header_html(engine))
@@ -204,11 +205,12 @@ def build_layout(engine: Engine, options: UIOptions) -> Page:
             with gr.Accordion("Sampling", open=True):
                 max_tokens = gr.Slider(1, max_tokens_cap, value=min(Sampling.max_tokens, max_tokens_cap),
                                        step=1, label="Max new tokens", elem_id="qvl-max-tokens")
-                temperature = gr.Slider(0, 2, value=Sampling.temperature, step=0.05, label="Temperature",
+                temperature = gr.Slider(0, 2, value=start.temperature, step=0.05, label="Temperature",
                                         info="0 = greedy", elem_id="qvl-temperature")
-                top_p = gr.Slider(0.01, 1, value=Sampling.top_p, step=0.01, label="Top-p")
-                top_k = gr.Slider(0, 200, value=Sampling.top_k, step=1, label="Top-k", info="0 = off")
-                repetition_penalty = gr.Slider(0.8, 2, value=Sampling.repetition_penalty, step=0.01,
+                top_p = gr.Slider(0.001, 1, value=start.top_p, step=0.001, label="Top-p", elem_id="qvl-top-p")
+                top_k = gr.Slider(0, 200, value=start.top_k, step=1, label="Top-k", info="0 = off",
+                                  elem_id="qvl-top-k")
+                repetition_penalty = gr.Slider(0.8, 2, value=start.repetition_penalty, step=0.01,
                                                label="Repetition penalty", elem_id="qvl-repetition-penalty")
                 seed = gr.Number(-1, precision=0, label="Seed", info="-1 = random")
             with gr.Accordion("Image resolution", open=False):
