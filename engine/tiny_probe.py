@@ -4,8 +4,8 @@
     python -m engine.tiny_probe --weights W     # weights from `python -m engine.train_tiny --out W`
 
 The model stays frozen; linear read-outs are fitted to its features on fresh training
-conversations (engine/train_tiny.py's data) and scored on conversations of the held-out seed. They say how
-well each stage's features tell
+conversations (engine/train_tiny.py's data) and scored on conversations of the held-out seed.
+They say how well each stage's features tell
 - a picture token's colour and the kind of the shape covering it (the vision tower's output,
   then the input of each language-model layer), and
 - the exact set of colours in the picture, from every answer token (each layer).
