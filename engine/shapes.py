@@ -226,7 +226,7 @@ class Example:
     turns: list[tuple[str, str]]
     task: str
     shapes: list[list[Shape]]
-    tasks: list[str] | None = None      # each turn's kind (TASKS or "two")
+    tasks: list[str]        # each turn's kind (TASKS or "two")
 
     @property
     def question(self) -> str:

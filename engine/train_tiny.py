@@ -335,13 +335,13 @@ def answer_focus(ex: S.Example, turn: int, offsets) -> list[int]:
     within a list or a detection, the shape just named (its kind, its box). Which shape a
     list names next is not a lookup (it depends on what is there), so it gets no target."""
     question, answer = ex.turns[turn]
-    task = (ex.tasks or [ex.task] * len(ex.turns))[turn]
+    task = ex.tasks[turn]
     if task == "two":
         return [1 if "first" in question else 2] * len(offsets)
     shapes = ex.shapes[0]
-    words = re.findall(r"[a-z]+", question.lower())
     if task in ("shape_of", "colour_of"):
-        key = next(w for w in words if w in (S.COLOUR_NAMES if task == "shape_of" else S.SHAPES))
+        names = S.COLOUR_NAMES if task == "shape_of" else S.SHAPES
+        key = next(w for w in re.findall(r"[a-z]+", question.lower()) if w in names)
         mask = sum(1 << i for i, s in enumerate(shapes) if key in (s.colour, s.kind))
         return [mask] * len(offsets)
     spans, at = [], 0
@@ -350,7 +350,7 @@ def answer_focus(ex: S.Example, turn: int, offsets) -> list[int]:
         end = answer.find("}", start) + 1 if task == "detect" else start + len(shapes[i].kind) + 1
         spans.append((start, end, 1 << i))
         at = end
-    return [next((m for a, b, m in spans if a <= cs < b), 0) for cs, ce in offsets]
+    return [next((m for a, b, m in spans if a <= cs < b), 0) for cs, _ in offsets]
 
 
 def scene_summary(ex: S.Example):
