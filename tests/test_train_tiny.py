@@ -1,0 +1,67 @@
+"""engine/train_tiny.py's training targets: which tokens a box coordinate is written with,
+which picture tokens lie on a shape's edges, and the data worker's batches."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine import shapes as S
+from engine import train_tiny as T
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from engine import tiny
+
+    return tiny.build_processor(tiny.build_tokenizer(), trained=True)
+
+
+def test_answer_edges_mark_each_coordinates_digits(processor):
+    answer = S.detect_answer([S.Shape("circle", "red", (10, 20, 130, 140)),
+                              S.Shape("star", "blue", (200, 30, 260, 90))], (280, 280))
+    enc = processor.tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+    edges = T.answer_edges(answer, enc["offset_mapping"])
+    written = {}
+    for (a, b), k in zip(enc["offset_mapping"], edges):
+        written.setdefault(k, []).append(answer[a:b])
+    boxes = [b for b, _ in S.parse_detections(answer)]
+    for k in range(4):
+        # both entries' coordinate k, digit by digit, in answer order (red before blue)
+        assert "".join(written[k + 1]) == "".join(str(int(b[k])) for b in boxes)
+    assert all(c not in "0123456789" for c in "".join(written[0]).replace("bbox_2d", ""))
+    count = S.count_answer([S.Shape("circle", "red", (0, 0, 9, 9))])
+    assert set(T.answer_edges(count, processor.tokenizer(count, return_offsets_mapping=True)["offset_mapping"])) == {0}
+
+
+def test_picture_tokens_on_a_shapes_edges_know_where_that_edge_is(processor):
+    img, shapes = S.scene((280, 280), [("square", "green", (60, 90, 150, 200))])
+    ex = S.Example([img], [("Detect the shapes.", S.detect_answer(shapes, img.size))], "detect",
+                   [shapes], ["detect"])
+    _ids, _w, _pix, grid, (cls, _rel, _abs, owner, extreme), _summary, _focus, edges = T.encode(processor, ex)
+    gw = int(grid[0, 2]) // 2
+    box = S.resized_boxes(shapes, img.size)[0]
+    mine = (owner == 0).nonzero()[:, 0].tolist()
+    rows, cols = {t // gw for t in mine}, {t % gw for t in mine}
+    col = [g for g, _ in T.GROUPS].index
+    for k, (line, of) in enumerate([(min(cols), "c"), (min(rows), "r"), (max(cols), "c"), (max(rows), "r")]):
+        on = [t for t in mine if (t % gw if of == "c" else t // gw) == line]
+        assert on and all(extreme[t] >> k & 1 for t in on)
+        assert all(not extreme[t] >> k & 1 for t in set(mine) - set(on))
+        assert {int(cls[t, col(f"edge{k}")]) for t in on} == {box[k] // T.EDGE_CELL}
+        assert all(int(cls[t, col(f"edge{k}")]) == -100 for t in set(mine) - set(on))
+    assert set(edges.tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_the_data_worker_draws_the_batches_drawn_in_line(processor):
+    inline = T.batches(processor, random.Random(3), 2)
+    worker = T.prefetched(3, 2)
+    try:
+        for _ in range(2):
+            b, *_rest = T.collate(next(inline), processor.tokenizer.pad_token_id)
+            w, *_rest = next(worker)
+            assert b["input_ids"].equal(w["input_ids"])
+            assert b["pixel_values"].equal(w["pixel_values"])
+    finally:
+        worker.close()
