@@ -349,6 +349,25 @@ def load_trained(model, path: Path | None = None) -> None:
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
 
 
+def build_untrained(attn_implementation: str = "sdpa"):
+    """(model, tokenizer, config): the tiny model freshly initialised from torch's current
+    seed, float32, with zero rows past the tokenizer (see build_tiny); what
+    engine/train_tiny.py trains and engine/tiny_probe.py loads trained weights into."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    config = build_config(tokenizer)
+    config._attn_implementation = attn_implementation
+    with torch.device("cpu"):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    n_tok = len(tokenizer)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[n_tok:] = 0
+        model.get_output_embeddings().weight[n_tok:] = 0
+    return model, tokenizer, config
+
+
 def build_tiny(dest: str | Path, trained: bool = True, weights: Path | None = None) -> Path:
     """Write a complete tiny Qwen2.5-VL model folder to `dest` and return its path: the
     trained weights when `trained` (and engine/tiny_weights.safetensors exists), else the

@@ -27,17 +27,10 @@ _KIND = [g for g, _ in T.GROUPS].index("cellkind")
 
 
 def _model(weights: Path | None):
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from . import tiny
 
-    tokenizer = tiny.build_tokenizer()
+    model, tokenizer, config = tiny.build_untrained()
     processor = tiny.build_processor(tokenizer, trained=True)
-    config = tiny.build_config(tokenizer)
-    config._attn_implementation = "sdpa"
-    with torch.device("cpu"):
-        model = Qwen2_5_VLForConditionalGeneration(config).float()
     tiny.load_trained(model, weights)
     return model.eval(), processor, config
 

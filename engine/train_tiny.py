@@ -41,15 +41,16 @@ WEIGHTS = Path(__file__).with_name("tiny_weights.safetensors")
 #   asked of it.
 # - on the language model's picture tokens after LM_LAYER layers: the token's row and column
 #   (the 3-D rotary positions make these knowable there), which picture it is in, the number
-#   of shapes and, on every token a shape covers, that shape's colour and kind; on a token at
-#   one of its shape's edges (its leftmost column, top row, ...), the 14-pixel cell of the
-#   resized picture that edge of the box falls in. An answer writing a coordinate of a shape
-#   it has named attends to that shape's tokens on that edge (`Looking`), which all agree,
-#   and writes the cell's digits: a cell is fine enough for an IoU of 0.5 on 99 % of shapes,
-#   a 28-pixel token on 76 %.
+#   of shapes and, on every token a shape covers, that shape's colour and kind and whether
+#   the token is on one of its edges (its leftmost column, top row, ...); on such a token, the
+#   14-pixel cell of the resized picture that edge of the box falls in. An answer writing a
+#   coordinate of a shape it has named attends to that shape's tokens on that edge
+#   (`Looking`), which all agree, and writes the cell's digits: a cell is fine enough for an
+#   IoU of 0.5 on 99 % of shapes, a 28-pixel token on 76 %.
 # - on every answer token after LM_LAYER layers: the number of shapes and which colours, kinds
 #   and (colour, kind) pairs the picture holds (answers name shapes in a fixed order of colour
-#   and kind, so they walk through that set), and the picture word it is about to write.
+#   and kind, so they walk through that set); one layer later, the picture word it is about
+#   to write (after the third layer's lookups, `Looking`).
 VISION_GROUPS = [("cell", 7), ("cellkind", 5), ("centre", 2)]
 EDGE_CELL = 14          # a box edge is learned to the 14-pixel cell it falls in (a patch)
 EDGE_CELLS = 33         # cells of the longest resized side (442 px for a 2.5:1 canvas)
@@ -63,10 +64,11 @@ CONTENT_WEIGHT = 4.0    # within an answer, a word that depends on the picture (
                         # kind, a digit) weighs this much against a word of the template
 NEXT_WORDS = S.COLOUR_NAMES + S.SHAPES + list("0123456789")    # the picture words
 CONTENT_WORDS = frozenset(NEXT_WORDS + list(S.PLURAL.values()))
-# (layer, head, what) whose attention `Looking` supervises: the "centres" of all shapes, one
-# token each, so that what the head gathers weighs every shape alike (the first layer knows
-# only its own token, not the question); the shapes "about" to be looked up; and, while a
-# box is written, the named shape's tokens on the "edge" the coordinate is about.
+# (layer, head, what) whose attention `Looking` supervises, from every answer token: in the
+# first layer (which knows only its own token, not the question) "all" the shapes' tokens,
+# and the "centres" of the shapes, one token each, so that what that head gathers weighs
+# every shape alike; in the third, the shapes "about" to be looked up and, while a box is
+# written, the named shape's tokens on the "edge" the coordinate is about.
 ATTN_HEADS = [(0, 0, "all"), (0, 1, "centres"), (2, 0, "about"), (2, 1, "edge")]
 ATTN_WEIGHT = 0.6
 ABS_SCALE = 512.0       # the absolute box probe reads pixels / this (the same scale for every picture)
@@ -250,9 +252,9 @@ class Probes:
         return [p for m in (self.vision, self.lm, self.summary, self.next_word) for p in m.parameters()]
 
     def next_word_loss(self, feats, classes, acc: dict):
-        """Deep supervision: after LM_LAYER layers, an answer token should already know the
-        picture word it is about to write (a colour, a kind, a digit), the answers' own target
-        reached by a path two layers shorter."""
+        """Deep supervision: after LM_LAYER + 1 layers (the lookups of `Looking`'s third
+        layer), an answer token should already know the picture word it is about to write (a
+        colour, a kind, a digit), the answers' own target reached by a path a layer shorter."""
         import torch.nn.functional as F
 
         keep = classes >= 0
@@ -500,20 +502,13 @@ def train(steps: int, batch: int, lr: float, out: Path, log_every: int = 10, see
     warm-up then cosine decay to 5 % of `lr`."""
     import torch
     from safetensors.torch import save_file
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from . import tiny
 
     torch.set_num_threads(2)
     torch.manual_seed(seed)
-    tokenizer = tiny.build_tokenizer()
-    config = tiny.build_config(tokenizer)
-    config._attn_implementation = "sdpa"
-    model = Qwen2_5_VLForConditionalGeneration(config).float()
-    n_tok = len(tokenizer)
+    model, tokenizer, config = tiny.build_untrained()
     with torch.no_grad():
-        model.get_input_embeddings().weight[n_tok:] = 0
-        model.get_output_embeddings().weight[n_tok:] = 0
         # A gentler start than the random demo's 0.12.
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "embed" not in name and "lm_head" not in name:
