@@ -42,9 +42,10 @@ def test_chat_endpoint_streams_an_answer_about_an_image(server, client):
 
     assert "/chat" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     before = len(request_lines(server))
-    # The trained tiny model answers this with its grounding JSON: long enough to stream.
+    # The trained tiny model answers this with its grounding JSON: long enough to stream
+    # (about 80 tokens; of a picture it was not trained on, it may say one short sentence).
     job = client.submit({"text": "Detect the shapes.",
-                         "files": [handle_file(str(ASSETS / "chart.png"))]},
+                         "files": [handle_file(str(ASSETS / "shapes.png"))]},
                         max_new_tokens=300, temperature=0, api_name="/chat")
     chunks = list(job)
     final = job.result()
