@@ -349,18 +349,22 @@ def load_trained(model, path: Path | None = None) -> None:
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
 
 
-def build_untrained(attn_implementation: str = "sdpa"):
+def build_untrained(attn_implementation: str | None = "sdpa"):
     """(model, tokenizer, config): the tiny model freshly initialised from torch's current
-    seed, float32, with zero rows past the tokenizer (see build_tiny); what
-    engine/train_tiny.py trains and engine/tiny_probe.py loads trained weights into."""
+    seed, float32; what build_tiny saves, engine/train_tiny.py trains and
+    engine/tiny_probe.py loads trained weights into (None: the config's own attention)."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     tokenizer = build_tokenizer()
     config = build_config(tokenizer)
-    config._attn_implementation = attn_implementation
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
     with torch.device("cpu"):
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    # Rows past the tokenizer (vocab_size is rounded up, like the real 152064 vs
+    # 151665) get zero weights, so greedy decoding never picks an id the
+    # tokenizer cannot decode.
     n_tok = len(tokenizer)
     with torch.no_grad():
         model.get_input_embeddings().weight[n_tok:] = 0
@@ -373,31 +377,19 @@ def build_tiny(dest: str | Path, trained: bool = True, weights: Path | None = No
     trained weights when `trained` (and engine/tiny_weights.safetensors exists), else the
     random initialisation."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
 
     sha = weights_sha256(weights) if trained else None
-    tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer, trained=sha is not None)
-    config = build_config(tokenizer)
-
     with _BUILD_LOCK:
         rng_state = torch.random.get_rng_state()
         try:
             torch.manual_seed(0)
-            with torch.device("cpu"):
-                model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+            model, tokenizer, _config = build_untrained(attn_implementation=None)
         finally:
             torch.random.set_rng_state(rng_state)
-    # Rows past the tokenizer (vocab_size is rounded up, like the real 152064 vs
-    # 151665) get zero weights, so greedy decoding never picks an id the
-    # tokenizer cannot decode.
-    n_tok = len(tokenizer)
-    with torch.no_grad():
-        model.get_input_embeddings().weight[n_tok:] = 0
-        model.get_output_embeddings().weight[n_tok:] = 0
+    processor = build_processor(tokenizer, trained=sha is not None)
     if sha is not None:
         load_trained(model, weights)
     model.eval()
