@@ -103,16 +103,15 @@ def token_targets(shapes: list[S.Shape], size: tuple[int, int], gh: int, gw: int
     [gh*gw, len(GROUPS)] (-100: nothing to learn), the covering shape's box relative to the
     token (in tokens) and in the picture (pixels / ABS_SCALE), which shape covers the
     token (its index in `shapes`, -1 for none: at least a quarter of the token's `pixels`,
-    the processor's patches, `coverage`), and on which of its shape's edges the token lies
-    (bit k: the leftmost column, top row, rightmost column, bottom row of the shape's
-    tokens, for box coordinate k)."""
+    the processor's patches, `coverage`). Whether a covered token lies on its shape's edge k
+    (the leftmost column, top row, rightmost column, bottom row of the shape's tokens, for
+    box coordinate k) is the class on_edgeK (`edge_bits`)."""
     import torch
 
     cls = torch.full((gh * gw, len(GROUPS)), -100, dtype=torch.long)
     rel = torch.zeros((gh * gw, 4))
     absolute = torch.zeros((gh * gw, 4))
     owner_of = torch.full((gh * gw,), -1, dtype=torch.long)
-    extreme = torch.zeros((gh * gw,), dtype=torch.long)
     boxes = S.resized_boxes(shapes, size)
     col = {g: j for j, (g, _) in enumerate(GROUPS)}
     for g in ("cell", "cellkind", "centre", "colour", "kind"):
@@ -139,13 +138,19 @@ def token_targets(shapes: list[S.Shape], size: tuple[int, int], gh: int, gw: int
             for k, at in enumerate((tc, tr, tc, tr)):
                 cls[t, col[f"on_edge{k}"]] = int(at == ends[k])
                 if at == ends[k]:
-                    extreme[t] |= 1 << k
                     cls[t, col[f"edge{k}"]] = min(b[k] // EDGE_CELL, EDGE_CELLS - 1)
             x0, y0 = tc * 28, tr * 28
             rel[t] = torch.tensor([(b[0] - x0) / 28, (b[1] - y0) / 28, (b[2] - x0) / 28, (b[3] - y0) / 28])
             absolute[t] = torch.tensor(b, dtype=torch.float32) / ABS_SCALE
             owner_of[t] = i
-    return cls, rel, absolute, owner_of, extreme
+    return cls, rel, absolute, owner_of
+
+
+def edge_bits(cls):
+    """[tokens]: bit k set where a picture token lies on edge k of its shape (the on_edgeK
+    classes of `token_targets`), for `Looking`'s "edge" target."""
+    on = [[g for g, _ in GROUPS].index(f"on_edge{k}") for k in range(4)]
+    return sum((cls[:, j] == 1).long() << k for k, j in enumerate(on))
 
 
 def _probe_loss(out, cls, groups, first: int, acc: dict):
@@ -214,7 +219,7 @@ class Looking:
         `answer_focus`); edges [B, T-1]: 1 + the box coordinate its next token writes
         (`answer_edges`), 0: none; answering [B, T-1]: p writes an answer token; owner
         [B, T]: the shape a picture token shows, -1: none; extreme [B, T]: the edges of its
-        shape the token lies on (`token_targets`); centre [B, T]: a shape's centre is in it."""
+        shape the token lies on (`edge_bits`); centre [B, T]: a shape's centre is in it."""
         import torch
 
         shown = (owner >= 0)[:, None, :]
@@ -339,8 +344,8 @@ def encode(processor, ex: S.Example, min_pixels: int = S.MIN_PIXELS, max_pixels:
         gh, gw = int(g[1]) // 2, int(g[2]) // 2
         pix = inp["pixel_values"][at:at + gh * gw * 4]
         at += gh * gw * 4
-        cls, rel, absolute, owner, extreme = token_targets(sh, im.size, gh, gw, k, pix, mean, std)
-        targets.append((cls, rel, absolute, torch.where(owner >= 0, owner + first, owner), extreme))
+        cls, rel, absolute, owner = token_targets(sh, im.size, gh, gw, k, pix, mean, std)
+        targets.append((cls, rel, absolute, torch.where(owner >= 0, owner + first, owner)))
         first += len(sh)
     return (torch.cat(ids), torch.cat(weights), inp["pixel_values"], grid,
             [torch.cat(x) for x in zip(*targets)], scene_summary(ex), torch.cat(focus), torch.cat(edges))
@@ -411,7 +416,7 @@ def collate(items, pad_id: int):
         mask[r, :len(it[0])] = 1
         focus[r, :len(it[6])] = it[6]
         edges[r, :len(it[7])] = it[7]
-    aux = [torch.cat([it[4][k] for it in items]) for k in range(5)]
+    aux = [torch.cat([it[4][k] for it in items]) for k in range(4)]
     summary = torch.stack([it[5] for it in items])
     return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([i[2] for i in items]),
                 image_grid_thw=torch.cat([i[3] for i in items])), weights, aux, summary, focus, edges
@@ -447,7 +452,7 @@ def _losses(model, probes, looking, seen, b, weights, aux_targets, summary, focu
         logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
         reduction="none").view(target.shape)
     lm = (tok_loss * weights[:, 1:]).sum() / weights.sum()
-    cls, rel, absolute, owner_of, extreme_of = aux_targets
+    cls, rel, absolute, owner_of = aux_targets
     pictures = b["input_ids"] == image_token
     aux, acc = probes.loss(seen.pop("v"), res.hidden_states[LM_LAYER][pictures], cls, rel, absolute, owner_of)
     answering = weights[:, 1:] > 0
@@ -459,7 +464,7 @@ def _losses(model, probes, looking, seen, b, weights, aux_targets, summary, focu
     owner = torch.full_like(b["input_ids"], -1)
     owner[pictures] = owner_of
     extreme = torch.zeros_like(b["input_ids"])
-    extreme[pictures] = extreme_of
+    extreme[pictures] = edge_bits(cls)
     centre = torch.zeros_like(pictures)
     centre[pictures] = cls[:, centre_col] == 1
     aux = aux + ATTN_WEIGHT * looking.loss(focus[:, 1:], edges[:, 1:], answering, owner, extreme, centre, acc)

@@ -39,7 +39,8 @@ def test_picture_tokens_on_a_shapes_edges_know_where_that_edge_is(processor):
     img, shapes = S.scene((280, 280), [("square", "green", (60, 90, 150, 200))])
     ex = S.Example([img], [("Detect the shapes.", S.detect_answer(shapes, img.size))], "detect",
                    [shapes], ["detect"])
-    _ids, _w, _pix, grid, (cls, _rel, _abs, owner, extreme), _summary, _focus, edges = T.encode(processor, ex)
+    _ids, _w, _pix, grid, (cls, _rel, _abs, owner), _summary, _focus, edges = T.encode(processor, ex)
+    extreme = T.edge_bits(cls)
     gw = int(grid[0, 2]) // 2
     box = S.resized_boxes(shapes, img.size)[0]
     mine = (owner == 0).nonzero()[:, 0].tolist()
