@@ -595,7 +595,8 @@ def evaluate(n: int, seed: int = EVAL_SEED, model_dir: Path | None = None, verbo
         return text
 
     res = {"count": 0, "colours": 0, "scenes": 0, "shapes": 0, "iou50": 0, "shape_of": 0, "colour_of": 0,
-           "qa": 0, "two": 0, "two_n": 0}
+           "qa": 0, "two": 0, "two_n": 0, "present": dict.fromkeys(S.COLOUR_NAMES, 0),
+           "named": dict.fromkeys(S.COLOUR_NAMES, 0)}
     t0 = time.monotonic()
     try:
         for k in range(n):
@@ -603,7 +604,11 @@ def evaluate(n: int, seed: int = EVAL_SEED, model_dir: Path | None = None, verbo
             res["scenes"] += 1
             a = ask([img], "How many shapes are there, and what colours are they?")
             ok_n = S.parse_count(a) == len(shapes)
-            ok_c = S.parse_colours(a) == {s.colour for s in shapes}
+            named, drawn = S.parse_colours(a), {s.colour for s in shapes}
+            ok_c = named == drawn
+            for c in drawn:
+                res["present"][c] += 1
+                res["named"][c] += c in named
             res["count"] += ok_n
             res["colours"] += ok_c
             d = ask([img], "Detect the shapes.", 400)
@@ -636,6 +641,7 @@ def evaluate(n: int, seed: int = EVAL_SEED, model_dir: Path | None = None, verbo
 
 def report(res: dict) -> str:
     pct = lambda a, b: f"{100 * a / max(b, 1):.1f} %"  # noqa: E731
+    named = ", ".join(f"{c} {res['named'][c]}/{res['present'][c]}" for c in S.COLOUR_NAMES)
     return (f"held-out seed {EVAL_SEED}, {res['scenes']} pictures (320..800 px, app pixel bounds, greedy):\n"
             f"  count right:              {pct(res['count'], res['scenes'])}\n"
             f"  exact colour set:         {pct(res['colours'], res['scenes'])}\n"
@@ -643,6 +649,7 @@ def report(res: dict) -> str:
             f"  'what shape is the X one' {pct(res['shape_of'], res['qa'])} exact\n"
             f"  'which colour is the X'   {pct(res['colour_of'], res['qa'])} exact\n"
             f"  second-picture colour:    {pct(res['two'], res['two_n'])} of {res['two_n']}\n"
+            f"  a colour drawn, named:    {named} (in the count answers)\n"
             f"  ({res['seconds']} s)")
 
 

@@ -66,3 +66,12 @@ def test_the_data_worker_draws_the_batches_drawn_in_line(processor):
             assert b["pixel_values"].equal(w["pixel_values"])
     finally:
         worker.close()
+
+
+def test_the_held_out_report_counts_each_colour_drawn():
+    res = T.evaluate(1)
+    _img, shapes = S.draw_scene(random.Random(T.EVAL_SEED))
+    drawn = {s.colour for s in shapes}
+    assert {c for c, v in res["present"].items() if v} == drawn
+    assert all(res["named"][c] <= res["present"][c] for c in S.COLOUR_NAMES)
+    assert "orange" in T.report(res)
