@@ -594,7 +594,7 @@ def evaluate(n: int, seed: int = EVAL_SEED, model_dir: Path | None = None, verbo
         text, fin = engine.generate(req, timeout=600)
         return text
 
-    res = {"count": 0, "colours": 0, "scenes": 0, "shapes": 0, "iou50": 0, "shape_of": 0, "colour_of": 0,
+    res = {"count": 0, "colours": 0, "scenes": 0, "shapes": 0, "json": 0, "iou50": 0, "shape_of": 0, "colour_of": 0,
            "qa": 0, "two": 0, "two_n": 0, "present": dict.fromkeys(S.COLOUR_NAMES, 0),
            "named": dict.fromkeys(S.COLOUR_NAMES, 0)}
     t0 = time.monotonic()
@@ -613,7 +613,9 @@ def evaluate(n: int, seed: int = EVAL_SEED, model_dir: Path | None = None, verbo
             res["colours"] += ok_c
             d = ask([img], "Detect the shapes.", 400)
             truth = S.resized_boxes(shapes, img.size)
-            ious = S.matched_ious([b for b, _ in S.parse_detections(d)], truth)
+            found = S.parse_detections(d)
+            res["json"] += bool(found)
+            ious = S.matched_ious([b for b, _ in found], truth)
             res["shapes"] += len(shapes)
             res["iou50"] += sum(v >= 0.5 for v in ious)
             target = rng.choice(shapes)
@@ -645,6 +647,7 @@ def report(res: dict) -> str:
     return (f"held-out seed {EVAL_SEED}, {res['scenes']} pictures (320..800 px, app pixel bounds, greedy):\n"
             f"  count right:              {pct(res['count'], res['scenes'])}\n"
             f"  exact colour set:         {pct(res['colours'], res['scenes'])}\n"
+            f"  detection in JSON boxes:  {pct(res['json'], res['scenes'])} of the answers\n"
             f"  boxes with IoU >= 0.5:    {pct(res['iou50'], res['shapes'])} of {res['shapes']} shapes\n"
             f"  'what shape is the X one' {pct(res['shape_of'], res['qa'])} exact\n"
             f"  'which colour is the X'   {pct(res['colour_of'], res['qa'])} exact\n"

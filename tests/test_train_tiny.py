@@ -75,3 +75,4 @@ def test_the_held_out_report_counts_each_colour_drawn():
     assert {c for c, v in res["present"].items() if v} == drawn
     assert all(res["named"][c] <= res["present"][c] for c in S.COLOUR_NAMES)
     assert "orange" in T.report(res)
+    assert 0 <= res["json"] <= res["scenes"] == 1 and "JSON" in T.report(res)
