@@ -16,7 +16,7 @@ log = logging.getLogger("engine.loader")
 
 TINY_WARNING = (
     "Serving the built-in TINY Qwen2.5-VL: trained only on synthetic pictures of flat coloured "
-    "shapes (it counts them; it names all their colours right 3 times in 5; boxes are wrong; "
+    "shapes (it counts them; it names all their colours right 4 times in 5; boxes are wrong; "
     "anything else gets nonsense), "
     f"for trying the app and for tests. To run the real model use --model {DEFAULT_MODEL} "
     "(needs an NPU or GPU and about 16 GB of weights).")

@@ -28,7 +28,7 @@ import threading
 import uuid
 from pathlib import Path
 
-TINY_VERSION = 6
+TINY_VERSION = 7
 WEIGHTS = Path(__file__).with_name("tiny_weights.safetensors")
 MARKER = "tiny_model.json"
 

@@ -50,7 +50,7 @@ def features(weights: Path | None, seed: int, batches: int, batch: int = 8) -> d
     parts: dict[str, list] = {"tokens": [], "answers": [], "colour": [], "kind": [], "present": []}
     try:
         for _ in range(batches):
-            b, weights_, aux, summary, _focus, _edges = T.collate(next(source), pad)
+            b, weights_, aux, summary, _focus, _edges, _query = T.collate(next(source), pad)
             with torch.no_grad():
                 out = model(**b, output_hidden_states=True)
             cls = aux[0]

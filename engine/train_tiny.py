@@ -1,7 +1,7 @@
 """Train the built-in tiny Qwen2.5-VL on synthetic shapes (engine/shapes.py).
 
     python -m engine.train_tiny            # train from seed 0 (2500 steps of 8 conversations,
-                                           # 29 minutes on 2 CPU cores) and write
+                                           # 30 minutes on 2 CPU cores) and write
                                            # engine/tiny_weights.safetensors (float16, 4.4 MB)
     python -m engine.train_tiny --eval     # held-out accuracy of the committed weights
 
@@ -71,6 +71,9 @@ CONTENT_WORDS = frozenset(NEXT_WORDS + list(S.PLURAL.values()))
 # written, the named shape's tokens on the "edge" the coordinate is about.
 ATTN_HEADS = [(0, 0, "all"), (0, 1, "centres"), (2, 0, "about"), (2, 1, "edge")]
 ATTN_WEIGHT = 0.6
+# what the next token looks up, asked of each answer token after LM_LAYER layers
+# (`Probes.query_loss`): the colour and kind of the one shape, the coordinate, the digit
+QUERY_GROUPS = [("colour", 6), ("kind", 4), ("coord", 5), ("digit", 4)]
 ABS_SCALE = 512.0       # the absolute box probe reads pixels / this (the same scale for every picture)
 
 
@@ -252,9 +255,10 @@ class Probes:
         self.lm = torch.nn.Linear(lm_dim, sum(n for _, n in LM_GROUPS) + 4)
         self.summary = torch.nn.Linear(lm_dim, SUMMARY)
         self.next_word = torch.nn.Linear(lm_dim, len(NEXT_WORDS))
+        self.query = torch.nn.Linear(lm_dim, sum(n for _, n in QUERY_GROUPS))
 
     def parameters(self):
-        return [p for m in (self.vision, self.lm, self.summary, self.next_word) for p in m.parameters()]
+        return [p for m in (self.vision, self.lm, self.summary, self.next_word, self.query) for p in m.parameters()]
 
     def next_word_loss(self, feats, classes, acc: dict):
         """Deep supervision: after LM_LAYER + 1 layers (the lookups of `Looking`'s third
@@ -268,6 +272,23 @@ class Probes:
         out = self.next_word(feats[keep])
         acc["next_word"] = (out.argmax(-1) == classes[keep]).float().mean().item()
         return 3 * F.cross_entropy(out, classes[keep])
+
+    def query_loss(self, feats, classes, acc: dict):
+        """The query side of `Looking`'s lookups: after LM_LAYER layers, an answer token should
+        know what its next token looks up (the colour and kind of the one shape it is about,
+        the box coordinate and the digit of it), so that its third layer's heads can ask."""
+        import torch.nn.functional as F
+
+        out = self.query(feats)
+        loss, at = 0.0, 0
+        for j, (g, n) in enumerate(QUERY_GROUPS):
+            logits, tgt = out[:, at:at + n], classes[:, j]
+            at += n
+            keep = tgt != -100
+            if keep.any():
+                loss = loss + F.cross_entropy(logits[keep], tgt[keep])
+                acc[f"q_{g}"] = (logits[keep].argmax(-1) == tgt[keep]).float().mean().item()
+        return 3 * loss / len(QUERY_GROUPS)
 
     def summary_loss(self, feats, summary, acc: dict):
         """Answer tokens (after LM_LAYER layers) should know the scene: this pulls the
@@ -321,6 +342,8 @@ def encode(processor, ex: S.Example, min_pixels: int = S.MIN_PIXELS, max_pixels:
     weights = [torch.zeros(len(ids[0]))]
     focus = [torch.zeros(len(ids[0]), dtype=torch.long)]
     edges = [torch.zeros(len(ids[0]), dtype=torch.long)]
+    query = [torch.full((len(ids[0]), len(QUERY_GROUPS)), -100, dtype=torch.long)]
+    flat = [s for pic in ex.shapes for s in pic]
     for i, (q, a) in enumerate(ex.turns):
         if i:
             t = tok(f"\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n",
@@ -329,10 +352,12 @@ def encode(processor, ex: S.Example, min_pixels: int = S.MIN_PIXELS, max_pixels:
             weights.append(torch.zeros(len(t)))
             focus.append(torch.zeros(len(t), dtype=torch.long))
             edges.append(torch.zeros(len(t), dtype=torch.long))
+            query.append(torch.full((len(t), len(QUERY_GROUPS)), -100, dtype=torch.long))
         enc = tok(a + "<|im_end|>", add_special_tokens=False, return_offsets_mapping=True)
         t = enc["input_ids"]
         focus.append(torch.tensor(answer_focus(ex, i, enc["offset_mapping"])))
         edges.append(torch.tensor(answer_edges(a, enc["offset_mapping"])))
+        query.append(answer_query(flat, focus[-1], edges[-1], answer_digits(a, enc["offset_mapping"])))
         ids.append(torch.tensor(t))
         w = torch.tensor([CONTENT_WEIGHT if tok.decode([i]).strip() in CONTENT_WORDS else 1.0 for i in t])
         weights.append(w * (DETECT_WEIGHT if a.startswith("```json") else 1.0) / w.sum())
@@ -348,7 +373,8 @@ def encode(processor, ex: S.Example, min_pixels: int = S.MIN_PIXELS, max_pixels:
         targets.append((cls, rel, absolute, torch.where(owner >= 0, owner + first, owner)))
         first += len(sh)
     return (torch.cat(ids), torch.cat(weights), inp["pixel_values"], grid,
-            [torch.cat(x) for x in zip(*targets)], scene_summary(ex), torch.cat(focus), torch.cat(edges))
+            [torch.cat(x) for x in zip(*targets)], scene_summary(ex), torch.cat(focus), torch.cat(edges),
+            torch.cat(query))
 
 
 def answer_edges(answer: str, offsets) -> list[int]:
@@ -358,6 +384,27 @@ def answer_edges(answer: str, offsets) -> list[int]:
              for box in re.finditer(r'"bbox_2d": \[([^\]]*)\]', answer)
              for k, m in enumerate(re.finditer(r"\d+", box.group(1)))]
     return [next((k for a, b, k in spans if a <= cs < b), 0) for cs, _ in offsets]
+
+
+def answer_digits(answer: str, offsets) -> list[int]:
+    """Per token of an answer, 1 + its place in the number it belongs to (0: not a digit)."""
+    spans = [(m.start() + j, j + 1) for m in re.finditer(r"\d+", answer) for j in range(len(m.group()))]
+    at = dict(spans)
+    return [at.get(cs, 0) if ce - cs == 1 else 0 for cs, ce in offsets]
+
+
+def answer_query(shapes: list[S.Shape], focus, edges, digits: list[int]):
+    """[tokens, len(QUERY_GROUPS)]: `Probes.query_loss`'s targets (-100: none) for an answer
+    whose tokens look up `focus` (bitmasks over `shapes`) and write box coordinates `edges`."""
+    import torch
+
+    out = torch.full((len(digits), len(QUERY_GROUPS)), -100, dtype=torch.long)
+    for t, (f, e, d) in enumerate(zip(focus.tolist(), edges.tolist(), digits)):
+        if f and f & (f - 1) == 0:
+            s = shapes[f.bit_length() - 1]
+            out[t, 0], out[t, 1] = S.COLOUR_NAMES.index(s.colour), S.SHAPES.index(s.kind)
+        out[t, 2], out[t, 3] = e, min(d, 3) if e else 0
+    return out
 
 
 def answer_focus(ex: S.Example, turn: int, offsets) -> list[int]:
@@ -410,16 +457,18 @@ def collate(items, pad_id: int):
     mask = torch.zeros((len(items), n), dtype=torch.long)
     focus = torch.zeros((len(items), n), dtype=torch.long)
     edges = torch.zeros((len(items), n), dtype=torch.long)
+    query = torch.full((len(items), n, len(QUERY_GROUPS)), -100, dtype=torch.long)
     for r, it in enumerate(items):
         ids[r, :len(it[0])] = it[0]
         weights[r, :len(it[1])] = it[1]
         mask[r, :len(it[0])] = 1
         focus[r, :len(it[6])] = it[6]
         edges[r, :len(it[7])] = it[7]
+        query[r, :len(it[8])] = it[8]
     aux = [torch.cat([it[4][k] for it in items]) for k in range(4)]
     summary = torch.stack([it[5] for it in items])
     return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([i[2] for i in items]),
-                image_grid_thw=torch.cat([i[3] for i in items])), weights, aux, summary, focus, edges
+                image_grid_thw=torch.cat([i[3] for i in items])), weights, aux, summary, focus, edges, query
 
 
 def conversation(rng: random.Random) -> S.Example:
@@ -440,7 +489,7 @@ def batches(processor, rng: random.Random, batch: int, pool: int = 4):
         yield from groups
 
 
-def _losses(model, probes, looking, seen, b, weights, aux_targets, summary, focus, edges, word_class,
+def _losses(model, probes, looking, seen, b, weights, aux_targets, summary, focus, edges, query, word_class,
             image_token: int, centre_col: int):
     """One batch's answer loss, auxiliary loss and the probes' accuracies."""
     import torch
@@ -459,6 +508,7 @@ def _losses(model, probes, looking, seen, b, weights, aux_targets, summary, focu
     rows = answering.nonzero()[:, 0]
     feats = res.hidden_states[LM_LAYER][:, :-1][answering]
     aux = aux + probes.summary_loss(feats, summary[rows], acc)
+    aux = aux + probes.query_loss(feats, query[:, 1:][answering], acc)
     after = res.hidden_states[LM_LAYER + 1][:, :-1][answering]
     aux = aux + probes.next_word_loss(after, word_class[b["input_ids"][:, 1:][answering]], acc)
     owner = torch.full_like(b["input_ids"], -1)
@@ -537,9 +587,9 @@ def train(steps: int, batch: int, lr: float, out: Path, log_every: int = 10, see
         cur = lr * min(1.0, step / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = cur
-        b, weights, aux_targets, summary, focus, edges = next(source)
+        b, weights, aux_targets, summary, focus, edges, query = next(source)
         lm, aux, acc = _losses(model, probes, looking, seen, b, weights, aux_targets, summary, focus,
-                               edges, word_class, image_token, centre_col)
+                               edges, query, word_class, image_token, centre_col)
         loss = lm + aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -70,7 +70,7 @@ def build_router(engine: Engine, settings: ServerSettings,
             note = None
             if engine.is_tiny:
                 note = (("The built-in tiny Qwen2.5-VL, trained only on pictures of flat coloured "
-                         "shapes (it counts them; it names all their colours right 3 times in 5; "
+                         "shapes (it counts them; it names all their colours right 4 times in 5; "
                          "boxes are wrong; for trying the API). "
                          if engine.tiny_trained else
                          "The built-in tiny random Qwen2.5-VL (random answers, for trying the API). ")

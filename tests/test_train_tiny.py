@@ -39,7 +39,7 @@ def test_picture_tokens_on_a_shapes_edges_know_where_that_edge_is(processor):
     img, shapes = S.scene((280, 280), [("square", "green", (60, 90, 150, 200))])
     ex = S.Example([img], [("Detect the shapes.", S.detect_answer(shapes, img.size))], "detect",
                    [shapes], ["detect"])
-    _ids, _w, _pix, grid, (cls, _rel, _abs, owner), _summary, _focus, edges = T.encode(processor, ex)
+    _ids, _w, _pix, grid, (cls, _rel, _abs, owner), _summary, _focus, edges, _query = T.encode(processor, ex)
     extreme = T.edge_bits(cls)
     gw = int(grid[0, 2]) // 2
     box = S.resized_boxes(shapes, img.size)[0]
@@ -76,3 +76,25 @@ def test_the_held_out_report_counts_each_colour_drawn():
     assert all(res["named"][c] <= res["present"][c] for c in S.COLOUR_NAMES)
     assert "orange" in T.report(res)
     assert 0 <= res["json"] <= res["scenes"] == 1 and "JSON" in T.report(res)
+
+
+def test_the_query_targets_name_the_shape_and_the_digit_being_written(processor):
+    """`answer_query`: each token of a box names, for the token before it to learn, the shape
+    its entry is about (colour, kind), the coordinate (1..4) and the digit's place in it."""
+    red, blue = S.Shape("circle", "red", (10, 20, 130, 140)), S.Shape("star", "blue", (200, 30, 260, 90))
+    img, _ = S.scene((280, 280), [])
+    answer = S.detect_answer([red, blue], img.size)
+    ex = S.Example([img], [("Detect the shapes.", answer)], "detect", [[red, blue]], ["detect"])
+    ids, *_rest, edges, query = T.encode(processor, ex)
+    tok = processor.tokenizer
+    box = {(int(q[0]), int(q[1]), int(q[2])): [] for q in query if q[2] > 0}
+    for t in (edges > 0).nonzero()[:, 0].tolist():
+        c, k, e, d = query[t].tolist()
+        assert e == edges[t] and d >= 1
+        box[(c, k, e)].append(tok.decode([int(ids[t])]))
+    for s in (red, blue):
+        key = (S.COLOUR_NAMES.index(s.colour), S.SHAPES.index(s.kind))
+        got = ["".join(box[key + (e,)]) for e in (1, 2, 3, 4)]
+        assert got == [str(v) for v in S.resized_boxes([s], img.size)[0]]
+    assert set(query[edges == 0][:, 2].tolist()) == {0, -100}     # answer / prompt tokens
+

@@ -41,10 +41,10 @@ EXAMPLES = [
 ]
 # What the built-in model knows, for the page's banner (engine/shapes.py, README).
 TINY_TRAINED_NOTE = ("it was trained only on pictures of 1 to 4 flat circles, squares, "
-                     "triangles and stars in six plain colours; it counts them (right 93 times "
-                     "in 100), names all their colours right 3 times in 5, the shape or colour "
-                     "you ask about right 2 times in 5, its detection boxes are still wrong, and "
-                     "it knows nothing else")
+                     "triangles and stars in six plain colours; it counts them (right 88 times "
+                     "in 100), names all their colours right 4 times in 5, the shape or colour "
+                     "you ask about right 2 to 3 times in 5, its detection boxes are still wrong, "
+                     "and it knows nothing else")
 
 # Task presets beside the message box: each puts its prompt into the box (files kept).
 PRESETS = [
