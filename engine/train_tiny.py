@@ -388,8 +388,7 @@ def answer_edges(answer: str, offsets) -> list[int]:
 
 def answer_digits(answer: str, offsets) -> list[int]:
     """Per token of an answer, 1 + its place in the number it belongs to (0: not a digit)."""
-    spans = [(m.start() + j, j + 1) for m in re.finditer(r"\d+", answer) for j in range(len(m.group()))]
-    at = dict(spans)
+    at = {m.start() + j: j + 1 for m in re.finditer(r"\d+", answer) for j in range(len(m.group()))}
     return [at.get(cs, 0) if ce - cs == 1 else 0 for cs, ce in offsets]
 
 

@@ -180,9 +180,9 @@ def test_two_users_in_one_batch_get_their_own_answers(tiny_engine):
 def test_two_users_exact_answers(tiny_engine):
     """Each of two different pictures gets its own exact answer (the test above: also when
     both are in one batch)."""
-    (a, _), (b, _) = picture_a(), picture_b()
-    assert tiny_engine.generate(ask([a], EXAMPLE))[0] == S.count_answer(picture_a()[1])
-    assert tiny_engine.generate(ask([b], EXAMPLE))[0] == S.count_answer(picture_b()[1])
+    (a, shapes_a), (b, shapes_b) = picture_a(), picture_b()
+    assert tiny_engine.generate(ask([a], EXAMPLE))[0] == S.count_answer(shapes_a)
+    assert tiny_engine.generate(ask([b], EXAMPLE))[0] == S.count_answer(shapes_b)
 
 
 @NOT_YET

@@ -97,4 +97,3 @@ def test_the_query_targets_name_the_shape_and_the_digit_being_written(processor)
         got = ["".join(box[key + (e,)]) for e in (1, 2, 3, 4)]
         assert got == [str(v) for v in S.resized_boxes([s], img.size)[0]]
     assert set(query[edges == 0][:, 2].tolist()) == {0, -100}     # answer / prompt tokens
-
