@@ -2,13 +2,18 @@
 
     python -m engine.tiny_probe                 # the committed weights
     python -m engine.tiny_probe --weights W     # weights from `python -m engine.train_tiny --out W`
+    python -m engine.tiny_probe --boxes         # where the boxes go wrong (teacher-forced)
 
 The model stays frozen; linear read-outs are fitted to its features on fresh training
 conversations (engine/train_tiny.py's data) and scored on conversations of the held-out seed.
 They say how well each stage's features tell
 - a picture token's colour and the kind of the shape covering it (the vision tower's output,
   then the input of each language-model layer), and
-- the exact set of colours in the picture, from every answer token (each layer).
+- the exact set of colours in the picture, from every answer token (each layer);
+and, with `--boxes`, where the detection answers' coordinates go wrong: with the true answer
+fed in (teacher forcing), how often the model's next token is right at each digit place of a
+coordinate and ends the number at the right length, and how well each layer's input, at the
+token before a coordinate's digit, tells the 14-pixel cell of the box edge being written.
 A stage whose read-out is poor is where a training change should aim: a model whose answers
 are wrong although its vision output tells colours apart has lost them on the way to the
 answer, not in the picture.
@@ -110,6 +115,75 @@ def probe(weights: Path | None = None, train_batches: int = 40, eval_batches: in
     return res
 
 
+def detections(weights: Path | None, seed: int, n: int) -> dict:
+    """Teacher-forced detection answers of `n` pictures from `seed`: at each token before a
+    coordinate's digit (and before the token after its last digit), whether the model's next
+    token is right, the digit place (1: first), whether it closes the number; and at the
+    token before a coordinate's first digit, each layer's input with the cell (EDGE_CELL
+    pixels) of the box edge the coordinate names."""
+    import torch
+
+    from . import shapes as S
+
+    model, processor, config = _model(weights)
+    rng = random.Random(seed)
+    right, place, closes, cells, feats = [], [], [], [], []
+    tok = processor.tokenizer
+    for _ in range(n):
+        ex = S.make_example(rng, task="detect")
+        ids, _w, pixels, grid, _aux, _s, focus, edges, _q = T.encode(processor, ex)
+        boxes = S.resized_boxes(ex.shapes[0], ex.images[0].size)
+        with torch.no_grad():
+            out = model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], pixel_values=pixels,
+                        image_grid_thw=grid, output_hidden_states=True)
+        guess = out.logits[0].argmax(-1)
+        digit = [tok.decode([int(i)]).strip().isdigit() for i in ids]
+        for p in range(1, len(ids)):
+            e, f = int(edges[p]), int(focus[p])
+            end = not digit[p] and int(edges[p - 1]) > 0 and digit[p - 1]
+            if not (e and digit[p]) and not end:
+                continue
+            right.append(bool(guess[p - 1] == ids[p]))
+            closes.append(end)
+            place.append(0 if end else next(k for k in range(1, 5) if not (digit[p - k] and edges[p - k] == e)))
+            if place[-1] == 1 and f and f & (f - 1) == 0:     # before any digit of it is written
+                cells.append(min(boxes[f.bit_length() - 1][e - 1] // T.EDGE_CELL, T.EDGE_CELLS - 1))
+                feats.append([h[0, p - 1] for h in out.hidden_states])
+    return {"right": torch.tensor(right), "place": torch.tensor(place), "closes": torch.tensor(closes),
+            "cell": torch.tensor(cells), "feats": [torch.stack(x) for x in zip(*feats)]}
+
+
+def boxes(weights: Path | None = None, fit_n: int = 120, test_n: int = 40) -> dict:
+    """{measure: held-out share}: "digit1".."digit3" (the model's next token right at that
+    digit place of a coordinate, the true answer fed in), "length" (after a coordinate's last
+    digit, it closes the number), "cell@Ln" and "cell±1@Ln" (a linear read-out of the box
+    edge's cell from layer n's input at the token before the coordinate's first digit, where
+    nothing written tells it yet, exact and within one cell; fitted on TRAIN_SEED + 1, scored
+    on EVAL_SEED)."""
+    fit, test = detections(weights, T.TRAIN_SEED + 1, fit_n), detections(weights, T.EVAL_SEED, test_n)
+    res = {}
+    for k in (1, 2, 3):
+        at = test["place"] == k
+        res[f"digit{k}"] = test["right"][at].float().mean().item() if at.any() else 0.0
+    res["length"] = test["right"][test["closes"]].float().mean().item()
+    for k, (xf, xt) in enumerate(zip(fit["feats"], test["feats"])):
+        head = _fit(xf, fit["cell"], binary=False)
+        miss = (head(xt).argmax(-1) - test["cell"]).abs()
+        res[f"cell@L{k}"] = (miss == 0).float().mean().item()
+        res[f"cell±1@L{k}"] = (miss <= 1).float().mean().item()
+    return res
+
+
+def box_report(res: dict) -> str:
+    layers = [k.split("@")[1] for k in res if k.startswith("cell@")]
+    rows = [f"next token right, true answer fed in: first digit {100 * res['digit1']:.1f} %, second "
+            f"{100 * res['digit2']:.1f} %, third {100 * res['digit3']:.1f} %; the number closed after its "
+            f"last digit {100 * res['length']:.1f} %",
+            f"the box edge's {T.EDGE_CELL}-pixel cell read from the token before its first digit (exact, within one):"]
+    rows += [f"  {s:4}{100 * res[f'cell@{s}']:7.1f} %{100 * res[f'cell±1@{s}']:7.1f} %" for s in layers]
+    return "\n".join(rows)
+
+
 def report(res: dict) -> str:
     stages = [k.split("@")[1] for k in res if k.startswith("colour@")]
     rows = [f"{'':8}{'colour':>8}{'kind':>8}{'colour set':>12}"]
@@ -126,10 +200,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weights", type=Path, default=None, help="default: the committed weights")
     p.add_argument("--train-batches", type=int, default=40, help="batches of 8 conversations to fit on")
     p.add_argument("--eval-batches", type=int, default=12, help="held-out batches to score on")
+    p.add_argument("--boxes", action="store_true", help="where the detection answers' boxes go wrong")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(2)
+    if args.boxes:
+        print(box_report(boxes(args.weights)))
+        return
     print(report(probe(args.weights, args.train_batches, args.eval_batches)))
 
 
