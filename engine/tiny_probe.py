@@ -13,7 +13,7 @@ They say how well each stage's features tell
 and, with `--boxes`, where the detection answers' coordinates go wrong: with the true answer
 fed in (teacher forcing), how often the model's next token is right at each digit place of a
 coordinate and ends the number at the right length, and how well each layer's input, at the
-token before a coordinate's digit, tells the 14-pixel cell of the box edge being written.
+token before a coordinate's first digit, tells the 14-pixel cell of the box edge being written.
 A stage whose read-out is poor is where a training change should aim: a model whose answers
 are wrong although its vision output tells colours apart has lost them on the way to the
 answer, not in the picture.
