@@ -128,25 +128,24 @@ def detections(weights: Path | None, seed: int, n: int) -> dict:
     model, processor, config = _model(weights)
     rng = random.Random(seed)
     right, place, closes, cells, feats = [], [], [], [], []
-    tok = processor.tokenizer
     for _ in range(n):
         ex = S.make_example(rng, task="detect")
-        ids, _w, pixels, grid, _aux, _s, focus, edges, _q = T.encode(processor, ex)
+        ids, _w, pixels, grid, _aux, _s, focus, edges, query = T.encode(processor, ex)
         boxes = S.resized_boxes(ex.shapes[0], ex.images[0].size)
         with torch.no_grad():
             out = model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], pixel_values=pixels,
                         image_grid_thw=grid, output_hidden_states=True)
         guess = out.logits[0].argmax(-1)
-        digit = [tok.decode([int(i)]).strip().isdigit() for i in ids]
+        digit = query[:, 3].clamp(min=0).tolist()     # a coordinate digit's place (answer_digits), else 0
         for p in range(1, len(ids)):
-            e, f = int(edges[p]), int(focus[p])
-            end = not digit[p] and int(edges[p - 1]) > 0 and digit[p - 1]
-            if not (e and digit[p]) and not end:
+            end = not digit[p] and digit[p - 1] > 0
+            if not digit[p] and not end:
                 continue
             right.append(bool(guess[p - 1] == ids[p]))
             closes.append(end)
-            place.append(0 if end else next(k for k in range(1, 5) if not (digit[p - k] and edges[p - k] == e)))
-            if place[-1] == 1 and f and f & (f - 1) == 0:     # before any digit of it is written
+            place.append(digit[p])
+            e, f = int(edges[p]), int(focus[p])
+            if digit[p] == 1 and f and f & (f - 1) == 0:     # before any digit of it is written
                 cells.append(min(boxes[f.bit_length() - 1][e - 1] // T.EDGE_CELL, T.EDGE_CELLS - 1))
                 feats.append([h[0, p - 1] for h in out.hidden_states])
     return {"right": torch.tensor(right), "place": torch.tensor(place), "closes": torch.tensor(closes),
