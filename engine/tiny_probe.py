@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-batches", type=int, default=12, help="held-out batches to score on")
     p.add_argument("--boxes", action="store_true", help="where the detection answers' boxes go wrong")
     args = p.parse_args(argv)
+    if args.weights is not None and not args.weights.is_file():
+        p.error(f"--weights: no such file: {args.weights}")
     import torch
 
     torch.set_num_threads(2)

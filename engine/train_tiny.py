@@ -717,6 +717,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-weights", type=Path, default=None, help="weights for --eval (default: committed)")
     p.add_argument("--out", type=Path, default=WEIGHTS)
     args = p.parse_args(argv)
+    if args.eval_weights is not None and not args.eval_weights.is_file():
+        p.error(f"--eval-weights: no such file: {args.eval_weights}")
     if args.eval:
         print(report(evaluate(args.n, verbose=args.verbose, weights=args.eval_weights)))
         return

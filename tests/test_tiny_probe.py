@@ -38,3 +38,13 @@ def test_the_box_read_outs_line_up_with_the_coordinates():
     assert all(0.0 <= v <= 1.0 for v in res.values())
     assert res["digit1"] > 0.3 and res["length"] > 0.5, res
     assert "first digit" in tiny_probe.box_report(res)
+
+
+def test_a_missing_weights_file_is_one_line(capsys, tmp_path):
+    from engine import tiny_probe
+
+    with pytest.raises(SystemExit) as stop:
+        tiny_probe.main(["--boxes", "--weights", str(tmp_path / "none.safetensors")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--weights: no such file: "
+                                                                      f"{tmp_path / 'none.safetensors'}")

@@ -97,3 +97,11 @@ def test_the_query_targets_name_the_shape_and_the_digit_being_written(processor)
         got = ["".join(box[key + (e,)]) for e in (1, 2, 3, 4)]
         assert got == [str(v) for v in S.resized_boxes([s], img.size)[0]]
     assert set(query[edges == 0][:, 2].tolist()) == {0, -100}     # answer / prompt tokens
+
+
+def test_a_missing_eval_weights_file_is_one_line(capsys, tmp_path):
+    """--eval-weights that names no file is refused before anything is built or measured."""
+    with pytest.raises(SystemExit) as stop:
+        T.main(["--eval", "--eval-weights", str(tmp_path / "none.safetensors")])
+    assert stop.value.code == 2
+    assert "--eval-weights: no such file" in capsys.readouterr().err.strip().splitlines()[-1]
