@@ -12,8 +12,10 @@ They say how well each stage's features tell
 - the exact set of colours in the picture, from every answer token (each layer);
 and, with `--boxes`, where the detection answers' coordinates go wrong: with the true answer
 fed in (teacher forcing), how often the model's next token is right at each digit place of a
-coordinate and ends the number at the right length, and how well each layer's input, at the
-token before a coordinate's first digit, tells the 14-pixel cell of the box edge being written.
+coordinate and ends the number at the right length, how well each layer's input, at the
+token before a coordinate's first digit, tells the 14-pixel cell of the box edge being written,
+and, in pixels, how well it tells that coordinate there and how well the picture tokens of a
+shape tell that shape's box (the place the answer should copy it from).
 A stage whose read-out is poor is where a training change should aim: a model whose answers
 are wrong although its vision output tells colours apart has lost them on the way to the
 answer, not in the picture.
@@ -127,15 +129,18 @@ def detections(weights: Path | None, seed: int, n: int) -> dict:
 
     model, processor, config = _model(weights)
     rng = random.Random(seed)
-    right, place, closes, cells, feats = [], [], [], [], []
+    right, place, closes, cells, coords, feats, shown, box = [], [], [], [], [], [], [], []
     for _ in range(n):
         ex = S.make_example(rng, task="detect")
-        ids, _w, pixels, grid, _aux, _s, focus, edges, query = T.encode(processor, ex)
+        ids, _w, pixels, grid, aux, _s, focus, edges, query = T.encode(processor, ex)
         boxes = S.resized_boxes(ex.shapes[0], ex.images[0].size)
         with torch.no_grad():
             out = model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], pixel_values=pixels,
                         image_grid_thw=grid, output_hidden_states=True)
         guess = out.logits[0].argmax(-1)
+        owned = aux[3] >= 0                            # picture tokens a shape covers
+        shown.append([h[0, ids == config.image_token_id][owned] for h in out.hidden_states])
+        box.append(aux[2][owned] * T.ABS_SCALE)
         digit = query[:, 3].clamp(min=0).tolist()     # a coordinate digit's place (answer_digits), else 0
         for p in range(1, len(ids)):
             end = not digit[p] and digit[p - 1] > 0
@@ -146,10 +151,31 @@ def detections(weights: Path | None, seed: int, n: int) -> dict:
             place.append(digit[p])
             e, f = int(edges[p]), int(focus[p])
             if digit[p] == 1 and f and f & (f - 1) == 0:     # before any digit of it is written
-                cells.append(min(boxes[f.bit_length() - 1][e - 1] // T.EDGE_CELL, T.EDGE_CELLS - 1))
+                coords.append(boxes[f.bit_length() - 1][e - 1])
+                cells.append(min(coords[-1] // T.EDGE_CELL, T.EDGE_CELLS - 1))
                 feats.append([h[0, p - 1] for h in out.hidden_states])
     return {"right": torch.tensor(right), "place": torch.tensor(place), "closes": torch.tensor(closes),
-            "cell": torch.tensor(cells), "feats": [torch.stack(x) for x in zip(*feats)]}
+            "cell": torch.tensor(cells), "coord": torch.tensor(coords, dtype=torch.float32)[:, None],
+            "feats": [torch.stack(x) for x in zip(*feats)],
+            "shown": [torch.cat(x) for x in zip(*shown)], "box": torch.cat(box)}
+
+
+def _ridge(x, y, lam: float = 1.0):
+    """A linear regression (ridge, on standardised features) fitted to (x, y)."""
+    import torch
+
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    z = torch.cat([(x - mean) / std, torch.ones(len(x), 1)], 1).double()
+    w = torch.linalg.solve(z.T @ z + lam * torch.eye(z.shape[1], dtype=z.dtype), z.T @ y.double())
+    return lambda q: (torch.cat([(q - mean) / std, torch.ones(len(q), 1)], 1).double() @ w).float()
+
+
+def _pixels(fit_x, fit_y, test_x, test_y, what: str, stage: str, res: dict) -> None:
+    """res["WHAT@STAGE"] = mean absolute error in pixels of a ridge read-out; res["WHAT<14@STAGE"]
+    = the share within one cell (EDGE_CELL pixels)."""
+    miss = (_ridge(fit_x, fit_y)(test_x) - test_y).abs()
+    res[f"{what}@{stage}"] = miss.mean().item()
+    res[f"{what}<14@{stage}"] = (miss <= T.EDGE_CELL).float().mean().item()
 
 
 def boxes(weights: Path | None = None, fit_n: int = 120, test_n: int = 40) -> dict:
@@ -158,7 +184,10 @@ def boxes(weights: Path | None = None, fit_n: int = 120, test_n: int = 40) -> di
     digit, it closes the number), "cell@Ln" and "cell±1@Ln" (a linear read-out of the box
     edge's cell from layer n's input at the token before the coordinate's first digit, where
     nothing written tells it yet, exact and within one cell; fitted on TRAIN_SEED + 1, scored
-    on EVAL_SEED)."""
+    on EVAL_SEED); "px@Ln" (pixels, not a share: the same read-out's mean error in pixels for
+    the coordinate itself, a ridge regression; "px<14@Ln" the share within one cell) and
+    "boxpx@Ln", "boxpx<14@Ln" (the same for the box of the shape a picture token shows, from
+    its layer-n features: what an answer's lookup can copy)."""
     fit, test = detections(weights, T.TRAIN_SEED + 1, fit_n), detections(weights, T.EVAL_SEED, test_n)
     res = {}
     for k in (1, 2, 3):
@@ -170,6 +199,9 @@ def boxes(weights: Path | None = None, fit_n: int = 120, test_n: int = 40) -> di
         miss = (head(xt).argmax(-1) - test["cell"]).abs()
         res[f"cell@L{k}"] = (miss == 0).float().mean().item()
         res[f"cell±1@L{k}"] = (miss <= 1).float().mean().item()
+        _pixels(xf, fit["coord"], xt, test["coord"], "px", f"L{k}", res)
+    for k, (xf, xt) in enumerate(zip(fit["shown"], test["shown"])):
+        _pixels(xf, fit["box"], xt, test["box"], "boxpx", f"L{k}", res)
     return res
 
 
@@ -178,8 +210,12 @@ def box_report(res: dict) -> str:
     rows = [f"next token right, true answer fed in: first digit {100 * res['digit1']:.1f} %, second "
             f"{100 * res['digit2']:.1f} %, third {100 * res['digit3']:.1f} %; the number closed after its "
             f"last digit {100 * res['length']:.1f} %",
-            f"the box edge's {T.EDGE_CELL}-pixel cell read from the token before its first digit (exact, within one):"]
-    rows += [f"  {s:4}{100 * res[f'cell@{s}']:7.1f} %{100 * res[f'cell±1@{s}']:7.1f} %" for s in layers]
+            f"read from layer n's input: at the token before a coordinate's first digit, the box edge's "
+            f"{T.EDGE_CELL}-pixel cell (exact, within one) and the coordinate (mean error, share within "
+            f"{T.EDGE_CELL} px); at the picture tokens of a shape, its box (the same):"]
+    rows += [f"  {s:4}{100 * res[f'cell@{s}']:7.1f} %{100 * res[f'cell±1@{s}']:7.1f} %"
+             f"{res[f'px@{s}']:8.1f} px{100 * res[f'px<14@{s}']:7.1f} %"
+             f"{res[f'boxpx@{s}']:8.1f} px{100 * res[f'boxpx<14@{s}']:7.1f} %" for s in layers]
     return "\n".join(rows)
 
 
