@@ -74,6 +74,12 @@ ATTN_WEIGHT = 0.6
 # what the next token looks up, asked of each answer token after LM_LAYER layers
 # (`Probes.query_loss`): the colour and kind of the one shape, the coordinate, the digit
 QUERY_GROUPS = [("colour", 6), ("kind", 4), ("coord", 5), ("digit", 4)]
+# Opt-in (`--answer-box`, runs F and G of the README; not in the committed recipe): after one
+# more layer (the lookups), an answer token about one shape should hold that shape's box and,
+# before a coordinate's digits, that coordinate (pixels / ABS_SCALE), and with "phase" also the
+# cosine and sine of its tens digit's phase (`Probes.box_loss`).
+BOX_COLS = len(QUERY_GROUPS)    # `answer_query`'s columns from here: the box (4), the coordinate
+ANSWER_BOX = ("", "box", "phase")
 ABS_SCALE = 512.0       # the absolute box probe reads pixels / this (the same scale for every picture)
 
 
@@ -246,9 +252,9 @@ SUMMARY = 4 + len(S.COLOUR_NAMES) + len(S.SHAPES) + len(S.COLOUR_NAMES) * len(S.
 
 
 class Probes:
-    """The four linear probes and their losses (see above)."""
+    """The linear probes and their losses (see above; `box_loss` only with `answer_box`)."""
 
-    def __init__(self, vision_dim: int, lm_dim: int) -> None:
+    def __init__(self, vision_dim: int, lm_dim: int, answer_box: str = "") -> None:
         import torch
 
         self.vision = torch.nn.Linear(vision_dim, sum(n for _, n in VISION_GROUPS) + 4)
@@ -256,9 +262,39 @@ class Probes:
         self.summary = torch.nn.Linear(lm_dim, SUMMARY)
         self.next_word = torch.nn.Linear(lm_dim, len(NEXT_WORDS))
         self.query = torch.nn.Linear(lm_dim, sum(n for _, n in QUERY_GROUPS))
+        self.answer_box = answer_box
+        self.box = torch.nn.Linear(lm_dim, 7 if answer_box == "phase" else 5) if answer_box else None
 
     def parameters(self):
-        return [p for m in (self.vision, self.lm, self.summary, self.next_word, self.query) for p in m.parameters()]
+        heads = [self.vision, self.lm, self.summary, self.next_word, self.query]
+        heads += [self.box] if self.box is not None else []
+        return [p for m in heads for p in m.parameters()]
+
+    def box_loss(self, feats, targets, acc: dict):
+        """After the lookups, an answer token about one shape holds its box, and one about to
+        write a coordinate's digits that coordinate (`answer_query`'s columns from BOX_COLS):
+        the picture tokens know their shape's box to a few pixels, the answers of the committed
+        recipe to ~40 (`python -m engine.tiny_probe --boxes`). "phase" adds the cosine and sine
+        of the tens digit's phase, from which a linear read-out names that digit."""
+        import torch
+        import torch.nn.functional as F
+
+        keep = targets >= 0
+        if self.box is None or not keep.any():
+            return 0.0
+        raw = self.box(feats)
+        out = torch.sigmoid(raw[:, :5])[keep]
+        tgt = targets[keep].float() / ABS_SCALE
+        coord = keep[:, 4]
+        loss = 40 * F.smooth_l1_loss(out, tgt, beta=0.01)
+        if coord.any():
+            err = (torch.sigmoid(raw[coord, 4]) - targets[coord, 4].float() / ABS_SCALE).abs()
+            acc["coord_px"] = (err.mean() * ABS_SCALE).item()
+        if coord.any() and self.answer_box == "phase":
+            phase = targets[coord, 4].float() * (2 * math.pi / 100)
+            circle = torch.stack([phase.cos(), phase.sin()], -1)
+            loss = loss + 10 * F.mse_loss(torch.tanh(raw[coord, 5:]), circle)
+        return loss
 
     def next_word_loss(self, feats, classes, acc: dict):
         """Deep supervision: after LM_LAYER + 1 layers (the lookups of `Looking`'s third
@@ -342,8 +378,9 @@ def encode(processor, ex: S.Example, min_pixels: int = S.MIN_PIXELS, max_pixels:
     weights = [torch.zeros(len(ids[0]))]
     focus = [torch.zeros(len(ids[0]), dtype=torch.long)]
     edges = [torch.zeros(len(ids[0]), dtype=torch.long)]
-    query = [torch.full((len(ids[0]), len(QUERY_GROUPS)), -100, dtype=torch.long)]
+    query = [torch.full((len(ids[0]), BOX_COLS + 5), -100, dtype=torch.long)]
     flat = [s for pic in ex.shapes for s in pic]
+    flat_boxes = [b for pic, im in zip(ex.shapes, ex.images) for b in S.resized_boxes(pic, im.size)]
     for i, (q, a) in enumerate(ex.turns):
         if i:
             t = tok(f"\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n",
@@ -352,12 +389,13 @@ def encode(processor, ex: S.Example, min_pixels: int = S.MIN_PIXELS, max_pixels:
             weights.append(torch.zeros(len(t)))
             focus.append(torch.zeros(len(t), dtype=torch.long))
             edges.append(torch.zeros(len(t), dtype=torch.long))
-            query.append(torch.full((len(t), len(QUERY_GROUPS)), -100, dtype=torch.long))
+            query.append(torch.full((len(t), BOX_COLS + 5), -100, dtype=torch.long))
         enc = tok(a + "<|im_end|>", add_special_tokens=False, return_offsets_mapping=True)
         t = enc["input_ids"]
         focus.append(torch.tensor(answer_focus(ex, i, enc["offset_mapping"])))
         edges.append(torch.tensor(answer_edges(a, enc["offset_mapping"])))
-        query.append(answer_query(flat, focus[-1], edges[-1], answer_digits(a, enc["offset_mapping"])))
+        query.append(answer_query(flat, flat_boxes, focus[-1], edges[-1],
+                                  answer_digits(a, enc["offset_mapping"])))
         ids.append(torch.tensor(t))
         w = torch.tensor([CONTENT_WEIGHT if tok.decode([i]).strip() in CONTENT_WORDS else 1.0 for i in t])
         weights.append(w * (DETECT_WEIGHT if a.startswith("```json") else 1.0) / w.sum())
@@ -392,16 +430,20 @@ def answer_digits(answer: str, offsets) -> list[int]:
     return [at.get(cs, 0) if ce - cs == 1 else 0 for cs, ce in offsets]
 
 
-def answer_query(shapes: list[S.Shape], focus, edges, digits: list[int]):
-    """[tokens, len(QUERY_GROUPS)]: `Probes.query_loss`'s targets (-100: none) for an answer
-    whose tokens look up `focus` (bitmasks over `shapes`) and write box coordinates `edges`."""
+def answer_query(shapes: list[S.Shape], boxes: list[list[int]], focus, edges, digits: list[int]):
+    """[tokens, BOX_COLS + 5]: `Probes.query_loss`'s and `Probes.box_loss`'s targets (-100:
+    none) for an answer whose tokens look up `focus` (bitmasks over `shapes`, whose resized
+    `boxes` these are) and write box coordinates `edges`."""
     import torch
 
-    out = torch.full((len(digits), len(QUERY_GROUPS)), -100, dtype=torch.long)
+    out = torch.full((len(digits), BOX_COLS + 5), -100, dtype=torch.long)
     for t, (f, e, d) in enumerate(zip(focus.tolist(), edges.tolist(), digits)):
         if f and f & (f - 1) == 0:
-            s = shapes[f.bit_length() - 1]
-            out[t, 0], out[t, 1] = S.COLOUR_NAMES.index(s.colour), S.SHAPES.index(s.kind)
+            i = f.bit_length() - 1
+            out[t, 0], out[t, 1] = S.COLOUR_NAMES.index(shapes[i].colour), S.SHAPES.index(shapes[i].kind)
+            out[t, BOX_COLS:BOX_COLS + 4] = torch.tensor(boxes[i])
+            if e:
+                out[t, BOX_COLS + 4] = boxes[i][e - 1]
         out[t, 2], out[t, 3] = e, min(d, 3) if e else 0
     return out
 
@@ -456,7 +498,7 @@ def collate(items, pad_id: int):
     mask = torch.zeros((len(items), n), dtype=torch.long)
     focus = torch.zeros((len(items), n), dtype=torch.long)
     edges = torch.zeros((len(items), n), dtype=torch.long)
-    query = torch.full((len(items), n, len(QUERY_GROUPS)), -100, dtype=torch.long)
+    query = torch.full((len(items), n, BOX_COLS + 5), -100, dtype=torch.long)
     for r, it in enumerate(items):
         ids[r, :len(it[0])] = it[0]
         weights[r, :len(it[1])] = it[1]
@@ -510,6 +552,7 @@ def _losses(model, probes, looking, seen, b, weights, aux_targets, summary, focu
     aux = aux + probes.query_loss(feats, query[:, 1:][answering], acc)
     after = res.hidden_states[LM_LAYER + 1][:, :-1][answering]
     aux = aux + probes.next_word_loss(after, word_class[b["input_ids"][:, 1:][answering]], acc)
+    aux = aux + probes.box_loss(after, query[:, 1:][answering][:, BOX_COLS:], acc)
     owner = torch.full_like(b["input_ids"], -1)
     owner[pictures] = owner_of
     extreme = torch.zeros_like(b["input_ids"])
@@ -551,9 +594,9 @@ def prefetched(seed: int, batch: int, depth: int = 6):
 
 
 def train(steps: int, batch: int, lr: float, out: Path, log_every: int = 10, seed: int = TRAIN_SEED,
-          aux_weight: float = AUX_WEIGHT) -> None:
+          aux_weight: float = AUX_WEIGHT, answer_box: str = "") -> None:
     """`steps` AdamW steps of `batch` fresh conversations from `random.Random(seed)`, linear
-    warm-up then cosine decay to 5 % of `lr`."""
+    warm-up then cosine decay to 5 % of `lr`; `answer_box` (ANSWER_BOX) adds that probe."""
     import torch
     from safetensors.torch import save_file
 
@@ -567,7 +610,7 @@ def train(steps: int, batch: int, lr: float, out: Path, log_every: int = 10, see
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "embed" not in name and "lm_head" not in name:
                 p.mul_(0.02 / tiny.INIT_STD)
-    probes = Probes(config.text_config.hidden_size, config.text_config.hidden_size)
+    probes = Probes(config.text_config.hidden_size, config.text_config.hidden_size, answer_box)
     image_token = config.image_token_id
     seen = {}
     model.model.visual.register_forward_hook(lambda _m, _i, o: seen.__setitem__("v", o.pooler_output))
@@ -716,6 +759,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--aux-weight", type=float, default=AUX_WEIGHT)
     p.add_argument("--eval-weights", type=Path, default=None, help="weights for --eval (default: committed)")
     p.add_argument("--out", type=Path, default=WEIGHTS)
+    p.add_argument("--answer-box", choices=ANSWER_BOX[1:], default="",
+                   help="an experiment, not the committed recipe: probe the box after the lookup "
+                        "(README runs F: box, G: phase)")
     args = p.parse_args(argv)
     if args.eval_weights is not None and not args.eval_weights.is_file():
         p.error(f"--eval-weights: no such file: {args.eval_weights}")
@@ -723,7 +769,7 @@ def main(argv: list[str] | None = None) -> None:
         print(report(evaluate(args.n, verbose=args.verbose, weights=args.eval_weights)))
         return
     t0 = time.monotonic()
-    train(args.steps, args.batch, args.lr, args.out, aux_weight=args.aux_weight)
+    train(args.steps, args.batch, args.lr, args.out, aux_weight=args.aux_weight, answer_box=args.answer_box)
     print(f"total training time {time.monotonic() - t0:.0f}s", flush=True)
 
 

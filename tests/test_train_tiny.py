@@ -80,7 +80,8 @@ def test_the_held_out_report_counts_each_colour_drawn():
 
 def test_the_query_targets_name_the_shape_and_the_digit_being_written(processor):
     """`answer_query`: each token of a box names, for the token before it to learn, the shape
-    its entry is about (colour, kind), the coordinate (1..4) and the digit's place in it."""
+    its entry is about (colour, kind), the coordinate (1..4) and the digit's place in it, and
+    (for `--answer-box`) that shape's box and the coordinate's value in pixels."""
     red, blue = S.Shape("circle", "red", (10, 20, 130, 140)), S.Shape("star", "blue", (200, 30, 260, 90))
     img, _ = S.scene((280, 280), [])
     answer = S.detect_answer([red, blue], img.size)
@@ -89,13 +90,15 @@ def test_the_query_targets_name_the_shape_and_the_digit_being_written(processor)
     tok = processor.tokenizer
     box = {(int(q[0]), int(q[1]), int(q[2])): [] for q in query if q[2] > 0}
     for t in (edges > 0).nonzero()[:, 0].tolist():
-        c, k, e, d = query[t].tolist()
+        c, k, e, d = query[t, :T.BOX_COLS].tolist()
         assert e == edges[t] and d >= 1
-        box[(c, k, e)].append(tok.decode([int(ids[t])]))
+        box[(c, k, e)].append((tok.decode([int(ids[t])]), query[t, T.BOX_COLS:].tolist()))
     for s in (red, blue):
         key = (S.COLOUR_NAMES.index(s.colour), S.SHAPES.index(s.kind))
-        got = ["".join(box[key + (e,)]) for e in (1, 2, 3, 4)]
-        assert got == [str(v) for v in S.resized_boxes([s], img.size)[0]]
+        truth = S.resized_boxes([s], img.size)[0]
+        got = ["".join(text for text, _ in box[key + (e,)]) for e in (1, 2, 3, 4)]
+        assert got == [str(v) for v in truth]
+        assert all(cols == truth + [truth[e - 1]] for e in (1, 2, 3, 4) for _, cols in box[key + (e,)])
     assert set(query[edges == 0][:, 2].tolist()) == {0, -100}     # answer / prompt tokens
 
 
@@ -105,3 +108,20 @@ def test_a_missing_eval_weights_file_is_one_line(capsys, tmp_path):
         T.main(["--eval", "--eval-weights", str(tmp_path / "none.safetensors")])
     assert stop.value.code == 2
     assert "--eval-weights: no such file" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_the_answer_box_probe_is_an_opt_in_that_reads_pixels():
+    """`--answer-box` (README runs F and G) adds a probe and its loss; off, the recipe has
+    neither, so the committed command trains what it trained before."""
+    import torch
+
+    plain, box, phase = T.Probes(128, 128), T.Probes(128, 128, "box"), T.Probes(128, 128, "phase")
+    assert len(box.parameters()) == len(phase.parameters()) == len(plain.parameters()) + 2
+    feats = torch.randn(3, 128)
+    targets = torch.tensor([[10, 20, 60, 80, 20], [10, 20, 60, 80, -100], [-100] * 5])
+    assert plain.box_loss(feats, targets, {}) == 0.0
+    for probes in (box, phase):
+        acc = {}
+        assert probes.box_loss(feats, targets, acc) > 0 and 0 <= acc["coord_px"] <= T.ABS_SCALE
+    with pytest.raises(SystemExit):
+        T.main(["--answer-box", "cell", "--steps", "0"])
