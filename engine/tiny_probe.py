@@ -138,8 +138,9 @@ def detections(weights: Path | None, seed: int, n: int) -> dict:
             out = model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], pixel_values=pixels,
                         image_grid_thw=grid, output_hidden_states=True)
         guess = out.logits[0].argmax(-1)
-        owned = aux[3] >= 0                            # picture tokens a shape covers
-        shown.append([h[0, ids == config.image_token_id][owned] for h in out.hidden_states])
+        owned = aux[3] >= 0                            # of the picture tokens, those a shape covers
+        at = (ids == config.image_token_id).nonzero()[:, 0][owned]
+        shown.append([h[0, at] for h in out.hidden_states])
         box.append(aux[2][owned] * T.ABS_SCALE)
         digit = query[:, 3].clamp(min=0).tolist()     # a coordinate digit's place (answer_digits), else 0
         for p in range(1, len(ids)):

@@ -79,7 +79,8 @@ QUERY_GROUPS = [("colour", 6), ("kind", 4), ("coord", 5), ("digit", 4)]
 # before a coordinate's digits, that coordinate (pixels / ABS_SCALE), and with "phase" also the
 # cosine and sine of its tens digit's phase (`Probes.box_loss`).
 BOX_COLS = len(QUERY_GROUPS)    # `answer_query`'s columns from here: the box (4), the coordinate
-ANSWER_BOX = ("", "box", "phase")
+QUERY_COLS = BOX_COLS + 5
+ANSWER_BOX = ("box", "phase")
 ABS_SCALE = 512.0       # the absolute box probe reads pixels / this (the same scale for every picture)
 
 
@@ -283,12 +284,11 @@ class Probes:
         if self.box is None or not keep.any():
             return 0.0
         raw = self.box(feats)
-        out = torch.sigmoid(raw[:, :5])[keep]
-        tgt = targets[keep].float() / ABS_SCALE
+        read = torch.sigmoid(raw[:, :5])
+        loss = 40 * F.smooth_l1_loss(read[keep], targets[keep].float() / ABS_SCALE, beta=0.01)
         coord = keep[:, 4]
-        loss = 40 * F.smooth_l1_loss(out, tgt, beta=0.01)
         if coord.any():
-            err = (torch.sigmoid(raw[coord, 4]) - targets[coord, 4].float() / ABS_SCALE).abs()
+            err = (read[coord, 4] - targets[coord, 4].float() / ABS_SCALE).abs()
             acc["coord_px"] = (err.mean() * ABS_SCALE).item()
         if coord.any() and self.answer_box == "phase":
             phase = targets[coord, 4].float() * (2 * math.pi / 100)
@@ -378,7 +378,7 @@ def encode(processor, ex: S.Example, min_pixels: int = S.MIN_PIXELS, max_pixels:
     weights = [torch.zeros(len(ids[0]))]
     focus = [torch.zeros(len(ids[0]), dtype=torch.long)]
     edges = [torch.zeros(len(ids[0]), dtype=torch.long)]
-    query = [torch.full((len(ids[0]), BOX_COLS + 5), -100, dtype=torch.long)]
+    query = [torch.full((len(ids[0]), QUERY_COLS), -100, dtype=torch.long)]
     flat = [s for pic in ex.shapes for s in pic]
     flat_boxes = [b for pic, im in zip(ex.shapes, ex.images) for b in S.resized_boxes(pic, im.size)]
     for i, (q, a) in enumerate(ex.turns):
@@ -389,7 +389,7 @@ def encode(processor, ex: S.Example, min_pixels: int = S.MIN_PIXELS, max_pixels:
             weights.append(torch.zeros(len(t)))
             focus.append(torch.zeros(len(t), dtype=torch.long))
             edges.append(torch.zeros(len(t), dtype=torch.long))
-            query.append(torch.full((len(t), BOX_COLS + 5), -100, dtype=torch.long))
+            query.append(torch.full((len(t), QUERY_COLS), -100, dtype=torch.long))
         enc = tok(a + "<|im_end|>", add_special_tokens=False, return_offsets_mapping=True)
         t = enc["input_ids"]
         focus.append(torch.tensor(answer_focus(ex, i, enc["offset_mapping"])))
@@ -431,12 +431,12 @@ def answer_digits(answer: str, offsets) -> list[int]:
 
 
 def answer_query(shapes: list[S.Shape], boxes: list[list[int]], focus, edges, digits: list[int]):
-    """[tokens, BOX_COLS + 5]: `Probes.query_loss`'s and `Probes.box_loss`'s targets (-100:
+    """[tokens, QUERY_COLS]: `Probes.query_loss`'s and `Probes.box_loss`'s targets (-100:
     none) for an answer whose tokens look up `focus` (bitmasks over `shapes`, whose resized
     `boxes` these are) and write box coordinates `edges`."""
     import torch
 
-    out = torch.full((len(digits), BOX_COLS + 5), -100, dtype=torch.long)
+    out = torch.full((len(digits), QUERY_COLS), -100, dtype=torch.long)
     for t, (f, e, d) in enumerate(zip(focus.tolist(), edges.tolist(), digits)):
         if f and f & (f - 1) == 0:
             i = f.bit_length() - 1
@@ -498,7 +498,7 @@ def collate(items, pad_id: int):
     mask = torch.zeros((len(items), n), dtype=torch.long)
     focus = torch.zeros((len(items), n), dtype=torch.long)
     edges = torch.zeros((len(items), n), dtype=torch.long)
-    query = torch.full((len(items), n, BOX_COLS + 5), -100, dtype=torch.long)
+    query = torch.full((len(items), n, QUERY_COLS), -100, dtype=torch.long)
     for r, it in enumerate(items):
         ids[r, :len(it[0])] = it[0]
         weights[r, :len(it[1])] = it[1]
@@ -759,7 +759,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--aux-weight", type=float, default=AUX_WEIGHT)
     p.add_argument("--eval-weights", type=Path, default=None, help="weights for --eval (default: committed)")
     p.add_argument("--out", type=Path, default=WEIGHTS)
-    p.add_argument("--answer-box", choices=ANSWER_BOX[1:], default="",
+    p.add_argument("--answer-box", choices=ANSWER_BOX, default="",
                    help="an experiment, not the committed recipe: probe the box after the lookup "
                         "(README runs F: box, G: phase)")
     args = p.parse_args(argv)
