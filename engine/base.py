@@ -9,6 +9,7 @@ import asyncio
 from concurrent.futures import Executor
 from typing import Callable
 
+from .config import DEFAULT_MAX_PIXELS_LIMIT
 from .media import MediaPolicy
 from .stream import RequestHandle
 from .types import Finished, GenerationRequest
@@ -24,6 +25,11 @@ class Engine(abc.ABC):
     max_model_len: int = 16384
     limit_images: int = 10
     limit_videos: int = 2
+    # The picture limits every front end bounds its own work by (PDF pages it renders, boxes
+    # it draws): the largest decoded picture, and the largest per-picture pixel bound a
+    # request may ask for. Engines set them from their EngineConfig.
+    max_image_pixels: int = MediaPolicy.max_image_pixels
+    max_pixels_limit: int = DEFAULT_MAX_PIXELS_LIMIT
 
     def __init__(self) -> None:
         self._listeners: list[FinishListener] = []

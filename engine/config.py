@@ -26,6 +26,16 @@ DEFAULT_KV_CACHE_GIB = 8.0
 # ten pictures); on a CPU it is host memory, shared with everything else, so 1 GiB.
 DEFAULT_PREFIX_CACHE_GIB = 4.0
 DEFAULT_PREFIX_CACHE_GIB_CPU = 1.0
+# The highest video sampling rate a request may ask for (mm_processor_kwargs.fps): a
+# common camera rate; a rate above the video's own only repeats work on the same frames.
+DEFAULT_VIDEO_MAX_FPS = 30.0
+# Decoding a video costs about its frames times their pixels, and each frame has a cost of
+# its own too, so each counts as at least VIDEO_FRAME_MIN_COST pixels. The budget keeps a
+# long clip of tiny packets from holding a worker for minutes: 1e10 takes about 4 s on a
+# flat clip (2.4 Gpx/s on one core), and is more than typical videos within --max-media-mb
+# need (it is 2.7 min of 1080p, 6 min of 720p or 24 min of 360p at 30 fps).
+VIDEO_FRAME_MIN_COST = 640 * 360
+DEFAULT_VIDEO_MAX_DECODED_PIXELS = 10_000_000_000
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -63,6 +73,8 @@ class EngineConfig:
     video_fps: float = 2.0
     video_max_frames: int = 32
     video_max_pixels: int = 360 * 420   # per frame
+    video_max_fps: float = DEFAULT_VIDEO_MAX_FPS   # the highest fps a request may ask for
+    video_max_decoded_pixels: int = DEFAULT_VIDEO_MAX_DECODED_PIXELS   # per video
     max_prompt_chars: int | None = None  # None: CHARS_PER_TOKEN_LIMIT * max_model_len
     log_stats_interval: float = 10.0   # seconds between engine lines; 0: none
     kv_cache_gib: float = DEFAULT_KV_CACHE_GIB
@@ -156,6 +168,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--video-max-pixels", type=int,
                    default=int(env("QWENVL_VIDEO_MAX_PIXELS", str(360 * 420))),
                    help="pixels per video frame [env QWENVL_VIDEO_MAX_PIXELS]")
+    g.add_argument("--video-max-fps", type=float,
+                   default=float(env("QWENVL_VIDEO_MAX_FPS", str(DEFAULT_VIDEO_MAX_FPS))),
+                   help="highest frames per second a request may ask a video to be sampled at "
+                        "(mm_processor_kwargs.fps); 0 or less is refused too "
+                        "[env QWENVL_VIDEO_MAX_FPS]")
+    g.add_argument("--video-max-decoded-pixels", type=int,
+                   default=int(env("QWENVL_VIDEO_MAX_DECODED_PIXELS",
+                                   str(DEFAULT_VIDEO_MAX_DECODED_PIXELS))),
+                   help=f"most pixels decoded from one video, frames x width x height (each "
+                        f"frame counted as at least {VIDEO_FRAME_MIN_COST:,}); a longer video is "
+                        f"refused before it is decoded [env QWENVL_VIDEO_MAX_DECODED_PIXELS]")
     g.add_argument("--no-warmup", dest="warmup", action="store_false",
                    default=not env_bool("QWENVL_NO_WARMUP"),
                    help="skip the short warm-up generation at start")

@@ -16,7 +16,7 @@ from typing import Union
 from PIL import Image
 
 from .caches import BoundedCache, content_key
-from .config import EngineConfig
+from .config import DEFAULT_VIDEO_MAX_DECODED_PIXELS, DEFAULT_VIDEO_MAX_FPS, EngineConfig
 from .errors import InvalidRequestError
 from .geometry import PATCH, smart_resize
 from .media import MediaPolicy, VideoFile, load_image, load_video, open_image, read_source_bytes
@@ -27,12 +27,18 @@ from .types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, GenerationRequest, Vi
 
 @dataclass(frozen=True)
 class VideoSampling:
-    """How videos are sampled (EngineConfig's video_fps, video_max_frames, video_max_pixels).
-    The per-frame pixel bound: Qwen's own default for video frames is 768*28*28 in total."""
+    """How videos are sampled (EngineConfig's video_fps, video_max_frames, video_max_pixels)
+    and what decoding one may cost: the highest fps a request may ask for, the pixels decoded
+    in all (video_max_decoded_pixels) and the largest frame (the picture limit,
+    max_image_pixels). The per-frame pixel bound: Qwen's own default for video frames is
+    768*28*28 in total."""
 
     fps: float = 2.0
     max_frames: int = 32
     max_pixels: int = 360 * 420
+    max_fps: float = DEFAULT_VIDEO_MAX_FPS
+    max_decoded_pixels: int = DEFAULT_VIDEO_MAX_DECODED_PIXELS
+    max_frame_pixels: int = MediaPolicy.max_image_pixels
 
 
 @dataclass
@@ -139,7 +145,9 @@ class InputStage:
         self.max_pixels_limit = config.max_pixels_limit
         self.max_prompt_chars = config.prompt_chars_limit
         self.video = VideoSampling(config.video_fps, config.video_max_frames,
-                                   config.video_max_pixels)
+                                   config.video_max_pixels, config.video_max_fps,
+                                   config.video_max_decoded_pixels,
+                                   self.policy(None).max_image_pixels)
         self.pictures = PictureCache(int(config.picture_cache_mb * 1024 * 1024))
 
     def policy(self, policy: MediaPolicy | None) -> MediaPolicy:
@@ -191,6 +199,7 @@ class InputStage:
                 raise InvalidRequestError(
                     f"{name} must be between 1 and {self.max_pixels_limit} (the server's limit, "
                     f"see --max-pixels-limit), got {value}.", param=name)
+        self.check_video_fps(request)
         lo, hi = self.bounds(request)
         if lo > hi:
             raise InvalidRequestError(
@@ -203,6 +212,22 @@ class InputStage:
                 f"The prompt has {chars} characters, more than the {self.max_prompt_chars} this "
                 f"server accepts (see --max-prompt-chars); it could not fit the model's context "
                 f"anyway. Please shorten the messages.", param="messages")
+
+    def check_video_fps(self, request: GenerationRequest) -> None:
+        """A video's sampling rate (the API's mm_processor_kwargs.fps): zero or less means
+        nothing (-5 was taken as is, 0 silently as the default), and past --video-max-fps it
+        only decodes the same frames again, so both are refused before any work."""
+        limit = self.video.max_fps
+        for m in request.conversation.messages:
+            for video in m.videos:
+                fps = video.fps
+                if fps is None:
+                    continue
+                if isinstance(fps, bool) or not isinstance(fps, (int, float)) \
+                        or not 0 < fps <= limit:
+                    raise InvalidRequestError(
+                        f"fps must be greater than 0 and at most {limit:g} (the server's limit, "
+                        f"see --video-max-fps), got {fps}.", param="fps")
 
     @staticmethod
     def bounds(request: GenerationRequest) -> tuple[int, int]:

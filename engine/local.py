@@ -47,6 +47,8 @@ class LocalEngine(Engine):
         self.limit_images = self.config.limit_images
         self.limit_videos = self.config.limit_videos
         self.inputs = InputStage(self.config)
+        self.max_image_pixels = self.inputs.policy(None).max_image_pixels
+        self.max_pixels_limit = self.inputs.max_pixels_limit
         self.renderer = PromptRenderer(loaded.processor, self.inputs, self.max_model_len,
                                        self.config.default_max_tokens,
                                        int(self.config.picture_cache_mb * 1024 * 1024))

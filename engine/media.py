@@ -24,6 +24,7 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidRequestError
+from .geometry import MAX_RATIO
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi")
@@ -235,9 +236,10 @@ def open_image(data: bytes | None, path: Path | None, name: str, policy: MediaPo
         raise _bomb(name, (w, h), policy)
     if w < 1 or h < 1:
         raise InvalidRequestError(f"Failed to load image: {name} is empty.", param="image")
-    if max(w, h) / min(w, h) > 200:
+    if max(w, h) / min(w, h) > MAX_RATIO:
         raise InvalidRequestError(
-            f"Image {name} is {w}x{h}: the aspect ratio must be at most 200.", param="image")
+            f"Image {name} is {w}x{h}: the aspect ratio must be at most {MAX_RATIO}.",
+            param="image")
     try:
         img.load()
         return _to_rgb(img)
@@ -286,7 +288,8 @@ class VideoFile:
 
 
 def load_video(source: Any, policy: MediaPolicy | None = None) -> VideoFile:
-    """A local, checked video file: its container must open and hold a video stream."""
+    """A local, checked video file: its container must open and hold a video stream whose
+    frames are pictures within the picture limit (checked before any frame is decoded)."""
     policy = policy or MediaPolicy()
     if isinstance(source, Path):
         source = str(source)
@@ -302,15 +305,42 @@ def load_video(source: Any, policy: MediaPolicy | None = None) -> VideoFile:
     assert path is not None
     video = VideoFile(path, temp)
     try:
+        size = _video_frame_size(path, name)
+        check_video_frame(f"Video {name}", size, policy.max_image_pixels)
+    except BaseException:
+        video.close()
+        raise
+    return video
+
+
+def _video_frame_size(path: Path, name: str) -> tuple[int, int]:
+    """(width, height) of the first video stream as its header states them (0 where it
+    states none: each decoded frame is checked again)."""
+    try:
         import av
 
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise ValueError("no video stream")
+            ctx = container.streams.video[0].codec_context
+            return int(ctx.width or 0), int(ctx.height or 0)
     except Exception:
-        video.close()
         raise InvalidRequestError(
             f"Failed to load video: {name} is not a readable video "
             f"(supported: {', '.join(s.lstrip('.') for s in VIDEO_SUFFIXES)}).",
             param="video") from None
-    return video
+
+
+def check_video_frame(what: str, size: tuple[int, int], max_pixels: int) -> None:
+    """A video frame is a picture: refused, before it is decoded, past the picture limit
+    (--max-image-pixels) or the aspect ratio pictures are held to. `what`: the sentence's
+    subject ("Video clip.mp4")."""
+    w, h = size
+    if w * h > max_pixels:
+        raise InvalidRequestError(
+            f"{what} has {w}x{h} frames: at most {max_pixels:,} pixels per frame are "
+            f"allowed (see --max-image-pixels).", param="video")
+    if w > 0 and h > 0 and max(w, h) / min(w, h) > MAX_RATIO:
+        raise InvalidRequestError(
+            f"{what} has {w}x{h} frames: the aspect ratio must be at most {MAX_RATIO}.",
+            param="video")

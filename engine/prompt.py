@@ -13,11 +13,13 @@ from typing import Any, NamedTuple
 from PIL import Image
 from transformers import BatchFeature
 
+from .config import VIDEO_FRAME_MIN_COST
 from .errors import InvalidRequestError
 from .caches import BoundedCache
+from .geometry import PATCH, smart_resize
 from .inputs import (InputStage, LoadedImage, LoadedMessage, LoadedVideo, VideoSampling,
                      close_all, context_error, picture_key)
-from .media import MediaPolicy
+from .media import MediaPolicy, check_video_frame
 from .types import DEFAULT_MAX_TOKENS, GenerationRequest
 
 
@@ -64,27 +66,110 @@ def media_spans(ids: list[int], image_token: int, video_token: int,
     return spans
 
 
-def read_video_frames(path: str, fps: float, max_frames: int) -> list[Image.Image]:
-    """Sample frames with PyAV (torchvision 0.29 no longer decodes video)."""
+# qwen_vl_utils 0.0.14 sizes the frames of a video given as pictures with fetch_image, to
+# which fetch_video passes its image factor (28) as the patch size: multiples of 56.
+LIST_FRAME_FACTOR = 2 * PATCH
+
+
+def frame_plan(total: int, step: int, max_frames: int) -> list[int]:
+    """The frames sampled from `total`: every `step`-th, then `max_frames` of those spread
+    evenly (the first and the last kept); chosen before any frame is decoded."""
+    sampled = range(0, total, step)
+    if len(sampled) <= max_frames:
+        return list(sampled)
+    if max_frames <= 1:
+        return [0]
+    return [sampled[round(i * (len(sampled) - 1) / (max_frames - 1))] for i in range(max_frames)]
+
+
+def fit_frame(img: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+    """A decoded frame at most `max_pixels` large: over it, resized now to the size (and
+    with the resize) qwen_vl_utils' fetch_image gives it later, which then leaves it as it
+    is, so the model sees the same frame; within it, as it is (qwen_vl_utils sizes it)."""
+    if img.width * img.height <= max_pixels:
+        return img
+    h, w = smart_resize(img.height, img.width, min_pixels, max_pixels, LIST_FRAME_FACTOR)
+    if not h or not w:          # a side rounds down to nothing: qwen_vl_utils fails on it too
+        raise InvalidRequestError(
+            f"The video's {img.width}x{img.height} frames are too narrow to fit "
+            f"{max_pixels:,} pixels per frame: send a less elongated clip.", param="video")
+    return img.resize((w, h))
+
+
+def _too_long(frames: int, size: tuple[int, int], budget: int) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"The video has at least {frames:,} frames of {size[0]}x{size[1]}: more than the "
+        f"{budget:,} pixels this server decodes from one video (see "
+        f"--video-max-decoded-pixels). Send a shorter or smaller clip.", param="video")
+
+
+def _frame_cost(width: int, height: int) -> int:
+    return max(width * height, VIDEO_FRAME_MIN_COST)
+
+
+def count_frames(path: str, fps: float, budget: int) -> tuple[int, int]:
+    """(frames the decoder will give, sampling step), from the packets alone (nothing
+    decoded), refused as soon as decoding them would pass `budget` pixels."""
     import av
 
     with av.open(path) as container:
         stream = container.streams.video[0]
-        rate = float(stream.average_rate or 25)
-        step = max(1, round(rate / fps))
-        frames = [f.to_image() for i, f in enumerate(container.decode(stream)) if i % step == 0]
-    if not frames:
+        step = max(1, round(float(stream.average_rate or 25) / fps))
+        size = (stream.codec_context.width, stream.codec_context.height)
+        most = budget // _frame_cost(*size)
+        count = 0
+        for packet in container.demux(stream):
+            if packet.size:
+                count += 1
+                if count > most:
+                    raise _too_long(count, size, budget)
+    return count, step
+
+
+def _decode(path: str, keep: set[int], min_pixels: int, max_pixels: int,
+            sampling: VideoSampling) -> tuple[dict[int, Image.Image], int]:
+    """The frames numbered in `keep`, each fitted as it is decoded (never all frames at full
+    size), and how many frames the decoder gave; every frame is checked against the picture
+    limit and the decoding budget (a stream may change size midway)."""
+    import av
+
+    kept: dict[int, Image.Image] = {}
+    spent, n = 0, 0
+    with av.open(path) as container:
+        for n, frame in enumerate(container.decode(container.streams.video[0]), start=1):
+            size = (frame.width, frame.height)
+            check_video_frame("The video", size, sampling.max_frame_pixels)
+            spent += _frame_cost(*size)
+            if spent > sampling.max_decoded_pixels:
+                raise _too_long(n, size, sampling.max_decoded_pixels)
+            if n - 1 in keep:
+                kept[n - 1] = fit_frame(frame.to_image(), min_pixels, max_pixels)
+    return kept, n
+
+
+def read_video_frames(path: str, fps: float, sampling: VideoSampling, min_pixels: int,
+                      max_pixels: int) -> list[Image.Image]:
+    """Sample frames with PyAV (torchvision 0.29 no longer decodes video): the same frames
+    as ever (every round(rate/fps)-th, then at most max_frames spread evenly), chosen from
+    the packet count before decoding and fitted to `max_pixels` as they are decoded, so
+    memory holds max_frames fitted frames, and decoding stops at the pixel budget."""
+    total, step = count_frames(path, fps, sampling.max_decoded_pixels)
+    plan = frame_plan(total, step, sampling.max_frames)
+    kept, decoded = _decode(path, set(plan), min_pixels, max_pixels, sampling)
+    if decoded != total:        # packets that are not one frame each: plan on the real count
+        plan = frame_plan(decoded, step, sampling.max_frames)
+        if not set(plan) <= kept.keys():
+            kept, _ = _decode(path, set(plan), min_pixels, max_pixels, sampling)
+    if not plan:
         raise InvalidRequestError("Failed to load video: it holds no frames.", param="video")
-    if len(frames) > max_frames:
-        idx = [round(i * (len(frames) - 1) / (max_frames - 1)) for i in range(max_frames)]
-        frames = [frames[i] for i in idx]
-    return frames
+    return [kept[i] for i in plan]
 
 
 def _video_part(video: LoadedVideo, sampling: VideoSampling) -> dict:
-    """A checked video as decoded frames."""
+    """A checked video as decoded frames, each within the video's max_pixels."""
     try:
-        frames = read_video_frames(str(video.file.path), video.fps, sampling.max_frames)
+        frames = read_video_frames(str(video.file.path), video.fps, sampling, video.min_pixels,
+                                   video.max_pixels)
     except InvalidRequestError:
         raise
     except Exception:

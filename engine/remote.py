@@ -206,6 +206,8 @@ class RemoteEngine(Engine):
         self.limit_videos = config.limit_videos
         self.is_tiny = False
         self.inputs = InputStage(config)
+        self.max_image_pixels = self.inputs.policy(None).max_image_pixels
+        self.max_pixels_limit = self.inputs.max_pixels_limit
         self._lock = threading.Lock()
         self._active: dict[str, _RemoteCall] = {}
         self._health: tuple[float, bool] = (0.0, False)

@@ -23,6 +23,7 @@ class Callbacks:
     model_name: str
     imports_dir: Path
     default_system: str
+    max_export_bytes: int = history.EXPORT_MAX_BYTES
 
     @staticmethod
     def buttons(busy: bool) -> list[Any]:
@@ -81,7 +82,14 @@ class Callbacks:
         return st, display.render(st), st["system"] or self.default_system
 
     def on_export(self, raw: Any) -> str:
-        return history.export_json(self.ctrl.load(raw), self.model_name)
+        left_out: list[str] = []
+        text = history.export_json(self.ctrl.load(raw), self.model_name,
+                                   max_bytes=self.max_export_bytes, left_out=left_out)
+        if left_out:
+            gr.Warning(f"{len(left_out)} file(s) were left out of the saved chat, which may embed "
+                       f"at most {self.max_export_bytes / 2**20:g} MB of files: "
+                       f"{', '.join(left_out[:3])}")
+        return text
 
     def on_import(self, path: str | None, raw: Any):
         if not path:
@@ -89,14 +97,19 @@ class Callbacks:
         if not history.inside_roots(Path(path), self.ctrl.upload_roots):
             self.ctrl.note_dropped([Path(path).name])
             return gr.skip(), gr.skip(), gr.skip()
+        left_out: list[str] = []
         try:
-            st = history.import_json(Path(path).read_bytes(), self.imports_dir)
+            st = history.import_json(Path(path).read_bytes(), self.imports_dir, left_out)
         except EngineError as exc:
             gr.Warning(exc.message)
             return gr.skip(), gr.skip(), gr.skip()
         except OSError as exc:
             gr.Warning(f"Cannot read the file: {exc.strerror or exc}")
             return gr.skip(), gr.skip(), gr.skip()
+        self.ctrl.track([f["path"] for t in st["turns"] for f in t.get("files", [])])
+        if left_out:
+            gr.Warning(f"{len(left_out)} file(s) of the saved chat were not in it: "
+                       f"{', '.join(left_out[:3])}")
         return st, display.render(st), st["system"]
 
     async def api_chat(self, message: Any, system_prompt: str, max_new_tokens: Any,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -21,7 +20,7 @@ from typing import Any, AsyncIterator, Callable
 
 from engine.base import Engine
 from engine.documents import PDF_SUFFIX, render_pages
-from engine.errors import EngineError, InvalidRequestError
+from engine.errors import EngineBusyError, EngineError, InvalidRequestError
 from engine.media import MediaPolicy
 from engine.stream import RequestHandle
 from engine.types import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_TOKENS, DEFAULT_MIN_PIXELS, Finished,
@@ -29,12 +28,14 @@ from engine.types import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_TOKENS, DEFAULT_MIN_PI
 
 from . import display, grounding, history, meter
 from .history import State
+from .feedback import FeedbackLog
 from .sessions import ActiveRequests
 
 log = logging.getLogger("ui.chat")
 
 POLL_S = 0.5      # how often a waiting request's queue position is refreshed
 FLUSH_S = 0.05    # at most this often the growing answer is sent to the browser
+RENDER_WAIT_S = 30.0   # how long a document waits for another one's rendering to finish
 
 
 @dataclass
@@ -155,7 +156,15 @@ class ChatController:
     active: ActiveRequests = field(default_factory=ActiveRequests)
     warn: Callable[[str], None] | None = None   # a visible note on the page (gr.Warning)
     feedback_file: Path | None = None   # likes and dislikes appended as JSON lines (opt-in)
-    _feedback_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    render_slots: int = 1        # PDF documents rendered at once, all users together
+    created: Callable[[str], None] | None = None   # told of each file the page writes (its
+    #                                                 upload folder's clean-up then covers it)
+    feedback: FeedbackLog | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.feedback_file is not None:
+            self.feedback = FeedbackLog(self.feedback_file)
+        self._rendering = threading.BoundedSemaphore(max(1, self.render_slots))
 
     @property
     def figures_dir(self) -> Path:
@@ -173,6 +182,13 @@ class ChatController:
         state = history.clean_state(raw, self.upload_roots, dropped)
         self.note_dropped(dropped)
         return state
+
+    def track(self, paths: list[str] | list[Path]) -> None:
+        """Files this page wrote (PDF pages, drawn boxes, imported chats' files) are deleted
+        with the uploads when they expire (`created`, Gradio's delete_cache)."""
+        if self.created is not None:
+            for p in paths:
+                self.created(str(p))
 
     def note_dropped(self, names: list[str]) -> None:
         """Files named from outside the upload folder are never read; say so on the page."""
@@ -196,35 +212,64 @@ class ChatController:
             files = [str(f) for f in message.get("files") or [] if f]
         elif isinstance(message, str):
             text = message
+        files = files[:history.MAX_FILES_PER_CHAT + 1]    # enough to tell "too many"
         kept = [f for f in files if history.inside_roots(Path(f), self.upload_roots)]
         self.note_dropped([Path(f).name for f in files if f not in kept])
+        self._check_room(state, kept)
         files = self._pages(state, kept)        # InvalidRequestError: the box keeps it all
+        self._check_room(state, files)
         if not text.strip() and not files:
             return state, display.render(state), False
         self.active.forget_stop(session_of(request))
-        state["turns"].append(history.user_turn(text, files))
+        state["turns"].append(history.user_turn(text, files, history.file_room(state)))
         return state, display.render(state), True
+
+    @staticmethod
+    def _check_room(state: State, files: list[str]) -> None:
+        """A message with more files than the chat can keep is refused whole (the box keeps
+        them), rather than some of them being left out without a word."""
+        room = history.file_room(state)
+        if len(files) > room:
+            raise InvalidRequestError(
+                f"This message has {len(files)} files, but only {room} more fit in this chat "
+                f"(at most {history.MAX_FILES_PER_TURN} per message and "
+                f"{history.MAX_FILES_PER_CHAT} per chat): send fewer or start a new chat.",
+                param="file")
 
     def _pages(self, state: State, files: list[str]) -> list[str]:
         """PDFs become their pages, saved as PNGs beside the upload, as many as still fit in
-        the chat's picture limit (more is a clear error, the message kept in the box)."""
+        the chat's picture limit (more is a clear error, the message kept in the box). Pages
+        are sized to the engine's picture limit before they are drawn, and documents are
+        drawn one at a time (`render_slots`), so no upload can take the server's memory."""
         if not any(f.lower().endswith(PDF_SUFFIX) for f in files):
             return files
         used = sum(1 for t in state["turns"] if t["role"] == "user" for f in t["files"]
                    if history.media_kind(f["path"]) == "image")
         out: list[str] = []
-        for f in files:
+        for i, f in enumerate(files):
             if not f.lower().endswith(PDF_SUFFIX):
                 out.append(f)
                 continue
             room = self.engine.limit_images - used - sum(
-                history.media_kind(p) == "image" for p in out + files[files.index(f) + 1:])
-            path = Path(f)
-            for n, page in enumerate(render_pages(path, max(0, room)), start=1):
+                history.media_kind(p) == "image" for p in out + files[i + 1:])
+            out += self._render(Path(f), max(0, room))
+        return out
+
+    def _render(self, path: Path, room: int) -> list[str]:
+        if not self._rendering.acquire(timeout=RENDER_WAIT_S):
+            raise EngineBusyError("Other documents are being read right now: please send "
+                                  "this one again in a moment.")
+        try:
+            saved = []
+            for n, page in enumerate(render_pages(path, room, self.engine.max_pixels_limit),
+                                     start=1):
                 target = path.with_name(f"{path.stem}-page{n}.png")
                 page.save(target)
-                out.append(str(target))
-        return out
+                saved.append(str(target))
+                self.track([target])
+            return saved
+        finally:
+            self._rendering.release()
 
     def edit(self, raw_state: Any, message_index: Any, text: Any,
              request: Any = None) -> tuple[State, list[dict], bool]:
@@ -237,6 +282,8 @@ class ChatController:
         if turn < 0 or owners.index(turn) != index or state["turns"][turn]["role"] != "user" \
                 or not state["turns"][turn]["text"]:
             turn = -1          # only a question's own text (its first message) is edited
+        if turn >= 0 and len(state["turns"][turn]["text"]) > display.MAX_SHOWN_CHARS:
+            turn = -1          # shown cut: saving the edit would lose the rest of it
         new_text = text if isinstance(text, str) else ""
         if turn < 0 or not new_text.strip() or not history.edit_user_turn(state, turn, new_text):
             return state, display.render(state), False
@@ -255,24 +302,13 @@ class ChatController:
             return state
         rating = {True: "like", False: "dislike"}.get(liked) if isinstance(liked, bool) else None
         state["turns"][turn]["rating"] = rating
-        if self.feedback_file is not None:
-            self._record_feedback(state, turn, rating, session_of(request))
+        if self.feedback is not None:
+            why = self.feedback.rate(state["turns"][turn].get("id"), rating, session_of(request))
+            if why is not None:
+                log.warning("feedback not written: %s", why)
+                if self.warn is not None:
+                    self.warn(f"Your rating is kept in this chat but not recorded: {why}.")
         return state
-
-    def _record_feedback(self, state: State, turn: int, rating: str | None,
-                         session: str) -> None:
-        question = next((t for t in reversed(state["turns"][:turn]) if t["role"] == "user"),
-                        None)
-        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "model": self.engine.model_name, "session": session[:8], "rating": rating,
-                "question": question["text"] if question else "",
-                "files": [f["name"] for f in question["files"]] if question else [],
-                "answer": state["turns"][turn]["text"]}
-        try:
-            with self._feedback_lock, self.feedback_file.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-        except OSError as exc:
-            log.warning("feedback file %s: %s", self.feedback_file, exc)
 
     def composer_meter(self, message: Any, raw_state: Any, min_pixels: Any,
                        max_pixels: Any, max_tokens: Any = None) -> str:
@@ -284,8 +320,12 @@ class ChatController:
         text = str((message or {}).get("text") or "") if isinstance(message, dict) else ""
         sampling = Sampling.from_values(max_tokens, None, None, None, None, None, min_pixels,
                                         max_pixels)
-        return meter.describe(meter.measure(state, text, files, sampling.min_pixels,
-                                            sampling.max_pixels, self.engine.model_pixel_bounds()),
+        measured = meter.measure(state, text, files[:history.MAX_FILES_PER_CHAT],
+                                 sampling.min_pixels, sampling.max_pixels,
+                                 self.engine.model_pixel_bounds(),
+                                 limit_images=self.engine.limit_images,
+                                 max_pixels_limit=self.engine.max_pixels_limit)
+        return meter.describe(measured,
                               self.engine.max_model_len,
                               self.engine.limit_images, sampling.max_tokens)
 
@@ -368,25 +408,36 @@ class ChatController:
                     if fin.reason == "error" and fin.error is None:
                         error = "Generation failed."
                     figures = await self._figures(state, update.text, sampling)
-                    state["turns"].append(history.assistant_turn(update.text, fin.reason,
-                                                                 fin.stats.to_dict(), error,
-                                                                 figures))
+                    answer = history.assistant_turn(update.text, fin.reason,
+                                                    fin.stats.to_dict(), error, figures)
+                    if self.feedback is not None and fin.reason != "error":
+                        answer["id"] = self._remember(state, update.text)
+                    state["turns"].append(answer)
                     yield state, display.render(state)
         finally:
             self.active.remove(session, handle)
             if handle.finished is None:   # cancelled by Gradio or the client went away
                 handle.cancel()
 
+    def _remember(self, state: State, answer: str) -> str:
+        """The feedback log's record of what was asked and what this server answered."""
+        question = history.pending_user_turn(state) or {"text": "", "files": []}
+        return self.feedback.remember(self.engine.model_name, question["text"],
+                                      [f["name"] for f in question["files"]], answer)
+
     async def _figures(self, state: State, answer: str, sampling: Sampling) -> list[str]:
         """The answer's boxes and points drawn on the pictures it is about, at the resize
-        the model saw (our bounds, then the remote's own), off the event loop."""
-        if not grounding.parse(answer):
-            return []
+        the model saw (our bounds, then the remote's own). Parsing and drawing both run off
+        the event loop (an answer is user-shaped), on pictures within the engine's limit."""
         pictures = history.pictures_for(state, len(state["turns"]))
+        if not pictures:
+            return []
         bounds = [(sampling.min_pixels, sampling.max_pixels)] + self.engine.model_pixel_bounds()
         try:
-            return await asyncio.to_thread(grounding.annotate, answer, pictures, bounds,
-                                           self.figures_dir)
+            drawn = await asyncio.to_thread(grounding.annotate, answer, pictures, bounds,
+                                            self.figures_dir, self.engine.max_image_pixels)
+            self.track(drawn)
+            return drawn
         except Exception:     # a drawing failure must not lose the answer
             log.exception("drawing the answer's boxes failed")
             return []
@@ -395,7 +446,8 @@ class ChatController:
                           request: Any = None) -> AsyncIterator[str]:
         """The named API endpoint: one question (text + files), the growing answer.
         Errors raise EngineError for the caller to turn into its own error type."""
-        state, _, accepted = self.add_user_turn(None, message, system, request)
+        state, _, accepted = await asyncio.to_thread(self.add_user_turn, None, message, system,
+                                                     request)     # a PDF is rendered here
         if not accepted:
             raise InvalidRequestError("The message is empty: send text or a file.")
         handle = await self._submit(state, sampling)

@@ -9,20 +9,28 @@ State shape (version 1):
         {"role": "user", "text": "...", "files": [{"path": "/tmp/gradio/.../a.png", "name": "a.png"}]},
         {"role": "assistant", "text": "...", "finish": "stop", "error": null, "stats": {...},
          "figures": [{"path": ".../qwenvl-figures/a-boxes.png", "name": ...}],  # boxes drawn
-         "rating": "like" | "dislike" | null},
+         "rating": "like" | "dislike" | null, "id": "..."},   # id: the server's record of it
     ]}
 
 The browser can edit what it stores, so every state that comes back is
 re-validated (`clean_state`): file paths outside the upload folder and
-`assets/` are dropped, unknown keys are ignored.
+`assets/` are dropped, unknown keys are ignored, and files are bounded per turn and per
+chat (the newest kept), each distinct path resolved once.
+
+The export (`export_json`, format version 2) embeds each distinct file once, in a top-level
+"files" map of id -> data: URI that the turns' files name by "ref", and at most
+`max_bytes` of file bytes; a file beyond that is written as {"name", "omitted": true}.
+`import_json` reads version 2 and the older inline {"name", "data"} entries alike.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import mimetypes
+import os
 import re
 import time
 import uuid
@@ -34,12 +42,18 @@ from engine.types import Conversation, ImageInput, Message, VideoInput
 
 STATE_VERSION = 1
 EXPORT_FORMAT = "qwen-vl-chat"
+EXPORT_VERSION = 2          # 2: files embedded once, in "files"; 1: inline "data" per entry
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov")
 DOCUMENT_SUFFIXES = (".pdf",)      # rendered to one picture per page when attached
 UPLOAD_SUFFIXES = IMAGE_SUFFIXES + VIDEO_SUFFIXES + DOCUMENT_SUFFIXES
 MAX_TURNS = 400
 MAX_TEXT_CHARS = 200_000
+MAX_FILES_PER_TURN = 16     # files one question may name (kept, imported or sent)
+MAX_FILES_PER_CHAT = 64     # files all questions of a chat together (and as many drawn figures)
+MAX_NAME_CHARS = 255        # of a file's name as kept
+MAX_PATH_CHARS = 4096       # a longer path is no file of ours
+EXPORT_MAX_BYTES = 64 * 1024 * 1024   # file bytes one export embeds; the rest is left out
 RATINGS = ("like", "dislike")
 
 State = dict[str, Any]
@@ -71,9 +85,79 @@ def _text(value: Any) -> str:
     return value[:MAX_TEXT_CHARS] if isinstance(value, str) else ""
 
 
+def _name(value: Any) -> str:
+    return value[:MAX_NAME_CHARS] if isinstance(value, str) else ""
+
+
+class _FileBudget:
+    """The files a kept chat may name: at most MAX_FILES_PER_TURN looked at per turn and
+    MAX_FILES_PER_CHAT per chat (questions' files and drawn figures counted apart); each
+    distinct path resolved once, however often it is named."""
+
+    def __init__(self, roots: list[Path]) -> None:
+        self.roots = roots
+        self.left = {"files": MAX_FILES_PER_CHAT, "figures": MAX_FILES_PER_CHAT}
+        self.inside: dict[str, bool] = {}
+
+    def allowed(self, path: str) -> bool:
+        if path not in self.inside:
+            self.inside[path] = len(path) <= MAX_PATH_CHARS and inside_roots(Path(path),
+                                                                             self.roots)
+        return self.inside[path]
+
+    def take(self, raw: Any, kind: str, dropped: list[str]) -> list[dict]:
+        """The {path, name} entries of one turn whose path lies inside the roots; the others'
+        names go to `dropped` (never read). Entries past the caps are not looked at."""
+        files = []
+        for f in raw[:MAX_FILES_PER_TURN] if isinstance(raw, list) else []:
+            if self.left[kind] <= 0:
+                break
+            if not (isinstance(f, dict) and isinstance(f.get("path"), str) and f["path"]):
+                continue
+            self.left[kind] -= 1
+            name = _name(f.get("name"))
+            if self.allowed(f["path"]):
+                path = Path(f["path"])
+                files.append({"path": str(path), "name": name or path.name})
+            else:
+                dropped.append(name or Path(f["path"][:MAX_PATH_CHARS]).name)
+        return files
+
+
+_ANSWER_ID = re.compile(r"[0-9a-f]{1,64}")
+
+
+def _clean_turn(turn: Any, budget: _FileBudget, dropped: list[str]) -> dict | None:
+    if not isinstance(turn, dict):
+        return None
+    if turn.get("role") == "user":
+        return {"role": "user", "text": _text(turn.get("text")),
+                "files": budget.take(turn.get("files"), "files", dropped)}
+    if turn.get("role") != "assistant":
+        return None
+    finish = turn.get("finish")
+    stats = turn.get("stats")
+    rating = turn.get("rating")
+    clean = {
+        "role": "assistant", "text": _text(turn.get("text")),
+        "finish": finish if finish in ("stop", "length", "cancelled", "error") else "stop",
+        "error": _text(turn.get("error")) or None,
+        "stats": {k: v for k, v in stats.items() if isinstance(k, str)
+                  and (v is None or isinstance(v, (int, float)))}
+        if isinstance(stats, dict) else None,
+        "figures": budget.take(turn.get("figures"), "figures", dropped),
+        "rating": rating if rating in RATINGS else None}
+    answer_id = turn.get("id")
+    if isinstance(answer_id, str) and _ANSWER_ID.fullmatch(answer_id):
+        clean["id"] = answer_id          # names the server's own record (feedback)
+    return clean
+
+
 def clean_state(raw: Any, roots: Iterable[Path], dropped: list[str] | None = None) -> State:
     """A well-formed state from whatever the browser sent; files outside `roots` (after
-    resolving links and `..`) are dropped, never read, and their names added to `dropped`."""
+    resolving links and `..`) are dropped, never read, and their names added to `dropped`.
+    The newest turns' files are kept when the chat names more than the caps allow (so the
+    question being asked keeps its files); linear in the state's size."""
     roots = [Path(r).resolve() for r in roots]
     state = new_state()
     if not isinstance(raw, dict):
@@ -82,46 +166,38 @@ def clean_state(raw: Any, roots: Iterable[Path], dropped: list[str] | None = Non
     turns = raw.get("turns")
     if not isinstance(turns, list):
         return state
-    for turn in turns[-MAX_TURNS:]:
-        if not isinstance(turn, dict):
-            continue
-        if turn.get("role") == "user":
-            state["turns"].append({"role": "user", "text": _text(turn.get("text")),
-                                   "files": _files(turn.get("files"), roots, dropped)})
-        elif turn.get("role") == "assistant":
-            finish = turn.get("finish")
-            stats = turn.get("stats")
-            rating = turn.get("rating")
-            state["turns"].append({
-                "role": "assistant", "text": _text(turn.get("text")),
-                "finish": finish if finish in ("stop", "length", "cancelled", "error") else "stop",
-                "error": _text(turn.get("error")) or None,
-                "stats": {k: v for k, v in stats.items() if isinstance(k, str)
-                          and (v is None or isinstance(v, (int, float)))}
-                if isinstance(stats, dict) else None,
-                "figures": _files(turn.get("figures"), roots, dropped),
-                "rating": rating if rating in RATINGS else None})
+    budget = _FileBudget(roots)
+    kept: list[dict] = []
+    drops: list[list[str]] = []
+    for turn in reversed(turns[-MAX_TURNS:]):
+        drops.append([])
+        clean = _clean_turn(turn, budget, drops[-1])
+        if clean is not None:
+            kept.append(clean)
+    state["turns"] = kept[::-1]
+    if dropped is not None:
+        dropped.extend(name for names in reversed(drops) for name in names)
     return state
 
 
-def _files(raw: Any, roots: list[Path], dropped: list[str] | None) -> list[dict]:
-    """The {path, name} entries whose path lies inside `roots`; the others' names go to
-    `dropped` (never read)."""
-    files = []
-    for f in raw if isinstance(raw, list) else []:
-        if isinstance(f, dict) and isinstance(f.get("path"), str) and f["path"]:
-            path = Path(f["path"])
-            if inside_roots(path, roots):
-                files.append({"path": str(path), "name": _text(f.get("name")) or path.name})
-            elif dropped is not None:
-                dropped.append(_text(f.get("name")) or path.name)
-    return files
+def files_in(state: State) -> int:
+    """How many files the chat's questions name."""
+    return sum(len(t["files"]) for t in state["turns"] if t["role"] == "user")
+
+
+def file_room(state: State) -> int:
+    """How many files the next question may still carry (per turn and per chat caps)."""
+    return max(0, min(MAX_FILES_PER_TURN, MAX_FILES_PER_CHAT - files_in(state)))
 
 
 # ----------------------------------------------------------------------------- editing
-def user_turn(text: str, paths: Iterable[str]) -> dict:
+def user_turn(text: str, paths: Iterable[str], room: int = MAX_FILES_PER_TURN) -> dict:
+    """A question naming at most `room` of `paths` (never more than MAX_FILES_PER_TURN);
+    pass `file_room(state)` so the chat's cap holds too, and tell the user about the rest."""
+    keep = max(0, min(room, MAX_FILES_PER_TURN))
     return {"role": "user", "text": text or "",
-            "files": [{"path": str(p), "name": Path(p).name} for p in paths]}
+            "files": [{"path": str(p), "name": Path(p).name}
+                      for p in itertools.islice(paths, keep)]}
 
 
 def assistant_turn(text: str, finish: str, stats: dict | None = None,
@@ -233,36 +309,129 @@ def to_conversation(state: State, system: str | None = None) -> Conversation:
 
 
 # ----------------------------------------------------------------------------- JSON
-def export_json(state: State, model: str = "") -> str:
-    """The chat as a self-contained JSON document (files embedded as data: URIs)."""
+def _read_within(path: str, room: int) -> bytes | None:
+    """The file's bytes when they fit in `room`; None when they do not (never read past)."""
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size > room:
+            return None
+        data = fh.read(room + 1)
+    return data if len(data) <= room else None
+
+
+class _Embedder:
+    """Each distinct file of an export embedded once, while the byte budget lasts."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.room = max(0, int(max_bytes))
+        self.files: dict[str, str] = {}           # id -> data: URI (the export's "files")
+        self.entry_of: dict[str, dict] = {}       # path -> what a turn's entry says of it
+        self.left_out: list[str] = []             # names of files over the budget
+
+    def entry(self, f: dict) -> dict:
+        """{"name", "ref"} for an embedded file, else "omitted" (over the budget) or
+        "missing" (no longer on the server)."""
+        found = self.entry_of.get(f["path"])
+        if found is None:
+            found = self.entry_of[f["path"]] = self._embed(f)
+        return {"name": f["name"], **found}
+
+    def _embed(self, f: dict) -> dict:
+        try:
+            data = _read_within(f["path"], self.room)
+        except OSError:
+            return {"missing": True}
+        if data is None:
+            self.left_out.append(f["name"])
+            return {"omitted": True}
+        self.room -= len(data)
+        ref = f"f{len(self.files) + 1}"
+        mime = mimetypes.guess_type(f["name"])[0] or "application/octet-stream"
+        self.files[ref] = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+        return {"ref": ref}
+
+
+def export_json(state: State, model: str = "", max_bytes: int = EXPORT_MAX_BYTES,
+                left_out: list[str] | None = None) -> str:
+    """The chat as a self-contained JSON document: each distinct file embedded once (a
+    data: URI in "files", named by the turns' "ref"), at most `max_bytes` of file bytes in
+    all; the names of files left out for the budget are added to `left_out`, so the page
+    can say so. A chat naming one file many times costs that file once."""
+    embed = _Embedder(max_bytes)
     turns = []
     for turn in state["turns"]:
         turn = dict(turn)
         turn.pop("figures", None)      # drawn here from the answer: not part of the export
         if turn["role"] == "user":
-            files = []
-            for f in turn["files"]:
-                entry: dict[str, Any] = {"name": f["name"]}
-                try:
-                    data = Path(f["path"]).read_bytes()
-                    mime = mimetypes.guess_type(f["name"])[0] or "application/octet-stream"
-                    entry["data"] = f"data:{mime};base64,{base64.b64encode(data).decode()}"
-                except OSError:
-                    entry["missing"] = True
-                files.append(entry)
-            turn["files"] = files
+            turn["files"] = [embed.entry(f) for f in turn["files"]]
         turns.append(turn)
-    doc = {"format": EXPORT_FORMAT, "version": STATE_VERSION, "model": model,
+    doc = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": model,
            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "system": state.get("system", ""), "turns": turns}
+           "system": state.get("system", ""), "turns": turns, "files": embed.files}
+    if left_out is not None:
+        left_out.extend(embed.left_out)
     return json.dumps(doc, ensure_ascii=False, indent=1)
 
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def import_json(text: str | bytes, dest: Path) -> State:
-    """A state from an exported document; embedded files are written under `dest`.
+class _Unpacker:
+    """Writes an export's embedded files under one new folder: each distinct file once, at
+    most MAX_FILES_PER_CHAT of them, none decoded past the caps."""
+
+    def __init__(self, shared: Any, folder: Path, left_out: list[str]) -> None:
+        self.shared = shared if isinstance(shared, dict) else {}
+        self.folder = folder
+        self.left_out = left_out
+        self.room = MAX_FILES_PER_CHAT
+        self.written: dict[tuple[str, str], str] = {}     # (suffix, data URI) -> path
+
+    def files(self, raw: Any) -> list[dict]:
+        """The {path, name} entries of one exported turn (old inline "data" or "ref")."""
+        out = []
+        for f in raw[:MAX_FILES_PER_TURN] if isinstance(raw, list) else []:
+            if self.room <= 0:
+                break
+            if not isinstance(f, dict):
+                continue
+            name = _SAFE_NAME.sub("_", str(f.get("name") or "file")[:MAX_NAME_CHARS])[-80:]
+            if media_kind(name) is None:
+                continue
+            ref = f.get("ref")
+            data = self.shared.get(ref) if isinstance(ref, str) else f.get("data")
+            if not isinstance(data, str):
+                if f.get("omitted") or f.get("missing") or ref is not None:
+                    self.left_out.append(name)
+                continue
+            self.room -= 1
+            out.append({"path": self._write(name, data), "name": name})
+        return out
+
+    def _write(self, name: str, data: str) -> str:
+        key = (Path(name).suffix.lower(), data)
+        if key in self.written:
+            return self.written[key]
+        header, sep, payload = data.partition(",")
+        if not sep or not header.startswith("data:") or not header.endswith(";base64"):
+            raise InvalidRequestError(f"Not a chat export: file {name!r} is not a "
+                                      "base64 data: URI.")
+        try:
+            content = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequestError(f"Not a chat export: file {name!r} has invalid "
+                                      "base64.") from None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{len(self.written)}-{name}"
+        path.write_bytes(content)
+        self.written[key] = str(path)
+        return str(path)
+
+
+def import_json(text: str | bytes, dest: Path, left_out: list[str] | None = None) -> State:
+    """A state from an exported document (version 2's shared "files" or version 1's inline
+    "data"); embedded files are written under `dest`, each distinct one once, within the
+    per-turn and per-chat caps (the newest turns' files kept, as `clean_state` keeps them).
+    Names of files the export did not carry are added to `left_out`.
 
     Raises InvalidRequestError with a one-line reason for anything malformed.
     """
@@ -270,37 +439,21 @@ def import_json(text: str | bytes, dest: Path) -> State:
         doc = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"Not a chat export: invalid JSON ({exc}).") from None
+    except RecursionError:
+        raise InvalidRequestError("Not a chat export: JSON nested too deeply.") from None
     if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT \
             or not isinstance(doc.get("turns"), list):
         raise InvalidRequestError(
             f"Not a chat export: expected a JSON object with format {EXPORT_FORMAT!r} and turns.")
-    folder = dest / uuid.uuid4().hex[:12]
+    missing: list[str] = []
+    unpack = _Unpacker(doc.get("files"), dest / uuid.uuid4().hex[:12], missing)
     raw_turns = []
-    for turn in doc["turns"][-MAX_TURNS:]:
-        if not isinstance(turn, dict):
-            continue
-        if turn.get("role") == "user":
-            paths = []
-            for n, f in enumerate(turn.get("files") or []):
-                if not isinstance(f, dict) or not isinstance(f.get("data"), str):
-                    continue
-                name = _SAFE_NAME.sub("_", str(f.get("name") or "file"))[-80:] or "file"
-                if media_kind(name) is None:
-                    continue
-                header, sep, payload = f["data"].partition(",")
-                if not sep or not header.startswith("data:") or not header.endswith(";base64"):
-                    raise InvalidRequestError(f"Not a chat export: file {name!r} is not a "
-                                              "base64 data: URI.")
-                try:
-                    data = base64.b64decode(payload, validate=True)
-                except (binascii.Error, ValueError):
-                    raise InvalidRequestError(f"Not a chat export: file {name!r} has invalid "
-                                              "base64.") from None
-                folder.mkdir(parents=True, exist_ok=True)
-                path = folder / f"{len(raw_turns)}-{n}-{name}"
-                path.write_bytes(data)
-                paths.append({"path": str(path), "name": name})
-            raw_turns.append({"role": "user", "text": turn.get("text"), "files": paths})
+    for turn in reversed(doc["turns"][-MAX_TURNS:]):      # newest first: they keep their files
+        if isinstance(turn, dict) and turn.get("role") == "user":
+            raw_turns.append({"role": "user", "text": turn.get("text"),
+                              "files": unpack.files(turn.get("files"))})
         else:
             raw_turns.append(turn)
-    return clean_state({"system": doc.get("system"), "turns": raw_turns}, [dest])
+    if left_out is not None:
+        left_out.extend(reversed(missing))
+    return clean_state({"system": doc.get("system"), "turns": raw_turns[::-1]}, [dest])

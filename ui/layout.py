@@ -106,6 +106,9 @@ class UIOptions:
     max_queue: int = 32           # Gradio's waiting room beyond that
     browser_secret: str | None = None   # encrypts the chat kept in the browser; random if None
     feedback_file: Path | None = None   # likes and dislikes appended as JSON lines (opt-in)
+    upload_ttl_s: int = 24 * 3600       # uploads and the files made from them are deleted
+    #                                     this long after they were written (0: kept)
+    max_export_bytes: int = history.EXPORT_MAX_BYTES   # file bytes one Save JSON embeds
 
 
 def upload_roots() -> tuple[Path, ...]:
@@ -274,9 +277,12 @@ def build_demo(engine: Engine, options: UIOptions | None = None) -> gr.Blocks:
     ctrl = ChatController(engine, upload_roots(), warn=gr.Warning,
                           feedback_file=options.feedback_file)
     cb = Callbacks(ctrl, engine.model_name, Path(get_upload_folder()) / "qwenvl-imports",
-                   DEFAULT_SYSTEM)
-    with gr.Blocks(title="Qwen2.5-VL chat", fill_height=True) as demo:
+                   DEFAULT_SYSTEM, options.max_export_bytes)
+    ttl = int(options.upload_ttl_s)
+    with gr.Blocks(title="Qwen2.5-VL chat", fill_height=True,
+                   delete_cache=(max(60, min(ttl, 3600)), ttl) if ttl > 0 else None) as demo:
         wire_events(build_layout(engine, options), cb, options, demo)
+    ctrl.created = demo.upload_file_set.add    # pages, drawn boxes, imports: deleted alike
     demo.queue(default_concurrency_limit=4, max_size=options.max_queue)
     return demo
 

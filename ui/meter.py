@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from engine.config import EngineConfig
 from engine.documents import PDF_SUFFIX, page_sizes
 from engine.errors import EngineError
 from engine.geometry import image_tokens
@@ -57,13 +58,24 @@ def picture_size(path: str) -> tuple[int, int]:
     return w, h
 
 
-def _item(path: str, lo: int, hi: int, then: list[tuple[int, int]] = ()) -> Item:
+def _pdf_item(name: str, path: str, lo: int, hi: int, then: list[tuple[int, int]],
+              max_pages: int, max_pixels_limit: int) -> Item:
+    """A PDF's pages as the chat will render them; only the first `max_pages` are sized (a
+    document may claim a million pages), the rest are counted, which the limit warns of."""
+    pdf = page_sizes(Path(path), max_pages, max_pixels_limit)
+    note = f"{pdf.count:,} page{'s' if pdf.count != 1 else ''}"
+    if len(pdf.sizes) < pdf.count:
+        note += f", the first {len(pdf.sizes)} counted"
+    return Item(name, sum(image_tokens(w, h, lo, hi, then) for w, h in pdf.sizes), pdf.count,
+                note)
+
+
+def _item(path: str, lo: int, hi: int, then: list[tuple[int, int]], max_pages: int,
+          max_pixels_limit: int) -> Item:
     name = Path(path).name
     try:
         if path.lower().endswith(PDF_SUFFIX):
-            sizes = page_sizes(Path(path))
-            return Item(name, sum(image_tokens(w, h, lo, hi, then) for w, h in sizes), len(sizes),
-                        f"{len(sizes)} page{'s' if len(sizes) != 1 else ''}")
+            return _pdf_item(name, path, lo, hi, then, max_pages, max_pixels_limit)
         if history.media_kind(path) == "video":
             return Item(name, None, 0, "video: counted when sent")
         w, h = picture_size(path)
@@ -73,9 +85,13 @@ def _item(path: str, lo: int, hi: int, then: list[tuple[int, int]] = ()) -> Item
 
 
 def measure(state: State, text: str, files: list[str], lo: int, hi: int,
-            then: list[tuple[int, int]] = ()) -> Measure:
-    """`then`: the resizes the model applies after ours (Engine.model_pixel_bounds)."""
-    out = Measure(items=[_item(f, lo, hi, then) for f in files],
+            then: list[tuple[int, int]] = (), *, limit_images: int = EngineConfig.limit_images,
+            max_pixels_limit: int = EngineConfig.max_pixels_limit) -> Measure:
+    """`then`: the resizes the model applies after ours (Engine.model_pixel_bounds);
+    `limit_images` and `max_pixels_limit` (the engine's): the most PDF pages sized and the
+    picture budget they are rendered within, as the chat will render them."""
+    out = Measure(items=[_item(f, lo, hi, then, limit_images, max_pixels_limit)
+                         for f in files],
                   text_tokens=len(text) // CHARS_PER_TOKEN)
     out.chat_pictures = sum(1 for t in state["turns"] if t["role"] == "user"
                             for f in t["files"] if history.media_kind(f["path"]) == "image")
@@ -89,8 +105,9 @@ def measure(state: State, text: str, files: list[str], lo: int, hi: int,
         for t in state["turns"]:
             out.chat_tokens += len(t["text"]) // CHARS_PER_TOKEN
             if t["role"] == "user":
-                out.chat_tokens += sum(_item(f["path"], lo, hi, then).tokens or 0 for f in t["files"]
-                                       if Path(f["path"]).is_file())
+                out.chat_tokens += sum(
+                    _item(f["path"], lo, hi, then, limit_images, max_pixels_limit).tokens or 0
+                    for f in t["files"] if Path(f["path"]).is_file())
     return out
 
 
