@@ -26,7 +26,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from engine.config import EngineConfig, add_engine_args, env, env_bool  # noqa: E402
 from server.routes import mount_api  # noqa: E402
 from server.auth import parse_auth  # noqa: E402
+from server.fairshare import ClientSlots, client_id  # noqa: E402
+from server.hygiene import protect, uvicorn_config  # noqa: E402
 from server.settings import ServerSettings, add_server_args  # noqa: E402
+from ui.history import EXPORT_MAX_BYTES  # noqa: E402
 
 log = logging.getLogger("app")
 DEFAULT_UPLOAD_MB = 50
@@ -54,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "[env QWENVL_UI_CONCURRENCY]")
     g.add_argument("--root-path", default=env("GRADIO_ROOT_PATH"),
                    help="public path prefix behind a reverse proxy [env GRADIO_ROOT_PATH]")
+    g.add_argument("--upload-ttl-hours", type=float,
+                   default=float(env("QWENVL_UPLOAD_TTL_HOURS", "24")),
+                   help="uploads, and the pages, drawn boxes and imported files made from them, "
+                        "are deleted this many hours after they were written (and when the "
+                        "server stops); 0 keeps them [env QWENVL_UPLOAD_TTL_HOURS]")
+    g.add_argument("--max-export-mb", type=float,
+                   default=float(env("QWENVL_MAX_EXPORT_MB",
+                                     str(EXPORT_MAX_BYTES // 2**20))),
+                   help="file bytes one Save JSON embeds at most (each distinct file once); "
+                        "files past it are left out with a note [env QWENVL_MAX_EXPORT_MB]")
     g.add_argument("--feedback-file", default=env("QWENVL_FEEDBACK_FILE"),
                    help="append every like and dislike on an answer (question, answer, rating) "
                         "to this JSON-lines file; off by default [env QWENVL_FEEDBACK_FILE]")
@@ -110,14 +123,19 @@ def create_app(engine: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     from ui.gate import LoginGate, gradio_session_check
     from ui.layout import ASSETS, CSS, THEME, UIOptions, browser_secret_from_env, build_demo
 
+    settings = ServerSettings.from_namespace(args)
+    slots = ClientSlots(settings.client_limit(engine))   # one per-client cap, page and API
     concurrency = args.ui_concurrency or args.max_batch
     demo = build_demo(engine, UIOptions(concurrency=max(1, concurrency),
                                         max_queue=max(1, args.max_queue),
                                         browser_secret=browser_secret_from_env(),
                                         feedback_file=Path(args.feedback_file)
-                                        if args.feedback_file else None))
+                                        if args.feedback_file else None,
+                                        upload_ttl_s=int(args.upload_ttl_hours * 3600),
+                                        max_export_bytes=int(args.max_export_mb * 2**20),
+                                        admit=lambda request: slots.acquire(page_client(request))))
     app = FastAPI(title="Qwen2.5-VL", docs_url=None, redoc_url=None, openapi_url=None)
-    mount_api(app, engine, ServerSettings.from_namespace(args))   # before the UI's catch-all at /
+    mount_api(app, engine, settings, slots)   # before the UI's catch-all at /
     users = parse_auth(args.auth)
     gr.mount_gradio_app(
         app, demo, path="/", auth=users,
@@ -132,7 +150,15 @@ def create_app(engine: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     demo.has_launched = True
     app.add_middleware(LoginGate, logged_in=gradio_session_check(gradio_sub_app(app)),
                        enabled=bool(users))
+    protect(app, settings, upload_bytes=int(args.max_upload_mb * 2**20))   # outermost
     return app, demo
+
+
+def page_client(request: Any) -> str:
+    """Who a page event comes from, spelt as the API spells it (its login, else its address)."""
+    client = getattr(request, "client", None)
+    return client_id(user=getattr(request, "username", None),
+                     address=getattr(client, "host", None))
 
 
 def gradio_sub_app(app: Any) -> Any:
@@ -142,9 +168,9 @@ def gradio_sub_app(app: Any) -> Any:
     return next((r.app for r in app.routes if isinstance(r, Mount) and r.path == ""), None)
 
 
-def make_server(app: Any, host: str, port: int) -> Any:
-    """uvicorn, plus one thing Gradio's own launcher does on exit: tell open pages'
-    heartbeat streams to end, so Ctrl-C does not wait for them to time out."""
+def make_server(app: Any, host: str, port: int, settings: ServerSettings | None = None) -> Any:
+    """uvicorn as server.hygiene configures it, plus one thing Gradio's own launcher does on
+    exit: tell open pages' heartbeat streams to end, so Ctrl-C does not wait for them."""
     import asyncio
 
     import uvicorn
@@ -162,8 +188,8 @@ def make_server(app: Any, host: str, port: int) -> Any:
                 self.loop.call_soon_threadsafe(gradio_app.stop_event.set)
             super().handle_exit(sig, frame)
 
-    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                 timeout_graceful_shutdown=3))
+    return Server(uvicorn_config(app, host, port, settings or ServerSettings(),
+                                 log_level="warning", timeout_graceful_shutdown=3))
 
 
 def open_share_link(demo: Any, host: str, port: int) -> str | None:
@@ -229,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         app, demo = create_app(engine, args)
-        server = make_server(app, args.server_name, args.server_port)
+        server = make_server(app, args.server_name, args.server_port,
+                             ServerSettings.from_namespace(args))
         threading.Thread(target=announce, args=(server, demo, args), daemon=True,
                          name="announce").start()
         server.run()

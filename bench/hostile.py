@@ -269,7 +269,7 @@ def case_export(app: App) -> str:
     turn = {"role": "user", "text": "look", "files": [{"path": picture, "name": "shapes.png"}] * 12000}
     state = {"version": 1, "system": "", "turns": [turn, {"role": "assistant", "text": "ok"}]}
     resp = httpx.post(f"{app.base}/gradio_api/run/on_export", json={"data": [state]}, timeout=300)
-    return f"HTTP {resp.status_code}, {len(resp.content) / 2**20:.1f} MB"
+    return f"HTTP {resp.status_code}, {len(resp.content) / 2**10:,.0f} KB"
 
 
 def case_boxes(app: App) -> str:

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_malloc()   # big image buffers go back to the system when freed (bench/soak.py)
 
+    from .hygiene import uvicorn_config
     from .routes import create_api_app
 
     try:
@@ -54,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     except (EngineError, RuntimeError, ValueError) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 1
-    app = create_api_app(engine, ServerSettings.from_namespace(args))
+    settings = ServerSettings.from_namespace(args)
+    app = create_api_app(engine, settings)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=5)
+        uvicorn.Server(uvicorn_config(app, args.host, args.port, settings,
+                                      log_level=args.log_level,
+                                      timeout_graceful_shutdown=5)).run()
     finally:
         engine.close()
     return 0

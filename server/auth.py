@@ -56,20 +56,26 @@ class Credentials:
 
     def allows(self, authorization: str | None) -> bool:
         """An `Authorization` header: `Bearer KEY`, `Bearer USER:PASS` or `Basic base64(USER:PASS)`."""
-        if not self.required:
-            return True
+        return not self.required or self.identify(authorization) is not None
+
+    def identify(self, authorization: str | None) -> tuple[str | None, bool] | None:
+        """Who a valid `Authorization` header names: (user, False) for a login, (None, True)
+        for the API key; None when it is missing or wrong (the per-client cap's key)."""
         scheme, _, token = (authorization or "").strip().partition(" ")
         scheme, token = scheme.lower(), token.strip()
         if scheme == "basic":
             try:
                 token = base64.b64decode(token, validate=True).decode("utf-8")
             except (binascii.Error, ValueError):
-                return False
+                return None
         elif scheme != "bearer":
-            return False
-        key_ok = bool(self.api_key) and scheme == "bearer" and _same(token, self.api_key or "")
+            return None
+        if bool(self.api_key) and scheme == "bearer" and _same(token, self.api_key or ""):
+            return None, True
         user, sep, password = token.partition(":")
-        return key_ok or (bool(sep) and self.user_ok(user, password))
+        if sep and self.user_ok(user, password):
+            return user, False
+        return None
 
     def challenge(self) -> str:
         """The WWW-Authenticate header for a 401."""

@@ -7,23 +7,32 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .settings import ServerSettings
 
 
 class BackgroundServer:
     """`with BackgroundServer(app) as srv: httpx.get(srv.url + "/health")`."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", log_level: str = "warning",
-                 **uvicorn_kwargs: Any) -> None:
+                 settings: "ServerSettings | None" = None, **uvicorn_kwargs: Any) -> None:
+        """Served as the launchers serve (server.hygiene.uvicorn_config with `settings`,
+        default ServerSettings()); `uvicorn_kwargs` override single Config arguments."""
         import uvicorn
+
+        from .hygiene import uvicorn_config
+        from .settings import ServerSettings
 
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, 0))
         self.host, self.port = self._sock.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
-        config = uvicorn.Config(app, log_level=log_level, lifespan="off",
-                                timeout_graceful_shutdown=2, **uvicorn_kwargs)
+        config = uvicorn_config(app, host, self.port, settings or ServerSettings(),
+                                **{"log_level": log_level, "lifespan": "off",
+                                   "timeout_graceful_shutdown": 2, **uvicorn_kwargs})
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
                                         name=f"uvicorn-{self.port}", daemon=True)

@@ -2,7 +2,8 @@
 (`python -m server`) and the web UI (app.py) serve the same endpoints.
 
     POST /v1/chat/completions   GET /v1/models   GET /version   GET /metrics
-        (behind the login when --auth or --api-key is set: Basic USER:PASS or a Bearer key)
+        (behind the login when --auth or --api-key is set: Basic USER:PASS or a Bearer key;
+        a client past --max-client-requests running generations gets a 429)
     GET /health   (always open: a load balancer's probe; it says only 200 or 503)
 
 Bodies are parsed by the route itself rather than by FastAPI, so malformed
@@ -21,6 +22,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from engine.base import Engine
 
 from . import __version__
+from .fairshare import ClientSlots, client_id
+from .hygiene import protect
 from .metrics import CONTENT_TYPE, MetricsRegistry, engine_gauges
 from .protocol import ModelCard, ModelList, error_body
 from .serving import ChatServing
@@ -36,12 +39,15 @@ def unauthorized_body(settings: ServerSettings) -> dict:
 
 
 def build_router(engine: Engine, settings: ServerSettings,
-                 metrics: MetricsRegistry | None = None) -> APIRouter:
+                 metrics: MetricsRegistry | None = None,
+                 slots: ClientSlots | None = None) -> APIRouter:
     """All API routes for one engine. The metrics registry is attached to the engine
-    here, so it counts every request the engine finishes, the UI's included."""
+    here, so it counts every request the engine finishes, the UI's included; `slots` is
+    the per-client cap, shared with the page when the host app passes its own."""
     metrics = metrics or MetricsRegistry(engine.model_name).attach(engine)
-    chat = ChatServing(engine, settings, metrics)
+    chat = ChatServing(engine, settings, metrics, slots)
     router = APIRouter()
+    router.client_slots = chat.slots   # type: ignore[attr-defined]  (mount_api exposes it)
     started = int(time.time())
 
     credentials = settings.credentials
@@ -53,10 +59,17 @@ def build_router(engine: Engine, settings: ServerSettings,
         return JSONResponse(unauthorized_body(settings), status_code=401,
                             headers={"WWW-Authenticate": credentials.challenge()})
 
+    def client_of(request: Request) -> str:
+        """The per-client cap's key: the login or API key, else the address the server sees."""
+        who = credentials.identify(request.headers.get("authorization")) \
+            if credentials.required else None
+        user, key = who or (None, False)
+        return client_id(user, key, request.client.host if request.client else None)
+
     @router.post("/v1/chat/completions", tags=["OpenAI-compatible API"])
     async def create_chat_completion(request: Request) -> Response:
         """vLLM-compatible chat completions (JSON or Server-Sent Events)."""
-        return refused(request) or await chat.create_chat_completion(request)
+        return refused(request) or await chat.create_chat_completion(request, client_of(request))
 
     @router.get("/v1/models", tags=["OpenAI-compatible API"])
     async def list_models(request: Request) -> Response:
@@ -114,10 +127,13 @@ def build_router(engine: Engine, settings: ServerSettings,
     return router
 
 
-def mount_api(app: FastAPI, engine: Engine, settings: ServerSettings | None = None) -> APIRouter:
-    """Add the API routes to an existing app (call before mounting anything at "/")."""
-    router = build_router(engine, settings or ServerSettings())
+def mount_api(app: FastAPI, engine: Engine, settings: ServerSettings | None = None,
+              slots: ClientSlots | None = None) -> APIRouter:
+    """Add the API routes to an existing app (call before mounting anything at "/"). The
+    per-client cap is `app.state.client_slots` (`slots` when given, so the page can share it)."""
+    router = build_router(engine, settings or ServerSettings(), slots=slots)
     app.include_router(router)
+    app.state.client_slots = router.client_slots   # type: ignore[attr-defined]
     return router
 
 
@@ -125,5 +141,7 @@ def create_api_app(engine: Engine, settings: ServerSettings | None = None) -> Fa
     """A FastAPI app serving only the API (the standalone `python -m server`)."""
     app = FastAPI(title="Qwen2.5-VL OpenAI-compatible API", version=__version__,
                   docs_url="/docs", redoc_url=None)
+    settings = settings or ServerSettings()
     mount_api(app, engine, settings)
+    protect(app, settings)
     return app

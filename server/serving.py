@@ -12,6 +12,10 @@ Starlette's disconnect listener (which cancels the body iterator), non-
 streaming through a watcher on the ASGI receive channel (as vLLM's
 `with_cancellation` does).
 
+Each request runs inside one of its client's slots (server/fairshare.py), from its body
+to the last byte of its answer; a client already running --max-client-requests of them
+gets a 429 with Retry-After before anything is read.
+
 The engine's "cancelled" finish reason is sent as "abort", the value vLLM
 sends for aborted requests; a client only sees it when the server shuts
 down mid-request, since a disconnected client is no longer listening.
@@ -38,6 +42,7 @@ from engine.stream import RequestHandle
 from engine.types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
                           SamplingParams, TextDelta, VideoInput)
 
+from .fairshare import RETRY_AFTER_S, ClientBusyError, ClientSlots, Slot
 from .metrics import MetricsRegistry
 from .protocol import (SSE_DONE, AssistantMessage, ChatCompletionChoice, ChatCompletionChunk,
                        ChatCompletionRequest, ChatCompletionResponse, ChunkChoice, DeltaMessage,
@@ -61,7 +66,29 @@ class APIError(EngineError):
 
 
 def error_response(exc: EngineError) -> JSONResponse:
-    return JSONResponse(exc.to_dict(), status_code=exc.code)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, ClientBusyError) else None
+    return JSONResponse(exc.to_dict(), status_code=exc.code, headers=headers)
+
+
+class HeldResponse(Response):
+    """A response that gives its client's slot back once it has been sent, or once sending
+    it failed (a stream's client went away): the slot lives exactly as long as the answer.
+    It only wraps: status, headers and background tasks are the inner response's."""
+
+    def __init__(self, inner: Response, slot: Slot) -> None:   # no super().__init__: nothing
+        self.__dict__.update(inner=inner, slot=slot)           # of its own to render
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.inner, name, value)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            self.slot.release()
 
 
 def served_model_names(engine: Engine, settings: ServerSettings) -> list[str]:
@@ -250,10 +277,12 @@ async def until_disconnect(raw: Request, work: Awaitable[Response]) -> Response:
 class ChatServing:
     """One per app: the engine, its settings and the metrics it feeds."""
 
-    def __init__(self, engine: Engine, settings: ServerSettings, metrics: MetricsRegistry) -> None:
+    def __init__(self, engine: Engine, settings: ServerSettings, metrics: MetricsRegistry,
+                 slots: ClientSlots | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        self.slots = slots or ClientSlots(settings.client_limit(engine))
         self.policy = settings.media_policy()
         # Prompt rendering fetches and decodes images: off the event loop, in its own pool.
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="api-submit")
@@ -271,7 +300,20 @@ class ChatServing:
                                      f"{', '.join(names)}", param="model")
         return name
 
-    async def create_chat_completion(self, raw: Request) -> Response:
+    async def create_chat_completion(self, raw: Request, client: str = "addr:?") -> Response:
+        """The whole request inside one of `client`'s slots, from its body to its last byte."""
+        try:
+            slot = self.slots.acquire(client)
+        except ClientBusyError as exc:
+            return self._refuse(exc)
+        try:
+            response = await self._create(raw)
+        except BaseException:
+            slot.release()
+            raise
+        return HeldResponse(response, slot)
+
+    async def _create(self, raw: Request) -> Response:
         try:
             check_content_type(raw)
             body = await read_body(raw, self.settings.max_body_bytes)
@@ -365,5 +407,5 @@ class ChatServing:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["APIError", "ChatServing", "error_response", "served_model_names",
+__all__ = ["APIError", "ChatServing", "HeldResponse", "error_response", "served_model_names",
            "to_generation_request"]

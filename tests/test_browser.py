@@ -128,7 +128,8 @@ def test_chat_in_a_browser(server, page):
     download.value.save_as(saved)
     doc = json.loads(saved.read_text())
     assert [t["role"] for t in doc["turns"]] == ["user", "assistant"] * 2
-    assert doc["turns"][0]["files"][0]["data"].startswith("data:image/png;base64,")
+    ref = doc["turns"][0]["files"][0]["ref"]          # each distinct file embedded once
+    assert doc["files"][ref].startswith("data:image/png;base64,")
     page.click("#qvl-clear")
     page.wait_for_function("() => !document.querySelector('#qvl-chat [data-testid=bot]')")
     with page.expect_file_chooser() as chooser:

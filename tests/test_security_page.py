@@ -234,3 +234,31 @@ def test_an_answers_boxes_are_parsed_off_the_event_loop(tiny_engine, uploads, mo
 
     asyncio.run(scenario())
     assert parsed_on and loop_thread[0] not in parsed_on
+
+
+# --------------------------------------------------------------------------- fair share
+def test_one_client_cannot_take_every_generation_slot_of_the_page(tiny_engine, uploads):
+    """The page's generations share the API's per-client cap (server.fairshare): a client
+    at its cap gets one line in the chat; another client is answered meanwhile."""
+    from server.fairshare import ClientSlots, client_id
+
+    class Who(Req):
+        def __init__(self, user: str) -> None:
+            super().__init__(user)
+            self.username = user
+
+    slots = ClientSlots(1)
+    ctrl = ChatController(tiny_engine, (uploads.resolve(), ASSETS.resolve()),
+                          admit=lambda r: slots.acquire(client_id(user=r.username)))
+    held = slots.acquire(client_id(user="mallory"))     # mallory's one generation runs
+    try:
+        for user, refused in (("mallory", True), ("alice", False)):
+            state, _, _ = ctrl.add_user_turn(None, {"text": "hi", "files": []}, None, Who(user))
+            final, _ = drain(lambda: ctrl.respond(state, FAST, Who(user)))[-1]
+            answer = final["turns"][-1]
+            assert (answer["finish"] == "error") is refused, answer
+            if refused:
+                assert "at once" in answer["error"] or "already" in answer["error"], answer
+        assert slots.running(client_id(user="alice")) == 0          # released at the end
+    finally:
+        held.release()

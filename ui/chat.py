@@ -157,6 +157,7 @@ class ChatController:
     warn: Callable[[str], None] | None = None   # a visible note on the page (gr.Warning)
     feedback_file: Path | None = None   # likes and dislikes appended as JSON lines (opt-in)
     render_slots: int = 1        # PDF documents rendered at once, all users together
+    admit: Callable[[Any], Any] | None = None   # the client's slot for one generation
     created: Callable[[str], None] | None = None   # told of each file the page writes (its
     #                                                 upload folder's clean-up then covers it)
     feedback: FeedbackLog | None = field(default=None, init=False, repr=False)
@@ -363,12 +364,21 @@ class ChatController:
         self.active.stop(session_of(request), remember=False)
 
     # ------------------------------------------------------------ generation
-    async def _submit(self, state: State, sampling: Sampling) -> RequestHandle:
-        """Preparation runs off the event loop, which serves every other user meanwhile."""
-        conv = history.to_conversation(state)
-        req = GenerationRequest(conv, sampling.params(), min_pixels=sampling.min_pixels,
-                                max_pixels=sampling.max_pixels)
-        return await self.engine.asubmit(req, self.policy)
+    async def _submit(self, state: State, sampling: Sampling,
+                      request: Any = None) -> tuple[RequestHandle, Any]:
+        """(handle, the client's slot or None). The slot is taken first (one client cannot
+        fill every place: `admit` raises a one-line EngineError at its cap); preparation
+        runs off the event loop, which serves every other user meanwhile."""
+        slot = self.admit(request) if self.admit is not None else None
+        try:
+            conv = history.to_conversation(state)
+            req = GenerationRequest(conv, sampling.params(), min_pixels=sampling.min_pixels,
+                                    max_pixels=sampling.max_pixels)
+            return await self.engine.asubmit(req, self.policy), slot
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
 
     async def respond(self, raw_state: Any, sampling: Sampling,
                       request: Any = None) -> AsyncIterator[tuple[State | None, list[dict]]]:
@@ -380,7 +390,7 @@ class ChatController:
             return
         session = session_of(request)
         try:
-            handle = await self._submit(state, sampling)
+            handle, slot = await self._submit(state, sampling, request)
         except Exception as exc:  # bad input, busy, engine down: a message, never a traceback
             if not isinstance(exc, EngineError):
                 log.exception("submit failed")
@@ -418,6 +428,8 @@ class ChatController:
             self.active.remove(session, handle)
             if handle.finished is None:   # cancelled by Gradio or the client went away
                 handle.cancel()
+            if slot is not None:
+                slot.release()
 
     def _remember(self, state: State, answer: str) -> str:
         """The feedback log's record of what was asked and what this server answered."""
@@ -450,7 +462,7 @@ class ChatController:
                                                      request)     # a PDF is rendered here
         if not accepted:
             raise InvalidRequestError("The message is empty: send text or a file.")
-        handle = await self._submit(state, sampling)
+        handle, slot = await self._submit(state, sampling, request)
         session = session_of(request)
         self.active.add(session, handle)
         try:
@@ -468,3 +480,5 @@ class ChatController:
             self.active.remove(session, handle)
             if handle.finished is None:
                 handle.cancel()
+            if slot is not None:
+                slot.release()

@@ -8,7 +8,7 @@ import html
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 from gradio.utils import get_upload_folder
@@ -106,8 +106,10 @@ class UIOptions:
     max_queue: int = 32           # Gradio's waiting room beyond that
     browser_secret: str | None = None   # encrypts the chat kept in the browser; random if None
     feedback_file: Path | None = None   # likes and dislikes appended as JSON lines (opt-in)
-    upload_ttl_s: int = 24 * 3600       # uploads and the files made from them are deleted
+    upload_ttl_s: int = 0               # uploads and the files made from them are deleted
     #                                     this long after they were written (0: kept)
+    admit: Callable[[Any], Any] | None = None   # a page generation's per-client slot
+    #                                             (its .release()), or an EngineError
     max_export_bytes: int = history.EXPORT_MAX_BYTES   # file bytes one Save JSON embeds
 
 
@@ -275,7 +277,7 @@ def build_demo(engine: Engine, options: UIOptions | None = None) -> gr.Blocks:
     """The page; its queue is configured so every model call shares one concurrency group."""
     options = options or UIOptions()
     ctrl = ChatController(engine, upload_roots(), warn=gr.Warning,
-                          feedback_file=options.feedback_file)
+                          feedback_file=options.feedback_file, admit=options.admit)
     cb = Callbacks(ctrl, engine.model_name, Path(get_upload_folder()) / "qwenvl-imports",
                    DEFAULT_SYSTEM, options.max_export_bytes)
     ttl = int(options.upload_ttl_s)
