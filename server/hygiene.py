@@ -367,6 +367,23 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, target
 
 
+FD_RESERVE = 128     # descriptors kept for everything but connections (model files, logs,
+                     # uploads being written, the remote backend's own connections)
+
+
+def connection_cap(wanted: int | None, fd_limit: int) -> int | None:
+    """--max-connections, lowered to what the open-files limit leaves room for: past the
+    limit, accept() fails and the server stops answering anyone (even /health)."""
+    if fd_limit <= 0 or fd_limit == resource.RLIM_INFINITY:
+        return wanted or None
+    room = max(16, fd_limit - FD_RESERVE)
+    if wanted and wanted <= room:
+        return wanted
+    log.warning("--max-connections %s lowered to %d: the open-files limit is %d",
+                wanted or "(none)", room, fd_limit)
+    return room
+
+
 def uvicorn_config(app: Any, host: str, port: int, settings: ServerSettings,
                    **overrides: Any) -> Any:
     """The uvicorn Config both launchers (and BackgroundServer) serve with: the guarded
@@ -374,11 +391,11 @@ def uvicorn_config(app: Any, host: str, port: int, settings: ServerSettings,
     proxies were named. `overrides` are more uvicorn Config arguments."""
     import uvicorn
 
-    raise_fd_limit()
+    _, fd_limit = raise_fd_limit()
     proxies = settings.forwarded_allow_ips
     options: dict[str, Any] = dict(
         host=host, port=port, http=protocol_class(settings.header_timeout_s),
-        limit_concurrency=settings.max_connections or None,
+        limit_concurrency=connection_cap(settings.max_connections, fd_limit),
         proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None)
     options.update(overrides)
     return uvicorn.Config(app, **options)

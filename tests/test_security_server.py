@@ -505,3 +505,17 @@ def test_a_declared_oversized_body_is_refused_before_it_is_read(app_factory):
         sock.close()
         assert out.startswith(b"HTTP/1.1 413") and time.monotonic() - t0 < 1.0
         assert json.loads(out.partition(b"\r\n\r\n")[2])["error"]["code"] == 413
+
+
+@pytest.mark.parametrize("wanted,fd_limit,cap", [
+    (1000, 20000, 1000),      # room enough: the flag holds
+    (1000, 1024, 896),        # a hard limit of 1024: the cap leaves descriptors for the rest
+    (None, 1024, 896),        # no cap asked: still none past the limit
+    (1000, -1, 1000),         # the limit is unknown: the flag holds
+])
+def test_the_connection_cap_fits_the_descriptor_limit(wanted, fd_limit, cap):
+    """1100 half-open connections under a hard limit of 1024 stalled /health 3.4 s with the
+    cap at 1000 (accept() failed): the cap now leaves room for the server's own files."""
+    from server.hygiene import connection_cap
+
+    assert connection_cap(wanted, fd_limit) == cap
