@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -43,21 +43,26 @@ FD_LIMIT = 1024
 
 
 # --------------------------------------------------------------------------- inputs
-def pdf_with_page(points: int) -> bytes:
-    """A one-page PDF of `points` x `points` pt, written by hand (a few hundred bytes)."""
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
-               b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 %d %d] >>" % (points, points)]
+def pdf_by_hand(objects: list[bytes]) -> bytes:
+    """A PDF file around these objects (1 0 obj is the catalog), with a correct xref."""
     out, offsets = bytearray(b"%PDF-1.4\n"), []
-    for n, body in enumerate(objects, start=1):
+    for number, body in enumerate(objects, start=1):
         offsets.append(len(out))
-        out += b"%d 0 obj\n" % n + body + b"\nendobj\n"
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
     xref = len(out)
     out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
     out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
     out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
         len(objects) + 1, xref)
     return bytes(out)
+
+
+def pdf_with_page(points: int) -> bytes:
+    """A one-page PDF of `points` x `points` pt (a few hundred bytes)."""
+    return pdf_by_hand([b"<< /Type /Catalog /Pages 2 0 R >>",
+                        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+                        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 %d %d] >>"
+                        % (points, points)])
 
 
 def video_1080p(frames: int) -> bytes:

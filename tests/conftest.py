@@ -45,3 +45,14 @@ def tiny_engine(tiny_model_dir):
                                                   warmup=False))
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def app_factory(tiny_engine):
+    """`make(*flags)`: the web app's FastAPI app for app.py's flags, on the shared engine."""
+    import app
+
+    def make(*flags: str):
+        args = app.build_parser().parse_args(list(flags))
+        return app.create_app(tiny_engine, args)[0]
+    return make

@@ -12,7 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -167,3 +167,35 @@ def loopback_only() -> Iterator[list[str]]:
     finally:
         httpx.HTTPTransport.handle_request = original
     assert not blocked, blocked
+
+
+def status_mb(field: str = "VmRSS") -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measured(fn: Callable[..., Any], *args: Any, catch: bool = False,
+             **kwargs: Any) -> tuple[Any, float, float]:
+    """(result, seconds, peak memory growth in MB) of one call. The peak is VmHWM after
+    resetting it (/proc/self/clear_refs), so a picture made and dropped inside counts.
+    `catch`: an exception is returned as the result (the caller checks it was expected)."""
+    import gc
+
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        peak = "VmHWM"
+    except OSError:                    # no reset here: the growth that stays
+        peak = "VmRSS"
+    before = status_mb("VmRSS")
+    start = time.monotonic()
+    try:
+        result: Any = fn(*args, **kwargs)
+    except Exception as exc:           # noqa: BLE001
+        if not catch:
+            raise
+        result = exc
+    return result, time.monotonic() - start, status_mb(peak) - before

@@ -29,31 +29,15 @@ from server.background import BackgroundServer
 from server.routes import create_api_app
 from server.settings import ServerSettings
 from ui.gate import FREE_FAILURES, LoginBackoff
+from support import status_mb
 
 SENTINEL = f"SENTINEL-{uuid.uuid4().hex}-not-for-your-eyes".encode()   # new every run
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def png_uri(size=(64, 64)) -> str:
     buf = io.BytesIO()
     Image.new("RGB", size, (200, 30, 30)).save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-@pytest.fixture(scope="module")
-def app_factory(tiny_engine):
-    import app
-
-    def make(*flags: str):
-        args = app.build_parser().parse_args(list(flags))
-        return app.create_app(tiny_engine, args)[0]
-    return make
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +175,7 @@ SIZE_CASES = [   # (name, body, words in the error)
 @pytest.mark.parametrize("name,body,words", SIZE_CASES, ids=[c[0] for c in SIZE_CASES])
 def test_sizes_a_request_controls_are_refused_at_once(api, name, body, words):
     data = json.dumps(body).encode()
-    before = rss_mb()
+    before = status_mb()
     start = time.monotonic()
     resp = httpx.post(f"{api}/v1/chat/completions", content=data, timeout=30,
                       headers={"content-type": "application/json"})
@@ -200,7 +184,7 @@ def test_sizes_a_request_controls_are_refused_at_once(api, name, body, words):
     error = resp.json()["error"]
     assert words in error["message"] and error["code"] == 400
     assert took < 1.0, f"{name}: {took:.2f}s to refuse"
-    assert rss_mb() - before < 150, f"{name}: memory grew by {rss_mb() - before:.0f} MB"
+    assert status_mb() - before < 150, f"{name}: memory grew by {status_mb() - before:.0f} MB"
 
 
 def test_pixel_limit_is_a_flag():

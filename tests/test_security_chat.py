@@ -31,30 +31,14 @@ from markdown_it import MarkdownIt
 from PIL import Image
 
 from ui import display, grounding, history
+from support import measured
 
 RSS_LIMIT_MB = 300
 
 
 # --------------------------------------------------------------------------- helpers
-def status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
-def measured(fn, *args, **kwargs):
-    """(result, seconds, peak RSS growth in MB) of one call."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")     # resets VmHWM to the current RSS
-        peak_key = "VmHWM"
-    except OSError:
-        peak_key = "VmRSS"
-    before = status_mb("VmRSS")
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    elapsed = time.perf_counter() - start
-    return result, elapsed, status_mb(peak_key) - before
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ by hand, clips with PyAV. Memory is the peak (VmHWM, reset before each case) ove
 from __future__ import annotations
 
 import base64
-import gc
 import io
 import math
 import time
@@ -31,36 +30,20 @@ from engine.errors import InvalidRequestError
 from engine.inputs import InputStage, VideoSampling
 from engine.prompt import read_video_frames
 from engine.types import Conversation, GenerationRequest, Message, SamplingParams, VideoInput
+from bench.hostile import pdf_by_hand
+from support import measured
 
 MAX_GROWTH_MB = 300
+
+
+def measured_or_error(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    return measured(fn, catch=True)
 REFUSAL_S = 1.0
 
 
 # --------------------------------------------------------------------------- measuring
-def _status(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
-def measured(fn: Callable[[], Any]) -> tuple[Any, float, float]:
-    """(result or the exception raised, seconds, peak memory growth in MB): the peak is
-    VmHWM after resetting it (/proc/self/clear_refs), so a picture made and dropped counts."""
-    gc.collect()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        peak_field = "VmHWM"
-    except OSError:                    # no reset here: the growth that stays
-        peak_field = "VmRSS"
-    before = _status("VmRSS")
-    start = time.monotonic()
-    try:
-        result: Any = fn()
-    except Exception as exc:          # noqa: BLE001 - the caller checks what it expected
-        result = exc
-    took = time.monotonic() - start
-    return result, took, _status(peak_field) - before
 
 
 def refused(result: Any, took: float, grew: float, words: str, param: str) -> str:
@@ -89,19 +72,6 @@ def pdf_of_pages(path: Path, sizes: list[tuple[float, float]]) -> Path:
     return path
 
 
-def pdf_by_hand(objects: list[bytes]) -> bytes:
-    """A PDF file around these objects (1 0 obj is the catalog), with a correct xref."""
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1, xref)
-    return bytes(out)
 
 
 def million_page_pdf(path: Path) -> Path:
@@ -130,7 +100,7 @@ def test_a_huge_pdf_page_renders_within_the_picture_limit(tmp_path, points):
     """Before: 14000x14000 (+1.5 GB) for 7000 pt, a MemoryError for 200000 pt."""
     pdf = pdf_of_pages(tmp_path / "huge.pdf", [(points, points)])
     assert pdf.stat().st_size < 1000
-    pages, took, grew = measured(lambda: list(render_pages(pdf, 10,
+    pages, took, grew = measured_or_error(lambda: list(render_pages(pdf, 10,
                                                            max_pixels=DEFAULT_MAX_PIXELS_LIMIT)))
     assert not isinstance(pages, Exception), pages
     (page,) = pages
@@ -156,7 +126,7 @@ def test_a_page_no_scale_fits_is_one_line_before_anything_renders(tmp_path, name
     def run() -> None:
         for page in render_pages(pdf, 10, max_pixels=DEFAULT_MAX_PIXELS_LIMIT):
             rendered.append(page)
-    message = refused(*measured(run), words, "file")
+    message = refused(*measured_or_error(run), words, "file")
     assert "200" in message and rendered == []       # the limit named, nothing rendered
 
 
@@ -193,7 +163,7 @@ def test_the_meter_sizes_only_the_pages_that_can_fit(tmp_path, name, make, words
     from ui import history, meter
 
     pdf = make(tmp_path / "many.pdf")
-    result, took, grew = measured(lambda: meter.describe(
+    result, took, grew = measured_or_error(lambda: meter.describe(
         meter.measure(history.new_state(), "", [str(pdf)], 224 * 224, 1280 * 28 * 28,
                       limit_images=10, max_pixels_limit=DEFAULT_MAX_PIXELS_LIMIT),
         16384, 10, 512))
@@ -206,7 +176,7 @@ def test_the_meter_sizes_only_the_pages_that_can_fit(tmp_path, name, make, words
 
 def test_rendering_a_document_that_claims_a_million_pages_is_refused_at_once(tmp_path):
     pdf = million_page_pdf(tmp_path / "many.pdf")
-    refused(*measured(lambda: list(render_pages(pdf, 10,
+    refused(*measured_or_error(lambda: list(render_pages(pdf, 10,
                                                 max_pixels=DEFAULT_MAX_PIXELS_LIMIT))),
             "has 1000000 pages, but only 10 more", "file")
 
@@ -267,7 +237,7 @@ def test_a_video_keeps_only_its_sampled_frames_fitted(warm_engine, tmp_path, nam
                                                       height, frames, rate, fps):
     clip = write_clip(tmp_path / "clip.mp4", width, height, frames, rate)
     assert clip.stat().st_size < 100_000
-    prepared, took, grew = measured(lambda: warm_engine.renderer.prepare(
+    prepared, took, grew = measured_or_error(lambda: warm_engine.renderer.prepare(
         video_request(str(clip), fps)))
     assert not isinstance(prepared, Exception), prepared
     assert prepared.videos == 1
@@ -357,10 +327,10 @@ def test_a_video_frame_over_the_picture_limit_is_refused_before_decoding(tmp_pat
     """Before: frames were never held to the picture limit (--max-image-pixels)."""
     clip = write_clip(tmp_path / "wide.mp4", 1920, 1080, 4, 2)
     stage = InputStage(EngineConfig(max_image_pixels=1_000_000))
-    refused(*measured(lambda: stage.load(video_request(str(clip)), None, 16384)),
+    refused(*measured_or_error(lambda: stage.load(video_request(str(clip)), None, 16384)),
             "has 1920x1080 frames: at most 1,000,000 pixels per frame", "video")
     thin = write_clip(tmp_path / "thin.mp4", 2048, 8, 2, 2)
-    refused(*measured(lambda: InputStage(EngineConfig()).load(video_request(str(thin)), None,
+    refused(*measured_or_error(lambda: InputStage(EngineConfig()).load(video_request(str(thin)), None,
                                                               16384)),
             "aspect ratio must be at most 200", "video")
 
@@ -368,7 +338,7 @@ def test_a_video_frame_over_the_picture_limit_is_refused_before_decoding(tmp_pat
 def test_frames_too_narrow_to_resize_are_one_line(tiny_engine, tmp_path):
     """4096x40 frames round to no height at 151,200 pixels; before, a resize error."""
     clip = write_clip(tmp_path / "narrow.mp4", 4096, 40, 4, 2)
-    refused(*measured(lambda: tiny_engine.renderer.prepare(video_request(str(clip)))),
+    refused(*measured_or_error(lambda: tiny_engine.renderer.prepare(video_request(str(clip)))),
             "4096x40 frames are too narrow to fit 151,200 pixels per frame", "video")
 
 
@@ -376,7 +346,7 @@ def test_decoding_a_very_long_video_stops_at_the_pixel_budget(tiny_engine, tmp_p
     """50,000 tiny frames (each counted as 640x360): refused from the packet count, before
     anything is decoded; before, every frame was decoded."""
     clip = write_clip(tmp_path / "long.mp4", 16, 16, 50_000, 30)
-    refused(*measured(lambda: tiny_engine.renderer.prepare(video_request(str(clip)))),
+    refused(*measured_or_error(lambda: tiny_engine.renderer.prepare(video_request(str(clip)))),
             "see --video-max-decoded-pixels", "video")
 
 
@@ -402,7 +372,7 @@ def clip_uri(tmp_path_factory) -> str:
 @pytest.mark.parametrize("fps", FPS_CASES, ids=str)
 def test_fps_out_of_range_is_refused_before_any_work(tiny_engine, clip_uri, fps):
     """Before: -5 and 1000 were taken as they were, 0 silently as the default."""
-    message = refused(*measured(lambda: tiny_engine.submit(video_request(clip_uri, fps))),
+    message = refused(*measured_or_error(lambda: tiny_engine.submit(video_request(clip_uri, fps))),
                       "fps must be greater than 0 and at most 30", "fps")
     assert "--video-max-fps" in message
 

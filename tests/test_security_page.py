@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import EngineBusyError
-from ui import display, history
+from ui import display
 from ui.chat import ChatController, Sampling
 from ui.feedback import LINES_PER_HOUR, MAX_ANSWER_CHARS, FeedbackLog
 

@@ -28,26 +28,10 @@ from server.background import BackgroundServer
 from server.fairshare import ClientBusyError, ClientSlots
 from server.routes import create_api_app
 from server.settings import ServerSettings
+from support import status_mb
 from ui.gate import DEVICE_COOKIE, FREE_FAILURES
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-@pytest.fixture(scope="module")
-def app_factory(tiny_engine):
-    import app
-
-    def make(*flags: str):
-        args = app.build_parser().parse_args(list(flags))
-        return app.create_app(tiny_engine, args)[0]
-    return make
 
 
 def health_s(url: str) -> float:
@@ -148,9 +132,9 @@ def test_a_known_browser_gets_in_despite_guesses_at_its_user(app_factory):
 
 def test_the_login_form_is_bounded(app_factory):
     with TestClient(app_factory("--auth", "alice:pw")) as client:
-        t0 = rss_mb()
+        t0 = status_mb()
         resp = client.post("/login", data={"username": "alice", "password": "x" * (2 << 20)})
-        assert resp.status_code == 413 and rss_mb() - t0 < 300
+        assert resp.status_code == 413 and status_mb() - t0 < 300
 
 
 # --------------------------------------------------------------------------- 2. connections
@@ -446,10 +430,10 @@ def test_page_bodies_are_bounded_like_api_bodies(app_factory, path, flags, body_
     else:
         body, ctype = b'{"data": "' + b"x" * int(body_mb * 2**20) + b'"}', "application/json"
     with TestClient(app_factory(*flags)) as client:
-        t0, rss0 = time.monotonic(), rss_mb()
+        t0, rss0 = time.monotonic(), status_mb()
         resp = client.post(path, content=body, headers={"content-type": ctype})
         assert resp.status_code == 413, resp.text[:200]
-        assert time.monotonic() - t0 < 1.0 and rss_mb() - rss0 < 300
+        assert time.monotonic() - t0 < 1.0 and status_mb() - rss0 < 300
         flag = "--max-upload-mb" if "upload" in path else "--max-body-mb"
         assert flag in resp.json()["error"]["message"]
         small, ctype = multipart(1, 0.1)
@@ -479,7 +463,7 @@ def test_a_chunked_upload_stops_at_the_bound(app_factory):
                 pass                                          # closed after its answer
 
         sender = threading.Thread(target=send_chunks)
-        t0, rss0 = time.monotonic(), rss_mb()
+        t0, rss0 = time.monotonic(), status_mb()
         sender.start()
         sock.settimeout(10)
         first = sock.recv(65536)
@@ -490,9 +474,9 @@ def test_a_chunked_upload_stops_at_the_bound(app_factory):
         sock.close()
         assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
         assert b"--max-upload-mb" in answer
-        print(f"chunked upload: 413 after {elapsed:.3f} s, {mb_sent:.0f} MB sent, RSS +{rss_mb() - rss0:.0f} MB")
+        print(f"chunked upload: 413 after {elapsed:.3f} s, {mb_sent:.0f} MB sent, RSS +{status_mb() - rss0:.0f} MB")
         assert elapsed < 1.0 and mb_sent < 50, (elapsed, mb_sent)
-        assert rss_mb() - rss0 < 300
+        assert status_mb() - rss0 < 300
         assert health_s(srv.url) < 0.5
 
 
