@@ -5,8 +5,8 @@ It uses the exact classes of the real Qwen2.5-VL-7B-Instruct
 `Qwen2VLImageProcessor`, `Qwen2VLVideoProcessor` and a `Qwen2Tokenizer`), the
 real chat template and Qwen's special tokens in Qwen's order, but a byte-level
 BPE trained on a small fixed English corpus and a model a few MB in size. Its weights are
-engine/tiny_weights.safetensors, trained by `python -m engine.train_tiny` on pictures of
-flat coloured shapes (engine/shapes.py): it counts them, names their colours and shapes and
+engine/tiny_weights.safetensors, trained by `python -m tinylab.train` on pictures of
+flat coloured shapes (tinylab/shapes.py): it counts them, names their colours and shapes and
 detects them in Qwen2.5-VL's grounding JSON; about anything else it knows nothing.
 Builds are deterministic (identical bytes every time) and take seconds.
 
@@ -29,6 +29,9 @@ import uuid
 from pathlib import Path
 
 TINY_VERSION = 7
+# The pixel bounds of the trained model's processor: the size its pictures were trained at.
+MODEL_MIN_PIXELS = 56 * 56
+MODEL_MAX_PIXELS = 100 * 28 * 28
 WEIGHTS = Path(__file__).with_name("tiny_weights.safetensors")
 MARKER = "tiny_model.json"
 
@@ -209,7 +212,7 @@ def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-# Sizes of the built-in model (engine/train_tiny.py trains it; head_dim 32 everywhere:
+# Sizes of the built-in model (tinylab/train.py trains it; head_dim 32 everywhere:
 # vLLM's CPU attention refuses 16).
 TEXT_DIMS = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2)
@@ -305,11 +308,9 @@ def build_generation_config(tokenizer, repetition_penalty: float = 1.0):
 
 def build_processor(tokenizer, trained: bool = False):
     """The processor; the trained model's caps pictures at the size it was trained at
-    (engine/shapes.py MODEL_MAX_PIXELS), the random one's is the real preprocessor_config.json's
+    (MODEL_MAX_PIXELS), the random one's is the real preprocessor_config.json's
     (min_pixels 3136, max_pixels 12845056)."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
-    from .shapes import MODEL_MAX_PIXELS, MODEL_MIN_PIXELS
 
     longest = MODEL_MAX_PIXELS if trained else 28 * 28 * 16384
     image_processor = Qwen2VLImageProcessor(
@@ -345,14 +346,14 @@ def load_trained(model, path: Path | None = None) -> None:
     own = model.state_dict()
     missing = set(own) - set(state)
     if missing or any(state[k].shape != own[k].shape for k in own):
-        raise RuntimeError(f"{path} does not fit the tiny model's config (retrain: python -m engine.train_tiny)")
+        raise RuntimeError(f"{path} does not fit the tiny model's config (retrain: python -m tinylab.train)")
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
 
 
 def build_untrained(attn_implementation: str | None = "sdpa"):
     """(model, tokenizer, config): the tiny model freshly initialised from torch's current
-    seed, float32; what build_tiny saves, engine/train_tiny.py trains and
-    engine/tiny_probe.py loads trained weights into (None: the config's own attention)."""
+    seed, float32; what build_tiny saves, tinylab/train.py trains and
+    tinylab/probe.py loads trained weights into (None: the config's own attention)."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -407,7 +408,7 @@ def build_tiny(dest: str | Path, trained: bool = True, weights: Path | None = No
                 "weights_sha256": sha,
                 "description": (
                     "Tiny Qwen2.5-VL trained on synthetic pictures of flat coloured shapes "
-                    "(engine/train_tiny.py); it knows nothing else." if sha else
+                    "(tinylab/train.py); it knows nothing else." if sha else
                     "Tiny randomly initialised Qwen2.5-VL (engine/tiny.py); outputs are meaningless."),
             },
             indent=2,

@@ -184,7 +184,7 @@ def test_the_shapes_example_in_the_browser(trained_server, page):
     get the right count and colours; then the second example's
     boxes drawn on the picture. The screenshot goes to test-output/shapes.png (docs/shapes.png
     is a copy of it)."""
-    from engine import shapes as S
+    from tinylab import shapes as S
 
     page.set_viewport_size({"width": 1360, "height": 1300})
     page.goto(trained_server.url)

@@ -147,11 +147,11 @@ def test_image_placeholder_count(processor, model, tmp_path):
 
 
 def test_shapes_boxes_are_in_the_pixels_the_model_sees(processor):
-    """engine/shapes.py's resized frame (the app's resize, then the processor's) is the
+    """tinylab/shapes.py's resized frame (the app's resize, then the processor's) is the
     processor's own, for canvases over the whole training range."""
     import random
 
-    from engine import shapes as S
+    from tinylab import shapes as S
 
     rng = random.Random(3)
     for _ in range(12):

@@ -1,4 +1,4 @@
-"""engine/tiny_probe.py: linear read-outs on the frozen tiny model find what its features hold."""
+"""tinylab/probe.py: linear read-outs on the frozen tiny model find what its features hold."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def test_read_outs_find_the_colour_of_a_picture_token():
     """The vision tower's output tells a covered token's colour (the committed model: about
     95 % held out); a read-out whose labels were misaligned with the tokens would sit near
     chance (1 in 6)."""
-    from engine import tiny_probe
+    from tinylab import probe as tiny_probe
 
     res = tiny_probe.probe(train_batches=4, eval_batches=2)
     stages = ["vision", "L0", "L1", "L2", "L3", "L4"]
@@ -34,7 +34,7 @@ def test_the_box_read_outs_line_up_with_the_coordinates():
     The picture tokens of a shape tell its box to a few pixels after two layers (README: 4.5
     px), far better than what enters the language model (33 px); boxes paired with the wrong
     tokens would read out near the boxes' spread (65 px) at every layer."""
-    from engine import tiny_probe
+    from tinylab import probe as tiny_probe
 
     res = tiny_probe.boxes(fit_n=12, test_n=6)
     assert {"digit1", "digit2", "digit3", "length", "cell@L0", "cell±1@L4", "px@L3", "px<14@L3",
@@ -47,7 +47,7 @@ def test_the_box_read_outs_line_up_with_the_coordinates():
 
 
 def test_a_missing_weights_file_is_one_line(capsys, tmp_path):
-    from engine import tiny_probe
+    from tinylab import probe as tiny_probe
 
     with pytest.raises(SystemExit) as stop:
         tiny_probe.main(["--boxes", "--weights", str(tmp_path / "none.safetensors")])

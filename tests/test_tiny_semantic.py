@@ -1,5 +1,5 @@
-"""The built-in tiny model answers (weights trained by engine/train_tiny.py on
-engine/shapes.py's pictures): in its trained formats, through the engine and the API, two
+"""The built-in tiny model answers (weights trained by tinylab/train.py on
+tinylab/shapes.py's pictures): in its trained formats, through the engine and the API, two
 users' pictures in one batch, the second of two pictures, and the conversation cache.
 
 The trained model reaches the issue's goal for counting only (README, "The built-in tiny
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from engine import shapes as S
+from tinylab import shapes as S
 from engine.types import Conversation, GenerationRequest, ImageInput, Message, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""engine/train_tiny.py's training targets: which tokens a box coordinate is written with,
+"""tinylab/train.py's training targets: which tokens a box coordinate is written with,
 which picture tokens lie on a shape's edges, and the data worker's batches."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from engine import shapes as S
-from engine import train_tiny as T
+from tinylab import shapes as S
+from tinylab import train as T
 
 
 @pytest.fixture(scope="module")

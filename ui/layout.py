@@ -39,7 +39,7 @@ EXAMPLES = [
     ("street_sign.jpg", "What does the sign say?"),
     ("diagram.png", "Explain this diagram step by step."),
 ]
-# What the built-in model knows, for the page's banner (engine/shapes.py, README).
+# What the built-in model knows, for the page's banner (tinylab/shapes.py, README).
 TINY_TRAINED_NOTE = ("it was trained only on pictures of 1 to 4 flat circles, squares, "
                      "triangles and stars in six plain colours; it counts them (right 88 times "
                      "in 100), names all their colours right 4 times in 5, the shape or colour "

@@ -1,4 +1,4 @@
-"""Synthetic pictures for the built-in tiny model (engine/train_tiny.py): flat shapes
+"""Synthetic pictures for the built-in tiny model (tinylab/train.py): flat shapes
 (circle, square, triangle, star) in plain colours on a light background, with questions
 and answers in plain English, and Qwen2.5-VL grounding JSON for "detect the shapes".
 
@@ -17,14 +17,13 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from .geometry import resized_size
+from engine.geometry import resized_size
+from engine.tiny import MODEL_MAX_PIXELS, MODEL_MIN_PIXELS
 
 MIN_PIXELS = 224 * 224          # engine/types.py DEFAULT_MIN_PIXELS
 MAX_PIXELS = 1280 * 28 * 28     # engine/types.py DEFAULT_MAX_PIXELS
 # The tiny model's own processor (engine/tiny.py) then caps a picture at this many pixels
 # (100 tokens): it was trained at that size, and a CPU trains and answers quickly there.
-MODEL_MIN_PIXELS = 56 * 56
-MODEL_MAX_PIXELS = 100 * 28 * 28
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -281,7 +280,7 @@ def make_example(rng: random.Random, task: str | None = None, turns: int = 1, **
     return Example([img], [ask_about(rng, k, img, shapes) for k in kinds], task, [shapes], kinds)
 
 
-# ---- scoring (engine/train_tiny.py --eval and tests) -------------------------------------
+# ---- scoring (tinylab/train.py --eval and tests) -------------------------------------
 
 def parse_count(text: str) -> int | None:
     m = re.search(r"There (?:is|are) (\d+) shape", text)

@@ -1,11 +1,11 @@
 """Where the built-in tiny model loses the picture: linear read-outs on its frozen features.
 
-    python -m engine.tiny_probe                 # the committed weights
-    python -m engine.tiny_probe --weights W     # weights from `python -m engine.train_tiny --out W`
-    python -m engine.tiny_probe --boxes         # where the boxes go wrong (teacher-forced)
+    python -m tinylab.probe                 # the committed weights
+    python -m tinylab.probe --weights W     # weights from `python -m tinylab.train --out W`
+    python -m tinylab.probe --boxes         # where the boxes go wrong (teacher-forced)
 
 The model stays frozen; linear read-outs are fitted to its features on fresh training
-conversations (engine/train_tiny.py's data) and scored on conversations of the held-out seed.
+conversations (tinylab/train.py's data) and scored on conversations of the held-out seed.
 They say how well each stage's features tell
 - a picture token's colour and the kind of the shape covering it (the vision tower's output,
   then the input of each language-model layer), and
@@ -27,14 +27,14 @@ import argparse
 import random
 from pathlib import Path
 
-from . import train_tiny as T
+from . import train as T
 
 _COLOUR = [g for g, _ in T.GROUPS].index("cell")
 _KIND = [g for g, _ in T.GROUPS].index("cellkind")
 
 
 def _model(weights: Path | None):
-    from . import tiny
+    from engine import tiny
 
     model, tokenizer, config = tiny.build_untrained()
     processor = tiny.build_processor(tokenizer, trained=True)
@@ -232,7 +232,7 @@ def report(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m engine.tiny_probe", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tinylab.probe", description=__doc__.splitlines()[0])
     p.add_argument("--weights", type=Path, default=None, help="default: the committed weights")
     p.add_argument("--train-batches", type=int, default=40, help="batches of 8 conversations to fit on")
     p.add_argument("--eval-batches", type=int, default=12, help="held-out batches to score on")

@@ -1,9 +1,9 @@
-"""Train the built-in tiny Qwen2.5-VL on synthetic shapes (engine/shapes.py).
+"""Train the built-in tiny Qwen2.5-VL on synthetic shapes (tinylab/shapes.py).
 
-    python -m engine.train_tiny            # train from seed 0 (2500 steps of 8 conversations,
+    python -m tinylab.train            # train from seed 0 (2500 steps of 8 conversations,
                                            # 30 minutes on 2 CPU cores) and write
                                            # engine/tiny_weights.safetensors (float16, 4.4 MB)
-    python -m engine.train_tiny --eval     # held-out accuracy of the committed weights
+    python -m tinylab.train --eval     # held-out accuracy of the committed weights
 
 The model, tokenizer, processor and chat template are engine/tiny.py's (the same classes as
 Qwen2.5-VL-7B-Instruct). Training pictures come from seeds 0.. of `TRAIN_SEED`'s stream;
@@ -196,7 +196,7 @@ class Looking:
     """Attention supervision: in layer L, head h (ATTN_HEADS), an answer token should look at
     the picture tokens of every shape ("all"), or of the shapes its next word looks up
     ("about", `answer_focus`). Without it, answer tokens that gather the picture's colours
-    were at chance after half of the training budget (engine/tiny_probe.py measures it)."""
+    were at chance after half of the training budget (tinylab/probe.py measures it)."""
 
     def __init__(self, layers) -> None:
         self.layers, self.seen = layers, {}
@@ -275,7 +275,7 @@ class Probes:
         """After the lookups, an answer token about one shape holds its box, and one about to
         write a coordinate's digits that coordinate (`answer_query`'s columns from BOX_COLS):
         the picture tokens know their shape's box to a few pixels, the answers of the committed
-        recipe to ~40 (`python -m engine.tiny_probe --boxes`). "phase" adds the cosine and sine
+        recipe to ~40 (`python -m tinylab.probe --boxes`). "phase" adds the cosine and sine
         of the tens digit's phase, from which a linear read-out names that digit."""
         import torch
         import torch.nn.functional as F
@@ -567,7 +567,7 @@ def _produce(seed: int, batch: int, queue) -> None:
     """The data worker: collated batches from `random.Random(seed)`, as `batches` draws them."""
     import torch
 
-    from . import tiny
+    from engine import tiny
 
     torch.set_num_threads(1)
     tokenizer = tiny.build_tokenizer()
@@ -600,7 +600,7 @@ def train(steps: int, batch: int, lr: float, out: Path, log_every: int = 10, see
     import torch
     from safetensors.torch import save_file
 
-    from . import tiny
+    from engine import tiny
 
     torch.set_num_threads(2)
     torch.manual_seed(seed)
@@ -667,11 +667,11 @@ def evaluate(n: int, seed: int = EVAL_SEED, model_dir: Path | None = None, verbo
              weights: Path | None = None) -> dict:
     from PIL import Image  # noqa: F401
 
-    from .config import EngineConfig
-    from .local import LocalEngine
-    from .types import Conversation, GenerationRequest, ImageInput, Message, SamplingParams
+    from engine.config import EngineConfig
+    from engine.local import LocalEngine
+    from engine.types import Conversation, GenerationRequest, ImageInput, Message, SamplingParams
 
-    from . import tiny
+    from engine import tiny
 
     if model_dir is None:
         import tempfile
@@ -749,7 +749,7 @@ def report(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m engine.train_tiny", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tinylab.train", description=__doc__.splitlines()[0])
     p.add_argument("--eval", action="store_true", help="held-out accuracy of the committed weights")
     p.add_argument("--n", type=int, default=100, help="held-out pictures for --eval")
     p.add_argument("--verbose", action="store_true")
