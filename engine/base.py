@@ -22,6 +22,7 @@ class Engine(abc.ABC):
     device_description: str  # e.g. "Ascend910B (npu:0, bfloat16)" or "remote http://..."
     is_tiny: bool = False
     tiny_trained: bool = False   # the built-in tiny model with its shapes training (not random)
+    tiny_knows: str = ""         # what the built-in tiny model knows (its folder's marker)
     max_model_len: int = 16384
     limit_images: int = 10
     limit_videos: int = 2

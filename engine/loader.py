@@ -14,12 +14,14 @@ from .errors import ModelLoadError
 
 log = logging.getLogger("engine.loader")
 
-TINY_WARNING = (
-    "Serving the built-in TINY Qwen2.5-VL: trained only on synthetic pictures of flat coloured "
-    "shapes (it counts them; it names all their colours right 4 times in 5; boxes are wrong; "
-    "anything else gets nonsense), "
-    f"for trying the app and for tests. To run the real model use --model {DEFAULT_MODEL} "
-    "(needs an NPU or GPU and about 16 GB of weights).")
+def tiny_warning(path: Path, why: str = "") -> str:
+    """The log's loud line when the built-in tiny model serves, with what it knows (its
+    folder's marker)."""
+    from .tiny import describe
+
+    return (f"Serving the built-in TINY Qwen2.5-VL{why}, for trying the app and for tests: "
+            f"{describe(path)['knows']}. To run the real model use --model {DEFAULT_MODEL} "
+            "(needs an NPU or GPU and about 16 GB of weights).")
 
 
 @dataclass
@@ -68,6 +70,11 @@ def download(repo_id: str, modelscope: bool, revision: str | None = None) -> Pat
                              f"failed ({type(exc).__name__}: {first})") from None
 
 
+def _tiny(path: Path, why: str = "") -> tuple[str, Path, bool]:
+    log.warning(tiny_warning(path, why))
+    return "tiny", path, True
+
+
 def resolve_model(spec: str, device: Device, modelscope: bool = False,
                   revision: str | None = None) -> tuple[str, Path, bool]:
     """(display name, local folder, is_tiny) for --model."""
@@ -75,12 +82,10 @@ def resolve_model(spec: str, device: Device, modelscope: bool = False,
 
     spec = (spec or "auto").strip()
     if spec == "tiny":
-        log.warning(TINY_WARNING)
-        return "tiny", ensure_tiny(), True
+        return _tiny(ensure_tiny())
     if spec == "auto":
         if device.kind == "cpu":
-            log.warning(TINY_WARNING + " (no NPU or GPU found)")
-            return "tiny", ensure_tiny(), True
+            return _tiny(ensure_tiny(), " (no NPU or GPU found)")
         cached = None if modelscope else _hub_cached(DEFAULT_MODEL)
         if cached is not None:
             return DEFAULT_MODEL, cached, False
@@ -88,15 +93,13 @@ def resolve_model(spec: str, device: Device, modelscope: bool = False,
             return DEFAULT_MODEL, download(DEFAULT_MODEL, modelscope, revision), False
         except ModelLoadError as exc:
             log.warning("%s", exc.message)
-            log.warning(TINY_WARNING)
-            return "tiny", ensure_tiny(), True
+            return _tiny(ensure_tiny())
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"Cannot load model {spec!r}: the folder has no config.json")
         if is_tiny(path):
-            log.warning(TINY_WARNING)
-            return "tiny", path, True
+            return _tiny(path)
         return spec, path, False
     if spec.count("/") != 1 or spec.startswith(("/", ".", "~")):
         raise ModelLoadError(f"Cannot load model {spec!r}: no such folder, and not a hub id "

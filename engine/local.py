@@ -27,12 +27,6 @@ from .step import ModelRunner, encoder_cache
 log = logging.getLogger("engine")
 
 
-def _tiny_trained(path) -> bool:
-    from .tiny import describe
-
-    return describe(path)["trained"]
-
-
 class LocalEngine(Engine):
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         super().__init__()
@@ -40,7 +34,11 @@ class LocalEngine(Engine):
         self.loaded = loaded
         self.model_name = loaded.name
         self.is_tiny = loaded.is_tiny
-        self.tiny_trained = loaded.is_tiny and _tiny_trained(loaded.path)
+        if loaded.is_tiny:
+            from .tiny import describe
+
+            marker = describe(loaded.path)
+            self.tiny_trained, self.tiny_knows = marker["trained"], marker["knows"]
         self.device = loaded.device
         self.device_description = loaded.device.describe()
         self.max_model_len = self.config.max_model_len

@@ -82,11 +82,7 @@ def build_router(engine: Engine, settings: ServerSettings,
             alias = name != root
             note = None
             if engine.is_tiny:
-                note = (("The built-in tiny Qwen2.5-VL, trained only on pictures of flat coloured "
-                         "shapes (it counts them; it names all their colours right 4 times in 5; "
-                         "boxes are wrong; for trying the API). "
-                         if engine.tiny_trained else
-                         "The built-in tiny random Qwen2.5-VL (random answers, for trying the API). ")
+                note = (f"The built-in tiny Qwen2.5-VL, for trying the API: {engine.tiny_knows}. "
                         + (f"This id is an alias of `{root}`, so the tutorial's requests work "
                            "unchanged." if alias else ""))
             cards.append(ModelCard(id=name, created=started, root=root,

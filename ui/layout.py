@@ -39,13 +39,6 @@ EXAMPLES = [
     ("street_sign.jpg", "What does the sign say?"),
     ("diagram.png", "Explain this diagram step by step."),
 ]
-# What the built-in model knows, for the page's banner (tinylab/shapes.py, README).
-TINY_TRAINED_NOTE = ("it was trained only on pictures of 1 to 4 flat circles, squares, "
-                     "triangles and stars in six plain colours; it counts them (right 88 times "
-                     "in 100), names all their colours right 4 times in 5, the shape or colour "
-                     "you ask about right 2 to 3 times in 5, its detection boxes are still wrong, "
-                     "and it knows nothing else")
-
 # Task presets beside the message box: each puts its prompt into the box (files kept).
 PRESETS = [
     ("Detect", "Locate every object in the image and output the bbox coordinates in JSON "
@@ -126,8 +119,7 @@ def header_html(engine: Engine) -> str:
            f"<b>{device}</b> · context {engine.max_model_len} tokens · up to "
            f"{engine.limit_images} images per chat</span></div>")
     if engine.is_tiny:
-        knows = (TINY_TRAINED_NOTE if engine.tiny_trained else
-                 "its weights are random, so its answers are random text")
+        knows = html.escape(engine.tiny_knows or "it knows only the project's test pictures")
         out += ("<div class='qvl-warning' id='qvl-tiny-warning'>⚠ <b>Built-in tiny model.</b> "
                 f"This server runs the project's test model, not Qwen2.5-VL-7B: {knows}. "
                 f"Start the app with <code>--model {DEFAULT_MODEL}</code> on an NPU or GPU "
