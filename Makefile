@@ -1,12 +1,13 @@
 # make run   - start the web app at http://127.0.0.1:7860 (installs what it needs first)
 # make test  - create .venv, install everything (Chromium for the browser test too) and run pytest
+# make screenshots - remake docs/screenshot.png, grounding.png, pdf-pages.png from the current page
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 ARGS   ?=
 
-.PHONY: run test install install-dev browser bench clean
+.PHONY: run test install install-dev browser bench screenshots clean
 
 $(VENV)/.installed: requirements.txt requirements-common.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,9 @@ test: install-dev browser
 bench: install-dev
 	$(PY) bench/overhead.py --model tiny
 	$(PY) bench/concurrency.py --model tiny --clients 1,2,4,8
+
+screenshots: install-dev browser
+	$(PY) docs/screenshots.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-output
