@@ -4,10 +4,11 @@ one port, one model, one device.
     python app.py                        # http://127.0.0.1:7860 (also what a Hugging Face Space runs)
     python app.py --model tiny --server-name 0.0.0.0 --auth alice:secret
 
-Every flag also reads an environment variable (see --help), so a hosted Space
-is configured from its settings page. The UI and the API share one FastAPI
-app served by uvicorn; `--share` opens Gradio's share tunnel to that same
-port, so the public link serves both.
+Every flag also reads an environment variable (see --help and
+docs/configuration.md), so a hosted Space is configured from its settings page.
+The UI and the API share one FastAPI app served by uvicorn (started by
+server.launch, as `python -m server` is); `--share` opens Gradio's share tunnel
+to that same port, so the public link serves both.
 """
 
 from __future__ import annotations
@@ -15,63 +16,67 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
-import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from engine.config import EngineConfig, add_engine_args, env, env_bool  # noqa: E402
-from server.routes import mount_api  # noqa: E402
-from server.auth import parse_auth  # noqa: E402
+from engine.config import add_engine_args, add_flags, namespace_values, setting  # noqa: E402
+from server.auth import parse_auth  # noqa: E402,F401  (app.parse_auth: the tests' way in)
 from server.fairshare import ClientSlots, client_id  # noqa: E402
-from server.hygiene import protect, uvicorn_config  # noqa: E402
+from server.hygiene import protect  # noqa: E402
+from server.launch import FrontDoor, Site, launch, log_level_setting  # noqa: E402
+from server.routes import mount_api  # noqa: E402
 from server.settings import ServerSettings, add_server_args  # noqa: E402
 from ui.history import EXPORT_MAX_BYTES  # noqa: E402
 
 log = logging.getLogger("app")
-DEFAULT_UPLOAD_MB = 50
+WEB = "web server"
+
+
+@dataclass
+class WebFlags:
+    """The web app's own flags (the engine's and the API's are EngineConfig and
+    ServerSettings)."""
+
+    server_name: str = setting("127.0.0.1", env="GRADIO_SERVER_NAME", group=WEB,
+                               help="address to listen on; 0.0.0.0 for every interface")
+    server_port: int = setting(7860, env="GRADIO_SERVER_PORT", group=WEB,
+                               help="port to listen on")
+    share: bool = setting(
+        False, env=("GRADIO_SHARE", "QWENVL_SHARE"), group=WEB, action="store_true",
+        help="also open a temporary public link through Gradio's share tunnel (UI and API); "
+             "ignored on a Hugging Face Space")
+    max_upload_mb: float = setting(50.0, env="QWENVL_MAX_UPLOAD_MB", group=WEB,
+                                   help="largest file a browser may upload")
+    ui_concurrency: int | None = setting(
+        None, env="QWENVL_UI_CONCURRENCY", group=WEB,
+        help="chat requests handed to the engine at once (default: --max-batch, so they can "
+             "share one batch); more wait in the page's queue")
+    root_path: str | None = setting(None, env="GRADIO_ROOT_PATH", group=WEB,
+                                    help="public path prefix behind a reverse proxy")
+    upload_ttl_hours: float = setting(
+        24.0, env="QWENVL_UPLOAD_TTL_HOURS", group=WEB,
+        help="uploads, and the pages, drawn boxes and imported files made from them, are "
+             "deleted this many hours after they were written (and when the server stops); "
+             "0 keeps them")
+    max_export_mb: float = setting(
+        float(EXPORT_MAX_BYTES // 2**20), env="QWENVL_MAX_EXPORT_MB", group=WEB,
+        help="file bytes one Save JSON embeds at most (each distinct file once); files past it "
+             "are left out with a note")
+    feedback_file: str | None = setting(
+        None, env="QWENVL_FEEDBACK_FILE", group=WEB,
+        help="append every like and dislike on an answer (question, answer, rating) to this "
+             "JSON-lines file; off by default")
+    log_level: str = log_level_setting(WEB)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="app.py", description=__doc__.split("\n\n")[0])
     add_engine_args(p)
-    g = p.add_argument_group("web server")
-    g.add_argument("--server-name", default=env("GRADIO_SERVER_NAME", "127.0.0.1"),
-                   help="address to listen on; 0.0.0.0 for every interface "
-                        "[env GRADIO_SERVER_NAME]")
-    g.add_argument("--server-port", type=int, default=env("GRADIO_SERVER_PORT", "7860"),
-                   help="[env GRADIO_SERVER_PORT]")
-    g.add_argument("--share", action="store_true",
-                   default=env_bool("GRADIO_SHARE") or env_bool("QWENVL_SHARE"),
-                   help="also open a temporary public link through Gradio's share tunnel "
-                        "(UI and API); ignored on a Hugging Face Space [env GRADIO_SHARE]")
-    g.add_argument("--max-upload-mb", type=float,
-                   default=env("QWENVL_MAX_UPLOAD_MB", str(DEFAULT_UPLOAD_MB)),
-                   help="largest file a browser may upload [env QWENVL_MAX_UPLOAD_MB]")
-    g.add_argument("--ui-concurrency", type=int, default=env("QWENVL_UI_CONCURRENCY"),
-                   help="chat requests handed to the engine at once (default: --max-batch, so "
-                        "they can share one batch); more wait in the page's queue "
-                        "[env QWENVL_UI_CONCURRENCY]")
-    g.add_argument("--root-path", default=env("GRADIO_ROOT_PATH"),
-                   help="public path prefix behind a reverse proxy [env GRADIO_ROOT_PATH]")
-    g.add_argument("--upload-ttl-hours", type=float,
-                   default=float(env("QWENVL_UPLOAD_TTL_HOURS", "24")),
-                   help="uploads, and the pages, drawn boxes and imported files made from them, "
-                        "are deleted this many hours after they were written (and when the "
-                        "server stops); 0 keeps them [env QWENVL_UPLOAD_TTL_HOURS]")
-    g.add_argument("--max-export-mb", type=float,
-                   default=float(env("QWENVL_MAX_EXPORT_MB",
-                                     str(EXPORT_MAX_BYTES // 2**20))),
-                   help="file bytes one Save JSON embeds at most (each distinct file once); "
-                        "files past it are left out with a note [env QWENVL_MAX_EXPORT_MB]")
-    g.add_argument("--feedback-file", default=env("QWENVL_FEEDBACK_FILE"),
-                   help="append every like and dislike on an answer (question, answer, rating) "
-                        "to this JSON-lines file; off by default [env QWENVL_FEEDBACK_FILE]")
-    g.add_argument("--log-level", default=env("QWENVL_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"], help="[env QWENVL_LOG_LEVEL]")
+    add_flags(p, WebFlags)
     add_server_args(p)
     return p
 
@@ -99,22 +104,6 @@ def open_access_warning(args: argparse.Namespace) -> str | None:
             "model and its device.")
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Fail before the (slow) model load when the address cannot be bound."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ValueError(f"cannot resolve --server-name {host!r}: {exc.strerror}") from None
-    family, _, _, _, addr = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError as exc:
-            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror} "
-                             "(choose another --server-port)") from None
-
-
 def create_app(engine: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     """(FastAPI app serving API + UI, the Blocks) for an engine and the parsed flags."""
     import gradio as gr
@@ -124,33 +113,34 @@ def create_app(engine: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     from ui.layout import ASSETS, CSS, THEME, UIOptions, browser_secret_from_env, build_demo
 
     settings = ServerSettings.from_namespace(args)
+    web = WebFlags(**namespace_values(args, WebFlags))
     slots = ClientSlots(settings.client_limit(engine))   # one per-client cap, page and API
-    concurrency = args.ui_concurrency or args.max_batch
+    concurrency = web.ui_concurrency or args.max_batch
     demo = build_demo(engine, UIOptions(concurrency=max(1, concurrency),
                                         max_queue=max(1, args.max_queue),
                                         browser_secret=browser_secret_from_env(),
-                                        feedback_file=Path(args.feedback_file)
-                                        if args.feedback_file else None,
-                                        upload_ttl_s=int(args.upload_ttl_hours * 3600),
-                                        max_export_bytes=int(args.max_export_mb * 2**20),
+                                        feedback_file=Path(web.feedback_file)
+                                        if web.feedback_file else None,
+                                        upload_ttl_s=int(web.upload_ttl_hours * 3600),
+                                        max_export_bytes=int(web.max_export_mb * 2**20),
                                         admit=lambda request: slots.acquire(page_client(request))))
     app = FastAPI(title="Qwen2.5-VL", docs_url=None, redoc_url=None, openapi_url=None)
     mount_api(app, engine, settings, slots)   # before the UI's catch-all at /
-    users = parse_auth(args.auth)
+    users = list(settings.users) or None
     gr.mount_gradio_app(
         app, demo, path="/", auth=users,
         auth_message="Log in to chat with Qwen2.5-VL.",
-        allowed_paths=[str(ASSETS)], max_file_size=f"{int(args.max_upload_mb * 1024)}kb",
-        root_path=args.root_path, ssr_mode=False, show_error=False,
+        allowed_paths=[str(ASSETS)], max_file_size=f"{int(web.max_upload_mb * 1024)}kb",
+        root_path=web.root_path, ssr_mode=False, show_error=False,
         footer_links=["api", "settings"], run_history=False, theme=THEME, css=CSS,
-        server_name=args.server_name, server_port=args.server_port)
+        server_name=web.server_name, server_port=web.server_port)
     # Gradio checks that a file named in an event's data was uploaded (lies in its upload
     # folder) only once `launch()` has run; mounted under uvicorn it never has, so every
     # path a browser sends would be copied into the cache and served. Turn the check on.
     demo.has_launched = True
     app.add_middleware(LoginGate, logged_in=gradio_session_check(gradio_sub_app(app)),
                        enabled=bool(users))
-    protect(app, settings, upload_bytes=int(args.max_upload_mb * 2**20))   # outermost
+    protect(app, settings, upload_bytes=int(web.max_upload_mb * 2**20))   # outermost
     return app, demo
 
 
@@ -168,30 +158,6 @@ def gradio_sub_app(app: Any) -> Any:
     return next((r.app for r in app.routes if isinstance(r, Mount) and r.path == ""), None)
 
 
-def make_server(app: Any, host: str, port: int, settings: ServerSettings | None = None) -> Any:
-    """uvicorn as server.hygiene configures it, plus one thing Gradio's own launcher does on
-    exit: tell open pages' heartbeat streams to end, so Ctrl-C does not wait for them."""
-    import asyncio
-
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        loop: asyncio.AbstractEventLoop | None = None
-
-        async def startup(self, sockets: Any = None) -> None:
-            self.loop = asyncio.get_running_loop()
-            await super().startup(sockets)
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            gradio_app = gradio_sub_app(app)
-            if self.loop is not None and gradio_app is not None:
-                self.loop.call_soon_threadsafe(gradio_app.stop_event.set)
-            super().handle_exit(sig, frame)
-
-    return Server(uvicorn_config(app, host, port, settings or ServerSettings(),
-                                 log_level="warning", timeout_graceful_shutdown=3))
-
-
 def open_share_link(demo: Any, host: str, port: int) -> str | None:
     """Gradio's share tunnel to this port (needs internet access); None when it fails."""
     from gradio import networking
@@ -205,12 +171,9 @@ def open_share_link(demo: Any, host: str, port: int) -> str | None:
         return None
 
 
-def announce(server: Any, demo: Any, args: argparse.Namespace) -> None:
-    """Print the URLs once uvicorn listens, then open the share link if asked."""
-    while not server.started and not server.should_exit:
-        threading.Event().wait(0.05)
-    if not server.started:
-        return
+def announce(demo: Any, args: argparse.Namespace) -> None:
+    """Print the URLs (the tests and users wait for this line), then open the share link
+    if asked."""
     shown = "127.0.0.1" if args.server_name in ("0.0.0.0", "::") else args.server_name
     print(f"* Running on local URL:  http://{shown}:{args.server_port}", flush=True)
     if args.share:
@@ -222,47 +185,28 @@ def announce(server: Any, demo: Any, args: argparse.Namespace) -> None:
                 print(f"* Running on public URL: {url}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        parse_auth(args.auth)
-        check_port_free(args.server_name, args.server_port)
-    except (ValueError, OSError) as exc:
-        parser.error(str(exc))
+def check_web_flags(args: argparse.Namespace) -> None:
+    """The web app's own checks before the model load: a loud warning for every door left
+    open, and a refusal of an upload limit that admits nothing."""
     warning = open_access_warning(args)
     if warning:
         log.warning("%s\n%s\n%s", "!" * 72, warning, "!" * 72)
     if args.max_upload_mb <= 0:
-        parser.error("--max-upload-mb must be positive")
-    if getattr(args, "backend", "local") == "remote" and not getattr(args, "remote_url", None):
-        parser.error("--backend remote needs --remote-url http://HOST:8000/v1")
+        raise ValueError("--max-upload-mb must be positive")
 
-    from engine.errors import EngineError
-    from engine.factory import create_engine
-    from engine.memory import configure_malloc
 
-    configure_malloc()   # big image buffers go back to the system when freed (bench/soak.py)
+def serve_web(engine: Any, args: argparse.Namespace) -> Site:
+    """The page and the API for the launcher; Ctrl-C also ends open pages' heartbeat
+    streams (what Gradio's own launcher does on exit), so it does not wait for them."""
+    app, demo = create_app(engine, args)
+    return Site(app, on_listening=lambda: announce(demo, args),
+                on_exit=gradio_sub_app(app).stop_event.set)
 
-    try:
-        engine = create_engine(EngineConfig.from_namespace(args))
-    except (EngineError, RuntimeError, ValueError) as exc:
-        print(f"error: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
-        return 1
 
-    try:
-        app, demo = create_app(engine, args)
-        server = make_server(app, args.server_name, args.server_port,
-                             ServerSettings.from_namespace(args))
-        threading.Thread(target=announce, args=(server, demo, args), daemon=True,
-                         name="announce").start()
-        server.run()
-    finally:
-        engine.close()
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    return launch(FrontDoor(build_parser(), serve_web, host_flag="--server-name",
+                            port_flag="--server-port", check=check_web_flags,
+                            uvicorn_log_level="warning", graceful_shutdown_s=3), argv)
 
 
 if __name__ == "__main__":

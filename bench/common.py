@@ -97,12 +97,12 @@ def engine_config(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
 def build_engine(args: argparse.Namespace, **overrides: Any):
     """The engine under test: LocalEngine.from_config, or the full-size random model
     wrapped in the same LoadedModel and LocalEngine, so our whole path is measured."""
-    from engine.local import LocalEngine
+    from engine.backends.local import LocalEngine
 
     config = engine_config(args, **overrides)
     if not getattr(args, "full_size", False):
         return LocalEngine.from_config(config)
-    from engine.device import select_device
+    from engine.model.device import select_device
 
     device = select_device(config.device, config.dtype)
     loaded = build_full_size_model(device, args.layers, args.vision_layers,
@@ -192,7 +192,7 @@ def build_full_size_model(device: Any, layers: int | None = None,
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from engine import tiny
-    from engine.loader import LoadedModel
+    from engine.model.loader import LoadedModel
 
     tokenizer = tiny.build_tokenizer()
     tokenizer.padding_side = "left"
@@ -323,7 +323,7 @@ def describe_run(engine: Any, vision_helper: str) -> str:
             f"{type(engine.loaded.processor.image_processor).__name__} | engine: "
             f"{cfg.attn_implementation} attention, max_batch {worker.max_batch}, KV cache "
             f"{engine.kv.rows} rows x {engine.kv.row_len - 1} tokens, decode step "
-            f"{'captured' if getattr(worker.decode_step, 'captured', False) else 'eager'}")
+            f"{'captured' if getattr(engine.runner.decode_step, 'captured', False) else 'eager'}")
 
 
 def ratio_exit(started: float, ratio: float, limit: float | None, what: str) -> int:

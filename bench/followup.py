@@ -95,7 +95,7 @@ def png_uri(png: bytes) -> str:
 
 def image_tokens(width: int, height: int) -> int:
     """Image tokens of one picture at the engine's default per-image bounds."""
-    from engine import geometry
+    from engine.inputs import geometry
     from engine.types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
     return geometry.image_tokens(width, height, DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)

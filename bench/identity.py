@@ -87,6 +87,13 @@ def run(model: str, max_tokens: int, video: str) -> dict:
     return out
 
 
+def same(before: dict | None, after: dict | None) -> bool:
+    """Equal records; cache figures an engine has added since are not compared."""
+    if before is None or after is None:
+        return before == after
+    return all(after.get(key) == value for key, value in before.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="write the answers to this JSON file")
@@ -103,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(answers, indent=1, ensure_ascii=False) + "\n")
     if args.compare:
         before = json.loads(args.compare.read_text())
-        rows = [(model, name, before[model].get(name) == answers[model].get(name))
+        rows = [(model, name, same(before[model].get(name), answers[model].get(name)))
                 for model in answers for name in answers[model]]
-        for model, name, same in rows:
-            print(f"{'same' if same else 'DIFFERENT':9} {model:12} {name}")
+        for model, name, equal in rows:
+            print(f"{'same' if equal else 'DIFFERENT':9} {model:12} {name}")
         print(f"{sum(s for *_, s in rows)} of {len(rows)} identical")
         return 0 if all(s for *_, s in rows) else 1
     if not args.out:

@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine import tiny
     from engine.config import EngineConfig
-    from engine.inputs import InputStage
-    from engine.prompt import PromptRenderer
+    from engine.inputs.prompt import PromptRenderer
+    from engine.inputs.stage import InputStage
     from engine.types import Conversation, GenerationRequest, ImageInput, Message, SamplingParams
 
     processor = build_processor(tiny.build_tokenizer())

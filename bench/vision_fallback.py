@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from engine import geometry
+from engine.inputs import geometry
 
 FACTOR = 28                 # patch 14 x spatial merge 2
 MAX_RATIO = 200

@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         min_pixels=args.min_pixels, max_pixels=args.max_pixels, request_id="cli")
     # Cheap checks before paying for the model load.
     from .config import EngineConfig
-    from .inputs import InputStage
-    from .media import load_image
+    from .inputs.stage import InputStage
+    from .inputs.media import load_image
     stage = InputStage(EngineConfig.from_namespace(args))
     policy = stage.policy(None)
     try:

@@ -7,14 +7,61 @@ from __future__ import annotations
 import abc
 import asyncio
 from concurrent.futures import Executor
+from dataclasses import dataclass, fields
 from typing import Callable
 
 from .config import DEFAULT_MAX_PIXELS_LIMIT
-from .media import MediaPolicy
+from .inputs.media import MediaPolicy
 from .stream import RequestHandle
 from .types import Finished, GenerationRequest
 
 FinishListener = Callable[[GenerationRequest, Finished], None]
+
+CACHE_FIGURES = ("prefix_cache_", "encoder_cache_", "picture_cache_", "pixel_cache_")
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What an engine can say of its state at one moment, read by /metrics, the periodic
+    stats line and tests, so none of them reaches into the engine's parts. A figure the
+    engine does not know (a remote server's KV cache) is None. Figures are read one by one,
+    not under one lock: each is current, together they may be a step apart. Counters count
+    since the engine started."""
+
+    waiting: int = 0                       # requests queued, not yet holding a KV row
+    running: int | None = None             # requests holding a KV row (prefilling or decoding)
+    largest_batch: int | None = None       # most rows one decode step has run
+    steps_run: int | None = None           # decode steps run
+    requests_finished: int | None = None
+    prompt_tokens: int | None = None       # finished requests', and the running ones' so far
+    generation_tokens: int | None = None
+    kv_rows: int | None = None             # requests the KV store holds at once
+    kv_free_rows: int | None = None
+    kv_usage: float | None = None          # share of the KV store's token positions in use, 0..1
+    # The conversation (prefix) cache: prompt tokens looked up and found, memory it holds
+    # in KV blocks and memory it has allocated (None: turned off).
+    prefix_cache_queries: int | None = None
+    prefix_cache_hits: int | None = None
+    prefix_cache_bytes: int | None = None
+    prefix_cache_allocated_bytes: int | None = None
+    # The vision encoder's outputs by picture (and video) content.
+    encoder_cache_hits: int | None = None
+    encoder_cache_misses: int | None = None
+    encoder_cache_bytes: int | None = None
+    # Decoded, resized pictures by their source's bytes, and their processed pixel values.
+    picture_cache_hits: int | None = None
+    picture_cache_misses: int | None = None
+    picture_cache_bytes: int | None = None
+    pixel_cache_hits: int | None = None
+    pixel_cache_misses: int | None = None
+    pixel_cache_bytes: int | None = None
+    decode_captured: bool | None = None    # the decode step replays captured graphs
+    decode_replays: int | None = None      # decode steps run by replaying a graph
+
+    def caches(self) -> dict[str, float]:
+        """The cache figures the engine has, by name (the names /metrics reports them by)."""
+        return {f.name: value for f in fields(self) if f.name.startswith(CACHE_FIGURES)
+                and (value := getattr(self, f.name)) is not None}
 
 
 class Engine(abc.ABC):
@@ -49,15 +96,13 @@ class Engine(abc.ABC):
         return None
 
     def queue_depth(self) -> int:
+        """Requests waiting for the device (0 where the engine holds none back)."""
         return 0
 
-    def running_count(self) -> int | None:
-        """Requests generating now, where the engine knows (None for a remote server)."""
-        return None
-
-    def kv_cache_usage(self) -> float | None:
-        """Share of the KV cache in use (0..1), where the engine has one."""
-        return None
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's state now: queue, running requests, KV cache, caches and decode
+        step, as far as it knows them (what it does not know is None)."""
+        return EngineSnapshot(waiting=self.queue_depth())
 
     def sampling_defaults(self) -> dict[str, float]:
         """The model's own sampling defaults (its generation_config: temperature, top_p, top_k,
@@ -71,8 +116,8 @@ class Engine(abc.ABC):
         return []
 
     def cache_stats(self) -> dict[str, float]:
-        """Prefix and encoder cache counters (hits, queries, bytes), where the engine has them."""
-        return {}
+        """The snapshot's cache figures (hits, queries, bytes), where the engine has them."""
+        return self.snapshot().caches()
 
     def close(self) -> None:
         """Stop serving; cancels what is queued."""

@@ -10,9 +10,9 @@ from .config import EngineConfig
 def create_engine(config: EngineConfig) -> Engine:
     """The engine for a config: local unless a remote backend is configured."""
     if config.backend == "remote":
-        from .remote import RemoteEngine
+        from .backends.remote import RemoteEngine
 
         return RemoteEngine(config)
-    from .local import LocalEngine
+    from .backends.local import LocalEngine
 
     return LocalEngine.from_config(config)

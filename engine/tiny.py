@@ -447,7 +447,8 @@ def is_tiny(model_dir: str | Path) -> bool:
         return False
 
 
-def _default_cache_root() -> Path:
+def default_cache_root() -> Path:
+    """Where `ensure_tiny` keeps built folders: $QWENVL_DEMO_CACHE, else ~/.cache/qwen-vl-npu-demo."""
     env = os.environ.get("QWENVL_DEMO_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "qwen-vl-npu-demo"
 
@@ -473,7 +474,7 @@ def ensure_tiny(cache_dir: Path | None = None) -> Path:
     The folder is built in a temporary sibling and renamed into place, so
     concurrent callers never see a half-written model.
     """
-    root = Path(cache_dir) if cache_dir is not None else _default_cache_root()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     final = root / f"tiny-v{TINY_VERSION}"
     if _complete(final):
         return final

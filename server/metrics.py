@@ -9,7 +9,7 @@ import bisect
 import math
 import threading
 
-from engine.base import Engine
+from engine.base import Engine, EngineSnapshot
 from engine.types import Finished, GenerationRequest
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -19,14 +19,22 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
 TPS_BUCKETS = (1, 2, 5, 10, 20, 30, 40, 60, 80, 100, 150, 200, 300, 500)
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
-# The engine's cache figures (Engine.cache_stats) as Prometheus metrics, as vLLM names them.
+# The engine's cache figures (EngineSnapshot.caches) as Prometheus metrics, as vLLM names them.
 CACHE_METRICS = {
     "prefix_cache_queries": ("counter", "Prompt tokens looked up in the prefix cache."),
     "prefix_cache_hits": ("counter", "Prompt tokens found in the prefix cache (not prefilled)."),
     "prefix_cache_bytes": ("gauge", "Device memory held by cached KV blocks."),
+    "prefix_cache_allocated_bytes": ("gauge", "Device memory the prefix cache has allocated "
+                                              "for KV blocks (it grows up to its budget)."),
     "encoder_cache_hits": ("counter", "Pictures and videos whose encoder output was cached."),
     "encoder_cache_misses": ("counter", "Pictures and videos run through the vision encoder."),
     "encoder_cache_bytes": ("gauge", "Device memory held by cached encoder outputs."),
+    "picture_cache_hits": ("counter", "Pictures sent again, neither decoded nor resized again."),
+    "picture_cache_misses": ("counter", "Pictures decoded and resized."),
+    "picture_cache_bytes": ("gauge", "Host memory held by decoded, resized pictures."),
+    "pixel_cache_hits": ("counter", "Pictures whose processed pixel values were cached."),
+    "pixel_cache_misses": ("counter", "Pictures run through the image processor."),
+    "pixel_cache_bytes": ("gauge", "Host memory held by cached pixel values."),
 }
 
 
@@ -103,9 +111,9 @@ class MetricsRegistry:
         return self
 
     # ------------------------------------------------------------------ output
-    def render(self, queue_depth: int | None = None, running: int | None = None,
-               healthy: bool | None = None, kv_usage: float | None = None,
-               caches: dict[str, float] | None = None) -> str:
+    def render(self, engine: EngineSnapshot | None = None, healthy: bool | None = None) -> str:
+        """Every metric, the engine's gauges and cache figures read from its snapshot."""
+        engine = engine or EngineSnapshot()
         model = f'model_name="{_escape(self.model_name)}"'
         lines: list[str] = []
 
@@ -139,17 +147,16 @@ class MetricsRegistry:
             name = head("output_tokens_per_second", "histogram",
                         "Generated tokens per second of each request (arrival to finish).")
             lines += self.output_tps.lines(name, model)
-        if queue_depth is not None:
-            name = head("requests_waiting", "gauge", "Requests waiting in the engine's queue.")
-            lines.append(f"{name}{{{model}}} {queue_depth}")
-        if running is not None:
+        name = head("requests_waiting", "gauge", "Requests waiting in the engine's queue.")
+        lines.append(f"{name}{{{model}}} {engine.waiting}")
+        if engine.running is not None:
             name = head("requests_running", "gauge", "Requests generating now.")
-            lines.append(f"{name}{{{model}}} {running}")
-        if kv_usage is not None:
+            lines.append(f"{name}{{{model}}} {engine.running}")
+        if engine.kv_usage is not None:
             name = head("kv_cache_usage_perc", "gauge",
                         "Share of the KV cache's token positions in use (1 = full), as vLLM's.")
-            lines.append(f"{name}{{{model}}} {_fmt(kv_usage)}")
-        for key, value in sorted((caches or {}).items()):
+            lines.append(f"{name}{{{model}}} {_fmt(engine.kv_usage)}")
+        for key, value in sorted(engine.caches().items()):
             kind, what = CACHE_METRICS.get(key, ("gauge", key))
             name = head(key + ("_total" if kind == "counter" else ""), kind, what)
             lines.append(f"{name}{{{model}}} {_fmt(value)}")
@@ -157,9 +164,3 @@ class MetricsRegistry:
             name = head("engine_healthy", "gauge", "1 while the engine can serve requests.")
             lines.append(f"{name}{{{model}}} {int(healthy)}")
         return "\n".join(lines) + "\n"
-
-
-def engine_gauges(engine: Engine) -> dict[str, object]:
-    """Queue length, running count and KV cache use where the engine knows them."""
-    return {"queue_depth": engine.queue_depth(), "running": engine.running_count(),
-            "kv_usage": engine.kv_cache_usage(), "caches": engine.cache_stats()}

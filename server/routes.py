@@ -24,7 +24,7 @@ from engine.base import Engine
 from . import __version__
 from .fairshare import ClientSlots, client_id
 from .hygiene import protect
-from .metrics import CONTENT_TYPE, MetricsRegistry, engine_gauges
+from .metrics import CONTENT_TYPE, MetricsRegistry
 from .protocol import ModelCard, ModelList, error_body
 from .serving import ChatServing
 from .settings import ServerSettings
@@ -113,11 +113,9 @@ def build_router(engine: Engine, settings: ServerSettings,
         denied = refused(request)
         if denied is not None:
             return denied
-        gauges = engine_gauges(engine)
+        snapshot = engine.snapshot()
         healthy = await asyncio.to_thread(engine.health)
-        return PlainTextResponse(metrics.render(gauges["queue_depth"], gauges["running"], healthy,
-                                                gauges["kv_usage"], gauges["caches"]),
-                                 media_type=CONTENT_TYPE)
+        return PlainTextResponse(metrics.render(snapshot, healthy), media_type=CONTENT_TYPE)
 
     router.on_shutdown.append(chat.close)   # its preparation threads end with the app
     return router

@@ -27,7 +27,7 @@ def random_engine(tiny_random_model_dir):
     """A LocalEngine on the random tiny build, whose processor keeps the real model's bounds
     (the trained one caps pictures at 100 tokens): for token counts and vLLM's rendering."""
     from engine.config import EngineConfig
-    from engine.local import LocalEngine
+    from engine.backends.local import LocalEngine
 
     engine = LocalEngine.from_config(EngineConfig(model=str(tiny_random_model_dir), device="cpu",
                                                   warmup=False))
@@ -39,7 +39,7 @@ def random_engine(tiny_random_model_dir):
 def tiny_engine(tiny_model_dir):
     """A LocalEngine on the tiny model (CPU), shared by the engine tests."""
     from engine.config import EngineConfig
-    from engine.local import LocalEngine
+    from engine.backends.local import LocalEngine
 
     engine = LocalEngine.from_config(EngineConfig(model=str(tiny_model_dir), device="cpu",
                                                   warmup=False))

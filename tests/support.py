@@ -25,7 +25,7 @@ def tiny_engine_with(model_dir, **overrides):
     """A LocalEngine on the tiny model, on the CPU, without warm-up or the periodic engine
     line, with `overrides` of its EngineConfig (the caller closes it)."""
     from engine.config import EngineConfig
-    from engine.local import LocalEngine
+    from engine.backends.local import LocalEngine
 
     settings = {"model": str(model_dir), "device": "cpu", "warmup": False,
                 "log_stats_interval": 0, **overrides}

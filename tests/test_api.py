@@ -26,10 +26,10 @@ pytest.importorskip("uvicorn")
 
 from PIL import Image  # noqa: E402
 
-from engine import media  # noqa: E402
+from engine.inputs import media  # noqa: E402
 from engine.base import Engine  # noqa: E402
 from engine.config import DEFAULT_MODEL, EngineConfig  # noqa: E402
-from engine.local import LocalEngine  # noqa: E402
+from engine.backends.local import LocalEngine  # noqa: E402
 from server.background import BackgroundServer  # noqa: E402
 from server.routes import create_api_app  # noqa: E402
 from server.settings import ServerSettings  # noqa: E402
@@ -540,8 +540,25 @@ def _wait_until(predicate, timeout=10.0, what="condition"):
         time.sleep(0.02)
 
 
-def test_queue_full_is_503(server, engine, monkeypatch):
-    monkeypatch.setattr(engine.scheduler, "max_batch", 1)    # one row: the rest must queue
+@pytest.fixture
+def one_row_server(engine):
+    """A server on an engine of the same model with one KV row: a second request must queue."""
+    one_row = LocalEngine(engine.loaded, EngineConfig(max_model_len=MAX_MODEL_LEN,
+                                                      max_queue=MAX_QUEUE, max_batch=1,
+                                                      log_stats_interval=0))
+    one_row.model_name, one_row.is_tiny = engine.model_name, engine.is_tiny
+    try:
+        # no per-client cap (by default the engine's batch, one here): the queue is tested
+        with BackgroundServer(create_api_app(one_row, ServerSettings(max_client_requests=0))) \
+                as srv:
+            yield srv, one_row
+    finally:
+        one_row.close()
+
+
+def test_queue_full_is_503(one_row_server):
+    server, engine = one_row_server
+    assert engine.snapshot().kv_rows == 1
     long = _body(max_tokens=3000, ignore_eos=True, stream=True)
     with httpx.Client(base_url=server.url, timeout=30) as c:
         streams = []
@@ -564,7 +581,7 @@ def test_queue_full_is_503(server, engine, monkeypatch):
         finally:
             for s in streams:
                 s.__exit__(None, None, None)
-    _wait_until(lambda: engine.queue_depth() == 0 and engine.scheduler.running_count() == 0,
+    _wait_until(lambda: engine.snapshot().running == engine.queue_depth() == 0,
                 what="the cancelled requests to leave the engine")
 
 
@@ -621,7 +638,7 @@ def test_nonstream_disconnect_cancels_generation(server, engine, finish_log):
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                  b"Content-Type: application/json\r\nContent-Length: "
                  + str(len(body)).encode() + b"\r\n\r\n" + body)
-    _wait_until(lambda: engine.scheduler.running_count() == 1, what="generation to start")
+    _wait_until(lambda: engine.snapshot().running == 1, what="generation to start")
     closed_at = time.monotonic()
     sock.close()
     req, finished = finish_log.wait(lambda req, ev: req.sampling.max_tokens == 2999)
@@ -631,18 +648,48 @@ def test_nonstream_disconnect_cancels_generation(server, engine, finish_log):
     assert took < 1.0, f"generation went on for {took:.2f}s after the client left"
 
 
-def test_metrics(http, client):
+def _metric_values(text: str) -> dict[str, float]:
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_show_the_engine_snapshot():
+    """/metrics' engine gauges and cache figures are the snapshot's, by vLLM's names."""
+    from engine.base import EngineSnapshot
+    from server.metrics import MetricsRegistry
+
+    snap = EngineSnapshot(waiting=3, running=2, kv_usage=0.25, prefix_cache_queries=100,
+                          prefix_cache_hits=48, prefix_cache_bytes=4096,
+                          encoder_cache_hits=1, encoder_cache_misses=2, pixel_cache_hits=5)
+    values = _metric_values(MetricsRegistry("m").render(snap, healthy=True))
+    model = 'model_name="m"'
+    assert values[f"qwenvl_requests_waiting{{{model}}}"] == 3
+    assert values[f"qwenvl_requests_running{{{model}}}"] == 2
+    assert values[f"qwenvl_kv_cache_usage_perc{{{model}}}"] == 0.25
+    assert values[f"qwenvl_prefix_cache_queries_total{{{model}}}"] == 100
+    assert values[f"qwenvl_prefix_cache_hits_total{{{model}}}"] == 48
+    assert values[f"qwenvl_prefix_cache_bytes{{{model}}}"] == 4096
+    assert values[f"qwenvl_encoder_cache_misses_total{{{model}}}"] == 2
+    assert values[f"qwenvl_pixel_cache_hits_total{{{model}}}"] == 5
+    assert not any("picture_cache" in name for name in values)   # unknown: not reported
+    remote = _metric_values(MetricsRegistry("m").render(EngineSnapshot(), healthy=True))
+    assert f"qwenvl_requests_waiting{{{model}}}" in remote
+    assert not any("running" in n or "kv_cache" in n or "_cache_" in n for n in remote)
+
+
+def test_metrics(http, client, engine):
     client.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=3,
                                    extra_body={"ignore_eos": True})
     http.post("/v1/chat/completions", json=_body(temperature=-1))
     resp = http.get("/metrics")
+    snap = engine.snapshot()       # idle: the same figures as the response's
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/plain; version=0.0.4")
-    values = {}
-    for line in resp.text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
+    values = _metric_values(resp.text)
     model = 'model_name="tiny"'
     assert values[f'qwenvl_requests_total{{{model},finish_reason="length"}}'] >= 1
     assert f'qwenvl_requests_total{{{model},finish_reason="cancelled"}}' in values
@@ -655,6 +702,12 @@ def test_metrics(http, client):
     assert queries > 0 and 0 <= values[f'qwenvl_prefix_cache_hits_total{{{model}}}'] <= queries
     assert f'qwenvl_encoder_cache_misses_total{{{model}}}' in values
     assert values[f'qwenvl_engine_healthy{{{model}}}'] == 1
+    assert values[f'qwenvl_requests_running{{{model}}}'] == snap.running == 0
+    assert values[f'qwenvl_kv_cache_usage_perc{{{model}}}'] == snap.kv_usage
+    for key, value in snap.caches().items():
+        suffix = "_total" if key.endswith(("_hits", "_misses", "_queries")) else ""
+        assert values[f"qwenvl_{key}{suffix}{{{model}}}"] == value, key
+    assert snap.picture_cache_misses is not None and snap.pixel_cache_misses > 0
     for hist in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
                  "output_tokens_per_second"):
         count = values[f"qwenvl_{hist}_count{{{model}}}"]

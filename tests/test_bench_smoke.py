@@ -11,12 +11,13 @@ import threading
 import pytest
 
 from engine.config import EngineConfig
-from engine.local import LocalEngine
+from engine.backends.local import LocalEngine
 from engine.types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
                           SamplingParams, TextDelta)
 
 from bench import concurrency, followup, interference, overhead, preprocess, soak, warmup
 from bench.api import api_unavailable_reason
+from tests.test_engine import engine_recording_processor
 
 HTTP = api_unavailable_reason() is None
 
@@ -124,14 +125,16 @@ def test_full_size_config_reads_the_7b_weight_bytes():
     """The random full-size model has the real 7B's shapes: ~14.1 GB of bf16 weights read per
     decoded token (REFERENCE.md: about 14.2 GB), 8.29B parameters in all."""
     torch = pytest.importorskip("torch")
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
 
     from bench.common import decode_weight_bytes, full_size_config
     from engine import tiny
 
     config = full_size_config(tiny.build_tokenizer())
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    assert isinstance(model, Qwen2_5_VLForConditionalGeneration)
+    assert model.dtype == torch.bfloat16
     assert 14.0e9 < decode_weight_bytes(model) < 14.3e9
     assert 8.2e9 < sum(p.numel() for p in model.parameters()) < 8.4e9
 
@@ -164,7 +167,7 @@ def test_batched_rows_give_the_same_greedy_text_as_alone(patient_engine):
     alone = [engine.generate(r, timeout=120) for r in _mixed_requests()]
     handles = [engine.submit(r) for r in _mixed_requests()]
     together = [h.collect(timeout=120) for h in handles]
-    assert engine.scheduler.largest_batch >= 2
+    assert engine.snapshot().largest_batch >= 2
     for (text_a, fin_a), (text_b, fin_b), req in zip(alone, together, _mixed_requests()):
         assert fin_b.reason == fin_a.reason == "length"
         assert fin_b.stats.output_tokens == req.sampling.max_tokens
@@ -176,31 +179,17 @@ def _short(text: str = "Hi", n: int = 4) -> GenerationRequest:
                              SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 
 
-def test_preprocessing_runs_on_the_callers_thread(patient_engine):
+def test_preprocessing_runs_on_the_callers_thread(tiny_engine):
     """Images are decoded and processed by the thread that calls submit, never by the
     device thread, so a big image does not stall generation for everyone."""
-    renderer = patient_engine.renderer
-    seen: list[str] = []
-
-    class Recording:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __call__(self, *a, **kw):
-            seen.append(threading.current_thread().name)
-            return self.inner(*a, **kw)
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-    original = renderer.processor
-    renderer.processor = Recording(original)
+    engine, recording = engine_recording_processor(tiny_engine, max_batch=8)
     try:
         req = GenerationRequest(Conversation([Message("user", "Describe.", images=[
             ImageInput("assets/shapes.png")])]), SamplingParams(max_tokens=2, temperature=0))
-        events = list(patient_engine.submit(req).events(timeout=60))
+        events = list(engine.submit(req).events(timeout=60))
     finally:
-        renderer.processor = original
+        engine.close()
+    seen = recording.threads
     assert isinstance(events[-1], Finished) and events[-1].reason != "error"
     assert seen == [threading.current_thread().name]
     assert all(isinstance(e, TextDelta) for e in events[:-1])
@@ -217,4 +206,4 @@ def test_a_short_answer_ends_while_its_batch_runs_on(patient_engine):
     assert long.finished is None and long.tokens < 3000, "the short answer waited for the batch"
     long.cancel()
     assert long.collect(timeout=60)[1].reason == "cancelled"
-    assert engine.scheduler.largest_batch == 2
+    assert engine.snapshot().largest_batch == 2

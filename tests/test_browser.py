@@ -164,6 +164,54 @@ def _contrast(page, selector: str) -> float:
     }""", selector)
 
 
+def test_on_a_phone_the_banner_is_one_line_and_the_box_in_sight(server, page):
+    """A 390x844 phone: the tiny model's banner is one line that opens to the whole text, and
+    the message box is on the first screen, without scrolling."""
+    page.set_viewport_size({"width": 390, "height": 844})
+    try:
+        page.goto(server.url)
+        page.wait_for_selector("#qvl-input textarea")
+        page.evaluate("() => { document.activeElement.blur(); window.scrollTo(0, 0); }")
+        rect = page.evaluate("sel => document.querySelector(sel).getBoundingClientRect().toJSON()",
+                             "#qvl-tiny-warning")
+        box = page.evaluate("sel => document.querySelector(sel).getBoundingClientRect().toJSON()",
+                            "#qvl-input")
+        assert rect["height"] < 60, f"the banner is {rect['height']} px tall on a phone"
+        assert page.evaluate("() => window.scrollY") == 0 and 0 < box["top"] and \
+            box["bottom"] <= 844, f"the message box is at {box['top']}..{box['bottom']}"
+        assert "the project's test model" not in page.inner_text("#qvl-tiny-warning")
+        page.click("#qvl-tiny-warning summary")
+        assert "the project's test model" in page.inner_text("#qvl-tiny-warning")
+    finally:
+        page.set_viewport_size({"width": 1360, "height": 1000})
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_a_disabled_stop_looks_disabled_in_both_themes(server, page, theme):
+    """While nothing runs, Stop is filled like the other buttons and its text is dimmer, not
+    the theme's coloured fill (which looked pressable in the dark theme)."""
+    page.goto(f"{server.url}?__theme={theme}")
+    page.wait_for_selector("#qvl-stop[disabled]")
+    look = page.evaluate("""() => ['#qvl-stop', '#qvl-retry'].map(sel => {
+        const s = getComputedStyle(document.querySelector(sel));
+        return {fill: s.backgroundColor, text: s.color, opacity: Number(s.opacity)};
+    })""")
+    stop, retry = look
+    assert stop["fill"] == retry["fill"], f"{theme}: disabled Stop is filled {stop['fill']}"
+    assert stop["text"] != retry["text"] and stop["opacity"] <= 0.6, look
+
+
+def test_the_header_and_the_log_name_the_same_device(server, page):
+    """The header's device is what the log says it loaded on (it said 1 CPU thread where the
+    log said 2)."""
+    import re
+
+    page.goto(server.url)
+    device = re.search(r" on (.+?) · context", page.inner_text("#qvl-serving")).group(1)
+    said = [line.strip() for line in server.lines if " on CPU (" in line or "device: " in line]
+    assert said and all(device in line for line in said), (device, said)
+
+
 @pytest.mark.parametrize("theme", ["light", "dark"])
 def test_the_tiny_banner_is_readable_in_both_themes(server, page, theme):
     page.goto(f"{server.url}?__theme={theme}")
@@ -180,11 +228,12 @@ def trained_server(tiny_model_dir):
 
 
 def test_the_shapes_example_in_the_browser(trained_server, page):
-    """What a new user of `make run` sees first: click the page's first example, press Enter,
-    get the right count and colours; then the second example's
+    """What a new user of `make run` sees first: click each of the page's first examples (what
+    the built-in model answers), press Enter, get the right answer; then the Detect example's
     boxes drawn on the picture. The screenshot goes to test-output/shapes.png (docs/shapes.png
     is a copy of it)."""
-    from tinylab import shapes as S
+    from test_ui import right_about_shapes_png
+    from ui.layout import TINY_EXAMPLES
 
     page.set_viewport_size({"width": 1360, "height": 1300})
     page.goto(trained_server.url)
@@ -193,16 +242,18 @@ def test_the_shapes_example_in_the_browser(trained_server, page):
     # The page's own settings: the tiny model's generation_config (top_k 1, no repetition
     # penalty), the settings the held-out accuracy was measured with.
     assert page.locator("#qvl-top-k input[type=number]").input_value() == "1"
-    for k in range(2):
-        page.locator("#qvl-examples .gallery-item").nth(k).click()
+    examples = page.locator("#qvl-examples .gallery-item")
+    detect = examples.filter(has_text="Detect the shapes.")
+    for k, example in enumerate([examples.nth(i) for i in range(len(TINY_EXAMPLES))] + [detect]):
+        example.click()
         page.wait_for_selector("#qvl-input img")
         page.locator("#qvl-input textarea").press("Enter")
         page.wait_for_function("n => document.querySelector('#qvl-chat').innerText"
                                ".split('tokens/s').length > n", arg=k + 1, timeout=60_000)
         wait_idle(page)
-    answer = bot_texts(page)[0]
-    assert S.parse_count(answer) == 4, answer
-    assert S.parse_colours(answer) == {"red", "blue", "green", "yellow"}, answer
+    answers = bot_texts(page)[0:2 * len(TINY_EXAMPLES):2]     # each answer, then its stats
+    for (_, question), answer in zip(TINY_EXAMPLES, answers, strict=True):
+        assert right_about_shapes_png(question, answer), (question, answer)
     # The detection answer's boxes are drawn on the picture beside it.
     assert page.locator("#qvl-chat [data-testid=bot] img").count() >= 1
     OUTPUT.mkdir(exist_ok=True)

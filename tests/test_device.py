@@ -12,8 +12,8 @@ import types
 import pytest
 import torch
 
-from engine import device as devmod
-from engine.device import NPU_ALLOC_ENV, Device, select_device
+from engine.model import device as devmod
+from engine.model.device import NPU_ALLOC_ENV, Device, select_device
 
 
 class FakeNpu:
@@ -74,7 +74,7 @@ def test_dtype_override_for_atlas_300i(fake_npu):
 
 def test_worker_thread_binds_the_npu(fake_npu):
     """NPU contexts are per thread: the generation thread must call set_device itself."""
-    from engine.scheduler import Scheduler
+    from engine.core.engine_core import EngineCore
 
     text_config = types.SimpleNamespace(vocab_size=8)
     model = types.SimpleNamespace(
@@ -83,13 +83,13 @@ def test_worker_thread_binds_the_npu(fake_npu):
     runner = types.SimpleNamespace(model=model, device=Device("npu", 0, torch.bfloat16),
                                    kv=types.SimpleNamespace(rows=1), prepare=lambda: None)
     tok = types.SimpleNamespace(decode=lambda ids, **k: "")
-    worker = Scheduler(runner, tok)
+    worker = EngineCore(runner, tok)
     try:
         for _ in range(200):
-            if "generation-worker" in fake_npu.set_device_threads:
+            if "engine-core" in fake_npu.set_device_threads:
                 break
             threading.Event().wait(0.01)
-        assert "generation-worker" in fake_npu.set_device_threads
+        assert "engine-core" in fake_npu.set_device_threads
     finally:
         worker.close()
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from engine.config import EngineConfig
 from engine.errors import EngineBusyError, InvalidRequestError
-from engine.local import LocalEngine
+from engine.backends.local import LocalEngine
 from engine.types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
                           RequestStats, SamplingParams, TextDelta)
 
@@ -26,8 +26,41 @@ def ask(text: str = "Describe this image.", images=(), **sampling) -> Generation
 
 
 def image_pad_count(engine: LocalEngine, prompt_ids) -> int:
-    pad = engine.loaded.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    pad = engine.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     return int((prompt_ids == pad).sum())
+
+
+class RecordingProcessor:
+    """A model's processor that records each call (the calling thread's name, the pixel
+    values it returns) and otherwise is the processor: an engine built on it shows what
+    its prompt renderer did, with nothing of the engine patched."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.threads: list[str] = []
+        self.pixels: list = []          # weak references to each call's pixel values
+
+    def __call__(self, *args, **kwargs):
+        import weakref
+
+        self.threads.append(threading.current_thread().name)
+        out = self.inner(*args, **kwargs)
+        if "pixel_values" in out:
+            self.pixels.append(weakref.ref(out["pixel_values"]))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def engine_recording_processor(engine: LocalEngine, **config) -> tuple[LocalEngine,
+                                                                       RecordingProcessor]:
+    """A second engine on `engine`'s model whose processor records its calls."""
+    import dataclasses
+
+    recording = RecordingProcessor(engine.loaded.processor)
+    loaded = dataclasses.replace(engine.loaded, processor=recording)
+    return LocalEngine(loaded, EngineConfig(log_stats_interval=0, **config)), recording
 
 
 @pytest.mark.parametrize("size,min_px,max_px,expected", [
@@ -42,7 +75,7 @@ def test_image_placeholder_count(random_engine, size, min_px, max_px, expected):
     img = Image.new("RGB", size, (200, 30, 30))
     req = GenerationRequest(Conversation([Message("user", "What is this?", [ImageInput(img)])]),
                             min_pixels=min_px, max_pixels=max_px)
-    prepared = random_engine.renderer.prepare(req)
+    prepared = random_engine.render(req)
     n = image_pad_count(random_engine, prepared.inputs["input_ids"])
     assert n == expected
     grid = prepared.inputs["image_grid_thw"][0]
@@ -54,7 +87,7 @@ def test_per_image_pixels_override(random_engine):
     img = Image.new("RGB", (448, 448))
     req = GenerationRequest(Conversation([Message("user", "x", [
         ImageInput(img), ImageInput(img, max_pixels=64 * 28 * 28)])]))
-    prepared = random_engine.renderer.prepare(req)
+    prepared = random_engine.render(req)
     assert image_pad_count(random_engine, prepared.inputs["input_ids"]) == 256 + 64
 
 
@@ -66,7 +99,7 @@ def test_multi_turn_keeps_earlier_images(tiny_engine):
         Message("assistant", "A receipt."),
         Message("user", "Compare the two."),
     ], system="Be brief.")
-    prepared = tiny_engine.renderer.prepare(GenerationRequest(conv))
+    prepared = tiny_engine.render(GenerationRequest(conv))
     assert prepared.images == 2
     assert prepared.prompt_text.count("<|vision_start|>") == 2
     assert prepared.prompt_text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
@@ -76,14 +109,14 @@ def test_multi_turn_keeps_earlier_images(tiny_engine):
 
 def test_streamed_deltas_equal_bare_generate(tiny_engine):
     req = ask(images=[ASSET], max_tokens=48, ignore_eos=True)
-    prepared = tiny_engine.renderer.prepare(req)
+    prepared = tiny_engine.render(req)
     handle = tiny_engine.submit(req)
     deltas = [e for e in handle if isinstance(e, TextDelta)]
     fin = handle.finished
     assert fin.reason == "length" and fin.stats.output_tokens == 48
     assert all(d.text for d in deltas)
 
-    model, tok = tiny_engine.loaded.model, tiny_engine.loaded.processor.tokenizer
+    model, tok = tiny_engine.loaded.model, tiny_engine.tokenizer
     with torch.inference_mode():
         out = model.generate(**prepared.inputs, max_new_tokens=48, do_sample=False,
                              eos_token_id=None, min_new_tokens=48)
@@ -168,7 +201,7 @@ def test_busy_when_queue_full(tiny_engine):
     try:
         running = small.submit(ask(max_tokens=4000, ignore_eos=True))
         deadline = time.monotonic() + 10
-        while small.scheduler.running_count() == 0 and time.monotonic() < deadline:
+        while small.snapshot().running == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         waiting = small.submit(ask(max_tokens=4))
         with pytest.raises(EngineBusyError, match="busy"):
@@ -197,7 +230,7 @@ def test_sampling_fields(tiny_engine):
 
 def test_ignore_eos_generates_past_a_forced_eos(tiny_engine, monkeypatch):
     """A model that wants to end at once still yields max_tokens tokens with ignore_eos."""
-    eos = tiny_engine.loaded.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = tiny_engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
     head = tiny_engine.loaded.model.lm_head               # the logits of every step
     real = head.forward
 
@@ -274,7 +307,7 @@ def test_context_length_limit_in_vllm_words(tiny_engine):
         assert fin.reason == "length"
         # cap_to_context (the API's choice, as vLLM 0.32): lowered to what fits beside the prompt
         req = ask("hello there", max_tokens=290, ignore_eos=True, cap_to_context=True)
-        prompt_tokens = small.renderer.prepare(req).prompt_tokens
+        prompt_tokens = small.render(req).prompt_tokens
         _, fin = small.generate(req)
         assert fin.reason == "length" and fin.stats.output_tokens == 300 - prompt_tokens
     finally:
@@ -328,8 +361,8 @@ def test_video_input_and_fake_video(tiny_engine, tmp_path):
     write_video(clip)
     req = GenerationRequest(Conversation([Message("user", "What happens?", videos=[VideoInput(str(clip))])]),
                             SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
-    prepared = tiny_engine.renderer.prepare(req)
-    pad = tiny_engine.loaded.processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    prepared = tiny_engine.render(req)
+    pad = tiny_engine.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     assert prepared.videos == 1 and int((prepared.inputs["input_ids"] == pad).sum()) > 0
     _, fin = tiny_engine.generate(req)
     assert fin.reason == "length" and fin.stats.videos == 1
@@ -341,7 +374,7 @@ def test_video_input_and_fake_video(tiny_engine, tmp_path):
     pattern = f"{tempfile.gettempdir()}/qwenvl-video-*"
     before = set(glob.glob(pattern))
     uri = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
-    prepared = tiny_engine.renderer.prepare(GenerationRequest(Conversation(
+    prepared = tiny_engine.render(GenerationRequest(Conversation(
         [Message("user", "And now?", videos=[VideoInput(uri)])])))
     assert prepared.videos == 1 and set(glob.glob(pattern)) == before
     fake = tmp_path / "fake.mp4"
@@ -365,9 +398,9 @@ def test_waiting_deltas_are_merged_for_a_slow_consumer():
 def test_incremental_detokenizer_fast_path_matches_full_decoding(tiny_engine):
     """The per-token cache (byte-level BPE) gives the same text as decoding the whole
     answer, and never emits half a character, also for multi-byte text split across tokens."""
-    from engine.output import IncrementalDetokenizer, TokenPieces
+    from engine.core.output import IncrementalDetokenizer, TokenPieces
 
-    tok = tiny_engine.scheduler.tokenizer
+    tok = tiny_engine.tokenizer
     pieces = TokenPieces(tok)
     assert pieces.enabled
     text = "Héllo wörld! 你好，世界 🙂🚀 naïve café — ½ ∑x² <|im_end|> plain ascii again."
@@ -391,9 +424,9 @@ def test_incremental_detokenizer_fast_path_matches_full_decoding(tiny_engine):
 
 def test_an_unfinished_character_at_the_end_emits_nothing(tiny_engine):
     """vLLM emits nothing for a UTF-8 character cut by the end of the answer; no U+FFFD."""
-    from engine.output import IncrementalDetokenizer, TokenPieces
+    from engine.core.output import IncrementalDetokenizer, TokenPieces
 
-    tok = tiny_engine.scheduler.tokenizer
+    tok = tiny_engine.tokenizer
     ids = tok("ok 🙂", add_special_tokens=False).input_ids
     cut = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))
     detok = IncrementalDetokenizer(tok, TokenPieces(tok))
@@ -452,45 +485,37 @@ def test_a_finished_request_frees_its_pictures_without_the_cycle_collector(tiny_
     -> work item -> handle) kept every finished request's pixel tensors until Python's rare
     full collection. With the collector off, they must go as soon as the request ends."""
     import gc
-    import weakref
 
     from PIL import Image
 
     from engine.types import Conversation, GenerationRequest, ImageInput, Message, SamplingParams
 
-    seen: list[weakref.ref] = []
-    original = tiny_engine.renderer.prepare
-
-    def recording(request, policy=None):
-        prompt = original(request, policy)
-        seen.append(weakref.ref(prompt.inputs["pixel_values"]))
-        return prompt
-
+    engine, recording = engine_recording_processor(tiny_engine)
     gc.collect()
     gc.disable()
-    tiny_engine.renderer.prepare = recording
     try:
         for color in ("red", "blue", "green"):
             req = GenerationRequest(Conversation([Message("user", "What?", images=[
                 ImageInput(Image.new("RGB", (320, 240), color))])]),
                 SamplingParams(max_tokens=2, temperature=0))
-            tiny_engine.generate(req, timeout=60)
+            engine.generate(req, timeout=60)
         time.sleep(0.1)
+        seen = recording.pixels
         alive = sum(ref() is not None for ref in seen[:-1])   # the last batch may linger
     finally:
-        tiny_engine.renderer.prepare = original
         gc.enable()
+        engine.close()
     assert len(seen) == 3 and alive == 0, f"{alive} finished requests still hold their pixels"
 
 
 def test_periodic_engine_line_reports_running_waiting_and_throughput(tiny_engine):
     """vLLM-style engine line: what runs and waits, and tokens/s since the last line;
     nothing while idle."""
-    from engine.stats import StatsLogger
+    from engine.core.stats import StatsLogger
 
     from engine.types import Conversation, GenerationRequest, Message, SamplingParams
 
-    stats = StatsLogger(tiny_engine.scheduler, interval_s=0)    # no thread: lines on demand
+    stats = StatsLogger(tiny_engine.snapshot, interval_s=0)    # no thread: lines on demand
     assert stats.line() is None
     long = tiny_engine.submit(GenerationRequest(Conversation([Message("user", "Go on")]),
                                                 SamplingParams(max_tokens=400, temperature=0,
@@ -501,14 +526,67 @@ def test_periodic_engine_line_reports_running_waiting_and_throughput(tiny_engine
     line = stats.line()
     assert line is not None and "running=1 waiting=0" in line
     used = float(line.split("kv_cache=")[1].split("%")[0])     # 1 of 8 rows, partly filled
-    assert 0 < used < 100 / tiny_engine.kv.rows
+    assert 0 < used < 100 / tiny_engine.snapshot().kv_rows
     assert float(line.split("generation_tokens/s=")[1].split()[0]) > 0
     assert float(line.split("prompt_tokens/s=")[1].split()[0]) > 0
     long.cancel()
     long.collect(timeout=30)
-    while tiny_engine.scheduler.running_count() and time.monotonic() < deadline:
+    while tiny_engine.snapshot().running and time.monotonic() < deadline:
         time.sleep(0.01)    # the batch is cleared just after its last row is released
     done = stats.line()
     assert done is not None and "finished=1" in done and "running=0" in done
     assert "kv_cache=0.0%" in done and "prefix_cache_hit_rate=" in done
     assert stats.line() is None
+
+
+def test_the_snapshot_follows_requests_rows_and_caches(tiny_model_dir):
+    """The engine's public snapshot: on a one-row engine a running request and a waiting
+    one, its KV row back after both, the prefix cache hit by a follow-up turn exactly as
+    much as the turn's cached tokens, and the picture caches by a picture sent again."""
+    from support import tiny_engine_with
+
+    engine = tiny_engine_with(tiny_model_dir, max_batch=1, max_model_len=2048)
+    try:
+        idle = engine.snapshot()
+        assert (idle.running, idle.waiting, idle.kv_rows, idle.kv_free_rows) == (0, 0, 1, 1)
+        assert idle.kv_usage == 0 and idle.steps_run == 0 and idle.requests_finished == 0
+        assert idle.prefix_cache_queries == idle.prefix_cache_hits == 0
+        assert idle.decode_captured is False and idle.decode_replays == 0   # the CPU: eager
+
+        long = engine.submit(ask("Go on", max_tokens=2000, ignore_eos=True))
+        deadline = time.monotonic() + 30
+        while long.tokens < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        short = engine.submit(ask("Hi", max_tokens=3, ignore_eos=True))
+        busy = engine.snapshot()
+        assert (busy.running, busy.waiting, busy.kv_free_rows) == (1, 1, 0)
+        assert 0 < busy.kv_usage < 1 and busy.steps_run >= 2 and busy.largest_batch == 1
+        assert busy.generation_tokens >= 3 and busy.prompt_tokens > 0
+        long.cancel()
+        assert short.collect(timeout=60)[1].reason == "length"
+        assert long.collect(timeout=60)[1].reason == "cancelled"
+        while engine.snapshot().running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        after = engine.snapshot()
+        assert (after.running, after.waiting, after.kv_free_rows, after.kv_usage) == (0, 0, 1, 0)
+        assert after.requests_finished == 2 and after.steps_run > busy.steps_run
+
+        first = ask("What is in the picture?", images=["assets/shapes.png"], max_tokens=8,
+                    ignore_eos=True)
+        answer, _ = engine.generate(first, timeout=60)
+        before = engine.snapshot()
+        follow_up = GenerationRequest(Conversation([
+            first.conversation.messages[0], Message("assistant", answer),
+            Message("user", "And the colours?")]),
+            SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        _, fin = engine.generate(follow_up, timeout=60)
+        now = engine.snapshot()
+        assert fin.stats.cached_tokens > 0
+        assert now.prefix_cache_hits - before.prefix_cache_hits == fin.stats.cached_tokens
+        assert now.prefix_cache_queries - before.prefix_cache_queries == fin.stats.prompt_tokens
+        assert now.prefix_cache_bytes > 0 and now.requests_finished == 4
+        assert now.picture_cache_hits == before.picture_cache_hits + 1    # not decoded again
+        assert now.pixel_cache_hits == before.pixel_cache_hits + 1        # nor processed
+        assert engine.cache_stats() == now.caches() and "pixel_cache_hits" in now.caches()
+    finally:
+        engine.close()

@@ -17,9 +17,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import engine.local as local
-from engine.device import Device
-from engine.graphs import FallbackToEager, GraphedDecode, decode_step_for
+import engine.backends.local as local
+from engine.core.graphs import FallbackToEager, GraphedDecode, decode_step_for
+from engine.core.runner import EagerDecode
+from engine.model.device import Device
 from support import tiny_engine_with
 
 from tests.test_scheduler import Run, expected, request
@@ -99,21 +100,34 @@ def fake_api():
 
 
 @pytest.fixture
-def graphed_engine(tiny_model_dir, monkeypatch, fake_api):
-    """A tiny engine whose decode step is captured through the fake graph API."""
+def built_steps():
+    """The decode steps the engine under test was given: the test's own objects."""
+    return []
+
+
+def engine_capturing_with(api, model_dir, monkeypatch, built_steps):
+    """A tiny engine whose decode step is captured through `api` (a fake graph API)."""
     def captured(runner, enforce_eager, npu_graphs, max_batch, max_len):
-        return FallbackToEager(GraphedDecode(runner, fake_api, max_batch, max_len), runner)
+        step = FallbackToEager(GraphedDecode(runner, api, max_batch, max_len),
+                               EagerDecode(runner))
+        built_steps.append(step)
+        return step
 
     monkeypatch.setattr(local, "decode_step_for", captured)
-    eng = tiny_engine_with(tiny_model_dir, max_model_len=1024, max_batch=4)
+    return tiny_engine_with(model_dir, max_model_len=1024, max_batch=4)
+
+
+@pytest.fixture
+def graphed_engine(tiny_model_dir, monkeypatch, fake_api, built_steps):
+    eng = engine_capturing_with(fake_api, tiny_model_dir, monkeypatch, built_steps)
     yield eng
     eng.close()
 
 
-def test_buckets_are_captured_before_serving(graphed_engine, fake_api):
-    step = graphed_engine.scheduler.decode_step
+def test_buckets_are_captured_before_serving(graphed_engine, built_steps, fake_api):
+    [step] = built_steps
     graphed_engine.generate(request("Warm", max_tokens=2), timeout=60)
-    assert step.captured
+    assert step.captured and graphed_engine.snapshot().decode_captured
     assert step.graphed.batch_sizes == [1, 2, 4] and step.graphed.kv_lens == [512, 1024]
     assert len(fake_api.captured) == 6          # every (batch, KV length) pair, at start
     assert step.batch_size_for(3) == 4 and step.kv_len_for(513) == 1024
@@ -127,9 +141,9 @@ def test_captured_step_gives_generates_tokens_in_a_batch(graphed_engine, fake_ap
     first.wait_tokens(3)
     runs = [first] + [Run(graphed_engine, r) for r in reqs[1:]]
     assert [r.result() for r in runs] == refs
-    assert graphed_engine.scheduler.decode_step.graphed.replays >= 29   # every step after prefill
-    assert sum(g.replays for g in fake_api.captured) == \
-        graphed_engine.scheduler.decode_step.graphed.replays
+    replays = graphed_engine.snapshot().decode_replays
+    assert replays >= 29                                  # every step after prefill
+    assert sum(g.replays for g in fake_api.captured) == replays
 
 
 def test_npu_graphs_only_behind_the_flag(monkeypatch, fake_api):
@@ -138,18 +152,26 @@ def test_npu_graphs_only_behind_the_flag(monkeypatch, fake_api):
     monkeypatch.setitem(sys.modules, "torch_npu", module)
     monkeypatch.setattr(torch, "npu", fake_api, raising=False)
     runner = types.SimpleNamespace(device=Device("npu", 0, torch.bfloat16))
-    assert decode_step_for(runner, False, False, 8, 4096) is runner        # eager by default
+    assert isinstance(decode_step_for(runner, False, False, 8, 4096), EagerDecode)  # by default
     step = decode_step_for(runner, False, True, 8, 4096)
     assert isinstance(step, FallbackToEager) and step.graphed.api is fake_api
-    assert decode_step_for(runner, True, True, 8, 4096) is runner         # --enforce-eager wins
+    assert isinstance(decode_step_for(runner, True, True, 8, 4096), EagerDecode)  # --enforce-eager
 
 
-def test_failed_capture_falls_back_to_eager(tiny_engine):
+def test_failed_capture_falls_back_to_eager(tiny_model_dir, monkeypatch, built_steps):
+    """A capture that fails leaves the engine serving, eager, with the same answers."""
     class Broken:
         def graph_pool_handle(self):
             raise RuntimeError("capture is not supported here")
 
-    runner = tiny_engine.scheduler.runner
-    step = FallbackToEager(GraphedDecode(runner, Broken(), 8, 4096), runner)
-    step.prepare()
-    assert not step.captured and step.batch_size_for(3) == 3
+    eng = engine_capturing_with(Broken(), tiny_model_dir, monkeypatch, built_steps)
+    try:
+        req = request("Still here", max_tokens=12)
+        assert Run(eng, req).result() == expected(eng, req)
+        [step] = built_steps
+        figures = eng.snapshot()
+        assert not step.captured and step.batch_size_for(3) == 3
+        assert figures.decode_captured is False and figures.decode_replays == 0
+        assert figures.steps_run >= 11
+    finally:
+        eng.close()

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from engine.base import Engine
-from engine.geometry import resized_size, smart_resize
+from engine.inputs.geometry import resized_size, smart_resize
 from engine.stream import RequestHandle
 from engine.types import Finished, RequestStats, TextDelta
 from ui import grounding, history

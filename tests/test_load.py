@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from engine.config import EngineConfig
-from engine.local import LocalEngine
+from engine.backends.local import LocalEngine
 from server.background import BackgroundServer
 from server.routes import create_api_app
 from server.settings import ServerSettings
@@ -134,7 +134,7 @@ def test_load_with_disconnects(tiny_model_dir):
                 t.join(SECONDS + 90)
             # Let the engine settle: every disconnected request must end as cancelled.
             deadline = time.monotonic() + 30
-            while (engine.scheduler.running_count() or engine.queue_depth()) and time.monotonic() < deadline:
+            while (engine.snapshot().running or engine.queue_depth()) and time.monotonic() < deadline:
                 time.sleep(0.1)
             running.clear()
             mon.join(10)

@@ -8,9 +8,9 @@ import logging
 import pytest
 import torch
 
-from engine import loader
+from engine.model import loader
 from engine.config import DEFAULT_MODEL, EngineConfig, add_engine_args
-from engine.device import Device
+from engine.model.device import Device
 from engine.errors import ModelLoadError
 
 CPU = Device("cpu")

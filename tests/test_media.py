@@ -13,9 +13,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from engine import media
+from engine.inputs import media
 from engine.errors import InvalidRequestError
-from engine.media import MediaPolicy, load_image
+from engine.inputs.media import MediaPolicy, load_image
 
 API_POLICY = MediaPolicy(local_roots=())
 
@@ -207,7 +207,7 @@ def test_media_limits_come_from_the_engine_config():
     import base64 as b64
 
     from engine.config import EngineConfig
-    from engine.inputs import InputStage
+    from engine.inputs.stage import InputStage
     from engine.types import Conversation, GenerationRequest, ImageInput, Message
 
     data = png_bytes(Image.new("RGB", (40, 30), (1, 2, 3)))

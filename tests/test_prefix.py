@@ -57,8 +57,8 @@ def test_follow_up_turn_reuses_the_chat_and_equals_generate(engine):
     second = chat(("What is in these?", pics), answer, "And the colours?")
     got_text, got_tokens, cached = run(engine, second)
     assert (got_text, got_tokens) == expected(engine, second)
-    prompt = engine.renderer.prepare(second).prompt_tokens
-    assert cached >= engine.renderer.prepare(first).prompt_tokens - 16   # the whole first turn
+    prompt = engine.render(second).prompt_tokens
+    assert cached >= engine.render(first).prompt_tokens - 16   # the whole first turn
     assert cached < prompt
 
 
@@ -86,7 +86,7 @@ def test_two_users_with_the_same_picture_share_it_inside_a_batch(engine):
     runs = [first, Run(engine, reqs[1]), Run(engine, reqs[2])]
     assert [r.result() for r in runs] == refs
     assert runs[0].finished.stats.cached_tokens > 0 and runs[1].finished.stats.cached_tokens > 0
-    assert engine.scheduler.largest_batch >= 2
+    assert engine.snapshot().largest_batch >= 2
 
 
 def test_after_evictions_answers_stay_exact_and_memory_within_budget(tiny_model_dir):
@@ -96,8 +96,9 @@ def test_after_evictions_answers_stay_exact_and_memory_within_budget(tiny_model_
         for seed in range(6):              # distinct chats push each other out
             req = chat((f"Chat {seed}", [picture(10 + seed)]))
             assert run(eng, req)[:2] == expected(eng, req)
-            assert eng.prefix.allocated_bytes <= budget
-            assert eng.prefix.cached_bytes <= budget
+            figures = eng.snapshot()
+            assert 0 < figures.prefix_cache_allocated_bytes <= budget
+            assert 0 < figures.prefix_cache_bytes <= budget
         again = chat(("Chat 0", [picture(10)]))             # its blocks were evicted
         assert run(eng, again)[:2] == expected(eng, again)
     finally:
@@ -111,8 +112,9 @@ def test_no_prefix_cache_turns_both_caches_off(tiny_model_dir):
         assert run(eng, req)[2] == 0
         text, tokens, cached = run(eng, req)
         assert cached == 0 and (text, tokens) == expected(eng, req)
-        assert eng.cache_stats()["encoder_cache_hits"] == 0
-        assert eng.prefix is None
+        figures = eng.snapshot()
+        assert figures.encoder_cache_hits == 0
+        assert figures.prefix_cache_queries is None and "prefix_cache_hits" not in figures.caches()
     finally:
         eng.close()
 
@@ -121,7 +123,7 @@ def test_a_different_picture_of_the_same_size_is_not_taken_for_the_cached_one(en
     """Placeholder ids are equal for equal sizes: the block keys carry the content."""
     run(engine, chat(("Describe it.", [picture(7)])))
     other = chat(("Describe it.", [picture(8)]))
-    prompt = engine.renderer.prepare(other)
+    prompt = engine.render(other)
     image_start = prompt.media[0].start
     got_text, got_tokens, cached = run(engine, other)
     assert cached <= image_start                 # at most the text before the picture

@@ -30,9 +30,10 @@ from engine.config import EngineConfig  # noqa: E402
 from engine.errors import (EngineBusyError, InvalidRequestError, ModelLoadError,  # noqa: E402
                            ModelNotFoundError)
 from engine.factory import create_engine  # noqa: E402
-from engine.local import LocalEngine  # noqa: E402
-from engine.media import MediaPolicy  # noqa: E402
-from engine.remote import RemoteEngine, RemoteError, RemoteUnavailableError, api_base  # noqa: E402
+from engine.backends.local import LocalEngine  # noqa: E402
+from engine.backends.remote import (RemoteEngine, RemoteError,  # noqa: E402
+                                    RemoteUnavailableError, api_base)
+from engine.inputs.media import MediaPolicy  # noqa: E402
 from engine.types import (Conversation, Finished, GenerationRequest, ImageInput,  # noqa: E402
                           Message, SamplingParams, TextDelta)
 from server.background import BackgroundServer  # noqa: E402
@@ -395,7 +396,7 @@ def test_remote_backend_needs_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from engine.factory import create_engine; import engine.remote, app; "
+    code = ("import sys; from engine.factory import create_engine; import engine.backends.remote, app; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

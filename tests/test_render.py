@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from qwen_vl_utils.vision_process import smart_resize
 
-from engine.media import MediaPolicy
+from engine.inputs.media import MediaPolicy
 from engine.types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from server.protocol import ChatCompletionRequest
 from server.serving import to_generation_request
@@ -89,7 +89,7 @@ def vllm_view(messages: list[dict]) -> tuple[list[dict], int]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_prompt_equals_vllms(random_engine, name):
     messages = CASES[name]
-    processor = random_engine.renderer.processor
+    processor = random_engine.loaded.processor
     expected_msgs, image_tokens = vllm_view(messages)
     expected = processor.apply_chat_template(expected_msgs, tokenize=False,
                                              add_generation_prompt=True)
@@ -98,8 +98,7 @@ def test_prompt_equals_vllms(random_engine, name):
     expected_tokens = len(processor.tokenizer(expected).input_ids) + image_tokens - n_images
 
     req = ChatCompletionRequest.model_validate({"model": "tiny", "messages": messages})
-    prompt = random_engine.renderer.prepare(to_generation_request(req, "r"),
-                                          MediaPolicy(local_roots=()))
+    prompt = random_engine.render(to_generation_request(req, "r"), MediaPolicy(local_roots=()))
     assert prompt.prompt_text == expected
     assert prompt.prompt_tokens == expected_tokens
     assert prompt.images == n_images
@@ -110,7 +109,7 @@ def test_part_order_reaches_the_remote_too(tiny_engine):
     import httpx
 
     from engine.config import EngineConfig
-    from engine.remote import RemoteEngine
+    from engine.backends.remote import RemoteEngine
 
     def card(request):   # a remote that only lists its model: nothing leaves the process
         return httpx.Response(200, json={"data": [{"id": "m", "max_model_len": 16384}]})
@@ -134,42 +133,41 @@ def test_video_between_texts_renders_in_place(tiny_engine, tmp_path):
     uri = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
     messages = [user(text("Watch:"), {"type": "video_url", "video_url": {"url": uri}},
                      text("what happens?"))]
-    expected = tiny_engine.renderer.processor.apply_chat_template(
+    expected = tiny_engine.loaded.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "text", "text": "Watch:"}, {"type": "video"},
                                       {"type": "text", "text": "what happens?"}]}],
         tokenize=False, add_generation_prompt=True)
     req = ChatCompletionRequest.model_validate({"model": "tiny", "messages": messages})
-    prompt = tiny_engine.renderer.prepare(to_generation_request(req, "r"),
-                                          MediaPolicy(local_roots=()))
+    prompt = tiny_engine.render(to_generation_request(req, "r"), MediaPolicy(local_roots=()))
     assert prompt.prompt_text == expected and prompt.videos == 1
 
 
-def test_cached_pixels_equal_the_processors_own(tiny_engine):
+def test_cached_pixels_equal_the_processors_own(tiny_engine, tiny_model_dir):
     """A follow-up turn's pictures come from the pixel cache: the inputs equal a processor
     run without it, cold and warm, for pictures of several sizes in one prompt."""
     import torch
     from PIL import Image
 
-    from engine.prompt import CachingImageProcessor
     from engine.types import Conversation, GenerationRequest, ImageInput, Message
+    from support import tiny_engine_with
 
-    renderer = tiny_engine.renderer
-    assert isinstance(renderer.processor.image_processor, CachingImageProcessor)
     pictures = [Image.effect_noise(size, 40 + i).convert("RGB")
                 for i, size in enumerate([(640, 480), (300, 900), (1280, 960)])]
     req = GenerationRequest(Conversation([Message("user", "Compare",
                                                   images=[ImageInput(p) for p in pictures])]))
-    cache = renderer.processor.image_processor.cache
-    before = cache.hits
-    cold = renderer.prepare(req).inputs
-    warm = renderer.prepare(req).inputs
-    assert cache.hits >= before + 3
-    inner = renderer.processor.image_processor
-    renderer.processor.image_processor = inner.inner
+    before = tiny_engine.snapshot()
+    cold = tiny_engine.render(req).inputs
+    between = tiny_engine.snapshot()
+    warm = tiny_engine.render(req).inputs
+    after = tiny_engine.snapshot()
+    assert between.pixel_cache_misses == before.pixel_cache_misses + 3
+    assert after.pixel_cache_hits == between.pixel_cache_hits + 3
+    uncached = tiny_engine_with(tiny_model_dir, picture_cache_mb=0)   # its own processor
     try:
-        plain = renderer.prepare(req).inputs
+        assert "pixel_cache_hits" not in uncached.snapshot().caches()
+        plain = uncached.render(req).inputs
     finally:
-        renderer.processor.image_processor = inner
+        uncached.close()
     for inputs in (cold, warm):
         assert inputs.keys() == plain.keys()
         for key in plain:

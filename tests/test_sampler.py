@@ -1,6 +1,7 @@
-"""engine.sampler against transformers itself: the settings a real `model.generate` call
-builds from generate_kwargs, and the scores and tokens of transformers' own logits
-processors, row by row, alone and in mixed batches."""
+"""engine.sampler against transformers itself: a real `model.generate` call made with
+generate_kwargs (the scores after its logits processors and the token it picks, step by
+step, read through its public output_logits/output_scores), and the scores and tokens of
+transformers' own logits processors, row by row, alone and in mixed batches."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 from transformers import (
     GenerationConfig,
     LogitsProcessorList,
-    MinLengthLogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -19,8 +19,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from engine.sampler import RowSampler, RowSampling, process_logits, resolve, sample
-from engine.sampling import generate_kwargs
+from engine.core.sampler import RowSampler, RowSampling, process_logits, resolve, sample
+from engine.inputs.validation import generate_kwargs
 from engine.types import SamplingParams
 
 V = 1000
@@ -48,108 +48,64 @@ PARAMS = {
     "k0": SamplingParams(top_k=0),
     "t1.3-k20-pen-min": SamplingParams(temperature=1.3, top_k=20, repetition_penalty=1.3,
                                        min_tokens=3),
+    "t1.3-k20-p1": SamplingParams(temperature=1.3, top_k=20, top_p=1.0),   # top-k alone
     "t1-p0.5-seed": SamplingParams(temperature=1.0, top_p=0.5, seed=3),
     "pen1": SamplingParams(repetition_penalty=1.0),
     "greedy-pen-min": SamplingParams(temperature=0, repetition_penalty=0.8, min_tokens=4),
     "ignore-eos-min": SamplingParams(ignore_eos=True, min_tokens=2),
 }
 
-KNOWN = (RepetitionPenaltyLogitsProcessor, MinLengthLogitsProcessor,
-         MinNewTokensLengthLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-         TopPLogitsWarper)
+STEPS = 12
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
+def model(tiny_random_model_dir):
+    """The tiny model with random weights: its logits are spread over the vocabulary, so
+    the warpers cut somewhere in the middle and sampling rarely picks the argmax."""
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
+    return AutoModelForImageTextToText.from_pretrained(tiny_random_model_dir).eval()
 
 
-class _Captured(Exception):
-    pass
-
-
-def generate_processors(model, sp: SamplingParams, config: GenerationConfig,
-                        prompt: torch.Tensor) -> tuple[bool, LogitsProcessorList]:
-    """do_sample and the LogitsProcessorList of a real `model.generate` call made with
-    generate_kwargs(sp, config), config being the model's generation_config."""
-    captured = {}
-    original = model._get_logits_processor
-
-    def spy(*args, **kwargs):
-        processors = original(*args, **kwargs)
-        gc = kwargs.get("generation_config", args[0] if args else None)
-        captured.update(do_sample=bool(gc.do_sample), processors=processors)
-        raise _Captured   # no need to run the model
-
+def generate_steps(model, sp: SamplingParams, config: GenerationConfig, prompt: torch.Tensor,
+                   seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """A real `model.generate` call made with generate_kwargs(sp, config), config being the
+    model's generation_config, from torch's generator seeded with `seed`: each step's raw
+    logits, its scores after generate's logits processors, and the token it picked."""
     model.generation_config = copy.deepcopy(config)
-    model._get_logits_processor = spy
-    try:
-        model.generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt)[None],
-                       **generate_kwargs(sp, config, 64))
-    except _Captured:
-        pass
-    finally:
-        del model._get_logits_processor
-    return captured["do_sample"], captured["processors"]
-
-
-def plan(do_sample: bool, processors: LogitsProcessorList, prompt_len: int) -> dict:
-    """What a processor list does, in RowSampling's terms."""
-    assert all(isinstance(p, KNOWN) for p in processors), [type(p) for p in processors]
-    found = {type(p): p for p in processors}
-    min_tokens, eos = 0, ()
-    for p in processors:
-        if isinstance(p, MinNewTokensLengthLogitsProcessor):
-            min_tokens = max(min_tokens, p.min_new_tokens)
-        elif isinstance(p, MinLengthLogitsProcessor):
-            min_tokens = max(min_tokens, p.min_length - prompt_len)
-        else:
-            continue
-        eos = tuple(sorted(p.eos_token_id.tolist()))
-    penalty = found.get(RepetitionPenaltyLogitsProcessor)
-    temperature = found.get(TemperatureLogitsWarper)
-    top_k = found.get(TopKLogitsWarper)
-    top_p = found.get(TopPLogitsWarper)
-    return {"greedy": not do_sample,
-            "repetition_penalty": penalty.penalty if penalty else 1.0,
-            "min_tokens": min_tokens if eos else 0, "eos_ids": eos,
-            "temperature": temperature.temperature if temperature else 1.0,
-            "top_k": top_k.top_k if top_k else 0, "top_p": top_p.top_p if top_p else 1.0}
-
-
-def ours(rs: RowSampling) -> dict:
-    masks = bool(rs.min_tokens and rs.eos_ids)
-    return {"greedy": rs.greedy, "repetition_penalty": rs.repetition_penalty,
-            "min_tokens": rs.min_tokens if masks else 0, "eos_ids": rs.eos_ids if masks else (),
-            "temperature": rs.temperature, "top_k": rs.top_k, "top_p": rs.top_p}
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt)[None],
+                             **generate_kwargs(sp, config, STEPS), output_scores=True,
+                             output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    return [x.float() for x in out.logits], [x.float() for x in out.scores], tokens
 
 
 @pytest.mark.parametrize("config_name", CONFIGS)
 def test_resolve_matches_generate(model, config_name):
-    """resolve() gives the processors a real generate call builds, and the same scores."""
+    """resolve() does what a real generate call does, step by step on the model's own
+    logits: the same scores after every processor and warper (penalty, min_tokens,
+    temperature, top-k, top-p), and the same token from the same seed (greedy where generate
+    is greedy, the same draw where it samples)."""
     config = CONFIGS[config_name]
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 800, (12,), generator=gen)
     eos = config.eos_token_id
-    eos_ids = set(eos) if isinstance(eos, list) else {eos}   # as the worker reads them
+    eos_ids = set(eos) if isinstance(eos, list) else {eos}   # as the engine core reads them
     for name, sp in PARAMS.items():
-        do_sample, processors = generate_processors(model, sp, config, prompt)
+        seed = sp.seed if sp.seed is not None else 1234
+        logits, scores, tokens = generate_steps(model, sp, config, prompt, seed)
         rs = resolve(sp, config, eos_ids)
-        assert ours(rs) == plan(do_sample, processors, len(prompt)), name
         assert rs.seed == sp.seed
+        assert len(tokens) > min(rs.min_tokens, STEPS - 1), name
         row = RowSampler(rs, prompt, vocab, "cpu")
-        ids = prompt
-        for _ in range(5):
-            scores = torch.randn(1, vocab, generator=gen) * 3
-            scores[0, list(EOS)] += 4    # EOS strong, so the min_tokens mask matters
-            expected = processors(ids[None], scores.clone())
-            assert torch.equal(process_logits(scores, [row]), expected), name
-            token = int(torch.randint(0, vocab, (1,), generator=gen))
+        torch.manual_seed(seed)          # an unseeded row draws from torch's generator
+        for step, (raw, expected, token) in enumerate(zip(logits, scores, tokens, strict=True)):
+            assert torch.equal(process_logits(raw, [row]), expected), (name, step)
+            assert sample(raw, [row]) == [token], (name, step)
             row.append(token)
-            ids = torch.cat([ids, torch.tensor([token])])
 
 
 def test_resolve_qwen_semantics():
@@ -209,8 +165,9 @@ MIXED = [
 ]
 
 
-def make_rows(rows_settings, prompts) -> list[RowSampler]:
-    return [RowSampler(rs, p, V, "cpu") for rs, p in zip(rows_settings, prompts, strict=True)]
+def make_rows(rows_settings, prompts, reciprocal=None) -> list[RowSampler]:
+    return [RowSampler(rs, p, V, "cpu", reciprocal)
+            for rs, p in zip(rows_settings, prompts, strict=True)]
 
 
 def random_prompts(gen: torch.Generator, n: int) -> list[torch.Tensor]:
@@ -351,15 +308,12 @@ def test_shape_mismatch_is_an_error():
         sample(torch.zeros(1, V + 1), rows)
 
 
-def test_reciprocal_division_path(monkeypatch):
+def test_reciprocal_division_path():
     """The CUDA flavour (multiply by the reciprocal, as PyTorch's CUDA division by a Python
     scalar does), run on CPU: scores within float rounding of transformers', same argmax."""
-    from engine import sampler
-
-    monkeypatch.setattr(sampler, "_divides_by_reciprocal", lambda device: True)
     gen = torch.Generator().manual_seed(6)
     prompts = random_prompts(gen, len(MIXED))
-    rows = make_rows(MIXED, prompts)
+    rows = make_rows(MIXED, prompts, reciprocal=True)
     assert all(r.reciprocal for r in rows)
     logits = step_logits(gen, len(rows))
     processed = process_logits(logits, rows)

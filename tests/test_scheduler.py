@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.local import LocalEngine
+from engine.backends.local import LocalEngine
 from support import tiny_engine_with
-from engine.sampling import generate_kwargs
+from engine.inputs.validation import generate_kwargs
 from engine.types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
                           SamplingParams, TextDelta)
 
@@ -32,14 +32,14 @@ def request(text: str, *, size: tuple[int, int] | None = None, colour=(200, 40, 
 
 def oracle(engine: LocalEngine, req: GenerationRequest) -> tuple[str, int]:
     """model.generate alone on the request's own inputs: (text, generated tokens)."""
-    prompt = engine.renderer.prepare(req, None)
+    prompt = engine.render(req)
     model = engine.loaded.model
     kwargs = generate_kwargs(req.sampling, model.generation_config, prompt.max_new_tokens)
     with torch.inference_mode():
         out = model.generate(**prompt.inputs, **kwargs)
     new = out[0, prompt.inputs["input_ids"].shape[1]:].tolist()
-    text = engine.scheduler.tokenizer.decode(new, skip_special_tokens=True,
-                                          clean_up_tokenization_spaces=False)
+    text = engine.tokenizer.decode(new, skip_special_tokens=True,
+                                   clean_up_tokenization_spaces=False)
     return text, len(new)
 
 
@@ -113,7 +113,7 @@ def test_joining_mid_way_beside_other_settings_and_picture_sizes(engine):
     assert first.handle.tokens < 160, "the long answer ended before the others joined"
     assert [first.result()] + [r.result() for r in runs[:4]] == refs
     assert runs[4].result() == seeded_alone
-    assert engine.scheduler.largest_batch >= 3
+    assert engine.snapshot().largest_batch >= 3
 
 
 def test_cancelled_and_stopped_neighbours_leave_the_others_exact(engine):
@@ -150,5 +150,6 @@ def test_chunked_prefill_equals_generate(tiny_model_dir):
 def test_rows_are_freed_and_the_kv_store_empties(engine):
     runs = [Run(engine, request(f"Question {i}", max_tokens=8)) for i in range(12)]
     assert all(r.result()[1] == 8 for r in runs)      # more requests than rows: all served
-    assert engine.scheduler.running_count() == 0
-    assert engine.kv.free_rows() == engine.kv.rows and engine.kv.usage() == 0
+    after = engine.snapshot()
+    assert after.running == after.waiting == 0
+    assert after.kv_free_rows == after.kv_rows and after.kv_usage == 0

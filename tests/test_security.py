@@ -23,8 +23,8 @@ from fastapi.testclient import TestClient
 from gradio.utils import get_upload_folder
 from PIL import Image
 
-from engine import media
-from engine.media import MediaPolicy, load_image
+from engine.inputs import media
+from engine.inputs.media import MediaPolicy, load_image
 from server.background import BackgroundServer
 from server.routes import create_api_app
 from server.settings import ServerSettings

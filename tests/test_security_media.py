@@ -25,10 +25,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from engine.config import DEFAULT_MAX_PIXELS_LIMIT, EngineConfig
-from engine.documents import page_sizes, render_pages
 from engine.errors import InvalidRequestError
-from engine.inputs import InputStage, VideoSampling
-from engine.prompt import read_video_frames
+from engine.inputs.documents import page_sizes, render_pages
+from engine.inputs.prompt import read_video_frames
+from engine.inputs.stage import InputStage, VideoSampling
 from engine.types import Conversation, GenerationRequest, Message, SamplingParams, VideoInput
 from bench.hostile import pdf_by_hand
 from support import measured
@@ -227,7 +227,7 @@ def warm_engine(tiny_engine, tmp_path_factory):
     """The engine after one small video: imports and the processor's first buffers are not
     what a case measures (the processor's own work on 32 fitted frames is, about 200 MB)."""
     clip = write_clip(tmp_path_factory.mktemp("warm") / "clip.mp4", 128, 96, 12, 6)
-    tiny_engine.renderer.prepare(video_request(str(clip)))
+    tiny_engine.render(video_request(str(clip)))
     return tiny_engine
 
 
@@ -237,7 +237,7 @@ def test_a_video_keeps_only_its_sampled_frames_fitted(warm_engine, tmp_path, nam
                                                       height, frames, rate, fps):
     clip = write_clip(tmp_path / "clip.mp4", width, height, frames, rate)
     assert clip.stat().st_size < 100_000
-    prepared, took, grew = measured_or_error(lambda: warm_engine.renderer.prepare(
+    prepared, took, grew = measured_or_error(lambda: warm_engine.render(
         video_request(str(clip), fps)))
     assert not isinstance(prepared, Exception), prepared
     assert prepared.videos == 1
@@ -298,7 +298,7 @@ def test_the_model_sees_the_same_frames_as_before(tmp_path, name, width, height,
 @pytest.mark.parametrize("max_frames", [2, 4, 32])
 def test_the_frames_chosen_before_decoding_are_the_ones_the_old_code_kept(step, max_frames):
     """frame_plan (from the packet count) against the old choice (from all decoded frames)."""
-    from engine.prompt import frame_plan
+    from engine.inputs.prompt import frame_plan
 
     for total in [0, 1, 2, 5, 31, 32, 33, 64, 100, 1000, 4321]:
         sampled = [i for i in range(total) if i % step == 0]
@@ -312,7 +312,7 @@ def test_the_frames_chosen_before_decoding_are_the_ones_the_old_code_kept(step, 
 def test_a_packet_count_that_is_not_the_frame_count_still_gives_the_same_frames(
         tmp_path, monkeypatch, off_by):
     """Where packets are not one frame each, the plan is made again on the decoded count."""
-    from engine import prompt
+    from engine.inputs import prompt
 
     clip = str(write_clip(tmp_path / "clip.mp4", 160, 120, 70, 6, moving=True))
     count = prompt.count_frames
@@ -338,7 +338,7 @@ def test_a_video_frame_over_the_picture_limit_is_refused_before_decoding(tmp_pat
 def test_frames_too_narrow_to_resize_are_one_line(tiny_engine, tmp_path):
     """4096x40 frames round to no height at 151,200 pixels; before, a resize error."""
     clip = write_clip(tmp_path / "narrow.mp4", 4096, 40, 4, 2)
-    refused(*measured_or_error(lambda: tiny_engine.renderer.prepare(video_request(str(clip)))),
+    refused(*measured_or_error(lambda: tiny_engine.render(video_request(str(clip)))),
             "4096x40 frames are too narrow to fit 151,200 pixels per frame", "video")
 
 
@@ -346,7 +346,7 @@ def test_decoding_a_very_long_video_stops_at_the_pixel_budget(tiny_engine, tmp_p
     """50,000 tiny frames (each counted as 640x360): refused from the packet count, before
     anything is decoded; before, every frame was decoded."""
     clip = write_clip(tmp_path / "long.mp4", 16, 16, 50_000, 30)
-    refused(*measured_or_error(lambda: tiny_engine.renderer.prepare(video_request(str(clip)))),
+    refused(*measured_or_error(lambda: tiny_engine.render(video_request(str(clip)))),
             "see --video-max-decoded-pixels", "video")
 
 

@@ -214,5 +214,5 @@ def test_ensure_tiny_reuses_cache(tiny_model_dir):
 
 def test_ensure_tiny_env_default(tmp_path, monkeypatch):
     monkeypatch.setenv("QWENVL_DEMO_CACHE", str(tmp_path))
-    assert tiny._default_cache_root() == tmp_path
+    assert tiny.default_cache_root() == tmp_path
     assert not tiny.is_tiny(tmp_path)

@@ -174,7 +174,7 @@ def test_two_users_in_one_batch_get_their_own_answers(tiny_engine):
     for _ in range(2):               # the second round also hits the conversation cache
         runs = [Run(tiny_engine, ask([a], EXAMPLE)), Run(tiny_engine, ask([b], EXAMPLE))]
         assert [r.result()[0] for r in runs] == alone
-    assert tiny_engine.scheduler.largest_batch >= 2
+    assert tiny_engine.snapshot().largest_batch >= 2
 
 
 def test_two_users_exact_answers(tiny_engine):
@@ -198,7 +198,7 @@ def test_the_second_picture(tiny_engine):
 def test_the_pixels_the_model_sees(tiny_engine):
     """The engine reports the processor's cap, so the meter counts and the boxes are drawn
     at the size the model really saw."""
-    from engine.geometry import image_tokens
+    from engine.inputs.geometry import image_tokens
     from ui.chat import ChatController
 
     assert tiny_engine.model_pixel_bounds() == [(S.MODEL_MIN_PIXELS, S.MODEL_MAX_PIXELS)]
@@ -216,7 +216,7 @@ def test_cache_on_a_re_sent_picture_keeps_the_answer(tiny_engine):
     other, fin3 = tiny_engine.generate(ask([img], "What shape is the green one?"))
     assert first == again and first.startswith("The ")
     assert other.startswith("The ") and fin3.reason == "stop"
-    assert tiny_engine.prefix is not None          # the conversation cache is on by default
+    assert tiny_engine.snapshot().prefix_cache_queries   # the conversation cache: on by default
     assert fin2.stats.cached_tokens > 0 and fin3.stats.cached_tokens > 0
 
 

@@ -16,7 +16,7 @@ import pytest
 from engine.errors import InvalidRequestError
 from engine.types import Finished, GenerationRequest
 from ui import display, history
-from ui.chat import ChatController, Sampling
+from ui.chat import ChatController, RefusedFiles, Sampling
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MAX_MODEL_LEN = 2048
@@ -31,8 +31,8 @@ class Req:
 
 @pytest.fixture(scope="module")
 def engine(tiny_random_model_dir):
+    from engine.backends.local import LocalEngine
     from engine.config import EngineConfig
-    from engine.local import LocalEngine
 
     # The random weights: these tests stop, cancel and queue long answers.
     eng = LocalEngine.from_config(EngineConfig(model=str(tiny_random_model_dir), warmup=False,
@@ -158,13 +158,9 @@ def test_json_export_loads_back_with_its_files(uploads, tmp_path_factory):
 # --------------------------------------------------------------------------- error paths
 def test_errors_show_in_the_chat_keep_the_turn_and_the_next_request_is_answered(ctrl, uploads):
     img = str(uploads / "shapes.png")
-    fake = uploads / "notes.png"
-    fake.write_text("this is a text file, not an image\n")
     cases = [
         ([img] * 11, "hello", "At most 10 image(s) may be provided in one prompt."),
         ([], "word " * 3000, f"maximum context length is {MAX_MODEL_LEN} tokens"),
-        ([str(fake)], "what is this?", "Failed to load image: notes.png"),
-        ([str(uploads / "notes.txt")], "and this?", "Unsupported file 'notes.txt'"),
     ]
     state = history.new_state()
     for files, text, expected in cases:
@@ -180,6 +176,83 @@ def test_errors_show_in_the_chat_keep_the_turn_and_the_next_request_is_answered(
         assert answer["text"] and answer["stats"]["output_tokens"] >= 1
         assert expected in shown_text(shown)
     assert len(state["turns"]) == 4 * len(cases)
+
+
+def test_a_refused_file_leaves_the_box_and_the_text_stays(ctrl, uploads):
+    """A file the engine would refuse is refused before the message leaves the box: nothing
+    enters the chat (where Undo or Retry would bring it back), the error names the file, and
+    the box keeps the text and the other files, which a second Enter sends and gets answered."""
+    img = str(uploads / "shapes.png")
+    (uploads / "notes.png").write_text("this is a text file, not an image\n")
+    (uploads / "notes.txt").write_text("plain text\n")
+    cases = [(uploads / "notes.png", "Failed to load image: notes.png is not a readable image"),
+             (uploads / "notes.txt", "Unsupported file 'notes.txt'")]
+    state = history.new_state()
+    for bad, why in cases:
+        message = {"text": "What is in this picture?", "files": [img, str(bad)]}
+        with pytest.raises(RefusedFiles) as refused:
+            ctrl.add_user_turn(state, message, None, Req())
+        assert why in refused.value.message and refused.value.names == [bad.name]
+        assert refused.value.box == {"text": "What is in this picture?", "files": [img]}
+        state, _ = ask(ctrl, state, refused.value.box["text"], refused.value.box["files"])
+        assert state["turns"][-1]["finish"] in ("stop", "length")
+    assert [t["files"] for t in state["turns"] if t["role"] == "user"] == \
+        [[{"path": img, "name": "shapes.png"}]] * 2
+
+
+def test_undo_after_a_refused_file_leaves_it_out_of_the_box(ctrl, uploads):
+    """A file the engine refused once a message was sent (its answer is the error that names
+    it) does not go back into the box with the text, or the next Enter would fail again."""
+    img = str(uploads / "shapes.png")
+    (uploads / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    state = history.new_state()
+    state["turns"] = [history.user_turn("What is this?", [img, str(uploads / "broken.png")]),
+                      history.assistant_turn("", "error", None, "Failed to load image: broken.png "
+                                                                "is truncated or corrupt.")]
+    state, shown, box = ctrl.undo(state)
+    assert state["turns"] == [] and box == {"text": "What is this?", "files": [img]}
+
+
+def test_a_question_about_a_picture_with_none_in_the_chat_says_so(ctrl, uploads):
+    """The meter under the box says when a question about a picture would reach the model
+    with no picture: none in the chat, or only one whose message failed (left out)."""
+    from ui.layout import PRESETS
+
+    img = str(uploads / "shapes.png")
+
+    def meter(text, state=None):
+        return ctrl.composer_meter({"text": text, "files": []}, state, 224 * 224, 1 << 20)
+
+    for text in ["What is in this picture?", "What colour is this?", PRESETS[0][1],
+                 "Detect the shapes."]:
+        assert "No picture in this chat" in meter(text), text
+    assert meter("Tell me a joke.") == ""
+    assert "No picture" not in ctrl.composer_meter({"text": "What is this?", "files": [img]},
+                                                   None, 224 * 224, 1 << 20)
+    answered, _ = ask(ctrl, history.new_state(), "Describe the picture.", [img])
+    assert meter("And what colour is this?", answered) == ""
+    failed = history.new_state()
+    failed["turns"] = [history.user_turn("What is this?", [img] * 11),
+                       history.assistant_turn("", "error", None, "At most 10 image(s).")]
+    assert "a message that failed" in meter("And this?", failed)
+
+
+def test_the_stop_mark_stays_outside_an_unfinished_code_block():
+    """A stopped answer in the middle of a JSON block: the block is closed before the mark,
+    so the mark is not shown as code; elsewhere it follows the text on its line."""
+    def stopped(text):
+        state = history.new_state()
+        state["turns"] = [history.user_turn("Detect", []),
+                          history.assistant_turn(text, "cancelled", {"output_tokens": 9})]
+        return display.render(state)[1]["content"]
+
+    unfinished = '```json\n[\n\t{"label": "red circle", "bbox_2d": [12, 3'
+    assert stopped(unfinished) == f"{unfinished}\n```\n\n{display.STOPPED_NOTE}"
+    assert stopped("~~~~\ncode") == f"~~~~\ncode\n~~~~\n\n{display.STOPPED_NOTE}"
+    closed = "```json\n[]\n```"
+    assert stopped(closed) == f"{closed} {display.STOPPED_NOTE}"
+    assert stopped("Once upon a time") == f"Once upon a time {display.STOPPED_NOTE}"
+    assert stopped("") == display.STOPPED_NOTE
 
 
 def test_request_too_long_for_the_completion_names_the_setting(ctrl):
@@ -262,12 +335,16 @@ def test_closing_the_stream_cancels_the_engine_request(ctrl, engine):
     assert finish_record(engine, "A long tale.").reason == "cancelled"
 
 
-def test_waiting_users_see_their_place_in_the_queue(ctrl, engine, monkeypatch):
+def test_waiting_users_see_their_place_in_the_queue(engine, uploads, monkeypatch):
     import ui.chat
+    from engine.backends.local import LocalEngine
+    from engine.config import EngineConfig
 
     monkeypatch.setattr(ui.chat, "POLL_S", 0.05)
-    # One request decoding at a time: the second one must wait for the first's row.
-    monkeypatch.setattr(engine.scheduler, "max_batch", 1)
+    # One KV row, so one request decoding at a time: the second one must wait for the first's.
+    one_row = LocalEngine(engine.loaded, EngineConfig(max_model_len=MAX_MODEL_LEN, max_batch=1,
+                                                      log_stats_interval=0))
+    ctrl = ChatController(one_row, (uploads.resolve(), ASSETS.resolve()))
     long = Sampling(max_tokens=1500, temperature=0.0, seed=1)
     first, _, _ = ctrl.add_user_turn(None, {"text": "one", "files": []}, None, Req("a"))
     second, _, _ = ctrl.add_user_turn(None, {"text": "two", "files": []}, None, Req("b"))
@@ -287,7 +364,10 @@ def test_waiting_users_see_their_place_in_the_queue(ctrl, engine, monkeypatch):
             pass
         return notes
 
-    notes = asyncio.run(go())
+    try:
+        notes = asyncio.run(go())
+    finally:
+        one_row.close()
     assert any("number 1 in the queue" in n for n in notes)
 
 
@@ -441,8 +521,8 @@ def test_retry_undo_and_clear_answer_the_same_with_the_cache_on(engine, uploads)
     """A chat about a picture, its follow-up, a Retry, an Undo and resend, a Clear and the
     first question again: with the conversation cache on (hits on every step after the
     first), each answer equals the same step's answer on an engine with the cache off."""
+    from engine.backends.local import LocalEngine
     from engine.config import EngineConfig
-    from engine.local import LocalEngine
 
     picture = str(uploads / "shapes.png")
     cold = LocalEngine(engine.loaded, EngineConfig(max_model_len=MAX_MODEL_LEN,
@@ -503,7 +583,7 @@ def test_a_pdf_becomes_its_pages_and_too_many_pages_is_one_clear_line(ctrl, engi
 
 
 def test_meter_counts_a_picture_before_sending_and_warns(ctrl, engine, uploads):
-    from engine.geometry import image_tokens
+    from engine.inputs.geometry import image_tokens
 
     shapes = str(uploads / "shapes.png")
     from PIL import Image
@@ -523,9 +603,9 @@ def test_meter_counts_a_picture_before_sending_and_warns(ctrl, engine, uploads):
 def test_meter_and_boxes_follow_the_models_own_processor_bounds(tiny_random_model_dir, tmp_path, uploads):
     """A model folder whose processor resizes pictures further (processor_config.json):
     the engine reports those bounds, so the meter counts what the model will really see."""
+    from engine.backends.local import LocalEngine
     from engine.config import EngineConfig
-    from engine.geometry import image_tokens
-    from engine.local import LocalEngine
+    from engine.inputs.geometry import image_tokens
 
     folder = tmp_path / "capped"
     shutil.copytree(tiny_random_model_dir, folder)
@@ -603,3 +683,38 @@ def test_the_settings_start_at_the_models_own_defaults(engine):
     assert (value["qvl-temperature"], value["qvl-top-p"], value["qvl-top-k"],
             value["qvl-repetition-penalty"]) == (0.1, 0.001, 1, 1.05)
     assert Sampling.starting({}) == Sampling()
+
+
+# --------------------------------------------------------------------------- the built-in model
+SHAPES_PNG = {"red": "circle", "blue": "square", "green": "triangle", "yellow": "star"}
+
+
+def right_about_shapes_png(question: str, answer: str) -> bool:
+    """Whether `answer` is right about assets/shapes.png, for the question forms the built-in
+    model was trained on (tinylab/shapes.py); any other form is not an example for it."""
+    from tinylab import shapes as S
+
+    if question.startswith("How many shapes"):
+        return S.parse_count(answer) == 4 and S.parse_colours(answer) == set(SHAPES_PNG)
+    colour = next(c for c in SHAPES_PNG if f" {c}" in question)
+    return answer == f"The {colour} one is a {SHAPES_PNG[colour]}."
+
+
+def test_the_built_in_models_examples_come_first_and_are_answered_right(tiny_engine, engine):
+    """With the built-in model serving, the page's first examples are what it answers right,
+    asked through the page's controller at the page's starting settings; the others follow.
+    Another model gets the examples as they are."""
+    from ui.layout import EXAMPLES, TINY_EXAMPLES, examples_for
+
+    shown, label = examples_for(tiny_engine)
+    assert shown[:len(TINY_EXAMPLES)] == TINY_EXAMPLES and len(TINY_EXAMPLES) >= 3
+    assert sorted(shown[len(TINY_EXAMPLES):]) == sorted(e for e in EXAMPLES
+                                                         if e not in TINY_EXAMPLES)
+    assert f"answers the first {len(TINY_EXAMPLES)}" in label
+    assert examples_for(engine)[0] == EXAMPLES          # the random weights answer nothing
+    c = ChatController(tiny_engine, (ASSETS.resolve(),))
+    start = Sampling.starting(tiny_engine.sampling_defaults())
+    for name, question in TINY_EXAMPLES:
+        state, _ = ask(c, history.new_state(), question, [str(ASSETS / name)], start)
+        answer = state["turns"][-1]["text"]
+        assert right_about_shapes_png(question, answer), (question, answer)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from engine.geometry import resized_size
+from engine.inputs.geometry import resized_size
 from engine.tiny import MODEL_MAX_PIXELS, MODEL_MIN_PIXELS
 
 MIN_PIXELS = 224 * 224          # engine/types.py DEFAULT_MIN_PIXELS

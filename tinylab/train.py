@@ -668,7 +668,7 @@ def evaluate(n: int, seed: int = EVAL_SEED, model_dir: Path | None = None, verbo
     from PIL import Image  # noqa: F401
 
     from engine.config import EngineConfig
-    from engine.local import LocalEngine
+    from engine.backends.local import LocalEngine
     from engine.types import Conversation, GenerationRequest, ImageInput, Message, SamplingParams
 
     from engine import tiny

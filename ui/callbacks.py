@@ -12,7 +12,7 @@ import gradio as gr
 from engine.errors import EngineError
 
 from . import display, history
-from .chat import ChatController, Sampling
+from .chat import ChatController, RefusedFiles, Sampling
 
 BUSY_OUTPUTS = 7   # the message box, Stop, Retry, Undo, Clear, Save and Load
 
@@ -33,6 +33,12 @@ class Callbacks:
     def on_submit(self, raw: Any, message: Any, system: str, request: gr.Request):
         try:
             st, shown, accepted = self.ctrl.add_user_turn(raw, message, system, request)
+        except RefusedFiles as exc:   # an unreadable file leaves the box; the rest stays
+            them = "it" if len(exc.names) == 1 else "them"
+            rest = f" Press Enter to send the rest without {them}." \
+                if exc.box["text"].strip() or exc.box["files"] else ""
+            gr.Warning(f"Not sent: {exc.message}{rest}")
+            return [gr.skip(), gr.skip(), exc.box] + [gr.skip()] * (BUSY_OUTPUTS - 1)
         except EngineError as exc:    # e.g. a PDF with more pages than fit: the box keeps it
             gr.Warning(exc.message)
             return [gr.skip(), gr.skip()] + [gr.skip()] * BUSY_OUTPUTS

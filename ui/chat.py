@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from engine.base import Engine
-from engine.documents import PDF_SUFFIX, render_pages
 from engine.errors import EngineBusyError, EngineError, InvalidRequestError
-from engine.media import MediaPolicy
+from engine.inputs.documents import PDF_SUFFIX, page_sizes, render_pages
+from engine.inputs.media import MediaPolicy, load_image, load_video
 from engine.stream import RequestHandle
 from engine.types import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_TOKENS, DEFAULT_MIN_PIXELS, Finished,
                           GenerationRequest, SamplingParams, TextDelta)
@@ -146,6 +146,17 @@ def session_of(request: Any) -> str:
     return getattr(request, "session_hash", None) or "anonymous"
 
 
+class RefusedFiles(InvalidRequestError):
+    """Attached files the engine would refuse (not readable, or of a kind it does not take):
+    the message is not sent, and `box` is what stays in the message box (its text and the
+    other files), so a second Enter sends it without them instead of failing again."""
+
+    def __init__(self, message: str, box: dict, names: list[str]) -> None:
+        super().__init__(message, param="file")
+        self.box = box
+        self.names = names      # of the refused files
+
+
 @dataclass
 class ChatController:
     """Everything the Blocks callbacks need: the engine, where files may come
@@ -217,6 +228,7 @@ class ChatController:
         kept = [f for f in files if history.inside_roots(Path(f), self.upload_roots)]
         self.note_dropped([Path(f).name for f in files if f not in kept])
         self._check_room(state, kept)
+        self._refuse_unreadable(text, kept)     # RefusedFiles: the box keeps the rest
         files = self._pages(state, kept)        # InvalidRequestError: the box keeps it all
         self._check_room(state, files)
         if not text.strip() and not files:
@@ -224,6 +236,34 @@ class ChatController:
         self.active.forget_stop(session_of(request))
         state["turns"].append(history.user_turn(text, files, history.file_room(state)))
         return state, display.render(state), True
+
+    def _refusal(self, path: str) -> str | None:
+        """Why the engine would refuse this attached file, in one line that names it; None
+        when it takes it. The engine's own loaders decide (its picture and video checks, its
+        PDF reader), before the message leaves the box: a refused file then never enters the
+        chat, where a Retry or an Undo would bring it back."""
+        name = Path(path).name
+        policy = self.policy.with_limits(max_image_pixels=self.engine.max_image_pixels)
+        try:
+            if path.lower().endswith(PDF_SUFFIX):
+                page_sizes(Path(path), 1, self.engine.max_pixels_limit)
+            elif history.media_kind(path) == "image":
+                load_image(path, policy).close()
+            elif history.media_kind(path) == "video":
+                load_video(path, policy).close()
+            else:
+                raise history.unsupported(name)
+        except InvalidRequestError as exc:
+            return exc.message if history.names_file(exc.message, name) \
+                else f"{name}: {exc.message}"
+        return None
+
+    def _refuse_unreadable(self, text: str, files: list[str]) -> None:
+        refused = {f: why for f in dict.fromkeys(files) if (why := self._refusal(f))}
+        if refused:
+            raise RefusedFiles(" ".join(refused.values()),
+                               {"text": text, "files": [f for f in files if f not in refused]},
+                               [Path(f).name for f in refused])
 
     @staticmethod
     def _check_room(state: State, files: list[str]) -> None:
@@ -340,13 +380,17 @@ class ChatController:
         return state, display.render(state)
 
     def undo(self, raw_state: Any) -> tuple[State, list[dict], dict | None]:
-        """Remove the last exchange; its text and files go back into the textbox."""
+        """Remove the last exchange; its text and files go back into the textbox, except a
+        file its failed answer names (the engine refused it: it would fail again)."""
         state = self.load(raw_state)
+        last = state["turns"][-1] if state["turns"] else {}
+        error = (last.get("error") or "") if last.get("role") == "assistant" else ""
         turn = history.pop_last_exchange(state)
         box = None
         if turn is not None:
             box = {"text": turn["text"],
-                   "files": [f["path"] for f in turn["files"] if Path(f["path"]).is_file()]}
+                   "files": [f["path"] for f in turn["files"] if Path(f["path"]).is_file()
+                             and not history.names_file(error, f["name"])]}
         return state, display.render(state), box
 
     def clear(self, raw_state: Any) -> tuple[State, list[dict]]:

@@ -213,6 +213,15 @@ def shown(text: str, limit: int | None = None) -> str:
     return f"{head}{closing}\n\n{CUT_NOTE.format(total=len(text))}"
 
 
+def with_stop_mark(text: str) -> str:
+    """A stopped answer with its mark after it, outside any code block the answer left open
+    (an unfinished JSON block would otherwise show the mark as code)."""
+    if not text:
+        return STOPPED_NOTE
+    fence = _open_fence(text)
+    return f"{text}\n{fence}\n\n{STOPPED_NOTE}" if fence else f"{text} {STOPPED_NOTE}"
+
+
 def format_stats(stats: dict | None, finish: str) -> str:
     """One small line under an answer: time to first token, speed, tokens."""
     if not stats:
@@ -291,7 +300,7 @@ def render_indexed(state: State, streaming: str | None = None) -> tuple[list[dic
         text = turn["text"] and (shown(turn["text"], MAX_SHOWN_CHARS) if visible[i]
                                  else EARLIER_NOTE)
         if turn["finish"] == "cancelled":
-            text = f"{text} {STOPPED_NOTE}" if text else STOPPED_NOTE
+            text = with_stop_mark(text)
         if text:
             add(i, "assistant", text)
         for f in turn.get("figures") or []:

@@ -29,8 +29,8 @@ from typing import Any, Iterator
 
 from PIL import Image, ImageDraw, ImageFont
 
-from engine.geometry import resized_size
-from engine.media import MediaPolicy
+from engine.inputs.geometry import resized_size
+from engine.inputs.media import MediaPolicy
 
 COLOURS = ["#1f6feb", "#f58231", "#3cb44b", "#e6194b", "#911eb4", "#42d4f4", "#f032e6",
            "#bfef45", "#469990", "#9a6324"]

@@ -278,11 +278,32 @@ def user_message(turn: dict, skip_missing: bool = False) -> Message:
         elif kind == "video":
             videos.append(VideoInput(f["path"]))
         else:
-            raise InvalidRequestError(
-                f"Unsupported file {f['name']!r}: send images "
-                f"({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)}) or videos "
-                f"({', '.join(s.lstrip('.') for s in VIDEO_SUFFIXES)}).", param="file")
+            raise unsupported(f["name"])
     return Message("user", turn["text"], images=images, videos=videos)
+
+
+def unsupported(name: str) -> InvalidRequestError:
+    """The one-line refusal of a file that is neither a picture nor a video."""
+    return InvalidRequestError(
+        f"Unsupported file {name!r}: send images "
+        f"({', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)}) or videos "
+        f"({', '.join(s.lstrip('.') for s in VIDEO_SUFFIXES)}).", param="file")
+
+
+def media_seen(state: State) -> int:
+    """The pictures and videos of the chat that the model sees with the next question: those
+    of answered exchanges still on the server (`to_conversation` leaves a failed exchange
+    out, so a picture shown above a failed answer is not among them)."""
+    turns = state["turns"]
+    return sum(1 for i, t in enumerate(turns) if t["role"] == "user" and _answered(turns, i)
+               for f in t["files"] if media_kind(f["path"]) and Path(f["path"]).is_file())
+
+
+def names_file(message: str, name: str) -> bool:
+    """Whether an error message names the file `name` (the engine's refusals name the file
+    they refuse), as a whole name, not a part of a longer one."""
+    whole = rf"(?<![\w.-]){re.escape(name)}(?![\w-])"
+    return bool(name) and re.search(whole, message) is not None
 
 
 def to_conversation(state: State, system: str | None = None) -> Conversation:

@@ -1,24 +1,35 @@
 """The composer's token meter: what the attached pictures will cost before anything is
 sent, from their sizes alone (smart_resize at the current bounds, one token per 28x28
-pixels), against the context length, with a warning for what will not fit."""
+pixels), against the context length, with a warning for what will not fit; and, for a
+question about a picture when the model would see none, a note saying so."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from engine.config import EngineConfig
-from engine.documents import PDF_SUFFIX, page_sizes
 from engine.errors import EngineError
-from engine.geometry import image_tokens
+from engine.inputs.documents import PDF_SUFFIX, page_sizes
+from engine.inputs.geometry import image_tokens
 
 from . import history
 from .history import State
 
 CHARS_PER_TOKEN = 3          # a rough English/Chinese average, for text not yet tokenized
 ROTATED = (5, 6, 7, 8)       # EXIF orientations that swap width and height
+# Words of a question about a picture (the task presets' prompts among them).
+ABOUT_A_PICTURE = re.compile(r"\b(?:pictures?|images?|photos?|photographs?|videos?|this|these|"
+                             r"shapes?|charts?|diagrams?|detect|locate|bbox|qwenvl html)\b",
+                             re.IGNORECASE)
+NO_PICTURE = ("🖼 **No picture in this chat:** the model will not see one with this "
+              "question. Attach a picture (or pick an example) to ask about it.")
+NO_PICTURE_SEEN = ("🖼 **No picture the model can see in this chat:** the files above belong "
+                   "to a message that failed (or are no longer on the server). Attach a "
+                   "picture to ask about it.")
 
 
 @dataclass
@@ -35,6 +46,9 @@ class Measure:
     chat_tokens: int = 0        # what the chat so far costs (the last request, or an estimate)
     chat_pictures: int = 0
     text_tokens: int = 0
+    chat_media_seen: int = 0    # the chat's pictures and videos the model sees (answered ones)
+    asks_about_picture: bool = False
+    chat_files: int = 0         # files the chat's questions name, seen by the model or not
 
     @property
     def new_tokens(self) -> int:
@@ -95,6 +109,9 @@ def measure(state: State, text: str, files: list[str], lo: int, hi: int,
                   text_tokens=len(text) // CHARS_PER_TOKEN)
     out.chat_pictures = sum(1 for t in state["turns"] if t["role"] == "user"
                             for f in t["files"] if history.media_kind(f["path"]) == "image")
+    out.chat_media_seen = history.media_seen(state)
+    out.asks_about_picture = ABOUT_A_PICTURE.search(text) is not None
+    out.chat_files = history.files_in(state)
     last = next((t for t in reversed(state["turns"]) if t["role"] == "assistant"
                  and t.get("stats")), None)
     if last is not None:
@@ -112,8 +129,11 @@ def measure(state: State, text: str, files: list[str], lo: int, hi: int,
 
 
 def describe(m: Measure, max_model_len: int, limit_images: int, max_tokens: int) -> str:
-    """One or two lines of markdown for the page (empty while nothing is attached)."""
+    """One or two lines of markdown for the page: empty while nothing is attached, unless
+    the question is about a picture and the model would see none."""
     if not m.items:
+        if m.asks_about_picture and not m.chat_media_seen:
+            return NO_PICTURE_SEEN if m.chat_files else NO_PICTURE
         return ""
     parts = [f"**{i.name}**: {i.tokens:,} tokens ({i.note})" if i.tokens is not None
              else f"**{i.name}**: {i.note}" for i in m.items]

@@ -1,13 +1,15 @@
 """The output processor: token ids in, text out. Incremental detokenizing (whole UTF-8
 characters only), stop strings, per-row token limits and cancellation for one request's
-row, and its text pushed to that request's RequestHandle. The scheduler hands each row
+row, and its text pushed to that request's RequestHandle. The engine core hands each row
 its sampled token ids; nothing here touches the device."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-from .types import FinishReason, TextDelta
+from ..stream import RequestHandle
+from ..types import FinishReason, TextDelta
 
 def is_byte_level(tokenizer: Any) -> bool:
     """Whether the tokenizer decodes by concatenating each token's bytes (Qwen's byte-level
@@ -17,8 +19,8 @@ def is_byte_level(tokenizer: Any) -> bool:
 
 
 class TokenPieces:
-    """Each token's text alone, decoded once per token id and shared by every row of a
-    worker (None where the tokenizer is not byte-level, so every token takes the full path)."""
+    """Each token's text alone, decoded once per token id and shared by every row of an
+    engine (None where the tokenizer is not byte-level, so every token takes the full path)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -175,3 +177,34 @@ class RowState:
                 return self.reason
         self._emit_ready(final=True)
         return self.reason
+
+
+class OutputProcessor:
+    """Every running row's text: one tokenizer of its own (decoding here, on the device
+    thread, while the input stage encodes with the original elsewhere) and one token-piece
+    cache for all rows, and the pace at which rows' text is handed to their consumers."""
+
+    def __init__(self, tokenizer: Any, eos_ids: set[int]) -> None:
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.pieces = TokenPieces(self.tokenizer)
+        self.eos_ids = eos_ids
+        self._flushed_at = 0.0
+
+    def new_row(self, item: Any) -> RowState:
+        """The output state of an admitted request (a WorkItem: request, prompt, handle)."""
+        return RowState(item, self.tokenizer, self.eos_ids, self.pieces)
+
+    def on_tokens(self, rows: list[RowState], tokens: list[int], now: float) -> list[bool]:
+        """Each row's new token; which rows it ended. A row's first text goes out at once,
+        the rest at most every `notify_interval_s`, the rate consumers are woken at anyway."""
+        flush = now - self._flushed_at >= RequestHandle.notify_interval_s
+        ended = []
+        for out, token in zip(rows, tokens):
+            first = out.first_token_at is None
+            out.on_token(token, now)
+            ended.append(out.done)
+            if not out.done and (first or flush):
+                out.flush()
+        if flush:
+            self._flushed_at = now
+        return ended

@@ -27,14 +27,14 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from .base import Engine
-from .config import EngineConfig
-from .errors import (DeviceOutOfMemoryError, EngineBusyError, EngineError, InvalidRequestError,
+from ..base import Engine
+from ..config import EngineConfig
+from ..errors import (DeviceOutOfMemoryError, EngineBusyError, EngineError, InvalidRequestError,
                      ModelLoadError, ModelNotFoundError)
-from .inputs import InputStage, LoadedImage, LoadedMessage, LoadedVideo, close_all
-from .media import MediaPolicy
-from .stream import RequestHandle
-from .types import Finished, FinishReason, GenerationRequest, RequestStats, TextDelta
+from ..inputs.stage import InputStage, LoadedImage, LoadedMessage, LoadedVideo, close_all
+from ..inputs.media import MediaPolicy
+from ..stream import RequestHandle
+from ..types import Finished, FinishReason, GenerationRequest, RequestStats, TextDelta
 
 log = logging.getLogger("engine.requests")
 

@@ -170,7 +170,8 @@ def select_device(requested: str = "auto", dtype: str | None = None, index: int 
         # Precompiled kernels: jit makes the first run very slow and bf16 Conv3D fails under jit.
         torch.npu.set_compile_mode(jit_compile=False)
         dev.bind_thread()
-    log.info("device: %s", dev.describe())
+    if kind != "cpu":     # the CPU's threads are picked with the model (load_model)
+        log.info("device: %s", dev.describe())
     return dev
 
 

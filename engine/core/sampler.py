@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .types import SamplingParams
+from ..types import SamplingParams
 
 # transformers' GenerationConfig._get_default_generation_params(): what `generate` uses for
 # a field that both the request and the model's generation_config leave unset (None).
@@ -111,7 +111,7 @@ def _no_tokens(vocab_size: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(vocab_size, dtype=torch.bool, device=device)
 
 
-def _divides_by_reciprocal(device: torch.device) -> bool:
+def divides_by_reciprocal(device: torch.device) -> bool:
     """Whether `tensor / python_float` multiplies by the float32 reciprocal on `device`.
 
     PyTorch's CUDA kernel does (the CPU one divides), so transformers' `scores / penalty`
@@ -132,7 +132,7 @@ class RowSampler:
     """
 
     def __init__(self, settings: RowSampling, prompt_ids: torch.Tensor, vocab_size: int,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, reciprocal: bool | None = None) -> None:
         self.settings = settings
         self.vocab_size = int(vocab_size)
         self.device = torch.device(device)
@@ -151,7 +151,8 @@ class RowSampler:
             self.seen = seen[:self.vocab_size]
         eos = [i for i in settings.eos_ids if 0 <= i < self.vocab_size]
         self.eos = torch.tensor(eos, dtype=torch.long, device=self.device) if eos else None
-        self.reciprocal = _divides_by_reciprocal(self.device)
+        # how this device divides by a Python float (None: as PyTorch does on it)
+        self.reciprocal = divides_by_reciprocal(self.device) if reciprocal is None else reciprocal
         penalty, temperature = settings.repetition_penalty, settings.temperature
         top_p_cut = 1.0 - settings.top_p if settings.top_p < 1.0 else -math.inf
         # [penalty, penalty and temperature as divisors, top_k, 1 - top_p]: stacked over

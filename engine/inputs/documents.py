@@ -17,8 +17,8 @@ from typing import Iterator
 
 from PIL import Image
 
-from .config import DEFAULT_MAX_PIXELS_LIMIT
-from .errors import InvalidRequestError
+from ..config import DEFAULT_MAX_PIXELS_LIMIT
+from ..errors import InvalidRequestError
 from .geometry import MAX_RATIO
 
 PDF_SUFFIX = ".pdf"

@@ -8,8 +8,8 @@ import copy
 import math
 from typing import Any
 
-from .errors import InvalidRequestError
-from .types import SamplingParams
+from ..errors import InvalidRequestError
+from ..types import SamplingParams
 
 MAX_STOP_STRINGS = 16
 

@@ -16,12 +16,12 @@ from typing import Union
 from PIL import Image
 
 from .caches import BoundedCache, content_key
-from .config import DEFAULT_VIDEO_MAX_DECODED_PIXELS, DEFAULT_VIDEO_MAX_FPS, EngineConfig
-from .errors import InvalidRequestError
+from ..config import EngineConfig
+from ..errors import InvalidRequestError
 from .geometry import PATCH, smart_resize
 from .media import MediaPolicy, VideoFile, load_image, load_video, open_image, read_source_bytes
-from .sampling import validate_sampling
-from .types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, GenerationRequest, VideoInput
+from .validation import validate_sampling
+from ..types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, GenerationRequest, VideoInput
 
 
 
@@ -33,12 +33,12 @@ class VideoSampling:
     max_image_pixels). The per-frame pixel bound: Qwen's own default for video frames is
     768*28*28 in total."""
 
-    fps: float = 2.0
-    max_frames: int = 32
-    max_pixels: int = 360 * 420
-    max_fps: float = DEFAULT_VIDEO_MAX_FPS
-    max_decoded_pixels: int = DEFAULT_VIDEO_MAX_DECODED_PIXELS
-    max_frame_pixels: int = MediaPolicy.max_image_pixels
+    fps: float = EngineConfig.video_fps
+    max_frames: int = EngineConfig.video_max_frames
+    max_pixels: int = EngineConfig.video_max_pixels
+    max_fps: float = EngineConfig.video_max_fps
+    max_decoded_pixels: int = EngineConfig.video_max_decoded_pixels
+    max_frame_pixels: int = EngineConfig.max_image_pixels
 
 
 @dataclass

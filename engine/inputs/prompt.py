@@ -13,14 +13,14 @@ from typing import Any, NamedTuple
 from PIL import Image
 from transformers import BatchFeature
 
-from .config import VIDEO_FRAME_MIN_COST
-from .errors import InvalidRequestError
+from ..config import VIDEO_FRAME_MIN_COST
+from ..errors import InvalidRequestError
 from .caches import BoundedCache
 from .geometry import PATCH, smart_resize
-from .inputs import (InputStage, LoadedImage, LoadedMessage, LoadedVideo, VideoSampling,
+from .stage import (InputStage, LoadedImage, LoadedMessage, LoadedVideo, VideoSampling,
                      close_all, context_error, picture_key)
 from .media import MediaPolicy, check_video_frame
-from .types import DEFAULT_MAX_TOKENS, GenerationRequest
+from ..types import DEFAULT_MAX_TOKENS, GenerationRequest
 
 
 class MediaSpan(NamedTuple):

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from .kvstore import KVStore
-from .prompt import MediaSpan
+from ..inputs.prompt import MediaSpan
 
 BLOCK_SIZE = 16
 CHUNK_BLOCKS = 256                  # blocks allocated at a time, up to the budget
@@ -83,6 +83,11 @@ class PrefixCache:
         return sum(k[0].shape[0] for k, _ in self.chunks) * self.block_bytes
 
     # ------------------------------------------------------------- lookup
+    def lookup(self, ids: Sequence[int], media: Sequence[MediaSpan]) -> tuple[list[bytes], int]:
+        """A prompt's block keys, and how many of its tokens the cache holds (`match`)."""
+        keys = block_keys(ids, media, self.block_size)
+        return keys, self.match(keys, len(ids))
+
     def match(self, keys: Sequence[bytes], prompt_tokens: int) -> int:
         """Tokens of the prompt found in the cache (whole blocks, leaving at least one
         token to prefill: its logits give the first new token). Counts toward the hit rate."""
@@ -101,6 +106,17 @@ class PrefixCache:
         if n:
             self._copy([self._blocks[k] for k in keys[:n]], row, to_row=True)
             self.kv.lengths[row] = tokens
+
+    def keep(self, row: int, tokens: Sequence[int], media: Sequence[MediaSpan],
+             known: Sequence[bytes] = ()) -> None:
+        """A finished row's KV, for the next turn of its chat (or anyone whose prompt starts
+        the same): every full block of `tokens` (its prompt and answer, as far as the row
+        holds their KV). `known`: its prompt's keys, from `lookup`."""
+        if len(tokens) < self.block_size:
+            return
+        keys = block_keys(tokens, media, self.block_size,
+                          known=known[:len(tokens) // self.block_size])
+        self.store(row, keys)
 
     def store(self, row: int, keys: Sequence[bytes]) -> None:
         """Keep the row's blocks that are not cached yet (keys: its full blocks, in order)."""

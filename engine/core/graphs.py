@@ -1,4 +1,4 @@
-"""A captured decode step: CUDA graphs on CUDA, torch_npu's NPUGraph on an NPU (behind
+"""A captured decode step (a `DecodeStep`, engine.core.runner): CUDA graphs on CUDA, torch_npu's NPUGraph on an NPU (behind
 --npu-graphs: unverified on hardware), eager everywhere else and whenever capture fails.
 
 The eager step launches hundreds of small kernels per token, and on a large device the
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .step import ModelRunner
+from .runner import DecodeStep, EagerDecode, ModelRunner
 
 log = logging.getLogger("engine")
 
@@ -55,7 +55,7 @@ class StaticInputs:
 
 
 class GraphedDecode:
-    """The decode step of a ModelRunner, replayed from captured graphs."""
+    """The decode step of a ModelRunner (`forward_decode`), replayed from captured graphs."""
 
     def __init__(self, runner: ModelRunner, api: Any, max_batch: int, max_len: int) -> None:
         self.runner = runner
@@ -83,7 +83,7 @@ class GraphedDecode:
                 seen=torch.zeros(batch, dtype=torch.long, device=dev))
         return self.inputs[batch]
 
-    def prepare(self) -> None:
+    def capture(self) -> None:
         """Capture every bucket, largest first (later graphs reuse the first one's memory
         pool). Inputs are padding while capturing: every write goes to the scratch slot."""
         pool = self.api.graph_pool_handle()
@@ -93,7 +93,8 @@ class GraphedDecode:
                 static = self._static(batch)
                 for kv_len in sorted(self.kv_lens, reverse=True):
                     step = (lambda s=static, n=kv_len:
-                            self.runner.decode(s.ids, s.positions, s.write_pos, s.seen, n))
+                            self.runner.forward_decode(s.ids, s.positions, s.write_pos, s.seen,
+                                                       n))
                     stream.wait_stream(self.api.current_stream())
                     with self.api.stream(stream):          # allocator and kernels warm up
                         step()
@@ -126,31 +127,32 @@ def graph_api(kind: str) -> Any:
 
 
 def decode_step_for(runner: ModelRunner, enforce_eager: bool, npu_graphs: bool,
-                    max_batch: int, max_len: int) -> Any:
-    """The step the scheduler runs: a GraphedDecode where the device supports capture and
-    it was not turned off, else the runner itself (eager). `prepare()` (capture) runs on
-    the device thread; a failed capture falls back to eager with a warning."""
+                    max_batch: int, max_len: int) -> DecodeStep:
+    """The step the runner runs: a GraphedDecode where the device supports capture and it
+    was not turned off, else the eager step. `capture()` runs on the device thread (the
+    runner's `prepare`); a failed capture falls back to eager with a warning."""
     kind = runner.device.kind
     wanted = (kind == "cuda" and not enforce_eager) or (kind == "npu" and npu_graphs
                                                         and not enforce_eager)
     if not wanted:
         if kind == "npu" and not npu_graphs:
             log.info("decode step: eager on the NPU (--npu-graphs captures it, unverified)")
-        return runner
-    return FallbackToEager(GraphedDecode(runner, graph_api(kind), max_batch, max_len), runner)
+        return EagerDecode(runner)
+    return FallbackToEager(GraphedDecode(runner, graph_api(kind), max_batch, max_len),
+                           EagerDecode(runner))
 
 
 class FallbackToEager:
     """A captured step that turns into the eager one if capture fails."""
 
-    def __init__(self, graphed: GraphedDecode, eager: ModelRunner) -> None:
+    def __init__(self, graphed: GraphedDecode, eager: DecodeStep) -> None:
         self.graphed = graphed
         self.eager = eager
-        self.active: Any = graphed
+        self.active: DecodeStep = graphed
 
-    def prepare(self) -> None:
+    def capture(self) -> None:
         try:
-            self.graphed.prepare()
+            self.graphed.capture()
         except Exception as exc:
             log.warning("decode step capture failed (%s: %s); running eager",
                         type(exc).__name__, exc)
@@ -166,5 +168,6 @@ class FallbackToEager:
     def kv_len_for(self, length: int) -> int:
         return self.active.kv_len_for(length)
 
-    def decode(self, *args: Any) -> torch.Tensor:
-        return self.active.decode(*args)
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor, write_pos: torch.Tensor,
+               seen: torch.Tensor, kv_len: int, unmasked: bool = False) -> torch.Tensor:
+        return self.active.decode(ids, positions, write_pos, seen, kv_len, unmasked)

@@ -1,20 +1,24 @@
-"""The model's forward passes as the scheduler needs them: a prompt's embeddings and M-RoPE
-positions, a chunk of its prefill into its KV row, and one decode step over the first B
-rows. Positions are always passed explicitly (the model's stateful `rope_deltas` would be
-wrong as soon as requests interleave); masks are 4-D, so transformers uses them as given."""
+"""The model runner: what the scheduler planned, run on the device. A prompt's embeddings
+and M-RoPE positions (its cached prefix copied into its KV row first), a chunk of its
+prefill into that row, and one decode step over the running rows: their tensors assembled
+here, the step itself eager or replayed from captured graphs (a `DecodeStep`, see
+engine.core.graphs). Positions are always passed explicitly (the model's stateful
+`rope_deltas` would be wrong as soon as requests interleave); masks are 4-D, so
+transformers uses them as given."""
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from .caches import BoundedCache
-from .device import Device
+from ..inputs.caches import BoundedCache
+from ..inputs.prompt import MediaSpan, PreparedPrompt
+from ..model.device import Device
 from .kvstore import KVStore, decode_mask, prefill_mask
-from .prompt import MediaSpan
+from .prefix import PrefixCache
 
 MEDIA = (("image", "pixel_values", "image_grid_thw"),
          ("video", "pixel_values_videos", "video_grid_thw"))
@@ -44,14 +48,72 @@ def _masks(mask: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
     return {"full_attention": mask, "sliding_attention": mask}
 
 
+class DecodeStep(Protocol):
+    """One decode step over rows [0, B) as the runner calls it: eager (`EagerDecode`) or
+    replayed from graphs captured per (batch, KV length) bucket (engine.core.graphs)."""
+
+    def batch_size_for(self, rows: int) -> int:
+        """The batch the step runs for `rows` rows in use (a captured step's bucket)."""
+        ...
+
+    def kv_len_for(self, length: int) -> int:
+        """The KV length the step attends over for rows holding up to `length` tokens."""
+        ...
+
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor, write_pos: torch.Tensor,
+               seen: torch.Tensor, kv_len: int, unmasked: bool = False) -> torch.Tensor:
+        """Logits (B, V): see ModelRunner.forward_decode."""
+        ...
+
+
+@runtime_checkable
+class CapturedStep(DecodeStep, Protocol):
+    """A decode step with graphs to capture before the first request, on the device thread
+    that replays them."""
+
+    def capture(self) -> None:
+        ...
+
+
+class DecodingRow(Protocol):
+    """What the runner reads of a running row to decode it (the scheduler's Sequence)."""
+
+    row: int          # its KV row
+    last_token: int   # the token it feeds in
+    length: int       # tokens whose KV the row holds
+    delta: int        # M-RoPE offset of its text positions after the prompt
+
+
+class EagerDecode:
+    """The decode step run as it is: exactly the rows in use, over exactly the KV they hold
+    (a captured step rounds both up to the bucket it was captured for)."""
+
+    def __init__(self, runner: "ModelRunner") -> None:
+        self.runner = runner
+
+    def batch_size_for(self, rows: int) -> int:
+        return rows
+
+    def kv_len_for(self, length: int) -> int:
+        return length
+
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor, write_pos: torch.Tensor,
+               seen: torch.Tensor, kv_len: int, unmasked: bool = False) -> torch.Tensor:
+        return self.runner.forward_decode(ids, positions, write_pos, seen, kv_len, unmasked)
+
+
 class ModelRunner:
     """Forward passes of one Qwen2.5-VL over a KVStore, on the device thread."""
 
     def __init__(self, model: Any, kv: KVStore, device: Device,
-                 encoder: BoundedCache[torch.Tensor] | None = None) -> None:
+                 encoder: BoundedCache[torch.Tensor] | None = None,
+                 prefix: PrefixCache | None = None) -> None:
         self.model = model
         self.encoder_cache = encoder if encoder is not None else encoder_cache(0)
         self.kv = kv
+        self.prefix = prefix
+        # eager; the local engine puts a captured one here (engine.core.graphs.decode_step_for)
+        self.decode_step: DecodeStep = EagerDecode(self)
         self.device = device
         self.dtype = device.dtype
         self.dev = device.torch_device
@@ -65,11 +127,25 @@ class ModelRunner:
         self.rope_takes_types = "mm_token_type_ids" in inspect.signature(
             self.core.get_rope_index).parameters
 
+    def prepare(self) -> None:
+        """Capture the decode step's graphs, where it has them: on the device thread, before
+        the first request (the thread that replays them)."""
+        if isinstance(self.decode_step, CapturedStep):
+            self.decode_step.capture()
+
     def _to_device(self, value: Any) -> Any:
         if not isinstance(value, torch.Tensor):
             return value
         value = value.to(self.dev)
         return value.to(self.dtype) if value.is_floating_point() else value
+
+    def begin_prompt(self, row: int, prompt: PreparedPrompt, keys: Sequence[bytes],
+                     cached: int) -> PromptEmbedding:
+        """A prompt's first prefill: its first `cached` tokens' KV copied from the prefix cache
+        into its row (`keys`, `cached`: what the scheduler found there), the rest embedded."""
+        if self.prefix is not None:
+            self.prefix.load(row, keys, cached)
+        return self.embed(prompt.inputs, prompt.media, skip_before=cached)
 
     def embed(self, inputs: dict[str, Any], media: list[MediaSpan] | None = None,
               skip_before: int = 0) -> PromptEmbedding:
@@ -149,18 +225,9 @@ class ModelRunner:
         self.kv.lengths[row] = end
         return self.lm_head(out.last_hidden_state[0, -1])
 
-    def prepare(self) -> None:
-        """Nothing to capture: the eager step (see engine.graphs for the captured one)."""
-
-    def batch_size_for(self, rows: int) -> int:
-        """Eager steps run exactly the rows in use (a captured step rounds up to a bucket)."""
-        return rows
-
-    def kv_len_for(self, length: int) -> int:
-        return length
-
-    def decode(self, ids: torch.Tensor, positions: torch.Tensor, write_pos: torch.Tensor,
-               seen: torch.Tensor, kv_len: int, unmasked: bool = False) -> torch.Tensor:
+    def forward_decode(self, ids: torch.Tensor, positions: torch.Tensor,
+                       write_pos: torch.Tensor, seen: torch.Tensor, kv_len: int,
+                       unmasked: bool = False) -> torch.Tensor:
         """One token for each of rows [0, B): ids (B,), positions (B,) (the M-RoPE text
         position, equal in all three sections), write_pos (B,), seen (B,). Logits (B, V).
         Every shape depends on (B, kv_len) only, so the step can be captured. `unmasked`:
@@ -172,3 +239,24 @@ class ModelRunner:
                         attention_mask=_masks(mask), use_cache=True,
                         **{self.cache_arg: self.kv.decode_view(batch, write_pos, kv_len)})
         return self.lm_head(out.last_hidden_state[:, -1])
+
+    def decode(self, rows: Sequence[DecodingRow], pad_id: int) -> torch.Tensor:
+        """One decode step for the running rows: logits (len(rows), V), in their order. The
+        step runs rows [0, B) for B its batch size: rows not running take part as padding
+        (`pad_id`, writing only into the scratch position), and are dropped from the logits."""
+        step = self.decode_step
+        batch = step.batch_size_for(max(r.row for r in rows) + 1)
+        ids, positions = [pad_id] * batch, [0] * batch
+        write_pos, seen = [self.kv.scratch] * batch, [0] * batch   # padding rows
+        for r in rows:
+            ids[r.row], positions[r.row] = r.last_token, r.length + r.delta
+            write_pos[r.row] = seen[r.row] = r.length
+        longest = max(r.length for r in rows) + 1
+        kv_len = step.kv_len_for(longest)
+        order = [r.row for r in rows]
+        # one host-to-device copy for all four inputs
+        inputs = torch.tensor([ids, positions, write_pos, seen]).to(self.dev).unbind(0)
+        logits = step.decode(*inputs, kv_len, batch == 1 and kv_len == longest)
+        if order != list(range(batch)):   # padding or gaps: the running rows only
+            logits = logits[torch.tensor(order, device=self.dev)]
+        return logits

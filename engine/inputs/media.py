@@ -23,7 +23,8 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InvalidRequestError
+from ..config import EngineConfig
+from ..errors import InvalidRequestError
 from .geometry import MAX_RATIO
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
@@ -42,9 +43,9 @@ class MediaPolicy:
 
     local_roots: tuple[Path, ...] | None = None
     allow_private_hosts: bool = False
-    timeout_s: float = 10.0
-    max_bytes: int = 50 * 1024 * 1024
-    max_image_pixels: int = 64_000_000
+    timeout_s: float = EngineConfig.fetch_timeout
+    max_bytes: int = int(EngineConfig.max_media_mb * 1024 * 1024)
+    max_image_pixels: int = EngineConfig.max_image_pixels
     max_redirects: int = 3
 
     def with_limits(self, max_media_mb: float | None = None, max_image_pixels: int | None = None,

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import EngineError
+from ..errors import EngineError
 
 GIB = 1024 ** 3
 

@@ -1,0 +1,296 @@
+"""The engine core: the one thread that owns the device, and the bounded queue that feeds it.
+
+Each step of its loop admits waiting requests, ends the cancelled rows, asks the scheduler
+for the step's plan, and carries it out: the runner prefills each planned chunk and runs
+one decode step for the decoding rows, the sampler picks each row's token with its own
+settings, the output processor streams each row's text, and rows that end are retired at
+once (their KV kept in the prefix cache, their record logged and handed to the listener).
+
+`submit` is thread-safe and never blocks on the device."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from typing import Any, Callable
+
+import torch
+
+from ..errors import DeviceOutOfMemoryError, EngineBusyError, EngineError
+from ..inputs.prompt import PreparedPrompt
+from ..model.device import Device
+from ..stream import RequestHandle
+from ..types import Finished, FinishReason, GenerationRequest, RequestStats
+from .kvstore import KVStore
+from .output import OutputProcessor
+from .prefix import PrefixCache
+from .runner import ModelRunner
+from .sampler import RowSampler, resolve, sample
+from .scheduler import DEFAULT_PREFILL_CHUNK, PrefillChunk, Scheduler, Sequence, WorkItem
+from .stats import cache_figures, log_request, request_stats
+
+log = logging.getLogger("engine.requests")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return "out of memory" in str(exc).lower()   # torch_npu raises RuntimeError("NPU out of memory...")
+
+
+def _step_error(exc: Exception) -> EngineError:
+    if is_out_of_memory(exc):
+        return DeviceOutOfMemoryError(
+            "The device ran out of memory for this request. Try fewer or smaller images, "
+            "a shorter conversation or fewer max tokens.")
+    log.exception("model step failed")
+    return EngineError(f"Generation failed: {type(exc).__name__}: {exc}")
+
+
+class EngineCore:
+    """Owns the device: a step loop over a KVStore, fed by a bounded queue."""
+
+    def __init__(self, runner: ModelRunner, tokenizer: Any, *, max_queue: int = 32,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 on_finish: Callable[[WorkItem, Finished], None] | None = None,
+                 generation_config: Any = None, prefix: PrefixCache | None = None) -> None:
+        model = runner.model
+        self.runner = runner
+        self.device: Device = runner.device
+        self.kv: KVStore = runner.kv
+        self.prefix = prefix
+        self.scheduler = Scheduler(self.kv, prefill_chunk=prefill_chunk, prefix=prefix)
+        self.max_queue = max_queue
+        self.on_finish = on_finish
+        self.generation_config = generation_config or model.generation_config
+        eos = self.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        pad = self.generation_config.pad_token_id
+        self.pad_id = int(pad if pad is not None else min(self.eos_ids or {0}))
+        self.vocab_size = model.config.get_text_config().vocab_size
+        self.output = OutputProcessor(tokenizer, self.eos_ids)
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._done_totals = (0, 0, 0)   # finished requests: (count, prompt tokens, generated)
+        self._thread = threading.Thread(target=self._loop, name="engine-core", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ API
+    def submit(self, request: GenerationRequest, prompt: PreparedPrompt) -> RequestHandle:
+        """Queue a prepared request; EngineBusyError past the queue bound."""
+        with self._cond:
+            if self._stopping:
+                raise EngineError("The engine is shutting down.")
+            waiting = self.scheduler.waiting_count()
+            if waiting >= self.max_queue:
+                raise EngineBusyError(
+                    f"The server is busy: {waiting} requests are already waiting. "
+                    "Please try again shortly.")
+            # The cancel callback reaches the item through a weak reference: a closure over
+            # the item itself made a cycle (handle -> callback -> item -> handle) that kept
+            # every finished request's tensors, images and data: URIs alive until Python's
+            # rare full garbage collection (hundreds of MB under concurrent image requests).
+            item_ref: weakref.ref[WorkItem] | None = None
+
+            def cancel_queued() -> None:
+                queued = item_ref() if item_ref is not None else None
+                if queued is not None:
+                    self._cancel_queued(queued)
+                else:
+                    self._wake()
+
+            handle = RequestHandle(request.request_id, on_cancel=cancel_queued)
+            item = WorkItem(request, prompt, handle)
+            item_ref = weakref.ref(item)
+            self.scheduler.add(item)
+            self._cond.notify_all()
+        return handle
+
+    def queue_depth(self) -> int:
+        with self._cond:
+            return self.scheduler.waiting_count()
+
+    def running_count(self) -> int:
+        with self._cond:
+            return self.scheduler.running_count()
+
+    def kv_usage(self) -> float:
+        return self.kv.usage()
+
+    def cache_figures(self) -> dict[str, float]:
+        """Prefix and encoder cache figures for /metrics and the periodic line."""
+        return cache_figures(self.runner.encoder_cache, self.prefix)
+
+    def totals(self) -> tuple[int, int, int]:
+        """(requests finished, prompt tokens, generated tokens) so far, the running rows
+        counted as far as they got: the periodic stats line takes differences of these."""
+        with self._cond:
+            done, prompt, generated = self._done_totals
+            for seq in self.scheduler.running:
+                if seq.handle.finished is None:
+                    prompt += seq.prefilled
+                    generated += seq.handle.tokens
+            return done, prompt, generated
+
+    def queue_position(self, request_id: str) -> int | None:
+        """0 while running, 1.. while waiting, None when unknown or finished."""
+        with self._cond:
+            return self.scheduler.position(request_id)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            pending = list(self.scheduler.waiting)
+            self.scheduler.waiting.clear()
+            active = list(self.scheduler.running)
+            self._cond.notify_all()
+        for item in pending:
+            self._finish(item, "cancelled", RequestStats())
+        for seq in active:
+            seq.handle.cancel()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------ the loop
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _cancel_queued(self, item: WorkItem) -> None:
+        with self._cond:
+            if not self.scheduler.remove_waiting(item):   # admitted: the loop sees the cancel
+                self._cond.notify_all()
+                return
+        self._finish(item, "cancelled", request_stats(item, None, 0, time.monotonic()))
+
+    def _loop(self) -> None:
+        self.device.bind_thread()
+        self.runner.prepare()             # graph capture, on the thread that replays them
+        while self._wait_for_work():
+            try:
+                self._step()
+            except BaseException as exc:  # never let the device thread die
+                log.exception("engine core: unexpected failure")
+                self._fail(list(self.scheduler.running), EngineError(str(exc)))
+        self._fail(list(self.scheduler.running), None)
+
+    def _wait_for_work(self) -> bool:
+        with self._cond:
+            while (not self._stopping and not self.scheduler.waiting
+                   and not self.scheduler.running):
+                self._cond.wait()
+            return not self._stopping
+
+    def _step(self) -> None:
+        with self._cond:
+            self.scheduler.admit(self._new_sequence)
+        self._retire(self.scheduler.cancelled(), "cancelled")
+        plan = self.scheduler.schedule()
+        for chunk in plan.prefill:
+            self._prefill(chunk)
+        self._decode([s for s in plan.decode if s.decoding and s in self.scheduler.running])
+
+    def _new_sequence(self, item: WorkItem, row: int) -> Sequence:
+        ids = item.prompt.inputs["input_ids"][0]
+        settings = resolve(item.request.sampling, self.generation_config, self.eos_ids)
+        sampler = RowSampler(settings, ids, self.vocab_size, self.device.torch_device)
+        return Sequence(item, row, self.output.new_row(item), sampler, time.monotonic(),
+                        prompt_ids=ids.tolist())
+
+    # ------------------------------------------------------------ running the plan
+    def _prefill(self, chunk: PrefillChunk) -> None:
+        """One row's planned prompt tokens; the row's first token when they end its prompt."""
+        seq = chunk.seq
+        try:
+            with torch.inference_mode():
+                if seq.embedding is None:
+                    seq.embedding = self.runner.begin_prompt(seq.row, seq.item.prompt,
+                                                             seq.keys, seq.cached)
+                    seq.delta = seq.embedding.delta
+                logits = self.runner.prefill(seq.row, seq.embedding, chunk.start, chunk.end)
+            self.scheduler.prefilled(chunk)
+            if seq.prefilling:
+                return
+            seq.embedding = None                  # prompt done: its tensors go
+            token = sample(logits[None], [seq.sampler])[0]
+            self._accept([seq], [token], time.monotonic())
+        except Exception as exc:
+            self._fail([seq], _step_error(exc))
+            self.device.empty_cache()
+
+    def _decode(self, rows: list[Sequence]) -> None:
+        if not rows:
+            return
+        try:
+            with torch.inference_mode():
+                logits = self.runner.decode(rows, self.pad_id)
+                tokens = sample(logits, [s.sampler for s in rows])
+        except Exception as exc:
+            self._fail(rows, _step_error(exc))
+            self.device.empty_cache()
+            return
+        self.scheduler.decoded(rows)
+        self._accept(rows, tokens, time.monotonic())
+
+    def _accept(self, rows: list[Sequence], tokens: list[int], now: float) -> None:
+        """Each row's new token: sampler state, text out, and the end of finished rows."""
+        for seq, token in zip(rows, tokens):
+            seq.append(token)
+        ended = self.output.on_tokens([s.out for s in rows], tokens, now)
+        self._retire([s for s, done in zip(rows, ended) if done], None)
+
+    # ------------------------------------------------------------- endings
+    def _retire(self, rows: list[Sequence], reason: FinishReason | None) -> None:
+        """End rows at once and free their KV rows. `reason` overrides the row's own."""
+        for seq in rows:
+            if reason is not None and seq.out.reason is None:
+                seq.out.reason = reason
+            final = seq.out.finish("length" if seq.handle.tokens >= seq.out.max_new else "stop")
+            try:
+                self._keep(seq)
+            except Exception:             # a cache failure must not fail the answer
+                log.exception("prefix cache: keeping a finished row failed")
+            self._release(seq)
+            self._finish(seq.item, final, request_stats(seq.item, seq.out.first_token_at,
+                                                        seq.handle.tokens, seq.admitted_at,
+                                                        seq.cached))
+
+    def _keep(self, seq: Sequence) -> None:
+        """The row's KV into the prefix cache: every full block of prompt and answer it holds."""
+        if self.prefix is not None:
+            self.prefix.keep(seq.row, (seq.prompt_ids + seq.generated)[:seq.length],
+                             seq.item.prompt.media, seq.keys)
+
+    def _fail(self, rows: list[Sequence], error: EngineError | None) -> None:
+        for seq in rows:
+            self._release(seq)
+            reason: FinishReason = "error" if error is not None else "cancelled"
+            self._finish(seq.item, reason, request_stats(seq.item, seq.out.first_token_at,
+                                                         seq.handle.tokens, seq.admitted_at,
+                                                         seq.cached), error)
+
+    def _release(self, seq: Sequence) -> None:
+        with self._cond:
+            self.scheduler.release(seq)
+        seq.embedding = None
+
+    def _finish(self, item: WorkItem, reason: FinishReason, stats: RequestStats,
+                error: EngineError | None = None) -> None:
+        if item.handle.finished is not None:
+            return
+        event = Finished(reason, stats, error)
+        with self._cond:
+            done, prompt, generated = self._done_totals
+            self._done_totals = (done + 1, prompt + stats.prompt_tokens,
+                                 generated + stats.output_tokens)
+        log_request(item.request.request_id, reason, stats, error)
+        if self.on_finish is not None:   # before the consumer sees the end: metrics are current
+            try:
+                self.on_finish(item, event)
+            except Exception:
+                log.exception("on_finish listener failed")
+        item.handle.push(event)
