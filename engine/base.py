@@ -10,7 +10,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, fields
 from typing import Callable
 
-from .config import DEFAULT_MAX_PIXELS_LIMIT
+from .config import EngineConfig
 from .inputs.media import MediaPolicy
 from .stream import RequestHandle
 from .types import Finished, GenerationRequest
@@ -70,14 +70,14 @@ class Engine(abc.ABC):
     is_tiny: bool = False
     tiny_trained: bool = False   # the built-in tiny model with its shapes training (not random)
     tiny_knows: str = ""         # what the built-in tiny model knows (its folder's marker)
-    max_model_len: int = 16384
-    limit_images: int = 10
-    limit_videos: int = 2
+    max_model_len: int = EngineConfig.max_model_len
+    limit_images: int = EngineConfig.limit_images
+    limit_videos: int = EngineConfig.limit_videos
     # The picture limits every front end bounds its own work by (PDF pages it renders, boxes
     # it draws): the largest decoded picture, and the largest per-picture pixel bound a
     # request may ask for. Engines set them from their EngineConfig.
-    max_image_pixels: int = MediaPolicy.max_image_pixels
-    max_pixels_limit: int = DEFAULT_MAX_PIXELS_LIMIT
+    max_image_pixels: int = EngineConfig.max_image_pixels
+    max_pixels_limit: int = EngineConfig.max_pixels_limit
 
     def __init__(self) -> None:
         self._listeners: list[FinishListener] = []

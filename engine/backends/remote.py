@@ -28,7 +28,7 @@ import httpx
 from PIL import Image
 
 from ..base import Engine
-from ..config import EngineConfig
+from ..config import REMOTE_URL_NEEDED, EngineConfig
 from ..errors import (DeviceOutOfMemoryError, EngineBusyError, EngineError, InvalidRequestError,
                      ModelLoadError, ModelNotFoundError)
 from ..inputs.stage import InputStage, LoadedImage, LoadedMessage, LoadedVideo, close_all
@@ -188,7 +188,7 @@ class RemoteEngine(Engine):
     def __init__(self, config: EngineConfig, client: httpx.Client | None = None) -> None:
         super().__init__()
         if not config.remote_url:
-            raise ModelLoadError("--backend remote needs --remote-url http://HOST:8000/v1")
+            raise ModelLoadError(REMOTE_URL_NEEDED)
         self.config = config
         self.base_url = api_base(config.remote_url)
         self.root_url = self.base_url[: -len("/v1")]
