@@ -119,6 +119,49 @@ class ChatCompletionRequest(_Lenient):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+# vLLM's ChatCompletionRequest fields this server does not honour yet, each with the value
+# that means "not used" in vLLM (None is always taken as not used). A request that sets one
+# to anything else is refused with a 400 naming it, never accepted and ignored.
+NOT_HONOURED: dict[str, Any] = {
+    "response_format": None, "structured_outputs": None, "guided_json": None,
+    "guided_regex": None, "guided_choice": None, "guided_grammar": None,
+    "tool_choice": "none", "parallel_tool_calls": None, "functions": None,
+    "function_call": None, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
+    "min_p": 0, "stop_token_ids": [], "bad_words": [], "allowed_token_ids": [],
+    "include_stop_str_in_output": False, "skip_special_tokens": True,
+    "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
+    "prompt_logprobs": None, "top_logprobs": 0, "use_beam_search": False,
+    "length_penalty": 1, "best_of": None, "echo": False, "add_generation_prompt": True,
+    "continue_final_message": False, "chat_template": None, "chat_template_kwargs": {},
+    "media_io_kwargs": {}, "documents": None, "logits_processors": None,
+    "return_tokens_as_token_ids": False, "return_token_ids": False, "vllm_xargs": None,
+    "priority": 0, "cache_salt": None, "kv_transfer_params": None, "prompt_embeds": None,
+    "request_id": None,
+}
+NOT_HONOURED_STREAM_OPTIONS = {"continuous_usage_stats": False}
+
+
+def not_honoured(data: Any) -> list[str]:
+    """The fields of a raw request body that ask for something this server does not do."""
+    if not isinstance(data, dict):
+        return []
+    asked = [name for name, unused in NOT_HONOURED.items()
+             if name in data and data[name] is not None and data[name] != unused]
+    options = data.get("stream_options")
+    if isinstance(options, dict):
+        asked += [f"stream_options.{name}" for name, unused in NOT_HONOURED_STREAM_OPTIONS.items()
+                  if options.get(name) not in (None, unused)]
+    return asked
+
+
+def unknown_fields(data: Any) -> list[str]:
+    """Top-level fields that neither vLLM's request nor ours defines (vendor extras)."""
+    if not isinstance(data, dict):
+        return []
+    known = set(ChatCompletionRequest.model_fields) | set(NOT_HONOURED)
+    return sorted(k for k in data if k not in known)
+
+
 # ----------------------------------------------------------------------------- responses
 
 

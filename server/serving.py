@@ -47,7 +47,7 @@ from .metrics import MetricsRegistry
 from .protocol import (SSE_DONE, AssistantMessage, ChatCompletionChoice, ChatCompletionChunk,
                        ChatCompletionRequest, ChatCompletionResponse, ChunkChoice, DeltaMessage,
                        ImageURLPart, TextPart, UsageInfo, VideoURLPart, completion_id,
-                       sse_data)
+                       not_honoured, sse_data, unknown_fields)
 from .settings import ServerSettings
 
 log = logging.getLogger("server")
@@ -179,6 +179,15 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         raise too_deep from None
     if not json_depth_ok(data):
         raise too_deep
+    refused = not_honoured(data)
+    if refused:
+        them = "it" if len(refused) == 1 else "them"
+        raise APIError(f"{', '.join(refused)}: not supported by this server yet, so refused "
+                       f"rather than ignored; leave {them} out or at vLLM's default.",
+                       400, "Bad Request", refused[0])
+    extras = unknown_fields(data)
+    if extras:
+        log.warning("ignoring unknown request field(s): %s", ", ".join(extras[:10]))
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:

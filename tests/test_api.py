@@ -714,3 +714,51 @@ def test_metrics(http, client, engine):
         assert count >= 1
         assert values[f'qwenvl_{hist}_bucket{{{model},le="+Inf"}}'] == count
         assert f"# TYPE qwenvl_{hist} histogram" in resp.text
+
+
+# --------------------------------------------------------------------------- never accept and ignore
+ASKED_BUT_NOT_DONE = [   # vLLM request fields that were accepted with a 200 and had no effect
+    ("response_format", {"type": "json_object"}), ("structured_outputs", {"choice": ["a", "b"]}),
+    ("presence_penalty", 0.5), ("frequency_penalty", -3), ("logit_bias", {"15": 5}),
+    ("min_p", 0.1), ("stop_token_ids", [13]), ("bad_words", ["red"]),
+    ("allowed_token_ids", [1, 2, 3]), ("include_stop_str_in_output", True),
+    ("skip_special_tokens", False), ("truncate_prompt_tokens", 8), ("prompt_logprobs", 1),
+    ("top_logprobs", 2), ("use_beam_search", True), ("echo", True),
+    ("add_generation_prompt", False), ("chat_template_kwargs", {"enable_thinking": True}),
+    ("media_io_kwargs", {"video": {"num_frames": 4}}), ("tool_choice", "auto"),
+]
+
+
+@pytest.mark.parametrize("field,value", ASKED_BUT_NOT_DONE, ids=[f for f, _ in ASKED_BUT_NOT_DONE])
+def test_a_field_this_server_does_not_honour_is_refused_by_name(http, field, value):
+    resp = http.post("/v1/chat/completions", json={
+        "model": "tiny", "max_tokens": 2, field: value,
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == field and field in error["message"] and "\n" not in error["message"]
+
+
+@pytest.mark.parametrize("field,value", [("skip_special_tokens", True), ("echo", False),
+                                         ("add_generation_prompt", True), ("presence_penalty", 0),
+                                         ("logit_bias", None), ("tool_choice", "none")])
+def test_a_field_at_vllms_default_is_accepted(http, field, value):
+    resp = http.post("/v1/chat/completions", json={
+        "model": "tiny", "max_tokens": 2, field: value,
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 200, resp.text
+
+
+def test_continuous_usage_stats_is_refused_and_unknown_extras_are_logged(http, caplog):
+    resp = http.post("/v1/chat/completions", json={
+        "model": "tiny", "max_tokens": 2, "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "stream_options.continuous_usage_stats"
+    with caplog.at_level("WARNING", logger="server"):
+        resp = http.post("/v1/chat/completions", json={
+            "model": "tiny", "max_tokens": 2, "my_vendor_extra": 1,
+            "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 200
+    assert any("my_vendor_extra" in r.getMessage() for r in caplog.records)
