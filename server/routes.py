@@ -4,7 +4,8 @@
     POST /v1/chat/completions   GET /v1/models   GET /version   GET /metrics
         (behind the login when --auth or --api-key is set: Basic USER:PASS or a Bearer key;
         a client past --max-client-requests running generations gets a 429)
-    GET /health   (always open: a load balancer's probe; it says only 200 or 503)
+    GET /health, GET or POST /ping (vLLM's and SageMaker's name)   (always open: a load
+        balancer's probe; it says only 200 or 503)
 
 Bodies are parsed by the route itself rather than by FastAPI, so malformed
 JSON and validation errors come out in vLLM's 400 shape whatever exception
@@ -91,6 +92,7 @@ def build_router(engine: Engine, settings: ServerSettings,
                                    description=note.strip() if note else None))
         return JSONResponse(ModelList(data=cards).model_dump())
 
+    @router.api_route("/ping", methods=["GET", "POST"], tags=["monitoring"])
     @router.get("/health", tags=["monitoring"])
     async def health() -> Response:
         """200 with an empty body while the engine can serve; 503 when it cannot."""

@@ -762,3 +762,10 @@ def test_continuous_usage_stats_is_refused_and_unknown_extras_are_logged(http, c
             "messages": [{"role": "user", "content": "hi"}]})
     assert resp.status_code == 200
     assert any("my_vendor_extra" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("method", ["get", "post"])
+def test_ping_answers_like_health(http, method):
+    """vLLM serves /ping (GET and POST) beside /health; it was a 404 here."""
+    resp = getattr(http, method)("/ping")
+    assert resp.status_code == 200 and resp.content == b""
