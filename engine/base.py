@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 from .config import EngineConfig
+from .errors import EngineError
 from .inputs.media import MediaPolicy
 from .stream import RequestHandle
 from .types import Finished, GenerationRequest
@@ -148,6 +149,16 @@ class Engine(abc.ABC):
                     f.result().cancel()
             future.add_done_callback(cancel_late)
             raise
+
+    def tokenize(self, prompt: str | GenerationRequest, policy: MediaPolicy | None = None,
+                 add_special_tokens: bool = True) -> list[int]:
+        """The token ids of a text, or of a chat rendered as the model sees it (its pictures'
+        placeholder tokens included, the assistant's turn opened); vLLM's /tokenize."""
+        raise EngineError("This engine cannot tokenize.")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of token ids; vLLM's /detokenize."""
+        raise EngineError("This engine cannot detokenize.")
 
     def generate(self, request: GenerationRequest, policy: MediaPolicy | None = None,
                  timeout: float | None = None) -> tuple[str, Finished]:

@@ -119,6 +119,36 @@ class ChatCompletionRequest(_Lenient):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class TokenizeRequest(_Lenient):
+    """vLLM's /tokenize: a `prompt` text (special tokens added by default) or chat `messages`
+    (rendered as the model sees them, the assistant's turn opened)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool | None = False
+    mm_processor_kwargs: MMProcessorKwargs | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Lenient):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 # vLLM's ChatCompletionRequest fields this server does not honour yet, each with the value
 # that means "not used" in vLLM (None is always taken as not used). A request that sets one
 # to anything else is refused with a 400 naming it, never accepted and ignored.

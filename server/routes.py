@@ -1,7 +1,8 @@
 """The API's routes, mountable on any FastAPI app: the standalone API server
 (`python -m server`) and the web UI (app.py) serve the same endpoints.
 
-    POST /v1/chat/completions   GET /v1/models   GET /version   GET /metrics
+    POST /v1/chat/completions   POST /tokenize   POST /detokenize   GET /v1/models
+    GET /version   GET /metrics
         (behind the login when --auth or --api-key is set: Basic USER:PASS or a Bearer key;
         a client past --max-client-requests running generations gets a 429)
     GET /health, GET or POST /ping (vLLM's and SageMaker's name)   (always open: a load
@@ -28,6 +29,7 @@ from .hygiene import protect
 from .metrics import CONTENT_TYPE, MetricsRegistry
 from .protocol import ModelCard, ModelList, error_body
 from .serving import ChatServing
+from .tokenization import TokenizeServing
 from .settings import ServerSettings
 
 
@@ -71,6 +73,18 @@ def build_router(engine: Engine, settings: ServerSettings,
     async def create_chat_completion(request: Request) -> Response:
         """vLLM-compatible chat completions (JSON or Server-Sent Events)."""
         return refused(request) or await chat.create_chat_completion(request, client_of(request))
+
+    tokens = TokenizeServing(engine, chat)
+
+    @router.post("/tokenize", tags=["OpenAI-compatible API"])
+    async def tokenize(request: Request) -> Response:
+        """vLLM's /tokenize: a `prompt` or chat `messages` to token ids."""
+        return refused(request) or await tokens.tokenize(request)
+
+    @router.post("/detokenize", tags=["OpenAI-compatible API"])
+    async def detokenize(request: Request) -> Response:
+        """vLLM's /detokenize: token ids to text."""
+        return refused(request) or await tokens.detokenize(request)
 
     @router.get("/v1/models", tags=["OpenAI-compatible API"])
     async def list_models(request: Request) -> Response:

@@ -165,7 +165,8 @@ def json_depth_ok(data: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     return True
 
 
-def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+def load_json(body: bytes) -> Any:
+    """A request body as JSON, every failure one vLLM-shaped 400 (deep nesting included)."""
     too_deep = APIError(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.", 400,
                         "Bad Request", "body")
     try:
@@ -179,6 +180,11 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         raise too_deep from None
     if not json_depth_ok(data):
         raise too_deep
+    return data
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    data = load_json(body)
     refused = not_honoured(data)
     if refused:
         them = "it" if len(refused) == 1 else "them"
@@ -314,7 +320,7 @@ class ChatServing:
         try:
             slot = self.slots.acquire(client)
         except ClientBusyError as exc:
-            return self._refuse(exc)
+            return self.refuse(exc)
         try:
             response = await self._create(raw)
         except BaseException:
@@ -322,24 +328,28 @@ class ChatServing:
             raise
         return HeldResponse(response, slot)
 
+    async def json_body(self, raw: Request) -> bytes:
+        """The request's JSON body within --max-body-mb (ClientDisconnect if it went away)."""
+        check_content_type(raw)
+        return await read_body(raw, self.settings.max_body_bytes)
+
     async def _create(self, raw: Request) -> Response:
         try:
-            check_content_type(raw)
-            body = await read_body(raw, self.settings.max_body_bytes)
+            body = await self.json_body(raw)
         except ClientDisconnect:
             return Response(status_code=499)   # gone while sending the body: nothing to answer
         except EngineError as exc:
-            return self._refuse(exc)
+            return self.refuse(exc)
         try:
             req = parse_chat_request(body)
             model = self.check_model(req.model)
             check_unsupported(req)
             gen = to_generation_request(req, completion_id())
         except EngineError as exc:
-            return self._refuse(exc)
+            return self.refuse(exc)
         return await until_disconnect(raw, self._run(req, gen, model))
 
-    def _refuse(self, exc: EngineError) -> JSONResponse:
+    def refuse(self, exc: EngineError) -> JSONResponse:
         self.metrics.on_refused(exc.code)
         return error_response(exc)
 
@@ -351,10 +361,10 @@ class ChatServing:
         try:
             handle = await self._submit(gen)
         except EngineError as exc:
-            return self._refuse(exc)
+            return self.refuse(exc)
         except Exception as exc:  # a bug, not bad input: log it, answer in vLLM's shape
             log.exception("submit failed for %s", gen.request_id)
-            return self._refuse(EngineError(f"Internal server error: {type(exc).__name__}: {exc}"))
+            return self.refuse(EngineError(f"Internal server error: {type(exc).__name__}: {exc}"))
         created = int(time.time())
         if req.stream:
             return StreamingResponse(self._stream(handle, gen.request_id, created, model,

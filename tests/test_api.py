@@ -769,3 +769,52 @@ def test_ping_answers_like_health(http, method):
     """vLLM serves /ping (GET and POST) beside /health; it was a 404 here."""
     resp = getattr(http, method)("/ping")
     assert resp.status_code == 200 and resp.content == b""
+
+
+# --------------------------------------------------------------------------- tokenize
+def test_tokenize_a_prompt_and_detokenize_it_back(http, engine):
+    """vLLM's /tokenize and /detokenize (they were 404s): a text's ids are the tokenizer's."""
+    text = "How many shapes are there, and what colours are they?"
+    resp = http.post("/tokenize", json={"model": "tiny", "prompt": text})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["tokens"] == engine.tokenizer.encode(text) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == engine.max_model_len and body["token_strs"] is None
+    back = http.post("/detokenize", json={"model": "tiny", "tokens": body["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": text}
+
+
+def test_tokenize_a_chat_gives_the_prompt_the_model_sees(http, engine):
+    """The chat form renders the messages as a completion would, pictures included: the same
+    ids the engine prefills for that chat."""
+    uri = png_data_uri((448, 448))
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "What is it?"}]}]
+    resp = http.post("/tokenize", json={"model": "tiny", "messages": messages})
+    assert resp.status_code == 200, resp.text
+    from server.protocol import ChatCompletionRequest
+    from server.serving import to_generation_request
+
+    gen = to_generation_request(ChatCompletionRequest(messages=messages), "t")
+    expected = engine.render(gen).inputs["input_ids"][0].tolist()
+    assert resp.json()["tokens"] == expected
+    image_pad = engine.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert expected.count(image_pad) == 256          # 448x448 at the tutorial's bounds
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, "prompt"),
+    ("/tokenize", {}, "prompt"),
+    ("/tokenize", {"prompt": "a", "return_token_strs": True}, "return_token_strs"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "a"}],
+                   "add_generation_prompt": False}, "add_generation_prompt"),
+    ("/tokenize", {"prompt": "a", "model": "gpt-4"}, "model"),
+    ("/detokenize", {"tokens": [10**9]}, "tokens"),
+    ("/detokenize", {"tokens": [1] * (MAX_MODEL_LEN + 1)}, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, "body.tokens"),
+])
+def test_tokenize_refusals_are_one_line(http, path, body, param):
+    resp = http.post(path, json=body)
+    assert resp.status_code in (400, 404), resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and "\n" not in error["message"], error

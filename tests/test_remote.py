@@ -440,3 +440,19 @@ def test_web_app_with_the_remote_down_shows_a_clear_error():
             client.predict({"text": "Hello", "files": []}, max_new_tokens=8, api_name="/chat")
         assert time.monotonic() - start < 15
         client.close()
+
+
+def test_tokenize_and_detokenize_go_to_the_remote(remote, local_engine):
+    """/tokenize and /detokenize in remote mode ask the remote's own endpoints: a text and a
+    chat with a picture give the ids the remote's engine renders, and back."""
+    text = "How many shapes are there?"
+    assert remote.tokenize(text) == local_engine.tokenize(text)
+    assert remote.detokenize(local_engine.tokenize(text)) == text
+    shapes = str(Path(__file__).resolve().parent.parent / "assets" / "shapes.png")
+    chat = request("What colour is the star?", images=[shapes])
+    ids = remote.tokenize(chat, MediaPolicy(local_roots=None))
+    image_pad = local_engine.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert ids == local_engine.tokenize(chat, MediaPolicy(local_roots=None))
+    assert ids.count(image_pad) > 0
+    with pytest.raises(InvalidRequestError):
+        remote.detokenize([10**9])             # the remote's refusal, raised as ours

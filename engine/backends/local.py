@@ -16,7 +16,7 @@ from ..core.prefix import PrefixCache
 from ..core.runner import ModelRunner, encoder_cache
 from ..core.scheduler import WorkItem
 from ..core.stats import StatsLogger, bounded_cache_figures
-from ..errors import EngineError
+from ..errors import EngineError, InvalidRequestError
 from ..inputs.media import MediaPolicy
 from ..inputs.prompt import CachingImageProcessor, PreparedPrompt, PromptRenderer
 from ..inputs.stage import InputStage
@@ -127,6 +127,25 @@ class LocalEngine(Engine):
         spans). Bad input raises InvalidRequestError, as from `submit`."""
         self.inputs.validate(request, self.max_model_len)
         return self.renderer.prepare(request, policy)
+
+    def tokenize(self, prompt: str | GenerationRequest, policy: MediaPolicy | None = None,
+                 add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(prompt, str):
+            return self.render(prompt, policy).inputs["input_ids"][0].tolist()
+        if len(prompt) > self.inputs.max_prompt_chars:
+            raise InvalidRequestError(
+                f"The prompt has {len(prompt)} characters, more than the "
+                f"{self.inputs.max_prompt_chars} this server accepts (see --max-prompt-chars).",
+                param="prompt")
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        vocab = len(self.tokenizer)
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"Token id {bad} is out of vocabulary (0 to {vocab - 1}).",
+                                      param="tokens")
+        return self.tokenizer.decode(tokens)
 
     def submit(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> RequestHandle:
         if not self.core.is_alive():

@@ -308,6 +308,35 @@ class RemoteEngine(Engine):
             body["mm_processor_kwargs"] = mm
         return body
 
+    def tokenize(self, prompt: str | GenerationRequest, policy: MediaPolicy | None = None,
+                 add_special_tokens: bool = True) -> list[int]:
+        """The remote's own /tokenize, with the chat serialised as a completion would be."""
+        body: dict[str, Any] = {"model": self.model_name}
+        if isinstance(prompt, str):
+            body.update(prompt=prompt, add_special_tokens=add_special_tokens)
+        else:
+            self.inputs.validate(prompt, self.max_model_len)
+            chat = self.build_body(prompt, policy)
+            body.update({k: chat[k] for k in ("messages", "mm_processor_kwargs") if k in chat})
+        return self._post(f"{self.root_url}/tokenize", body)["tokens"]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._post(f"{self.root_url}/detokenize",
+                          {"model": self.model_name, "tokens": list(tokens)})["prompt"]
+
+    def _post(self, url: str, body: dict) -> dict:
+        """One JSON request to the remote; its refusal is raised as ours."""
+        try:
+            resp = self.client.post(url, json=body)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+        if resp.status_code != 200:
+            raise error_from_body(resp.status_code, resp.content[:MAX_ERROR_BODY])
+        try:
+            return resp.json()
+        except ValueError:
+            raise RemoteError(f"The remote's {url} did not answer JSON.") from None
+
     def submit(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> RequestHandle:
         """Check, load media, and open the remote stream; the remote's refusal
         (bad input, unknown model, busy) is raised here, before any event."""
