@@ -19,6 +19,12 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
 TPS_BUCKETS = (1, 2, 5, 10, 20, 30, 40, 60, 80, 100, 150, 200, 300, 500)
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+               7.5, 10.0, 20.0, 40.0, 80.0)
+# vLLM's names for the same figures (its published Grafana dashboard reads these), each
+# with the label set vLLM gives it; our finish reasons by vLLM's (errors are not successes).
+VLLM_PREFIX = "vllm:"
+VLLM_FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort"}
 # The engine's cache figures (EngineSnapshot.caches) as Prometheus metrics, as vLLM names them.
 CACHE_METRICS = {
     "prefix_cache_queries": ("counter", "Prompt tokens looked up in the prefix cache."),
@@ -85,6 +91,7 @@ class MetricsRegistry:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)
         self.output_tps = Histogram(TPS_BUCKETS)
+        self.itl = Histogram(ITL_BUCKETS)
 
     # ------------------------------------------------------------------ feeding
     def on_finished(self, request: GenerationRequest, event: Finished) -> None:
@@ -100,6 +107,13 @@ class MetricsRegistry:
                 self.latency.observe(stats.total_s)
             if stats.output_tokens > 0 and stats.output_tps > 0:
                 self.output_tps.observe(stats.output_tps)
+            gaps = stats.output_tokens - 1
+            if stats.ttft_s is not None and gaps > 0 and stats.total_s > stats.ttft_s:
+                # one observation per gap between tokens, at the request's mean gap: the
+                # sum and count are exact, the buckets hold each request's mean
+                mean = (stats.total_s - stats.ttft_s) / gaps
+                for _ in range(gaps):
+                    self.itl.observe(mean)
 
     def on_refused(self, code: int) -> None:
         """A request the API answered with an error before it reached the engine's queue."""
@@ -163,4 +177,50 @@ class MetricsRegistry:
         if healthy is not None:
             name = head("engine_healthy", "gauge", "1 while the engine can serve requests.")
             lines.append(f"{name}{{{model}}} {int(healthy)}")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + self._vllm_lines(engine, model)) + "\n"
+
+    def _vllm_lines(self, engine: EngineSnapshot, model: str) -> list[str]:
+        """The same figures under vLLM's metric names and labels."""
+        lines: list[str] = []
+
+        def head(name: str, kind: str, help_: str) -> str:
+            lines.append(f"# HELP {VLLM_PREFIX}{name} {help_}")
+            lines.append(f"# TYPE {VLLM_PREFIX}{name} {kind}")
+            return VLLM_PREFIX + name
+
+        def gauge(name: str, help_: str, value: float | None) -> None:
+            if value is not None:
+                lines.append(f"{head(name, 'gauge', help_)}{{{model}}} {_fmt(value)}")
+
+        gauge("num_requests_running", "Number of requests in model execution batches.",
+              engine.running)
+        gauge("num_requests_waiting", "Number of requests waiting to be processed.",
+              engine.waiting)
+        gauge("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+              engine.kv_usage)
+        with self._lock:
+            name = head("request_success_total", "counter",
+                        "Count of successfully processed requests.")
+            for ours, theirs in VLLM_FINISH_REASONS.items():
+                lines.append(f'{name}{{{model},finished_reason="{theirs}"}} '
+                             f'{self.finished.get(ours, 0)}')
+            name = head("prompt_tokens_total", "counter", "Number of prefill tokens processed.")
+            lines.append(f"{name}{{{model}}} {self.prompt_tokens}")
+            name = head("generation_tokens_total", "counter",
+                        "Number of generation tokens processed.")
+            lines.append(f"{name}{{{model}}} {self.generation_tokens}")
+            for metric, histogram, help_ in (
+                    ("time_to_first_token_seconds", self.ttft,
+                     "Histogram of time to first token in seconds."),
+                    ("inter_token_latency_seconds", self.itl,
+                     "Histogram of inter-token latency in seconds."),
+                    ("e2e_request_latency_seconds", self.latency,
+                     "Histogram of e2e request latency in seconds.")):
+                lines += histogram.lines(head(metric, "histogram", help_), model)
+        for ours, theirs in (("prefix_cache_queries", "prefix_cache_queries_total"),
+                             ("prefix_cache_hits", "prefix_cache_hits_total")):
+            value = getattr(engine, ours)
+            if value is not None:
+                name = head(theirs, "counter", CACHE_METRICS[ours][1])
+                lines.append(f"{name}{{{model}}} {_fmt(value)}")
+        return lines

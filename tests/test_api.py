@@ -716,6 +716,41 @@ def test_metrics(http, client, engine):
         assert f"# TYPE qwenvl_{hist} histogram" in resp.text
 
 
+VLLM_DASHBOARD = ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                  "vllm:kv_cache_usage_perc", "vllm:prompt_tokens_total",
+                  "vllm:generation_tokens_total", "vllm:request_success_total",
+                  "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
+                  "vllm:e2e_request_latency_seconds", "vllm:prefix_cache_queries_total",
+                  "vllm:prefix_cache_hits_total")
+
+
+def test_metrics_also_speak_vllms_names(http, client, engine):
+    """vLLM's metric names and label sets, so its Grafana dashboard works unchanged: the
+    same figures as ours, by vLLM's finish reasons."""
+    client.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=4,
+                                   extra_body={"ignore_eos": True})
+    text = http.get("/metrics").text
+    values = _metric_values(text)
+    model = 'model_name="tiny"'
+    for name in VLLM_DASHBOARD:
+        assert f"# TYPE {name.removesuffix('_total')}" in text or f"# TYPE {name} " in text, name
+    snap = engine.snapshot()
+    assert values[f"vllm:num_requests_running{{{model}}}"] == snap.running == 0
+    assert values[f"vllm:num_requests_waiting{{{model}}}"] == snap.waiting
+    assert values[f"vllm:kv_cache_usage_perc{{{model}}}"] == snap.kv_usage
+    for ours in ("prompt_tokens_total", "generation_tokens_total"):
+        assert values[f"vllm:{ours}{{{model}}}"] == values[f"qwenvl_{ours}{{{model}}}"]
+    assert values[f'vllm:request_success_total{{{model},finished_reason="length"}}'] == \
+        values[f'qwenvl_requests_total{{{model},finish_reason="length"}}'] >= 1
+    assert values[f'vllm:request_success_total{{{model},finished_reason="abort"}}'] == \
+        values[f'qwenvl_requests_total{{{model},finish_reason="cancelled"}}']
+    for hist in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
+        assert values[f"vllm:{hist}_count{{{model}}}"] == values[f"qwenvl_{hist}_count{{{model}}}"]
+    gaps = values[f"vllm:inter_token_latency_seconds_count{{{model}}}"]
+    assert gaps >= 3 and values[f'vllm:inter_token_latency_seconds_bucket{{{model},le="+Inf"}}'] == gaps
+    assert values[f"vllm:prefix_cache_hits_total{{{model}}}"] == snap.prefix_cache_hits
+
+
 # --------------------------------------------------------------------------- never accept and ignore
 ASKED_BUT_NOT_DONE = [   # vLLM request fields that were accepted with a 200 and had no effect
     ("response_format", {"type": "json_object"}), ("structured_outputs", {"choice": ["a", "b"]}),
