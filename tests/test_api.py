@@ -682,8 +682,8 @@ def test_metrics_show_the_engine_snapshot():
 
 
 def test_metrics(http, client, engine):
-    client.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=3,
-                                   extra_body={"ignore_eos": True})
+    client.chat.completions.create(model="tiny", messages=[user(png_data_uri(), "Hi")],
+                                   max_tokens=3, extra_body={"ignore_eos": True})
     http.post("/v1/chat/completions", json=_body(temperature=-1))
     resp = http.get("/metrics")
     snap = engine.snapshot()       # idle: the same figures as the response's
