@@ -17,12 +17,9 @@ import argparse
 import base64
 import io
 import json
-import os
 import resource
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -35,8 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import print_table  # noqa: E402
-from bench.api import _free_port  # noqa: E402
-from bench.soak import read_status  # noqa: E402
+from bench.soak import ServerProcess  # noqa: E402
 
 HEALTH_EVERY_S = 0.1
 FD_LIMIT = 1024
@@ -90,52 +86,19 @@ def boxes_answer(n: int) -> str:
 
 
 # --------------------------------------------------------------------------- processes
-class App:
+class App(ServerProcess):
     """`app.py` of a checkout on a free loopback port, its descriptors capped at FD_LIMIT."""
 
     def __init__(self, repo: Path, extra: list[str]) -> None:
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        super().__init__("tiny", False, [], {}, start_timeout=240)
         self.args = [sys.executable, "app.py", "--server-port", str(self.port), "--no-warmup",
                      "--log-level", "warning", *extra]
-        self.repo = repo
-        self.log = tempfile.NamedTemporaryFile("w+b", prefix="hostile-", suffix=".log")
-
-    def __enter__(self) -> "App":
-        import httpx
-
-        def cap() -> None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
-
-        env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-        self.proc = subprocess.Popen(self.args, cwd=self.repo, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, preexec_fn=cap)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.tail())
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("the app did not start:\n" + self.tail())
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-    def tail(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_bytes()[-2000:].decode(errors="replace")
+        self.repo = self.cwd = repo
+        self.preexec_fn = lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                     (FD_LIMIT, FD_LIMIT))
 
     def rss(self) -> int:
-        return read_status(self.proc.pid).get("VmRSS", 0)
+        return self.status().get("VmRSS", 0)
 
 
 @contextmanager

@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -90,12 +91,15 @@ class ServerProcess:
         self.log = tempfile.NamedTemporaryFile("w+b", prefix="soak-server-", suffix=".log",
                                                delete=False)
         self.proc: subprocess.Popen | None = None
+        self.cwd: Path = ROOT                               # the checkout whose server runs
+        self.preexec_fn: Callable[[], None] | None = None   # e.g. limits set in the child
 
     def __enter__(self) -> "ServerProcess":
         import httpx
 
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.args, cwd=self.cwd, env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
