@@ -224,17 +224,13 @@ class RemoteEngine(Engine):
     # ------------------------------------------------------------ remote info
     def _read_model_card(self) -> None:
         """Model name (unless given), max_model_len and tininess from the remote's /v1/models."""
+        not_a_list = "The remote's /v1/models is not a model list."
+        payload = self._json("GET", f"{self.base_url}/models", not_a_list, timeout=httpx.Timeout(
+            CONNECT_TIMEOUT_S, read=min(10.0, self.read_timeout)))
         try:
-            resp = self.client.get(f"{self.base_url}/models", timeout=httpx.Timeout(
-                CONNECT_TIMEOUT_S, read=min(10.0, self.read_timeout)))
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc) from None
-        if resp.status_code != 200:
-            raise error_from_body(resp.status_code, resp.content[:MAX_ERROR_BODY])
-        try:
-            cards = [c for c in resp.json().get("data", []) if isinstance(c, dict) and c.get("id")]
-        except (ValueError, AttributeError):
-            raise RemoteError("The remote's /v1/models is not a model list.") from None
+            cards = [c for c in payload.get("data", []) if isinstance(c, dict) and c.get("id")]
+        except AttributeError:
+            raise RemoteError(not_a_list) from None
         if not cards:
             raise RemoteError("The remote server lists no models.")
         wanted = self.config.remote_model
@@ -318,16 +314,20 @@ class RemoteEngine(Engine):
             self.inputs.validate(prompt, self.max_model_len)
             chat = self.build_body(prompt, policy)
             body.update({k: chat[k] for k in ("messages", "mm_processor_kwargs") if k in chat})
-        return self._post(f"{self.root_url}/tokenize", body)["tokens"]
+        url = f"{self.root_url}/tokenize"
+        return self._json("POST", url, f"The remote's {url} did not answer JSON.",
+                          json=body)["tokens"]
 
     def detokenize(self, tokens: list[int]) -> str:
-        return self._post(f"{self.root_url}/detokenize",
-                          {"model": self.model_name, "tokens": list(tokens)})["prompt"]
+        url = f"{self.root_url}/detokenize"
+        return self._json("POST", url, f"The remote's {url} did not answer JSON.",
+                          json={"model": self.model_name, "tokens": list(tokens)})["prompt"]
 
-    def _post(self, url: str, body: dict) -> dict:
-        """One JSON request to the remote; its refusal is raised as ours."""
+    def _json(self, method: str, url: str, not_json: str, **kwargs: Any) -> Any:
+        """One request to the remote and its JSON answer: a failed connection, a refusal or
+        an answer that is not JSON (`not_json` says so) is raised as ours."""
         try:
-            resp = self.client.post(url, json=body)
+            resp = self.client.request(method, url, **kwargs)
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from None
         if resp.status_code != 200:
@@ -335,7 +335,7 @@ class RemoteEngine(Engine):
         try:
             return resp.json()
         except ValueError:
-            raise RemoteError(f"The remote's {url} did not answer JSON.") from None
+            raise RemoteError(not_json) from None
 
     def submit(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> RequestHandle:
         """Check, load media, and open the remote stream; the remote's refusal
