@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 from concurrent.futures import Executor
 from dataclasses import dataclass, fields
 from typing import Callable
@@ -65,6 +66,16 @@ class EngineSnapshot:
                 and (value := getattr(self, f.name)) is not None}
 
 
+def choice_request(request: GenerationRequest, index: int) -> GenerationRequest:
+    """Choice `index` of an n-choice request as a request of its own: n = 1, seed + index
+    (vLLM's child requests), its own id."""
+    sampling = dataclasses.replace(request.sampling, n=1)
+    if sampling.seed is not None:
+        sampling.seed += index
+    return dataclasses.replace(request, sampling=sampling,
+                               request_id=f"{request.request_id}-{index}")
+
+
 class Engine(abc.ABC):
     model_name: str          # the name the model is served under
     device_description: str  # e.g. "Ascend910B (npu:0, bfloat16)" or "remote http://..."
@@ -87,6 +98,25 @@ class Engine(abc.ABC):
     def submit(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> RequestHandle:
         """Validate and queue a request; bad input raises InvalidRequestError here,
         before anything reaches the device, and a full queue raises EngineBusyError."""
+
+    def submit_choices(self, request: GenerationRequest,
+                       policy: MediaPolicy | None = None) -> list[RequestHandle]:
+        """One handle per choice for a request with `sampling.n` choices (vLLM's `n`). Here:
+        n requests, choice i seeded with seed + i when a seed is set (as vLLM seeds its
+        child requests), cancelled together if one cannot be queued. The local engine
+        overrides it so that the choices share one prefill."""
+        n = max(1, request.sampling.n)
+        if n == 1:
+            return [self.submit(request, policy)]
+        handles: list[RequestHandle] = []
+        try:
+            for i in range(n):
+                handles.append(self.submit(choice_request(request, i), policy))
+        except BaseException:
+            for handle in handles:
+                handle.cancel()
+            raise
+        return handles
 
     @abc.abstractmethod
     def health(self) -> bool:

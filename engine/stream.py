@@ -14,6 +14,15 @@ from typing import AsyncIterator, Callable, Iterator
 from .types import Event, Finished, RequestStats, TextDelta
 
 
+def merge_deltas(parts: list[TextDelta]) -> TextDelta:
+    """Consecutive deltas as one: texts, token ids and logprobs joined in order."""
+    logprobs = None
+    if any(p.logprobs is not None for p in parts):
+        logprobs = [lp for p in parts for lp in (p.logprobs or [])]
+    return TextDelta("".join(p.text for p in parts), [i for p in parts for i in p.token_ids],
+                     logprobs)
+
+
 class RequestHandle:
     """One request's events plus its cancel switch.
 
@@ -43,7 +52,7 @@ class RequestHandle:
     def push(self, event: Event) -> None:
         if self.finished is not None:
             return
-        if isinstance(event, TextDelta) and not event.text:
+        if isinstance(event, TextDelta) and not event.text and not event.token_ids:
             return
         with self._cond:
             if isinstance(event, Finished):
@@ -82,10 +91,10 @@ class RequestHandle:
             return None
         event = self._events.popleft()
         if isinstance(event, TextDelta) and self._events and isinstance(self._events[0], TextDelta):
-            parts = [event.text]
+            parts = [event]
             while self._events and isinstance(self._events[0], TextDelta):
-                parts.append(self._events.popleft().text)
-            event = TextDelta("".join(parts))
+                parts.append(self._events.popleft())
+            event = merge_deltas(parts)
         return event
 
     def __iter__(self) -> Iterator[Event]:

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 # The tutorial's per-image resolution bounds (the processor's own default
@@ -58,6 +58,11 @@ class Message:
     images: list[ImageInput] = field(default_factory=list)
     videos: list[VideoInput] = field(default_factory=list)
     parts: list[Part] = field(default_factory=list)
+    # OpenAI's tool fields, handed to the chat template as they are: the calls an assistant
+    # turn made ([{"id", "type": "function", "function": {"name", "arguments"}}]) and, on a
+    # "tool" turn, the id of the call it answers.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.parts:
@@ -78,6 +83,13 @@ class Conversation:
 
     messages: list[Message] = field(default_factory=list)
     system: str | None = None
+    # How the chat template renders it (vLLM's request fields of the same names): the
+    # assistant's turn opened after the last message, or the last (assistant) message left
+    # open for the model to continue; extra template variables; the tools offered.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None
 
     def image_count(self) -> int:
         return sum(len(m.images) for m in self.messages)
@@ -88,17 +100,32 @@ class Conversation:
 
 @dataclass
 class SamplingParams:
-    """vLLM-style sampling fields. `None` means: take the model's generation_config."""
+    """vLLM-style sampling fields, with vLLM's meanings. `None` in the first five means:
+    take the model's generation_config."""
 
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
-    seed: int | None = None
+    seed: int | None = None                  # any 64-bit integer
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
+    n: int = 1                               # choices, each its own row (see Engine.submit_choices)
+    presence_penalty: float = 0.0            # [-2, 2], as OpenAI and vLLM define them
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0                       # [0, 1]
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> bias, [-100, 100]
+    bad_words: list[str] = field(default_factory=list)
+    allowed_token_ids: list[int] | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logprobs: int | None = None              # None: none; k >= 0: the chosen token's and top k
+    prompt_logprobs: int | None = None       # the same for every prompt token after the first
+    truncate_prompt_tokens: int | None = None   # keep only the prompt's last k tokens (-1: all that fit)
     # True: a max_tokens that does not fit beside the prompt is lowered to what fits (vLLM
     # 0.32's server does this); False: it is an error in vLLM's words (the CLI's choice).
     cap_to_context: bool = False
@@ -110,12 +137,16 @@ def new_request_id(prefix: str = "req") -> str:
 
 @dataclass
 class GenerationRequest:
+    """A chat to answer, or (`prompt`, for /v1/completions) a raw text or token ids that are
+    continued as they are, without the chat template (the conversation is then empty)."""
+
     conversation: Conversation
     sampling: SamplingParams = field(default_factory=SamplingParams)
     min_pixels: int | None = None
     max_pixels: int | None = None
     request_id: str = field(default_factory=new_request_id)
     arrival_time: float = field(default_factory=time.monotonic)
+    prompt: str | list[int] | None = None
 
 
 @dataclass
@@ -157,10 +188,33 @@ class RequestStats:
 
 
 @dataclass
+class TopLogprob:
+    """One candidate token at a position: its text (as the tokenizer decodes it alone),
+    id and log-probability under the model's raw distribution (vLLM's default)."""
+
+    token: str
+    token_id: int
+    logprob: float
+
+
+@dataclass
+class TokenLogprob(TopLogprob):
+    """A generated (or prompt) token's log-probability, its rank among all tokens (1: the
+    most likely) and the `logprobs` most likely tokens at its position."""
+
+    rank: int = 1
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass
 class TextDelta:
-    """New text of one request; never empty."""
+    """New text of one request, and the tokens behind it (their ids, and their logprobs when
+    the request asked for them). Never entirely empty: text, ids or both. With stop strings
+    the text may trail its tokens (text that could start a stop string waits)."""
 
     text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -170,6 +224,10 @@ class Finished:
     reason: FinishReason
     stats: RequestStats
     error: Exception | None = None   # an EngineError when reason == "error"
+    stop_reason: str | int | None = None   # the stop string or stop token id that ended it
+    prompt_token_ids: list[int] | None = None
+    # per prompt token (None for the first), when the request asked for prompt_logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 Event = Union[TextDelta, Finished]

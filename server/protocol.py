@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.errors import error_dict
+from engine.errors import InvalidRequestError, error_dict
+from engine.types import SamplingParams
 
 # ----------------------------------------------------------------------------- requests
 
@@ -79,27 +80,96 @@ class MMProcessorKwargs(BaseModel):
     fps: float | None = None
 
 
-class ChatCompletionRequest(_Lenient):
-    messages: list[ChatMessage]
+class SamplingFields(_Lenient):
+    """The sampling and output fields /v1/chat/completions and /v1/completions share, with
+    vLLM's names and defaults. Ranges are checked by the engine (engine.inputs.validation),
+    for every front end alike."""
+
     model: str | None = None
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
     repetition_penalty: float | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
     seed: int | None = None
     stop: Union[str, list[str], None] = None
+    stop_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    ignore_eos: bool = False
+    min_tokens: int = 0
     n: int | None = 1
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # vLLM's extras
-    ignore_eos: bool = False
-    min_tokens: int = 0
     mm_processor_kwargs: MMProcessorKwargs | None = None
-    # Accepted so that we can refuse them clearly instead of silently ignoring them.
-    logprobs: bool | None = None
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def top_logprob_count(self) -> int | None:
+        """The engine's `logprobs`: None for none, else how many top candidates per token."""
+        return None
+
+    def sampling_params(self) -> SamplingParams:
+        """The engine's SamplingParams for these fields (validated by the engine)."""
+        return SamplingParams(
+            max_tokens=self.effective_max_tokens, temperature=self.temperature,
+            top_p=self.top_p, top_k=self.top_k, min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=parse_logit_bias(self.logit_bias), seed=self.seed, stop=self.stop_list,
+            stop_token_ids=list(self.stop_token_ids or []), bad_words=list(self.bad_words or []),
+            allowed_token_ids=self.allowed_token_ids,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, n=self.n or 1,
+            logprobs=self.top_logprob_count, prompt_logprobs=self.prompt_logprobs,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
+            cap_to_context=True)   # as vLLM 0.32: max_tokens is lowered to what fits the context
+
+
+def parse_logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias (token ids as JSON object keys) with integer keys; a key that is
+    not an integer is a 400 naming it."""
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            out[int(key)] = float(value)
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"logit_bias keys must be token ids (integers), got {key!r}.",
+                                      param="logit_bias") from None
+    return out
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = 0
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
 
     @property
@@ -109,10 +179,8 @@ class ChatCompletionRequest(_Lenient):
             else self.max_tokens
 
     @property
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+    def top_logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def include_usage(self) -> bool:
