@@ -255,6 +255,9 @@ class EngineConfig:
         None, env="QWENVL_CPU_THREADS", group=MODEL, env_zero_unset=True,
         help="torch threads on the CPU (default: 1 for the tiny model, where more threads only "
              "add synchronisation; torch's choice otherwise)")
+    max_logprobs: int = setting(20, env="QWENVL_MAX_LOGPROBS", group=MODEL,
+                                help="most top logprobs a request may ask for per token "
+                                     "(vLLM's --max-logprobs; -1: the whole vocabulary)")
     max_media_mb: float = setting(50.0, env="QWENVL_MAX_MEDIA_MB", group=MODEL,
                                   help="largest image or video file, data: URI or download")
     max_image_pixels: int = setting(64_000_000, env="QWENVL_MAX_IMAGE_PIXELS", group=MODEL,
