@@ -98,6 +98,24 @@ class Conversation:
         return sum(len(m.videos) for m in self.messages)
 
 
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the answer's text (vLLM's `structured_outputs`): exactly one of a JSON
+    schema, any JSON object, a regular expression, one of fixed choices, or a grammar (Lark,
+    or GBNF/EBNF as llama.cpp and xgrammar write it)."""
+
+    json: Any = None                  # a JSON schema (dict, or its JSON text)
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def kind(self) -> str:
+        """Which constraint it is ("" when none is set)."""
+        set_ = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        return "json_object" if self.json_object and not set_ else ",".join(set_)
+
+
 @dataclass
 class SamplingParams:
     """vLLM-style sampling fields, with vLLM's meanings. `None` in the first five means:
@@ -126,6 +144,7 @@ class SamplingParams:
     logprobs: int | None = None              # None: none; k >= 0: the chosen token's and top k
     prompt_logprobs: int | None = None       # the same for every prompt token after the first
     truncate_prompt_tokens: int | None = None   # keep only the prompt's last k tokens (-1: all that fit)
+    structured: StructuredOutput | None = None  # the answer must match it (engine.structured)
     # True: a max_tokens that does not fit beside the prompt is lowered to what fits (vLLM
     # 0.32's server does this); False: it is an error in vLLM's words (the CLI's choice).
     cap_to_context: bool = False

@@ -1,0 +1,1 @@
+"""Structured outputs: constrained decoding with llguidance (see compiler.py for why)."""

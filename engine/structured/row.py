@@ -1,0 +1,215 @@
+"""One constrained row's state in the batched step, and the masks of a step.
+
+Each step the rows under a constraint get a bitmask of the tokens their grammar allows
+(filled on the host, after the step's forward pass was launched, so on an accelerator the
+host fills it while the device computes), applied to their logits before sampling; rows
+without one are left alone and pay nothing.
+
+Answers that end: a constrained answer must close within its max_tokens, or it does not parse.
+A closing policy played forward on a copy of the matcher says how many tokens the shortest
+way to close takes from any state: end what is open (a string's quote, a bracket, a brace),
+write the smallest value where one is required and the keys the grammar forces. Near the end
+of its budget a row takes a sampled token only if that way still fits after it
+(RowGrammar.settle)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .compiler import Grammar
+
+# Texts a closing path prefers, best first: what ends a string, a number, an array, an object,
+# then the shortest values (where a value must still be written).
+# Structure before values, so that a number or an array ends rather than grows.
+CLOSERS = ('"', "}", "]", '"}', "]}", "}}", "]]", '"]', ",", ":", "0", "1", "null", "true",
+           "false", '""', "[]", "{}")
+PLAY_LIMIT = 64           # closing steps played forward at most
+WINDOW = 96               # the closing path is only looked for within this many tokens of the end
+
+
+@dataclass(frozen=True)
+class ClosingTokens:
+    """The token ids of CLOSERS in the vocabulary (those that are single tokens), in order,
+    and the EOS id the grammar ends with."""
+
+    ids: tuple[int, ...]
+    eos: int
+    json: bool = True        # the closing policy: JSON's, or the one for regexes and grammars
+
+    def for_kind(self, kind: str) -> "ClosingTokens":
+        """The same tokens with the policy for a constraint of this kind."""
+        return dataclasses.replace(self, json=kind in ("json", "json_object"))
+
+    @classmethod
+    def of(cls, tokenizer: Any, eos: int) -> "ClosingTokens":
+        ids = []
+        for text in CLOSERS:
+            encoded = tokenizer.encode(text, add_special_tokens=False)
+            if len(encoded) == 1 and encoded[0] not in ids:
+                ids.append(encoded[0])
+        return cls(tuple(ids), int(eos))
+
+
+def mask_words(matcher: Any) -> np.ndarray:
+    """The matcher's allowed tokens as int32 words (bit j of word i: token 32 i + j)."""
+    return np.frombuffer(matcher.compute_bitmask(), dtype=np.int32)
+
+
+def _allowed(words: np.ndarray, token: int) -> bool:
+    word = token >> 5
+    return word < len(words) and bool((int(words[word]) >> (token & 31)) & 1)
+
+
+def _lowest_allowed(words: np.ndarray, count: int) -> list[int]:
+    """The `count` lowest token ids the mask allows."""
+    out: list[int] = []
+    for word in np.flatnonzero(words):
+        bits = int(np.uint32(words[word].view(np.uint32)))
+        while bits and len(out) < count:
+            low = bits & -bits
+            out.append(int(word) * 32 + low.bit_length() - 1)
+            bits ^= low
+        if len(out) >= count:
+            break
+    return out
+
+
+def closing_choice(matcher: Any, closers: ClosingTokens,
+                   uses: dict[int, int] | None = None) -> int | None:
+    """The next token of the closing path: EOS once the grammar accepts, else a token the
+    grammar forces, else an allowed closer, else the lowest allowed token (inside a property
+    name, any allowed token leads to one of the finitely many names); None when the grammar
+    allows nothing.
+
+    JSON (`uses` None) takes the first allowed closer: structure before values, so what is
+    open closes. A regex or grammar (`uses`: how often the path took each token) takes the
+    candidate it took least, so a path through `\\d+ (a|b)` leaves the digits instead of
+    writing zeros forever."""
+    words = mask_words(matcher)
+    if matcher.is_accepting() and _allowed(words, closers.eos):
+        return closers.eos
+    forced = matcher.compute_ff_tokens()
+    if forced:
+        return int(forced[0])
+    if uses is None:
+        closer = next((t for t in closers.ids if _allowed(words, t)), None)
+        if closer is not None:
+            return closer
+        lowest = _lowest_allowed(words, 1)
+        return lowest[0] if lowest else None
+    candidates = [t for t in closers.ids if _allowed(words, t)]
+    candidates += [t for t in _lowest_allowed(words, 64) if t not in candidates]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda t: (uses.get(t, 0), candidates.index(t)))
+
+
+def closing_length(matcher: Any, closers: ClosingTokens, limit: int = PLAY_LIMIT) -> int | None:
+    """Tokens the closing path needs from this state, EOS included (None: not found within
+    `limit`)."""
+    play = matcher.deep_copy()
+    uses: dict[int, int] | None = None if closers.json else {}
+    for steps in range(1, limit + 1):
+        token = closing_choice(play, closers, uses)
+        if token is None:
+            return None
+        if token == closers.eos:
+            return steps
+        if uses is not None:
+            uses[token] = uses.get(token, 0) + 1
+        if not play.consume_token(token):
+            return None
+    return None
+
+
+def shortest_answer(grammar: Grammar, closers: ClosingTokens, limit: int = 1024) -> int | None:
+    """Tokens of the closing path from the start, EOS included: the fewest max_tokens with
+    which this row is sure to close (None: longer than `limit`)."""
+    return closing_length(grammar.template, closers, limit)
+
+
+class RowGrammar:
+    """A row's matcher, its token budget and its way to close within that budget.
+
+    Once the budget comes within `window` tokens, each sampled token is checked before it is
+    taken: if the closing path after it would no longer fit the tokens left, the row writes
+    the closing path's next token instead. The path from the start fits (the engine refuses
+    a max_tokens below `shortest_answer`), and each closing token shortens it by one, so the
+    answer always closes in time."""
+
+    def __init__(self, grammar: Grammar, closers: ClosingTokens, max_new: int,
+                 shortest: int | None = None) -> None:
+        self.matcher = grammar.fresh()
+        self.closers = closers
+        self.left = int(max_new)          # tokens the row may still write
+        self.window = WINDOW + (shortest or 0)
+        self.replaced = 0                 # sampled tokens replaced by the closing path
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.matcher.is_error())
+
+    @property
+    def stopped(self) -> bool:
+        """The grammar is complete and nothing may follow: the answer is done."""
+        return bool(self.matcher.is_stopped())
+
+    def words(self) -> np.ndarray:
+        """This step's allowed tokens, as bitmask words."""
+        return mask_words(self.matcher)
+
+    def settle(self, token: int) -> int:
+        """The token this row writes, given the one it sampled (see the class docstring)."""
+        if self.left > self.window or token == self.closers.eos:
+            return token
+        after = self.matcher.deep_copy()
+        need = closing_length(after, self.closers, self.window) \
+            if after.consume_token(token) else None
+        # after this token, `left - 1` remain; the closing path's EOS may be left out
+        if need is not None and need - 1 <= self.left - 1:
+            return token
+        closing = closing_choice(self.matcher, self.closers, None if self.closers.json else {})
+        if closing is None:
+            return token
+        self.replaced += closing != token
+        return closing
+
+    def accept(self, token: int) -> bool:
+        """The row's token (after `settle`); False when the grammar refused it."""
+        self.left -= 1
+        if token == self.closers.eos and self.matcher.is_accepting():
+            return True
+        return bool(self.matcher.consume_token(token))
+
+
+def step_mask(rows: Sequence[RowGrammar | None], vocab_size: int,
+              device: torch.device) -> torch.Tensor | None:
+    """A (B, V) bool tensor of the tokens each row may write (None when no row is
+    constrained); an unconstrained row allows everything."""
+    if all(r is None for r in rows):
+        return None
+    words_per_row = (vocab_size + 31) // 32
+    words = np.full((len(rows), words_per_row), -1, dtype=np.int32)
+    for i, row in enumerate(rows):
+        if row is None:
+            continue
+        allowed = row.words()
+        n = min(len(allowed), words_per_row)
+        words[i, :n] = allowed[:n]
+        words[i, n:] = 0
+    packed = torch.from_numpy(words).to(device)
+    bits = torch.arange(32, device=device, dtype=torch.int32)
+    mask = (packed.unsqueeze(-1) >> bits) & 1
+    return mask.view(len(rows), -1)[:, :vocab_size].bool()
+
+
+def apply_mask(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Logits with every token a row's grammar forbids at -inf (a new tensor)."""
+    if mask is None:
+        return logits
+    return logits.masked_fill(~mask, float("-inf"))
