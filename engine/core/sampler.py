@@ -2,16 +2,29 @@
 
 Continuous batching puts requests with different sampling settings into one decode step,
 so `model.generate`'s single LogitsProcessorList per call no longer fits. Here each row
-keeps its own settings (`resolve`, the same values `generate_kwargs` gives `generate`)
-and its own state (`RowSampler`), and `sample` picks one token per row with the same
-processors, in the same order, as transformers' `generate`:
+keeps its own settings (`resolve`: the values `generate_kwargs` gives `generate`, plus
+vLLM's fields that transformers lacks) and its own state (`RowSampler`), and `sample`
+picks one token per row. The pieces run in vLLM v1's sampler order (vllm/v1/sample/
+sampler.py), each only when some row of the batch uses it:
 
-    repetition penalty, min_tokens (EOS masked)        every row
-    temperature, top-k, top-p, multinomial             sampling rows
-    argmax                                             greedy rows
+    allowed_token_ids mask, bad words (-inf)              every row
+    min_tokens (EOS and stop_token_ids masked)            every row
+    logit_bias                                            every row
+    repetition, frequency, presence penalties             every row
+    argmax                                                greedy rows
+    temperature, min_p, top-k, top-p, multinomial         sampling rows
+
+A request that uses only what `generate` knows (repetition penalty, min_tokens,
+temperature, top-k, top-p) gets scores bit-identical to generate's own order (penalty,
+then min_tokens, then the warpers): the only swap is the -inf of min_tokens before the
+penalty, and a positive penalty maps -inf to -inf, so both orders give the same floats.
+Rows that do not use a piece are left bit-for-bit untouched by it (they see a zero
+penalty, a zero min_p, an all-False mask).
 
 The whole batch is processed at once on the logits' device (per-row settings live there
-as small tensors), with one host sync per step: the final `.tolist()`.
+as small tensors), with one host sync per step: the final `.tolist()`. Logprobs
+(`token_logprobs`, `prompt_logprobs`) come from the raw logits, as vLLM's default
+logprobs mode "raw_logprobs" does, one host transfer per call.
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -30,12 +44,18 @@ from ..types import SamplingParams
 _HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
                 "repetition_penalty": 1.0, "min_new_tokens": 0}
 
+LOGIT_BIAS_LIMIT = 100.0    # vLLM clamps each bias into [-100, 100]
+MAX_BAD_WORDS = 128         # vLLM's VLLM_MAX_NUM_BAD_WORDS default
+_SEED_SPACE = 2 ** 64       # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]
+
 
 @dataclass(frozen=True)
 class RowSampling:
-    """One request's resolved settings: what `generate` would apply to its row.
+    """One request's resolved settings: what `generate` (and vLLM, for the fields generate
+    lacks) would apply to its row.
 
-    Greedy rows carry neutral temperature/top_k/top_p (greedy ignores them, as generate does).
+    Greedy rows carry neutral temperature/top_k/top_p/min_p (greedy ignores them, as
+    generate and vLLM do).
     """
 
     greedy: bool
@@ -46,6 +66,13 @@ class RowSampling:
     min_tokens: int
     eos_ids: tuple[int, ...]    # () when ignore_eos
     seed: int | None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0                                  # 0: off
+    logit_bias: tuple[tuple[int, float], ...] = ()      # (token id, bias), clamped
+    allowed_token_ids: tuple[int, ...] | None = None    # None: every token allowed
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    stop_token_ids: tuple[int, ...] = ()                # masked with eos_ids until min_tokens
 
     @property
     def argmax(self) -> bool:
@@ -71,14 +98,20 @@ def model_defaults(generation_config: Any) -> dict[str, float]:
             "repetition_penalty": float(_config_value(generation_config, "repetition_penalty"))}
 
 
-def resolve(sp: SamplingParams, generation_config: Any, eos_ids: set[int]) -> RowSampling:
-    """The settings `model.generate(**generate_kwargs(sp, generation_config, n))` would use.
+def resolve(sp: SamplingParams, generation_config: Any, eos_ids: set[int],
+            bad_words_ids: Iterable[Sequence[int]] = ()) -> RowSampling:
+    """The settings `model.generate(**generate_kwargs(sp, generation_config, n))` would use,
+    plus vLLM's fields generate lacks.
 
     Unset (None) request fields keep the model's generation_config, and fields unset there
     too take transformers' global defaults (notably top_k=50 when sampling). temperature 0
     means greedy, > 0 sampling at that temperature; otherwise do_sample comes from the
     generation_config. Qwen2.5-VL's config samples with top_k=1, so its default, and a
     request that sets only a temperature, are effectively greedy (with penalty 1.05).
+
+    bad_words_ids: `bad_words_token_ids(tokenizer, sp.bad_words)`. Ranges are the front
+    end's to check; here logit_bias is clamped as vLLM clamps it and seed -1 means no seed,
+    as in vLLM's SamplingParams.
     """
     do_sample = bool(_config_value(generation_config, "do_sample"))
     temperature = float(_config_value(generation_config, "temperature"))
@@ -97,18 +130,56 @@ def resolve(sp: SamplingParams, generation_config: Any, eos_ids: set[int]) -> Ro
     min_tokens = int(sp.min_tokens or _config_value(generation_config, "min_new_tokens"))
     if do_sample and temperature <= 0:
         do_sample = False   # generate refuses this; sampling at temperature 0 is the argmax
+    min_p = float(sp.min_p or 0.0)
     if not do_sample:
-        temperature, top_k, top_p = 1.0, 0, 1.0
+        temperature, top_k, top_p, min_p = 1.0, 0, 1.0, 0.0
+    bias = tuple(sorted((int(t), min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, float(b))))
+                        for t, b in (sp.logit_bias or {}).items()))
+    allowed = (tuple(sorted({int(t) for t in sp.allowed_token_ids})) if sp.allowed_token_ids
+               else None)
     return RowSampling(greedy=not do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                        repetition_penalty=penalty, min_tokens=min_tokens,
                        eos_ids=() if sp.ignore_eos else tuple(sorted(int(i) for i in eos_ids)),
-                       seed=sp.seed)
+                       seed=None if sp.seed == -1 else sp.seed,
+                       presence_penalty=float(sp.presence_penalty or 0.0),
+                       frequency_penalty=float(sp.frequency_penalty or 0.0), min_p=min_p,
+                       logit_bias=bias, allowed_token_ids=allowed,
+                       bad_words_ids=tuple(tuple(int(t) for t in w) for w in bad_words_ids if w),
+                       stop_token_ids=tuple(sorted({int(t) for t in sp.stop_token_ids or ()})))
+
+
+def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:
+    """vLLM's token sequences for `bad_words` (SamplingParams.update_from_tokenizer): each
+    word without and with a leading space, so it is banned at the start of the text and in
+    its middle; the spaced form only when it is a different word of as many tokens."""
+    sequences: list[list[int]] = []
+    for word in dict.fromkeys(words):
+        for add_prefix_space in (False, True):
+            ids = list(tokenizer.encode((" " if add_prefix_space else "") + word.lstrip(),
+                                        add_special_tokens=False))
+            if not ids:
+                if not add_prefix_space:
+                    raise ValueError("bad_words entries must tokenize to at least one token.")
+                continue
+            plain = sequences[-1] if add_prefix_space else None
+            if plain is None or (ids[0] != plain[0] and len(ids) == len(plain)):
+                sequences.append(ids)
+                if len(sequences) > MAX_BAD_WORDS:
+                    raise ValueError(f"Too many bad words after tokenization: {len(sequences)}. "
+                                     f"The max number is {MAX_BAD_WORDS}.")
+    return sequences
 
 
 @functools.lru_cache(maxsize=8)
 def _no_tokens(vocab_size: int, device: torch.device) -> torch.Tensor:
     """A shared all-False mask for rows without a repetition penalty (never written)."""
     return torch.zeros(vocab_size, dtype=torch.bool, device=device)
+
+
+@functools.lru_cache(maxsize=8)
+def _no_counts(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Shared zero counts for rows without frequency/presence penalties (never written)."""
+    return torch.zeros(vocab_size, dtype=torch.float32, device=device)
 
 
 def divides_by_reciprocal(device: torch.device) -> bool:
@@ -120,15 +191,22 @@ def divides_by_reciprocal(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _vocab_tensor(ids: Iterable[int], vocab_size: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([i for i in ids if 0 <= i < vocab_size], dtype=torch.long, device=device)
+
+
 class RowSampler:
     """Per-request sampling state: its settings, its own torch.Generator (seeded when seed is
     set, so a seeded request samples the same tokens alone and in a batch; unseeded rows
-    draw from the device's default generator, as generate does), and the token ids seen so
-    far (prompt + generated) for the repetition penalty, kept on the logits' device.
+    draw from the device's default generator, as generate does), the token ids seen so
+    far (prompt + generated) for the repetition penalty, the generated tokens' counts for
+    the frequency and presence penalties, and the tail of the generated tokens that
+    multi-token bad words are matched against; tensors on the logits' device.
 
     prompt_ids: the row's input ids as generate would see them, without padding (image
     and video pad tokens included: generate penalises them too). Ids >= vocab_size are
-    ignored, as RepetitionPenaltyLogitsProcessor does.
+    ignored here, as RepetitionPenaltyLogitsProcessor does (logit_bias, allowed_token_ids
+    and bad words too: the front end refuses them first).
     """
 
     def __init__(self, settings: RowSampling, prompt_ids: torch.Tensor, vocab_size: int,
@@ -139,8 +217,10 @@ class RowSampler:
         self.generated = 0
         self.generator: torch.Generator | None = None
         if settings.seed is not None and not settings.argmax:
+            # Python's modulo maps a negative seed as manual_seed itself does (two's
+            # complement), and makes any integer a valid one.
             self.generator = torch.Generator(device=self.device)
-            self.generator.manual_seed(settings.seed)
+            self.generator.manual_seed(settings.seed % _SEED_SPACE)
         self.penalised = settings.repetition_penalty != 1.0
         self.seen = _no_tokens(self.vocab_size, self.device)
         if self.penalised:
@@ -149,17 +229,51 @@ class RowSampler:
             ids = prompt_ids.reshape(-1).to(device=self.device, dtype=torch.long)
             seen[ids.clamp(0, self.vocab_size)] = True
             self.seen = seen[:self.vocab_size]
-        eos = [i for i in settings.eos_ids if 0 <= i < self.vocab_size]
-        self.eos = torch.tensor(eos, dtype=torch.long, device=self.device) if eos else None
+        self.counted = settings.frequency_penalty != 0.0 or settings.presence_penalty != 0.0
+        self.counts = (torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
+                       if self.counted else _no_counts(self.vocab_size, self.device))
+        stops = _vocab_tensor((*settings.eos_ids, *settings.stop_token_ids), self.vocab_size,
+                              self.device)
+        self.eos = stops if stops.numel() else None   # masked until min_tokens
+        self.banned = self._static_ban()
+        self.bad_sequences = [w for w in settings.bad_words_ids if len(w) > 1]
+        self.tail_length = max((len(w) - 1 for w in self.bad_sequences), default=0)
+        self.tail: list[int] = []
+        self.bias_ids = self.bias_values = None
+        if settings.logit_bias:
+            pairs = [(t, b) for t, b in settings.logit_bias if 0 <= t < self.vocab_size]
+            self.bias_ids = torch.tensor([t for t, _ in pairs], dtype=torch.long,
+                                         device=self.device)
+            self.bias_values = torch.tensor([b for _, b in pairs], dtype=torch.float32,
+                                            device=self.device)
         # how this device divides by a Python float (None: as PyTorch does on it)
         self.reciprocal = divides_by_reciprocal(self.device) if reciprocal is None else reciprocal
         penalty, temperature = settings.repetition_penalty, settings.temperature
         top_p_cut = 1.0 - settings.top_p if settings.top_p < 1.0 else -math.inf
-        # [penalty, penalty and temperature as divisors, top_k, 1 - top_p]: stacked over
-        # the batch in `sample`, so per-row settings cost no host-to-device copy per step.
+        # [penalty, penalty and temperature as divisors, top_k, 1 - top_p, frequency,
+        # presence, min_p]: stacked over the batch in `sample`, so per-row settings cost no
+        # host-to-device copy per step.
         self.params = torch.tensor(
             [penalty, self._divisor(penalty), self._divisor(temperature), float(settings.top_k),
-             top_p_cut], dtype=torch.float32, device=self.device)
+             top_p_cut, settings.frequency_penalty, settings.presence_penalty, settings.min_p],
+            dtype=torch.float32, device=self.device)
+        self.reshapes = (self.penalised or self.counted or self.banned is not None
+                         or bool(self.bad_sequences) or self.bias_ids is not None)
+
+    def _static_ban(self) -> torch.Tensor | None:
+        """The tokens that are -inf at every step: those outside allowed_token_ids, and the
+        one-token bad words (both masks, so their order does not matter)."""
+        s = self.settings
+        single = [w[0] for w in s.bad_words_ids if len(w) == 1]
+        if s.allowed_token_ids is None and not single:
+            return None
+        banned = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+        if s.allowed_token_ids is not None:
+            banned.fill_(True)
+            banned[_vocab_tensor(s.allowed_token_ids, self.vocab_size, self.device)] = False
+        if single:
+            banned[_vocab_tensor(single, self.vocab_size, self.device)] = True
+        return banned
 
     def _divisor(self, value: float) -> float:
         if not self.reciprocal:
@@ -168,45 +282,82 @@ class RowSampler:
 
     @property
     def min_pending(self) -> bool:
-        """Whether EOS is still masked (fewer than min_tokens generated)."""
+        """Whether EOS (and stop_token_ids) are still masked (fewer than min_tokens generated)."""
         return self.eos is not None and self.generated < self.settings.min_tokens
 
     @property
     def plain_argmax(self) -> bool:
         """Whether the raw logits' argmax is this row's token (no processor changes it)."""
-        return self.settings.argmax and not self.penalised and not self.min_pending
+        return self.settings.argmax and not self.reshapes and not self.min_pending
+
+    def bad_now(self) -> list[int]:
+        """The last tokens of the multi-token bad words whose prefix ends the generated text
+        (vLLM's rule: generated tokens only, not the prompt)."""
+        tail = self.tail
+        return [w[-1] for w in self.bad_sequences
+                if len(w) - 1 <= len(tail) and tail[len(tail) - len(w) + 1:] == list(w[:-1])
+                and 0 <= w[-1] < self.vocab_size]
 
     def append(self, token_id: int) -> None:
-        """Record a generated token: it counts toward min_tokens and the penalty."""
+        """Record a generated token: it counts toward min_tokens, the penalties and bad words."""
         self.generated += 1
-        if self.penalised and 0 <= token_id < self.vocab_size:
+        if self.tail_length:
+            self.tail = [*self.tail, token_id][-self.tail_length:]
+        if not 0 <= token_id < self.vocab_size:
+            return
+        if self.penalised:
             self.seen[token_id] = True
+        if self.counted:
+            self.counts[token_id] += 1
 
 
 def _divide(x: torch.Tensor, divisor: torch.Tensor, reciprocal: bool) -> torch.Tensor:
     return x * divisor if reciprocal else x / divisor
 
 
+def _mask(x: torch.Tensor, rows: list[RowSampler]) -> None:
+    """allowed_token_ids, bad words and min_tokens: -inf in place, for the rows using them."""
+    for i, r in enumerate(rows):
+        if r.banned is not None:
+            x[i].masked_fill_(r.banned, -math.inf)
+    bad = [(i, t) for i, r in enumerate(rows) if r.bad_sequences for t in r.bad_now()]
+    if bad:
+        where = torch.tensor(bad, dtype=torch.long, device=x.device)
+        x[where[:, 0], where[:, 1]] = -math.inf
+    for i, r in enumerate(rows):
+        if r.min_pending:
+            x[i].index_fill_(0, r.eos, -math.inf)
+
+
 def _penalise(logits: torch.Tensor, rows: list[RowSampler], params: torch.Tensor) -> torch.Tensor:
-    """Repetition penalty, then min_tokens: the processors generate applies to every row."""
+    """Everything before the argmax (the module docstring's first four lines), in float32."""
     x = logits.to(torch.float32, copy=True)
+    _mask(x, rows)
+    for i, r in enumerate(rows):
+        if r.bias_ids is not None:
+            x[i].index_add_(0, r.bias_ids, r.bias_values)
     if any(r.penalised for r in rows):
         seen = torch.stack([r.seen for r in rows])
         shrunk = _divide(x, params[:, 1:2], rows[0].reciprocal)
         x = torch.where(seen, torch.where(x < 0, x * params[:, 0:1], shrunk), x)
-    for i, r in enumerate(rows):
-        if r.min_pending:
-            x[i].index_fill_(0, r.eos, -math.inf)
+    if any(r.counted for r in rows):
+        # vLLM's two subtractions (model_executor/layers/utils.apply_penalties), in its order.
+        counts = torch.stack([r.counts for r in rows])
+        x = x - params[:, 5:6] * counts
+        x = x - params[:, 6:7] * (counts > 0)
     return x
 
 
 def _warp(x: torch.Tensor, rows: list[RowSampler], active: list[RowSampler],
           params: torch.Tensor) -> torch.Tensor:
-    """Temperature, top-k and top-p (transformers' warpers, min_tokens_to_keep=1) for the
-    batch; only the `active` rows' results are meant to be used, so a warper none of them
-    needs is skipped."""
+    """Temperature, min_p, top-k and top-p (transformers' warpers, min_tokens_to_keep=1) for
+    the batch; only the `active` rows' results are meant to be used, so a warper none of
+    them needs is skipped."""
     if any(r.settings.temperature != 1.0 for r in active):
         x = _divide(x, params[:, 2:3], rows[0].reciprocal)
+    if any(r.settings.min_p > 0.0 for r in active):
+        probs = x.softmax(dim=-1)
+        x = x.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * params[:, 7:8], -math.inf)
     ks = [r.settings.top_k for r in active if r.settings.top_k > 0]
     if ks:
         kmax = min(max(ks), x.shape[-1])
@@ -232,8 +383,8 @@ def _check(logits: torch.Tensor, rows: list[RowSampler]) -> None:
 
 
 def process_logits(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
-    """The float32 scores generate's LogitsProcessorList would produce for each row (all
-    warpers for sampling rows, top_k == 1 included): for tests and diagnostics."""
+    """The float32 scores each row's processors would produce (all warpers for sampling
+    rows, top_k == 1 included): for tests and diagnostics."""
     _check(logits, rows)
     params = torch.stack([r.params for r in rows])
     x = _penalise(logits, rows, params)
@@ -266,3 +417,70 @@ def sample(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
     drawn = (probs / q).argmax(dim=-1)
     return torch.stack([best[i] if r.settings.argmax else drawn[i]
                         for i, r in enumerate(rows)]).tolist()
+
+
+@dataclass
+class RawLogprobs:
+    """One position's logprobs under the model's raw distribution: the chosen (or prompt)
+    token's, its rank (1: the most likely; vLLM counts the tokens at least as likely, so
+    ties share the worse rank) and the `k` most likely (id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
+
+
+def _gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """(n, 3 + 2k) float64 (exact for float32 values and token ids): the token, its logprob,
+    its rank, the top k logprobs, their ids (vLLM's Sampler.gather_logprobs)."""
+    logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
+    chosen = logprobs.gather(1, tokens[:, None])
+    rank = (logprobs >= chosen).sum(dim=-1, keepdim=True)
+    top = torch.topk(logprobs, k, dim=-1)
+    return torch.cat([tokens[:, None].double(), chosen.double(), rank.double(),
+                      top.values.double(), top.indices.double()], dim=1)
+
+
+def _unpack(row: list[float], k: int, width: int) -> RawLogprobs:
+    values, ids = row[3:3 + width], row[3 + width:]
+    return RawLogprobs(token_id=int(row[0]), logprob=row[1], rank=int(row[2]),
+                       top=[(int(i), v) for i, v in zip(ids[:k], values[:k], strict=True)])
+
+
+def token_logprobs(logits: torch.Tensor, want: list[int | None],
+                   tokens: list[int]) -> list[RawLogprobs | None]:
+    """The chosen tokens' logprobs for the rows that asked: want[i] = k >= 0 (the top k
+    besides the chosen token), None for rows that did not ask. `logits` (B, V) are the
+    step's raw logits (before any penalty or temperature), as vLLM returns by default."""
+    asked = [i for i, k in enumerate(want) if k is not None]
+    out: list[RawLogprobs | None] = [None] * len(want)
+    if not asked:
+        return out
+    width = min(max(want[i] for i in asked), logits.shape[-1])
+    rows = logits if len(asked) == len(want) else logits[torch.tensor(asked, device=logits.device)]
+    chosen = torch.tensor([tokens[i] for i in asked], dtype=torch.long, device=logits.device)
+    packed = _gather_logprobs(rows, chosen, width).tolist()
+    for i, row in zip(asked, packed, strict=True):
+        out[i] = _unpack(row, want[i], width)
+    return out
+
+
+_PROMPT_CHUNK = 1 << 24     # logits elements per log_softmax in prompt_logprobs (64 MiB)
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: torch.Tensor | list[int],
+                    k: int) -> list[RawLogprobs]:
+    """Each prompt token's logprobs: logits[t] (T, V) are the raw logits that predicted
+    targets[t]. Computed in chunks of rows so a long prompt's (T, V) float32 logprobs never
+    exist at once; one host transfer."""
+    targets = torch.as_tensor(targets, dtype=torch.long, device=logits.device).reshape(-1)
+    if targets.numel() != logits.shape[0]:
+        raise ValueError(f"{logits.shape[0]} rows of logits for {targets.numel()} prompt tokens")
+    if not targets.numel():
+        return []
+    width = min(k, logits.shape[-1])
+    step = max(1, _PROMPT_CHUNK // logits.shape[-1])
+    packed = torch.cat([_gather_logprobs(logits[s:s + step], targets[s:s + step], width)
+                        for s in range(0, logits.shape[0], step)]).tolist()
+    return [_unpack(row, k, width) for row in packed]
