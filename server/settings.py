@@ -53,6 +53,12 @@ class ServerSettings:
         action="append", metavar="DIR",
         help="let API requests read images and videos under DIR via file:// URLs or paths "
              "(default: none)")
+    allowed_media_domains: list[str] = setting(
+        factory=list, env="QWENVL_ALLOWED_MEDIA_DOMAINS", env_list=True, group=API, nargs="+",
+        metavar="HOST",
+        help="fetch image and video URLs only from these hosts (HOST[,HOST] or several "
+             "values, vLLM's flag), which may then be on loopback or a private network; "
+             "default: any public host")
     max_body_mb: float = setting(
         64.0, env="QWENVL_MAX_BODY_MB", group=API,
         help="largest accepted request body in MB (the page's events too)")
@@ -91,6 +97,8 @@ class ServerSettings:
                       "served_model_name": list(values.get("served_model_name") or []),
                       "allowed_local_media_path": list(values.get("allowed_local_media_path")
                                                        or []),
+                      "allowed_media_domains": [d.strip() for v in values.get(
+                          "allowed_media_domains") or [] for d in v.split(",") if d.strip()],
                       "forwarded_allow_ips": values.get("forwarded_allow_ips") or None,
                       "max_client_requests": cap if cap is not None
                       else getattr(ns, "max_batch", None)})
@@ -100,9 +108,11 @@ class ServerSettings:
         return int(self.max_body_mb * 1024 * 1024)
 
     def media_policy(self) -> MediaPolicy:
-        """API requests never read local files unless a folder was allowed explicitly."""
+        """API requests never read local files unless a folder was allowed explicitly, and
+        fetch only from the allowed media domains when some are named."""
         return MediaPolicy(local_roots=tuple(Path(p).expanduser().resolve()
-                                             for p in self.allowed_local_media_path))
+                                             for p in self.allowed_local_media_path),
+                           allowed_domains=tuple(self.allowed_media_domains) or None)
 
     @property
     def credentials(self) -> Credentials:

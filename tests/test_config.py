@@ -38,6 +38,7 @@ ENGINE_DEFAULTS = {
 }
 API_DEFAULTS = {
     "auth": [], "api_key": None, "served_model_name": [], "allowed_local_media_path": [],
+    "allowed_media_domains": [],
     "max_body_mb": 64.0, "header_timeout": 10.0, "body_timeout": 30.0,
     "max_connections": 1000, "forwarded_allow_ips": None, "max_client_requests": None,
 }
@@ -87,6 +88,8 @@ ENGINE_FLAGS = [
 API_FLAGS = [
     (["--auth", "a:b", "--auth", "c:d"], "auth", ["a:b", "c:d"]), (["--api-key", "sk"], "api_key", "sk"),
     (["--served-model-name", "x", "y"], "served_model_name", ["x", "y"]),
+    (["--allowed-media-domains", "a.test", "b.test"], "allowed_media_domains",
+     ["a.test", "b.test"]),
     (["--allowed-local-media-path", "/tmp", "--allowed-local-media-path", "/srv"],
      "allowed_local_media_path", ["/tmp", "/srv"]),
     (["--max-body-mb", "3"], "max_body_mb", 3.0), (["--header-timeout", "4"], "header_timeout", 4.0),
@@ -146,6 +149,8 @@ API_ENV = [
     ("QWENVL_AUTH", "u:p", "auth", ["u:p"]), ("QWENVL_API_KEY", "ak", "api_key", "ak"),
     ("QWENVL_SERVED_MODEL_NAME", "a,b", "served_model_name", ["a", "b"]),
     ("QWENVL_ALLOWED_LOCAL_MEDIA_PATH", "/x,/y", "allowed_local_media_path", ["/x", "/y"]),
+    ("QWENVL_ALLOWED_MEDIA_DOMAINS", "a.test,b.test", "allowed_media_domains",
+     ["a.test", "b.test"]),
     ("QWENVL_MAX_BODY_MB", "2", "max_body_mb", 2.0),
     ("QWENVL_HEADER_TIMEOUT", "1.5", "header_timeout", 1.5),
     ("QWENVL_BODY_TIMEOUT", "2.5", "body_timeout", 2.5),

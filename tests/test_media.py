@@ -191,6 +191,84 @@ def test_redirect_to_private_is_checked_again(no_network):
     assert no_network == ["http://public.test/redirect-private"]
 
 
+def test_allowed_media_domains_fetch_listed_hosts_even_private(no_network):
+    """--allowed-media-domains: a listed host is fetched even on a private address (an
+    intranet's picture server), at the address that was checked; any other host is refused
+    before a request, naming it; redirects are held to the list too."""
+    policy = MediaPolicy(local_roots=(), allowed_domains=("internal.test", "PUBLIC.test"))
+    assert load_image("http://internal.test/img.png", policy).size == (40, 30)
+    assert load_image("http://public.test/img.png", policy).size == (40, 30)
+    assert no_network == ["http://internal.test/img.png", "http://public.test/img.png"]
+    for url, host in [("http://mixed.test/img.png", "mixed.test"),
+                      ("http://10.0.0.5/img.png", "10.0.0.5"),
+                      ("https://public.test.evil/x.png", "public.test.evil")]:
+        with pytest.raises(InvalidRequestError, match=rf"allowed domains: \['internal.test', "
+                                                      rf"'PUBLIC.test'\]. Input URL domain: "
+                                                      rf"{host}$"):
+            load_image(url, policy)
+    with pytest.raises(InvalidRequestError, match="Input URL domain: 169.254.169.254"):
+        load_image("http://public.test/redirect-private", policy)
+    assert len(no_network) == 3
+
+
+def test_without_allowed_domains_the_guard_is_unchanged(no_network):
+    with pytest.raises(InvalidRequestError, match="Refusing to fetch 'internal.test'"):
+        load_image("http://internal.test/img.png", MediaPolicy(local_roots=()))
+    assert no_network == []
+
+
+def test_allowed_media_domains_flag_reaches_the_api_policy(monkeypatch):
+    import argparse
+
+    from server.settings import ServerSettings, add_server_args
+
+    def settings(*argv: str) -> ServerSettings:
+        parser = argparse.ArgumentParser()
+        add_server_args(parser)
+        return ServerSettings.from_namespace(parser.parse_args(list(argv)))
+
+    assert settings().media_policy().allowed_domains is None
+    assert settings("--allowed-media-domains", "a.test,b.test", "c.test").media_policy() \
+        .allowed_domains == ("a.test", "b.test", "c.test")
+    monkeypatch.setenv("QWENVL_ALLOWED_MEDIA_DOMAINS", "intranet.local")
+    assert settings().media_policy().allowed_domains == ("intranet.local",)
+
+
+def test_listed_loopback_host_is_really_fetched(monkeypatch):
+    """End to end on loopback: a listed name that resolves to 127.0.0.1 is fetched from a
+    real server there; unlisted, the same server is refused without a connection."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    png = png_bytes(Image.new("RGB", (20, 10), (9, 9, 9)))
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers["Host"])
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(media, "resolve_host", lambda host, port: ["127.0.0.1"])
+    try:
+        url = f"http://pictures.intranet:{server.server_port}/a.png"
+        policy = MediaPolicy(local_roots=(), allowed_domains=("pictures.intranet",))
+        assert load_image(url, policy).size == (20, 10)
+        assert seen == [f"pictures.intranet:{server.server_port}"]
+        with pytest.raises(InvalidRequestError, match="Refusing to fetch"):
+            load_image(url, API_POLICY)
+        assert len(seen) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_download_size_cap(no_network):
     with pytest.raises(InvalidRequestError, match="larger than the limit"):
         load_image("http://public.test/huge", MediaPolicy(local_roots=(), max_bytes=1024))

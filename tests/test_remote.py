@@ -230,6 +230,16 @@ def _chunk(content=None, finish=None, role=None) -> dict:
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
 
+def _choice(fields: dict) -> dict:
+    return {"object": "chat.completion.chunk", "choices": [{"index": 0, **fields}]}
+
+
+def _entry(token: str, logprob: float, top: list) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode()),
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())}
+                             for t, lp in top]}
+
+
 @pytest.fixture(scope="module")
 def fake_remote():
     app = FastAPI()
@@ -280,9 +290,51 @@ def fake_remote():
             return StreamingResponse(stall(), media_type="text/event-stream")
         if what == "garbage":
             return _sse(_chunk(role="assistant"), "data: {not json\n\n")
+        if what == "logprobs":   # vLLM 0.32's shapes, as recorded from its CPU build
+            return _sse(_chunk(role="assistant"),
+                        _choice({"delta": {"content": "There"}, "token_ids": [425],
+                                 "logprobs": {"content": [_entry("There", -0.36, [
+                                     ("There", -0.36), ("The", -1.32)])]}}),
+                        _choice({"delta": {"content": " are"}, "token_ids": [309],
+                                 "logprobs": {"content": [_entry(" are", -0.85, [
+                                     (" is", -0.55), (" are", -0.85)])]},
+                                 "finish_reason": "stop", "stop_reason": 220}),
+                        "data: [DONE]\n\n")
+        if body.get("stream") is False:    # prompt_logprobs: vLLM does not stream them
+            return JSONResponse({
+                "object": "chat.completion", "prompt_token_ids": [912, 82, 88],
+                "prompt_logprobs": [None, {"82": {"logprob": -11.5, "rank": 628,
+                                                  "decoded_token": "s"},
+                                           "557": {"logprob": -0.47, "rank": 1,
+                                                   "decoded_token": "]\n"}},
+                                    {"88": {"logprob": -0.2, "rank": 1, "decoded_token": "y"}}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                             "finish_reason": "length", "stop_reason": None}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
         return _sse(_chunk(role="assistant"), _chunk("o"), _chunk("k"), _chunk("", "stop"),
                     {"id": "x", "choices": [], "usage": {"prompt_tokens": 7,
                                                          "completion_tokens": 2}},
+                    "data: [DONE]\n\n")
+
+    @app.post("/v1/completions")
+    async def completions(req: Request):
+        body = await req.json()
+        app.state.calls.append((dict(req.headers), body))
+        if body["prompt"] == "refuse":
+            return JSONResponse({"error": {"message": "Token id 5 is out of vocabulary",
+                                           "type": "BadRequestError", "param": None,
+                                           "code": 400}}, status_code=400)
+        first = {"index": 0, "text": " blue", "prompt_token_ids": [39, 291], "token_ids": [351],
+                 "logprobs": {"text_offset": [0], "token_logprobs": [-0.89], "tokens": [" blue"],
+                              "top_logprobs": [{"1": -2.7, " blue": -0.89}]},
+                 "finish_reason": None, "stop_reason": None}
+        last = {"index": 0, "text": " star", "token_ids": [312], "prompt_token_ids": None,
+                "logprobs": {"text_offset": [5], "token_logprobs": [-1.46], "tokens": [" star"],
+                             "top_logprobs": [{" star": -1.46, " triangle": -1.48}]},
+                "finish_reason": "length", "stop_reason": None}
+        return _sse({"object": "text_completion", "choices": [first]},
+                    {"object": "text_completion", "choices": [last]},
+                    {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 2}},
                     "data: [DONE]\n\n")
 
     with BackgroundServer(app) as srv:
@@ -378,6 +430,99 @@ def test_mm_kwargs_only_with_the_flag_and_a_refusal_names_it(fake_remote, tmp_pa
     finally:
         eng.config.remote_mm_kwargs = False
     assert eng.generate(request("describe", images=[picture]), timeout=10)[0] == "ok"
+
+
+# every SamplingParams field set away from its default, and the name vLLM gives it
+NON_DEFAULT = {
+    "max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1,
+    "seed": -3, "stop": ["\n\n"], "ignore_eos": True, "min_tokens": 2, "presence_penalty": 0.5,
+    "frequency_penalty": -0.5, "min_p": 0.1, "logit_bias": {5: 2.0}, "bad_words": ["bad"],
+    "allowed_token_ids": [5, 6], "stop_token_ids": [7], "include_stop_str_in_output": True,
+    "skip_special_tokens": False, "spaces_between_special_tokens": False, "logprobs": 2,
+    "prompt_logprobs": 1, "truncate_prompt_tokens": 50}
+
+
+def test_every_sampling_field_and_chat_control_is_forwarded(fake_remote):
+    """Each field goes under vLLM's name, only when it differs from the default, so a plain
+    request's body is what an older server has always seen."""
+    import dataclasses
+
+    from engine.backends.remote import NOT_FORWARDED
+    from engine.types import StructuredOutput
+
+    eng, _ = fake_remote
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    assert set(NON_DEFAULT) | NOT_FORWARDED >= fields, "a new field is neither sent nor listed"
+    plain = eng.build_body(GenerationRequest(Conversation([Message("user", "Hi")])))
+    assert set(plain) == {"model", "messages", "stream", "stream_options", "max_tokens"}
+    call = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    conv = Conversation([Message("user", "Hi"), Message("assistant", "", tool_calls=call),
+                         Message("tool", "42", tool_call_id="c1"),
+                         Message("assistant", "The answer is")],
+                        add_generation_prompt=False, continue_final_message=True,
+                        chat_template_kwargs={"add_vision_id": True},
+                        tools=[{"type": "function", "function": {"name": "f"}}])
+    sampling = SamplingParams(**NON_DEFAULT, structured=StructuredOutput(regex="[0-9]+"))
+    body = eng.build_body(GenerationRequest(conv, sampling))
+    expected = {**{k: v for k, v in NON_DEFAULT.items() if k != "logprobs"},
+                "logit_bias": {"5": 2.0}, "logprobs": True, "top_logprobs": 2,
+                "return_token_ids": True, "structured_outputs": {"regex": "[0-9]+"},
+                "add_generation_prompt": False, "continue_final_message": True,
+                "chat_template_kwargs": {"add_vision_id": True}, "tools": conv.tools}
+    assert {k: body[k] for k in expected} == expected
+    assert body["stream"] is False     # vLLM does not stream prompt_logprobs
+    assert body["messages"][1] == {"role": "assistant", "content": "", "tool_calls": call}
+    assert body["messages"][2] == {"role": "tool", "content": "42", "tool_call_id": "c1"}
+    completion = eng.build_body(GenerationRequest(Conversation(), SamplingParams(logprobs=3),
+                                                  prompt=[1, 2]))
+    assert completion["prompt"] == [1, 2] and completion["logprobs"] == 3
+    assert "messages" not in completion and "top_logprobs" not in completion
+
+
+def test_logprobs_token_ids_and_stop_reason_come_back(fake_remote):
+    eng, calls = fake_remote
+    events = list(eng.submit(request("logprobs", logprobs=1)).events(timeout=10))
+    finished = events[-1]
+    assert finished.reason == "stop" and finished.stop_reason == 220
+    deltas = events[:-1]
+    assert "".join(d.text for d in deltas) == "There are"
+    assert [t for d in deltas for t in d.token_ids] == [425, 309]
+    lps = [lp for d in deltas for lp in d.logprobs]
+    assert [(lp.token, lp.token_id, lp.logprob, lp.rank) for lp in lps] == [
+        ("There", 425, -0.36, 1), (" are", 309, -0.85, 2)]
+    assert [(t.token, t.token_id) for t in lps[1].top] == [(" is", -1), (" are", 309)]
+    assert calls[-1][1]["logprobs"] is True and calls[-1][1]["top_logprobs"] == 1
+
+
+def test_prompt_logprobs_are_read_from_the_whole_answer(fake_remote):
+    eng, _ = fake_remote
+    text, finished = eng.generate(request("Hi", prompt_logprobs=1), timeout=10)
+    assert text == "ok" and finished.reason == "length"
+    assert finished.prompt_token_ids == [912, 82, 88]
+    first, second, third = finished.prompt_logprobs
+    assert first is None
+    assert (second.token, second.token_id, second.logprob, second.rank) == ("s", 82, -11.5, 628)
+    assert [(t.token_id, t.logprob) for t in second.top] == [(557, -0.47)]
+    assert (third.token_id, third.rank, [t.token_id for t in third.top]) == (88, 1, [88])
+
+
+def test_raw_prompt_goes_to_the_remotes_completions(fake_remote):
+    eng, calls = fake_remote
+    req = GenerationRequest(Conversation(), SamplingParams(max_tokens=2, logprobs=1),
+                            prompt="Hello there")
+    events = list(eng.submit(req).events(timeout=10))
+    finished = events[-1]
+    assert finished.reason == "length" and finished.prompt_token_ids == [39, 291]
+    assert finished.stats.prompt_tokens == 2 and finished.stats.output_tokens == 2
+    assert "".join(e.text for e in events[:-1]) == " blue star"
+    lps = [lp for e in events[:-1] for lp in e.logprobs]
+    assert [(lp.token, lp.token_id, lp.rank) for lp in lps] == [(" blue", 351, 1),
+                                                                (" star", 312, 1)]
+    assert [(t.token, t.token_id) for t in lps[0].top] == [(" blue", 351), ("1", -1)]
+    body = calls[-1][1]
+    assert body["prompt"] == "Hello there" and body["logprobs"] == 1
+    with pytest.raises(InvalidRequestError, match="Token id 5 is out of vocabulary"):
+        eng.submit(GenerationRequest(Conversation(), prompt="refuse"))
 
 
 def test_remote_applies_the_media_policy_before_sending(fake_remote):

@@ -16,6 +16,7 @@ between bytes.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import logging
@@ -34,7 +35,8 @@ from ..errors import (DeviceOutOfMemoryError, EngineBusyError, EngineError, Inva
 from ..inputs.stage import InputStage, LoadedImage, LoadedMessage, LoadedVideo, close_all
 from ..inputs.media import MediaPolicy
 from ..stream import RequestHandle
-from ..types import Finished, FinishReason, GenerationRequest, RequestStats, TextDelta
+from ..types import (Finished, FinishReason, GenerationRequest, RequestStats,
+                     SamplingParams, TextDelta, TokenLogprob, TopLogprob)
 
 log = logging.getLogger("engine.requests")
 
@@ -141,18 +143,132 @@ def video_data_uri(video: LoadedVideo) -> str:
 
 
 def serialise(message: LoadedMessage) -> dict:
-    """One loaded message as OpenAI content, parts in order."""
-    if not message.has_media:
-        return {"role": message.role, "content": message.text}
-    parts: list[dict] = []
-    for part in message.parts:
-        if isinstance(part, str):
-            parts.append({"type": "text", "text": part})
-        elif isinstance(part, LoadedImage):
-            parts.append({"type": "image_url", "image_url": {"url": image_data_uri(part.picture)}})
-        else:
-            parts.append({"type": "video_url", "video_url": {"url": video_data_uri(part)}})
-    return {"role": message.role, "content": parts}
+    """One loaded message as OpenAI content, parts in order, with its tool fields."""
+    texts = [p for p in message.parts if isinstance(p, str)]
+    content: str | list[dict]
+    if not message.has_media and len(texts) <= 1:
+        content = message.text
+    else:
+        content = []
+        for part in message.parts:
+            if isinstance(part, str):
+                content.append({"type": "text", "text": part})
+            elif isinstance(part, LoadedImage):
+                content.append({"type": "image_url",
+                                "image_url": {"url": image_data_uri(part.picture)}})
+            else:
+                content.append({"type": "video_url", "video_url": {"url": video_data_uri(part)}})
+    out: dict[str, Any] = {"role": message.role, "content": content}
+    if message.tool_calls is not None:
+        out["tool_calls"] = message.tool_calls
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def chat_controls(conv: Any) -> dict[str, Any]:
+    """How the remote's chat template renders (vLLM's field names), only what differs from
+    the defaults."""
+    body: dict[str, Any] = {}
+    if not conv.add_generation_prompt:
+        body["add_generation_prompt"] = False
+    if conv.continue_final_message:
+        body["continue_final_message"] = True
+    if conv.chat_template_kwargs:
+        body["chat_template_kwargs"] = dict(conv.chat_template_kwargs)
+    if conv.tools is not None:
+        body["tools"] = conv.tools
+    return body
+
+
+# SamplingParams fields that are not sent under their own name: max_tokens is always sent;
+# n is realised as n requests (Engine.submit_choices, seeded as vLLM seeds its children);
+# logprobs is named differently by chat and completions; cap_to_context is our own (vLLM's
+# server always caps); structured is sent as vLLM's structured_outputs.
+NOT_FORWARDED = frozenset({"max_tokens", "n", "logprobs", "cap_to_context", "structured"})
+_DEFAULTS = SamplingParams()
+
+
+def sampling_body(sp: SamplingParams, chat: bool) -> dict[str, Any]:
+    """Every sampling field under vLLM's name, each only where it differs from the default,
+    so an older server never sees a field it does not know unless the request needs it."""
+    body: dict[str, Any] = {}
+    for f in dataclasses.fields(SamplingParams):
+        value = getattr(sp, f.name)
+        if f.name in NOT_FORWARDED or value == getattr(_DEFAULTS, f.name):
+            continue
+        body[f.name] = list(value) if isinstance(value, (list, tuple)) else value
+    if "logit_bias" in body or sp.logit_bias:
+        body["logit_bias"] = {str(k): v for k, v in sp.logit_bias.items()}
+    structured = getattr(sp, "structured", None)
+    if structured is not None:
+        body["structured_outputs"] = {k: v for k, v in dataclasses.asdict(structured).items()
+                                      if v not in (None, False)}
+    if sp.logprobs is not None:
+        body.update({"logprobs": True, "top_logprobs": sp.logprobs} if chat
+                    else {"logprobs": sp.logprobs})
+    if sp.logprobs is not None or sp.prompt_logprobs is not None:
+        body["return_token_ids"] = True      # the ids behind the logprobs
+    return body
+
+
+def _rank(logprob: float, top: list[TopLogprob]) -> int:
+    """1 + the candidates more likely than the token: its rank when it is among them (vLLM's
+    chat logprobs do not say), else the least it can be."""
+    return 1 + sum(1 for t in top if t.logprob > logprob)
+
+
+def chat_logprobs(payload: Any, ids: list[int]) -> list[TokenLogprob] | None:
+    """vLLM's chat logprobs ({"content": [{token, logprob, top_logprobs}]}). Token ids come
+    from return_token_ids; a candidate's id is known only when it is the chosen token (-1
+    otherwise: chat logprobs carry no ids)."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("content"), list):
+        return None
+    out = []
+    for i, entry in enumerate(payload["content"]):
+        token_id = ids[i] if i < len(ids) else -1
+        top = [TopLogprob(t["token"], token_id if t["token"] == entry["token"] else -1,
+                          float(t["logprob"])) for t in entry.get("top_logprobs") or []]
+        out.append(TokenLogprob(entry["token"], token_id, float(entry["logprob"]),
+                                _rank(float(entry["logprob"]), top), top))
+    return out
+
+
+def completion_logprobs(payload: Any, ids: list[int]) -> list[TokenLogprob] | None:
+    """vLLM's completions logprobs ({tokens, token_logprobs, top_logprobs: [{text: lp}]})."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("tokens"), list):
+        return None
+    out = []
+    for i, token in enumerate(payload["tokens"]):
+        token_id = ids[i] if i < len(ids) else -1
+        logprob = float(payload["token_logprobs"][i])
+        cands = (payload.get("top_logprobs") or [])[i] if i < len(
+            payload.get("top_logprobs") or []) else None
+        top = sorted((TopLogprob(t, token_id if t == token else -1, float(lp))
+                      for t, lp in (cands or {}).items()), key=lambda t: -t.logprob)
+        out.append(TokenLogprob(token, token_id, logprob, _rank(logprob, top), top))
+    return out
+
+
+def prompt_logprobs(payload: Any, ids: list[int] | None,
+                    k: int) -> list[TokenLogprob | None] | None:
+    """vLLM's prompt_logprobs ([None, {id: {logprob, rank, decoded_token}}, ...]): each prompt
+    token's own entry and its position's k most likely tokens."""
+    if not isinstance(payload, list) or not ids:
+        return None
+    out: list[TokenLogprob | None] = []
+    for token_id, entry in zip(ids, payload):
+        if not isinstance(entry, dict):
+            out.append(None)
+            continue
+        cands = sorted(((int(t), e) for t, e in entry.items()), key=lambda c: c[1]["rank"])
+        top = [TopLogprob(e.get("decoded_token") or "", t, float(e["logprob"]))
+               for t, e in cands[:k]]
+        own = entry.get(str(token_id)) or {}
+        out.append(TokenLogprob(own.get("decoded_token") or "", token_id,
+                                float(own.get("logprob", float("-inf"))),
+                                int(own.get("rank", 0)), top))
+    return out
 
 
 # --------------------------------------------------------------------------- one call
@@ -173,6 +289,97 @@ class _RemoteCall:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+class _Answer:
+    """What one remote answer has said so far: its text as deltas (pushed to the handle as
+    they come), usage, finish and stop reasons, and the prompt's ids and logprobs."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.request = request
+        self.chat = request.prompt is None
+        self.first_at: float | None = None
+        self.deltas = 0
+        self.usage: dict = {}
+        self.finish: str | None = None
+        self.stop_reason: str | int | None = None
+        self.prompt_ids: list[int] | None = None
+        self.prompt_logprobs: Any = None
+        self.done = False
+
+    def chunk(self, chunk: dict, handle: RequestHandle) -> None:
+        """One streamed chunk (or a whole answer shaped as one): only choice 0 is ours, as
+        n > 1 arrives as n requests."""
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        self._prompt(chunk)
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue
+            self._prompt(choice)
+            delta = self._delta(choice)
+            if delta is not None:
+                if self.first_at is None:
+                    self.first_at = time.monotonic()
+                self.deltas += 1
+                handle.push(delta)
+            if choice.get("finish_reason"):
+                self.finish = choice["finish_reason"]
+                self.stop_reason = choice.get("stop_reason")
+
+    def _prompt(self, holder: dict) -> None:
+        """prompt_token_ids and prompt_logprobs: at the top of a chat answer, in a
+        completion's choice."""
+        if holder.get("prompt_token_ids"):
+            self.prompt_ids = list(holder["prompt_token_ids"])
+        if holder.get("prompt_logprobs") is not None:
+            self.prompt_logprobs = holder["prompt_logprobs"]
+
+    def _delta(self, choice: dict) -> TextDelta | None:
+        ids = list(choice.get("token_ids") or [])
+        if self.chat:
+            text = (choice.get("delta") or choice.get("message") or {}).get("content") or ""
+            logprobs = chat_logprobs(choice.get("logprobs"), ids)
+        else:
+            text = choice.get("text") or ""
+            logprobs = completion_logprobs(choice.get("logprobs"), ids)
+        if not text and not ids:
+            return None
+        return TextDelta(text, ids, logprobs)
+
+    def whole(self, raw: bytes, handle: RequestHandle) -> EngineError | None:
+        """A whole (not streamed) answer, taken as one chunk."""
+        try:
+            self.chunk(json.loads(raw), handle)
+        except (ValueError, AttributeError, TypeError):
+            return RemoteError(f"The remote server sent malformed data: {raw[:100]!r}")
+        self.done = True
+        return None
+
+    def finished(self, cancelled: bool, error: EngineError | None) -> Finished:
+        reason: FinishReason
+        if cancelled:
+            reason, error = "cancelled", None
+        elif error is not None:
+            reason = "error"
+        elif self.finish is None and not self.done:
+            reason, error = "error", RemoteUnavailableError(
+                "The remote server closed the stream before the answer was complete.")
+        else:
+            reason = {"length": "length", "abort": "cancelled"}.get(self.finish or "stop", "stop")
+        request = self.request
+        now = time.monotonic()
+        stats = RequestStats(
+            prompt_tokens=int(self.usage.get("prompt_tokens") or 0),
+            images=request.conversation.image_count(), videos=request.conversation.video_count(),
+            output_tokens=int(self.usage.get("completion_tokens") or self.deltas),
+            ttft_s=None if self.first_at is None else self.first_at - request.arrival_time,
+            total_s=now - request.arrival_time)
+        k = request.sampling.prompt_logprobs
+        return Finished(reason, stats, error, stop_reason=self.stop_reason,
+                        prompt_token_ids=self.prompt_ids,
+                        prompt_logprobs=None if k is None else prompt_logprobs(
+                            self.prompt_logprobs, self.prompt_ids, k))
 
 
 # --------------------------------------------------------------------------- the engine
@@ -270,9 +477,21 @@ class RemoteEngine(Engine):
 
     # ------------------------------------------------------------ requests
     def build_body(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> dict:
-        """The chat.completions body for a request: the input stage loads its media (so it
-        may raise InvalidRequestError exactly as the local engine would), this serialises
-        the parts in order: pictures at their resized size, videos as data: URIs."""
+        """The body for a request: /v1/completions' for a raw prompt, else chat.completions',
+        for which the input stage loads its media (so it may raise InvalidRequestError exactly
+        as the local engine would) and this serialises the parts in order: pictures at their
+        resized size, videos as data: URIs. prompt_logprobs are not streamed by vLLM, so such
+        a request asks for the whole answer at once."""
+        sp = request.sampling
+        body: dict[str, Any] = {"model": self.model_name, "stream": True,
+                                "stream_options": {"include_usage": True},
+                                "max_tokens": sp.max_tokens or self.config.default_max_tokens}
+        if sp.prompt_logprobs is not None:
+            body["stream"] = False
+            del body["stream_options"]
+        if request.prompt is not None:
+            body["prompt"] = request.prompt
+            return {**body, **sampling_body(sp, chat=False)}
         loaded = self.inputs.load(request, policy, self.max_model_len)
         try:
             messages = [serialise(m) for m in loaded]
@@ -280,22 +499,7 @@ class RemoteEngine(Engine):
             close_all(loaded)
         fps = next((p.fps for m in loaded for p in m.parts if isinstance(p, LoadedVideo)), None)
         conv = request.conversation
-        sp = request.sampling
-        body: dict[str, Any] = {
-            "model": self.model_name, "messages": messages, "stream": True,
-            "stream_options": {"include_usage": True},
-            "max_tokens": sp.max_tokens or self.config.default_max_tokens,
-        }
-        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
-            value = getattr(sp, name)
-            if value is not None:
-                body[name] = value
-        if sp.stop:
-            body["stop"] = list(sp.stop)
-        if sp.ignore_eos:
-            body["ignore_eos"] = True
-        if sp.min_tokens:
-            body["min_tokens"] = sp.min_tokens
+        body.update(messages=messages, **sampling_body(sp, chat=True), **chat_controls(conv))
         if self.config.remote_mm_kwargs and (conv.image_count() or conv.video_count()):
             lo, hi = InputStage.bounds(request)
             mm: dict[str, Any] = {"min_pixels": lo, "max_pixels": hi}
@@ -308,12 +512,19 @@ class RemoteEngine(Engine):
                  add_special_tokens: bool = True) -> list[int]:
         """The remote's own /tokenize, with the chat serialised as a completion would be."""
         body: dict[str, Any] = {"model": self.model_name}
+        if isinstance(prompt, GenerationRequest) and prompt.prompt is not None:
+            self.inputs.validate(prompt, self.max_model_len)
+            if not isinstance(prompt.prompt, str):
+                return list(prompt.prompt)
+            prompt = prompt.prompt
         if isinstance(prompt, str):
             body.update(prompt=prompt, add_special_tokens=add_special_tokens)
         else:
             self.inputs.validate(prompt, self.max_model_len)
             chat = self.build_body(prompt, policy)
-            body.update({k: chat[k] for k in ("messages", "mm_processor_kwargs") if k in chat})
+            body.update({k: chat[k] for k in ("messages", "mm_processor_kwargs", "tools",
+                                              "add_generation_prompt", "continue_final_message",
+                                              "chat_template_kwargs") if k in chat})
         url = f"{self.root_url}/tokenize"
         return self._json("POST", url, f"The remote's {url} did not answer JSON.",
                           json=body)["tokens"]
@@ -342,9 +553,10 @@ class RemoteEngine(Engine):
         (bad input, unknown model, busy) is raised here, before any event."""
         self.inputs.validate(request, self.max_model_len)
         body = self.build_body(request, policy)
+        route = "completions" if request.prompt is not None else "chat/completions"
         try:
             response = self.client.send(
-                self.client.build_request("POST", f"{self.base_url}/chat/completions", json=body),
+                self.client.build_request("POST", f"{self.base_url}/{route}", json=body),
                 stream=True)
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from None
@@ -372,44 +584,16 @@ class RemoteEngine(Engine):
         return call.handle
 
     def _pump(self, call: _RemoteCall) -> None:
-        """Read the remote's SSE stream into the handle until [DONE], an error or a cancel."""
+        """Read the remote's answer into the handle until [DONE] (or the whole JSON answer of
+        a request that is not streamed), an error or a cancel."""
         request, handle = call.request, call.handle
-        first_at: float | None = None
-        deltas = 0
-        usage: dict = {}
-        finish: str | None = None
-        done = False
+        state = _Answer(request)
         error: EngineError | None = None
         try:
-            for line in call.response.iter_lines():
-                if handle.cancelled:
-                    break
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
-                    break
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    error = RemoteError(f"The remote server sent malformed data: {data[:100]!r}")
-                    break
-                if isinstance(chunk, dict) and "error" in chunk:
-                    message, param, code = _error_fields(chunk)
-                    error = remote_error(code or 500, message, param)
-                    break
-                if isinstance(chunk.get("usage"), dict):
-                    usage = chunk["usage"]
-                for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        if first_at is None:
-                            first_at = time.monotonic()
-                        deltas += 1
-                        handle.push(TextDelta(text))
-                    if choice.get("finish_reason"):
-                        finish = choice["finish_reason"]
+            if request.sampling.prompt_logprobs is not None:
+                error = state.whole(call.response.read(), handle)
+            else:
+                error = self._read_stream(call, state)
         except httpx.HTTPError as exc:
             if not handle.cancelled:
                 error = self._transport_error(exc)
@@ -420,31 +604,38 @@ class RemoteEngine(Engine):
             call.response.close()
             with self._lock:
                 self._active.pop(request.request_id, None)
-        reason: FinishReason
-        if handle.cancelled:
-            reason, error = "cancelled", None
-        elif error is not None:
-            reason = "error"
-        elif finish is None and not done:
-            reason, error = "error", RemoteUnavailableError(
-                "The remote server closed the stream before the answer was complete.")
-        else:
-            reason = {"length": "length", "abort": "cancelled"}.get(finish or "stop", "stop")
-        now = time.monotonic()
-        stats = RequestStats(
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            images=request.conversation.image_count(), videos=request.conversation.video_count(),
-            output_tokens=int(usage.get("completion_tokens") or deltas),
-            ttft_s=None if first_at is None else first_at - request.arrival_time,
-            total_s=now - request.arrival_time)
-        event = Finished(reason, stats, error)
+        event = state.finished(handle.cancelled, error)
         handle.push(event)
+        stats = event.stats
         log.info("request %s (remote): prompt_tokens=%d images=%d videos=%d ttft=%s "
                  "output_tokens=%d tokens/s=%.1f finish=%s%s", request.request_id,
                  stats.prompt_tokens, stats.images, stats.videos,
                  "-" if stats.ttft_s is None else f"{stats.ttft_s:.3f}s", stats.output_tokens,
-                 stats.output_tps, reason, f" error={error.message!r}" if error else "")
+                 stats.output_tps, event.reason,
+                 f" error={event.error.message!r}" if event.error else "")
         self._notify_finished(request, event)
+
+    @staticmethod
+    def _read_stream(call: _RemoteCall, state: "_Answer") -> EngineError | None:
+        """The SSE stream's chunks into `state` (and the handle); the error that ended it."""
+        for line in call.response.iter_lines():
+            if call.handle.cancelled:
+                return None
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                state.done = True
+                return None
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                return RemoteError(f"The remote server sent malformed data: {data[:100]!r}")
+            if isinstance(chunk, dict) and "error" in chunk:
+                message, param, code = _error_fields(chunk)
+                return remote_error(code or 500, message, param)
+            state.chunk(chunk, call.handle)
+        return None
 
     def queue_depth(self) -> int:
         return 0   # the remote queues; we hold nothing back

@@ -37,12 +37,16 @@ class MediaPolicy:
 
     `local_roots=None` lets any local path through (the CLI, trusted callers);
     the UI allows its upload folder and assets/, an API request gets `()` (no
-    local files) or the folders named by `--allowed-local-media-path`. The size and
-    time limits are the engine's (`with_limits`, from its EngineConfig).
+    local files) or the folders named by `--allowed-local-media-path`, and the hosts named
+    by `--allowed-media-domains`. The size and time limits are the engine's (`with_limits`,
+    from its EngineConfig).
     """
 
     local_roots: tuple[Path, ...] | None = None
     allow_private_hosts: bool = False
+    # --allowed-media-domains: when set, only URLs on these hosts are fetched, and they may
+    # be on loopback or a private network (an intranet's picture server); None: any public host
+    allowed_domains: tuple[str, ...] | None = None
     timeout_s: float = EngineConfig.fetch_timeout
     max_bytes: int = int(EngineConfig.max_media_mb * 1024 * 1024)
     max_image_pixels: int = EngineConfig.max_image_pixels
@@ -78,9 +82,23 @@ def _is_public(addr: str) -> bool:
                 or ip.is_reserved or ip.is_unspecified)
 
 
+def check_allowed_domain(host: str, allowed: tuple[str, ...] | None) -> bool:
+    """True when `host` is on the --allowed-media-domains list; a host off a list that is set
+    is refused in vLLM's words (with its host named); False when no list is set."""
+    if allowed is None:
+        return False
+    name = host.lower().rstrip(".")
+    if name not in {d.lower().rstrip(".") for d in allowed}:
+        raise InvalidRequestError(
+            f"The URL must be from one of the allowed domains: {list(allowed)}. Input URL "
+            f"domain: {host}", param="url")
+    return True
+
+
 def check_url_host(url: str, policy: MediaPolicy) -> str | None:
-    """Refuse URLs whose host is, or resolves to, a non-public address. Returns the address
-    that passed (the one to connect to), or None when private hosts are allowed."""
+    """Refuse URLs whose host is off the allowed list (when one is set) or is, or resolves
+    to, a non-public address (unless it is on that list). Returns the address that passed
+    (the one to connect to), or None when private hosts are allowed."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise InvalidRequestError(f"Unsupported URL scheme {parts.scheme!r}: use http(s) or data:",
@@ -88,12 +106,15 @@ def check_url_host(url: str, policy: MediaPolicy) -> str | None:
     host = parts.hostname
     if not host:
         raise InvalidRequestError("The image URL has no host.", param="url")
+    listed = check_allowed_domain(host, policy.allowed_domains)
     if policy.allow_private_hosts:
         return None
     try:
         addrs = resolve_host(host, parts.port or (443 if parts.scheme == "https" else 80))
     except (OSError, UnicodeError) as exc:
         raise InvalidRequestError(f"Cannot resolve host {host!r}: {exc}", param="url") from None
+    if listed and addrs:
+        return addrs[0].split("%", 1)[0]
     if not addrs or not all(_is_public(a) for a in addrs):
         raise InvalidRequestError(
             f"Refusing to fetch {host!r}: private, loopback, link-local and metadata addresses "

@@ -6,6 +6,7 @@ for the device. Checks and media loading are the input stage's (engine/inputs.py
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -20,7 +21,7 @@ from .geometry import PATCH, smart_resize
 from .stage import (InputStage, LoadedImage, LoadedMessage, LoadedVideo, VideoSampling,
                      close_all, context_error, picture_key)
 from .media import MediaPolicy, check_video_frame
-from ..types import DEFAULT_MAX_TOKENS, GenerationRequest
+from ..types import DEFAULT_MAX_TOKENS, Conversation, GenerationRequest
 
 
 class MediaSpan(NamedTuple):
@@ -179,25 +180,88 @@ def _video_part(video: LoadedVideo, sampling: VideoSampling) -> dict:
             "max_pixels": video.max_pixels, "sample_fps": video.fps}
 
 
+def template_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An assistant turn's tool calls as vLLM hands them to chat templates: each function's
+    `arguments` JSON text parsed to an object ({} where it is empty, not JSON or not an
+    object, as vLLM coerces it so that a conversation with one bad call can go on)."""
+    out = []
+    for call in calls:
+        function = dict(call.get("function") or {})
+        args = function.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args else {}
+            except ValueError:
+                args = {}
+        function["arguments"] = args if isinstance(args, dict) else {}
+        out.append({**call, "function": function})
+    return out
+
+
+def _text_content(m: LoadedMessage) -> str | list[dict]:
+    """A message without media as vLLM hands it to this template: one text as a string,
+    several text parts in turn (a tool's several parts joined by newlines, as vLLM joins them)."""
+    texts = [p for p in m.parts if isinstance(p, str)]
+    if m.role == "tool":
+        return "\n".join(texts)
+    if len(texts) <= 1:
+        return m.text
+    return [{"type": "text", "text": t} for t in texts]
+
+
 def qwen_messages(loaded: list[LoadedMessage], sampling: VideoSampling) -> list[dict]:
     """Qwen chat messages, parts in order: text parts render in turn (as vLLM renders an
-    OpenAI content list through this template), pictures as loaded, videos as frames."""
+    OpenAI content list through this template), pictures as loaded, videos as frames; tool
+    calls and the id a tool turn answers go to the template too."""
     messages: list[dict] = []
     for m in loaded:
+        message: dict[str, Any] = {"role": m.role}
         if not m.has_media:
-            messages.append({"role": m.role, "content": m.text})
-            continue
-        parts: list[dict] = []
-        for part in m.parts:
-            if isinstance(part, str):
-                parts.append({"type": "text", "text": part})
-            elif isinstance(part, LoadedImage):
-                parts.append({"type": "image", "image": part.picture,
-                              "min_pixels": part.min_pixels, "max_pixels": part.max_pixels})
-            else:
-                parts.append(_video_part(part, sampling))
-        messages.append({"role": m.role, "content": parts})
+            message["content"] = _text_content(m)
+        else:
+            parts: list[dict] = []
+            for part in m.parts:
+                if isinstance(part, str):
+                    parts.append({"type": "text", "text": part})
+                elif isinstance(part, LoadedImage):
+                    parts.append({"type": "image", "image": part.picture,
+                                  "min_pixels": part.min_pixels, "max_pixels": part.max_pixels})
+                else:
+                    parts.append(_video_part(part, sampling))
+            message["content"] = parts
+        if m.tool_calls:
+            message["tool_calls"] = template_tool_calls(m.tool_calls)
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
     return messages
+
+
+def template_args(conv: Conversation) -> dict[str, Any]:
+    """What the chat template gets besides the messages (the stage refused the
+    chat_template_kwargs that would override these)."""
+    return {**conv.chat_template_kwargs, "add_generation_prompt": conv.add_generation_prompt,
+            "continue_final_message": conv.continue_final_message, "tools": conv.tools}
+
+
+def truncation_start(n: int, k: int | None, max_model_len: int) -> int:
+    """How many tokens truncate_prompt_tokens drops from the prompt's start: all but the last
+    k (-1: all but the max_model_len - 1 that leave one token to generate, vLLM's meaning)."""
+    if k is None:
+        return 0
+    keep = max_model_len - 1 if k == -1 else k
+    return max(0, n - keep)
+
+
+def check_media_kept(spans: list[MediaSpan], cut: int, k: int, n: int) -> None:
+    """A cut may only drop text: a picture or video is never split or dropped (vLLM's rule)."""
+    for span in spans:
+        if span.start < cut:
+            raise InvalidRequestError(
+                f"truncate_prompt_tokens={k} would split or drop a(n) {span.kind} item, which "
+                f"spans tokens {span.start} to {span.end} of the {n}-token prompt; the limit "
+                f"must leave every image and video intact. Please raise truncate_prompt_tokens "
+                f"or shorten the multimodal input.", param="truncate_prompt_tokens")
 
 
 class CachingImageProcessor:
@@ -240,6 +304,13 @@ class CachingImageProcessor:
         return result
 
 
+def _per_token(value: Any, n: int) -> bool:
+    """One of the processor's outputs that runs along the prompt's tokens (input_ids,
+    attention_mask, mm_token_type_ids), which a truncation cuts with them."""
+    shape = getattr(value, "shape", None)
+    return shape is not None and len(shape) == 2 and shape[0] == 1 and shape[1] == n
+
+
 class PromptRenderer:
     """Processor access is serialised: a fast tokenizer shared between threads
     can fail with "Already borrowed" while another thread changes its padding."""
@@ -262,6 +333,8 @@ class PromptRenderer:
 
     def prepare(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> PreparedPrompt:
         """Everything short of the device; raises InvalidRequestError with vLLM's wording."""
+        if request.prompt is not None:
+            return self.prepare_raw(request)
         from qwen_vl_utils import process_vision_info
 
         loaded = self.stage.load(request, policy, self.max_model_len)   # after stage.validate
@@ -279,20 +352,69 @@ class PromptRenderer:
             fps = video_kwargs.get("fps") or [self.stage.video.fps]
             extra = {"fps": float(fps[0]), "do_sample_frames": False, "cap_pixels_per_frame": True}
         with self._lock:
-            text = self.processor.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True)
-            inputs = self.processor(text=[text], images=images, videos=videos,
-                                    return_tensors="pt", **extra)
-        n_prompt = int(inputs["input_ids"].shape[1])
-        max_new = self.check_context(n_prompt, request.sampling.max_tokens,
-                                     request.sampling.cap_to_context)
+            text = self.render_template(messages, request.conversation)
+            inputs = dict(self.processor(text=[text], images=images, videos=videos,
+                                         return_tensors="pt", **extra))
         parts = [p for m in loaded for p in m.parts]
         spans = media_spans(inputs["input_ids"][0].tolist(), self.image_token, self.video_token,
                             [p.key for p in parts if isinstance(p, LoadedImage)],
                             [p.key for p in parts if isinstance(p, LoadedVideo)])
-        return PreparedPrompt(inputs=dict(inputs), prompt_text=text, prompt_tokens=n_prompt,
-                              images=len(images or []), videos=len(videos or []),
-                              max_new_tokens=max_new, media=spans)
+        return self.finish(request, inputs, text, spans, len(images or []), len(videos or []))
+
+    def render_template(self, messages: list[dict], conv: Conversation) -> str:
+        """The chat template's text; a template's own refusal (continue_final_message with no
+        text to continue, a variable it rejects) is the request's error, as in vLLM."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.processor.apply_chat_template(messages, tokenize=False,
+                                                      **template_args(conv))
+        except (TemplateError, ValueError, TypeError) as exc:
+            raise InvalidRequestError(str(exc), param="messages") from None
+
+    def prepare_raw(self, request: GenerationRequest) -> PreparedPrompt:
+        """/v1/completions' prompt, continued as it is: a text tokenized as vLLM's completions
+        do (add_special_tokens: Qwen adds none), or token ids taken as given."""
+        import torch
+
+        tokenizer = self.processor.tokenizer
+        with self._lock:
+            if isinstance(request.prompt, str):
+                text = request.prompt
+                ids = tokenizer.encode(text, add_special_tokens=True)
+            else:
+                ids = list(request.prompt or [])
+                vocab = len(tokenizer)
+                bad = next((t for t in ids if not 0 <= t < vocab), None)
+                if bad is not None:
+                    raise InvalidRequestError(f"Token id {bad} is out of vocabulary",
+                                              param="prompt")
+                text = tokenizer.decode(ids)
+        if not ids:
+            raise InvalidRequestError("The decoder prompt cannot be empty", param="prompt")
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        return self.finish(request, inputs, text, [], 0, 0)
+
+    def finish(self, request: GenerationRequest, inputs: dict[str, Any], text: str,
+               spans: list[MediaSpan], images: int, videos: int) -> PreparedPrompt:
+        """The prompt truncated as the request asks (only text is ever cut) and checked
+        against the context."""
+        n = int(inputs["input_ids"].shape[1])
+        k = request.sampling.truncate_prompt_tokens
+        cut = truncation_start(n, k, self.max_model_len)
+        if cut:
+            check_media_kept(spans, cut, k, n)
+            inputs = {key: value[:, cut:] if _per_token(value, n) else value
+                      for key, value in inputs.items()}
+            spans = [span._replace(start=span.start - cut, end=span.end - cut) for span in spans]
+            with self._lock:
+                text = self.processor.tokenizer.decode(inputs["input_ids"][0].tolist())
+            n -= cut
+        max_new = self.check_context(n, request.sampling.max_tokens,
+                                     request.sampling.cap_to_context)
+        return PreparedPrompt(inputs=inputs, prompt_text=text, prompt_tokens=n, images=images,
+                              videos=videos, max_new_tokens=max_new, media=spans)
 
     def check_context(self, prompt_tokens: int, max_tokens: int | None, cap: bool = False) -> int:
         """The number of new tokens to allow, or vLLM's context-length error."""

@@ -11,7 +11,7 @@ with the chat template (engine/prompt.py); the remote engine only serialises it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Union
 
 from PIL import Image
 
@@ -69,6 +69,8 @@ LoadedPart = Union[str, LoadedImage, LoadedVideo]
 class LoadedMessage:
     role: str
     parts: list[LoadedPart] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] | None = None   # as the request gave them (OpenAI's shape)
+    tool_call_id: str | None = None
 
     @property
     def text(self) -> str:
@@ -86,12 +88,52 @@ def close_all(messages: list[LoadedMessage]) -> None:
                 part.file.close()
 
 
+# Arguments of apply_chat_template and template variables the request sets through its own
+# fields (or the server sets): chat_template_kwargs may not override them. vLLM refuses
+# `chat_template` and `tokenize` in the same words, and silently lets the request's own
+# fields win over the others; a 400 tells a script that its key had no effect.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "tools", "add_generation_prompt", "continue_final_message",
+    "chat_template", "tokenize", "return_dict", "return_tensors", "return_assistant_tokens_mask",
+    "padding", "truncation", "max_length", "tokenizer_kwargs", "processor_kwargs"})
+ROLES = ("system", "user", "assistant", "tool")
+
+
 def context_error(limit: int, prompt_tokens: int) -> InvalidRequestError:
     return InvalidRequestError(
         f"This model's maximum context length is {limit} tokens. However, your prompt "
         f"contains at least {prompt_tokens} input tokens, which exceeds this limit even "
         f"without any output tokens. Please reduce the length of the input prompt. "
         f"(parameter=input_tokens, value={prompt_tokens})", param="input_tokens")
+
+
+def check_tool_calls(calls: Any) -> None:
+    """An assistant turn's tool_calls as vLLM accepts them (a list of function calls)."""
+    if not isinstance(calls, list):
+        raise InvalidRequestError("assistant tool_calls must be a list.", param="tool_calls")
+    for item in calls:
+        if not isinstance(item, dict):
+            raise InvalidRequestError("assistant tool_calls entries must be objects.",
+                                      param="tool_calls")
+        if item.get("type", "function") != "function" or not isinstance(item.get("function"),
+                                                                         dict):
+            raise InvalidRequestError("chat completions only support assistant tool_calls of "
+                                      "type 'function'.", param="tool_calls")
+
+
+def check_truncation(k: int | None, max_model_len: int) -> None:
+    """truncate_prompt_tokens against the context, as vLLM has it (its type and sign are
+    validate_sampling's): 0 leaves nothing, more than max_model_len cannot fit."""
+    if k is None:
+        return
+    if k == 0:
+        raise InvalidRequestError("The decoder prompt cannot be empty",
+                                  param="truncate_prompt_tokens")
+    if k > max_model_len:
+        raise InvalidRequestError(
+            f"truncate_prompt_tokens={k} cannot be greater than max_model_len = "
+            f"{max_model_len}. Please request a smaller truncation size. "
+            f"(parameter=truncate_prompt_tokens, value={k})", param="truncate_prompt_tokens")
 
 
 def resized_image(img: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
@@ -159,23 +201,46 @@ class InputStage:
     # ------------------------------------------------------------ checks, before any work
     def validate(self, request: GenerationRequest, max_model_len: int) -> None:
         """Everything that needs no media: raises InvalidRequestError in vLLM's words."""
-        self.check_conversation(request)
+        if request.prompt is not None:
+            self.check_raw_prompt(request)
+        else:
+            self.check_conversation(request)
+            self.check_chat_controls(request)
         self.check_bounds(request)
         validate_sampling(request.sampling, max_model_len)
+        check_truncation(request.sampling.truncate_prompt_tokens, max_model_len)
+
+    def check_raw_prompt(self, request: GenerationRequest) -> None:
+        """/v1/completions' prompt: a non-empty text or list of token ids, alone."""
+        prompt = request.prompt
+        if request.conversation.messages:
+            raise InvalidRequestError("Send either a prompt or messages, not both.",
+                                      param="prompt")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("Either prompt or prompt_embeds must be provided and "
+                                          "non-empty.", param="prompt")
+            return
+        if not isinstance(prompt, list) or not prompt \
+                or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise InvalidRequestError("The prompt must be a non-empty string or list of token "
+                                      "ids.", param="prompt")
+        bad = min(prompt)
+        if bad < 0:
+            raise InvalidRequestError(f"Token id {bad} is out of vocabulary", param="prompt")
 
     def check_conversation(self, request: GenerationRequest) -> None:
         conv = request.conversation
         if not conv.messages:
             raise InvalidRequestError("The conversation is empty: send a message.",
                                       param="messages")
-        last = conv.messages[-1]
-        if last.role != "user":
-            raise InvalidRequestError("The last message must come from the user.",
-                                      param="messages")
         for m in conv.messages:
-            if m.role not in ("user", "assistant", "system"):
+            if m.role not in ROLES:
                 raise InvalidRequestError(f"Unknown role {m.role!r}.", param="messages")
-        if not last.text.strip() and not last.images and not last.videos:
+            if m.tool_calls is not None:
+                check_tool_calls(m.tool_calls)
+        last = conv.messages[-1]
+        if last.role == "user" and not last.text.strip() and not last.images and not last.videos:
             raise InvalidRequestError("The message is empty: type a question or add an image.",
                                       param="messages")
         if conv.image_count() > self.limit_images:
@@ -186,6 +251,27 @@ class InputStage:
             raise InvalidRequestError(
                 f"At most {self.limit_videos} video(s) may be provided in one prompt.",
                 param="video")
+
+    @staticmethod
+    def check_chat_controls(request: GenerationRequest) -> None:
+        """How the chat template is asked to render: vLLM's refusals, in its words."""
+        conv = request.conversation
+        if conv.add_generation_prompt and conv.continue_final_message:
+            raise InvalidRequestError("Cannot set both `continue_final_message` and "
+                                      "`add_generation_prompt` to True.",
+                                      param="continue_final_message")
+        kwargs = conv.chat_template_kwargs or {}
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise InvalidRequestError("chat_template_kwargs must be an object.",
+                                      param="chat_template_kwargs")
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+        if reserved:
+            raise InvalidRequestError(
+                f"Found unexpected chat template kwargs from request: {set(reserved)} (the "
+                f"request's own fields set these).", param="chat_template_kwargs")
+        if conv.tools is not None and not (isinstance(conv.tools, list)
+                                           and all(isinstance(t, dict) for t in conv.tools)):
+            raise InvalidRequestError("tools must be a list of objects.", param="tools")
 
     def check_bounds(self, request: GenerationRequest) -> None:
         """Every size a request controls: pixel bounds (an upscale to 1e10 pixels would
@@ -206,7 +292,8 @@ class InputStage:
                 f"min_pixels ({lo}) must be positive and at most max_pixels ({hi}).",
                 param="max_pixels")
         conv = request.conversation
-        chars = len(conv.system or "") + sum(len(m.text) for m in conv.messages)
+        chars = len(conv.system or "") + sum(len(m.text) for m in conv.messages) \
+            + (len(request.prompt) if isinstance(request.prompt, str) else 0)
         if chars > self.max_prompt_chars:
             raise InvalidRequestError(
                 f"The prompt has {chars} characters, more than the {self.max_prompt_chars} this "
@@ -248,7 +335,8 @@ class InputStage:
         image_tokens = 0
         try:
             for m in conv.messages:
-                message = LoadedMessage(m.role)
+                message = LoadedMessage(m.role, tool_calls=m.tool_calls,
+                                        tool_call_id=m.tool_call_id)
                 out.append(message)          # before its media: a failure closes what is open
                 parts = message.parts
                 for part in m.parts:
