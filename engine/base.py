@@ -36,6 +36,9 @@ class EngineSnapshot:
     steps_run: int | None = None           # decode steps run
     requests_finished: int | None = None
     prompt_tokens: int | None = None       # finished requests', and the running ones' so far
+    # of those, the ones the model computed (the rest came from the prefix cache, or from
+    # the first of a request's n choices, which prefills for all of them)
+    prompt_tokens_computed: int | None = None
     generation_tokens: int | None = None
     kv_rows: int | None = None             # requests the KV store holds at once
     kv_free_rows: int | None = None

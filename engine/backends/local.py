@@ -3,11 +3,12 @@ renderer (caller's thread) and its engine core (device thread) over a KV store."
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
 
-from ..base import Engine, EngineSnapshot
+from ..base import Engine, EngineSnapshot, choice_request
 from ..config import DEFAULT_PREFIX_CACHE_GIB, DEFAULT_PREFIX_CACHE_GIB_CPU, EngineConfig
 from ..core.engine_core import EngineCore
 from ..core.graphs import FallbackToEager, GraphedDecode, decode_step_for
@@ -17,6 +18,7 @@ from ..core.runner import ModelRunner, encoder_cache
 from ..core.scheduler import WorkItem
 from ..core.stats import StatsLogger, bounded_cache_figures
 from ..errors import EngineError, InvalidRequestError
+from ..inputs.validation import validate_for_model
 from ..inputs.media import MediaPolicy
 from ..inputs.prompt import CachingImageProcessor, PreparedPrompt, PromptRenderer
 from ..inputs.stage import InputStage
@@ -126,6 +128,8 @@ class LocalEngine(Engine):
         its media loaded and the prompt rendered (token ids, text, pixel values, media
         spans). Bad input raises InvalidRequestError, as from `submit`."""
         self.inputs.validate(request, self.max_model_len)
+        validate_for_model(request.sampling, self.core.vocab_size, self.config.max_logprobs,
+                           self.kv.rows)
         return self.renderer.prepare(request, policy)
 
     def tokenize(self, prompt: str | GenerationRequest, policy: MediaPolicy | None = None,
@@ -148,9 +152,44 @@ class LocalEngine(Engine):
         return self.tokenizer.decode(tokens)
 
     def submit(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> RequestHandle:
+        """One row for the request (its `n` is for `submit_choices`)."""
+        self._check_alive()
+        prompt = self.render(request, policy)
+        return self.core.submit(request, prompt, self._bad_words(request))
+
+    def submit_choices(self, request: GenerationRequest,
+                       policy: MediaPolicy | None = None) -> list[RequestHandle]:
+        """The request's n choices (engine.base.choice_request: seed + i, own ids), its
+        prompt prepared once and prefilled once: the engine core admits them together and
+        the others copy the first one's KV. Each handle cancels only its own choice."""
+        if request.sampling.n <= 1:
+            return [self.submit(request, policy)]
+        self._check_alive()
+        prompt = self.render(request, policy)
+        if request.sampling.seed == -1:       # vLLM: no seed, for every choice
+            request = dataclasses.replace(
+                request, sampling=dataclasses.replace(request.sampling, seed=None))
+        choices = [choice_request(request, i) for i in range(request.sampling.n)]
+        return self.core.submit_group(choices, prompt, self._bad_words(request))
+
+    def _check_alive(self) -> None:
         if not self.core.is_alive():
             raise EngineError("The engine core has stopped; restart the server.")
-        return self.core.submit(request, self.render(request, policy))
+
+    def _bad_words(self, request: GenerationRequest) -> tuple[tuple[int, ...], ...]:
+        """The request's bad_words as the token sequences the sampler bans (vLLM tokenizes
+        each word alone and after a space)."""
+        if not request.sampling.bad_words:
+            return ()
+        from ..core.sampler import bad_words_token_ids
+
+        try:
+            words = bad_words_token_ids(self.tokenizer, request.sampling.bad_words)
+        except ValueError as exc:
+            raise InvalidRequestError(f"{exc} (parameter=bad_words, "
+                                      f"value={request.sampling.bad_words})",
+                                      param="bad_words") from None
+        return tuple(tuple(ids) for ids in words)
 
     def warmup(self, with_image: bool = True) -> float:
         """One short generation with a small image, so the first user pays neither for lazy
@@ -189,6 +228,7 @@ class LocalEngine(Engine):
             waiting=self.core.queue_depth(), running=self.core.running_count(),
             largest_batch=self.scheduler.largest_batch, steps_run=self.scheduler.steps_run,
             requests_finished=done, prompt_tokens=prompt, generation_tokens=generated,
+            prompt_tokens_computed=self.core.prompt_tokens_computed,
             kv_rows=self.kv.rows, kv_free_rows=self.kv.free_rows(), kv_usage=self.core.kv_usage(),
             decode_captured=graphed is not None,
             decode_replays=graphed.replays if graphed is not None else 0,

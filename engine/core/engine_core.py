@@ -5,6 +5,9 @@ for the step's plan, and carries it out: the runner prefills each planned chunk 
 one decode step for the decoding rows, the sampler picks each row's token with its own
 settings, the output processor streams each row's text, and rows that end are retired at
 once (their KV kept in the prefix cache, their record logged and handed to the listener).
+Rows that asked for logprobs get them from the raw logits of the step (one call for the
+batch); a request's n choices share one prefill (the scheduler admits them together, the
+first prefills, the others copy its KV and draw their first token from the same logits).
 
 `submit` is thread-safe and never blocks on the device."""
 
@@ -27,7 +30,8 @@ from .kvstore import KVStore
 from .output import OutputProcessor
 from .prefix import PrefixCache
 from .runner import ModelRunner
-from .sampler import RowSampler, resolve, sample
+from .sampler import (RawLogprobs, RowSampler, prompt_logprobs, resolve, sample,
+                      token_logprobs)
 from .scheduler import DEFAULT_PREFILL_CHUNK, PrefillChunk, Scheduler, Sequence, WorkItem
 from .stats import cache_figures, log_request, request_stats
 
@@ -74,12 +78,21 @@ class EngineCore:
         self._cond = threading.Condition()
         self._stopping = False
         self._done_totals = (0, 0, 0)   # finished requests: (count, prompt tokens, generated)
+        self.prompt_tokens_computed = 0  # prompt tokens run through the model (not copied)
         self._thread = threading.Thread(target=self._loop, name="engine-core", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ API
-    def submit(self, request: GenerationRequest, prompt: PreparedPrompt) -> RequestHandle:
+    def submit(self, request: GenerationRequest, prompt: PreparedPrompt,
+               bad_words_ids: tuple[tuple[int, ...], ...] = ()) -> RequestHandle:
         """Queue a prepared request; EngineBusyError past the queue bound."""
+        return self.submit_group([request], prompt, bad_words_ids)[0]
+
+    def submit_group(self, requests: list[GenerationRequest], prompt: PreparedPrompt,
+                     bad_words_ids: tuple[tuple[int, ...], ...] = ()) -> list[RequestHandle]:
+        """Queue requests on one prepared prompt, one handle each; several are the choices
+        of one request (engine.base.choice_request): admitted together, prefilled once.
+        EngineBusyError past the queue bound."""
         with self._cond:
             if self._stopping:
                 raise EngineError("The engine is shutting down.")
@@ -88,24 +101,31 @@ class EngineCore:
                 raise EngineBusyError(
                     f"The server is busy: {waiting} requests are already waiting. "
                     "Please try again shortly.")
-            # The cancel callback reaches the item through a weak reference: a closure over
-            # the item itself made a cycle (handle -> callback -> item -> handle) that kept
-            # every finished request's tensors, images and data: URIs alive until Python's
-            # rare full garbage collection (hundreds of MB under concurrent image requests).
-            item_ref: weakref.ref[WorkItem] | None = None
-
-            def cancel_queued() -> None:
-                queued = item_ref() if item_ref is not None else None
-                if queued is not None:
-                    self._cancel_queued(queued)
-                else:
-                    self._wake()
-
-            handle = RequestHandle(request.request_id, on_cancel=cancel_queued)
-            item = WorkItem(request, prompt, handle)
-            item_ref = weakref.ref(item)
-            self.scheduler.add(item)
+            group = object() if len(requests) > 1 else None
+            handles = [self._queue(r, prompt, bad_words_ids, group) for r in requests]
             self._cond.notify_all()
+        return handles
+
+    def _queue(self, request: GenerationRequest, prompt: PreparedPrompt,
+               bad_words_ids: tuple[tuple[int, ...], ...], group: object | None) -> RequestHandle:
+        """One request into the waiting queue (under the lock)."""
+        # The cancel callback reaches the item through a weak reference: a closure over
+        # the item itself made a cycle (handle -> callback -> item -> handle) that kept
+        # every finished request's tensors, images and data: URIs alive until Python's
+        # rare full garbage collection (hundreds of MB under concurrent image requests).
+        item_ref: weakref.ref[WorkItem] | None = None
+
+        def cancel_queued() -> None:
+            queued = item_ref() if item_ref is not None else None
+            if queued is not None:
+                self._cancel_queued(queued)
+            else:
+                self._wake()
+
+        handle = RequestHandle(request.request_id, on_cancel=cancel_queued)
+        item = WorkItem(request, prompt, handle, bad_words_ids, group)
+        item_ref = weakref.ref(item)
+        self.scheduler.add(item)
         return handle
 
     def queue_depth(self) -> int:
@@ -196,31 +216,79 @@ class EngineCore:
 
     def _new_sequence(self, item: WorkItem, row: int) -> Sequence:
         ids = item.prompt.inputs["input_ids"][0]
-        settings = resolve(item.request.sampling, self.generation_config, self.eos_ids)
+        settings = resolve(item.request.sampling, self.generation_config, self.eos_ids,
+                           item.bad_words_ids)
         sampler = RowSampler(settings, ids, self.vocab_size, self.device.torch_device)
         return Sequence(item, row, self.output.new_row(item), sampler, time.monotonic(),
                         prompt_ids=ids.tolist())
 
     # ------------------------------------------------------------ running the plan
     def _prefill(self, chunk: PrefillChunk) -> None:
-        """One row's planned prompt tokens; the row's first token when they end its prompt."""
+        """One row's planned prompt tokens; when they end its prompt, the row's first token
+        and that of the choices waiting for this prefill."""
         seq = chunk.seq
+        rows = [seq]
         try:
             with torch.inference_mode():
                 if seq.embedding is None:
                     seq.embedding = self.runner.begin_prompt(seq.row, seq.item.prompt,
                                                              seq.keys, seq.cached)
                     seq.delta = seq.embedding.delta
-                logits = self.runner.prefill(seq.row, seq.embedding, chunk.start, chunk.end)
+                logits = self.runner.prefill(seq.row, seq.embedding, chunk.start, chunk.end,
+                                             all_positions=seq.scores_prompt)
+                self.prompt_tokens_computed += chunk.end - chunk.start
+                if seq.scores_prompt:
+                    logits = self._score_prompt(seq, chunk, logits)
             self.scheduler.prefilled(chunk)
             if seq.prefilling:
                 return
             seq.embedding = None                  # prompt done: its tensors go
-            token = sample(logits[None], [seq.sampler])[0]
-            self._accept([seq], [token], time.monotonic())
+            if seq.scores_prompt:
+                seq.prompt_logprobs = self.output.prompt_logprobs(seq.prompt_logprobs,
+                                                                  seq.prompt_ids)
+            rows += self._share_prompt(seq)
+            batch = logits[None].expand(len(rows), -1)
+            tokens = sample(batch, [r.sampler for r in rows])
+            self._accept(rows, tokens, time.monotonic(), self._logprobs(batch, rows, tokens))
         except Exception as exc:
-            self._fail([seq], _step_error(exc))
+            self._fail(rows, _step_error(exc))
             self.device.empty_cache()
+
+    def _score_prompt(self, seq: Sequence, chunk: PrefillChunk,
+                      logits: torch.Tensor) -> torch.Tensor:
+        """The chunk's prompt logprobs (each position scores the prompt token after it) onto
+        the row's list; the last position's logits, which pick the first token."""
+        targets = seq.prompt_ids[chunk.start + 1:chunk.end + 1]
+        if targets:
+            k = self._top_k(seq.item.request.sampling.prompt_logprobs)
+            seq.prompt_logprobs.extend(prompt_logprobs(
+                logits[:len(targets)], torch.tensor(targets, device=logits.device), k))
+        return logits[-1]
+
+    def _share_prompt(self, leader: Sequence) -> list[Sequence]:
+        """The choices waiting for `leader`'s prefill, given its prompt's KV: ready to draw
+        their first token from the same logits."""
+        followers, leader.followers = leader.followers, []
+        for f in followers:
+            self.kv.copy_row(leader.row, f.row, leader.length)
+            f.leader = None
+            f.prefilled = f.length = f.cached = leader.length
+            f.delta, f.keys, f.prompt_logprobs = leader.delta, leader.keys, leader.prompt_logprobs
+        return followers
+
+    def _top_k(self, asked: int | None) -> int | None:
+        """A logprobs count as the sampler takes it: -1 (vLLM's whole vocabulary) resolved."""
+        return self.vocab_size if asked == -1 else asked
+
+    def _logprobs(self, logits: torch.Tensor, rows: list[Sequence],
+                  tokens: list[int]) -> list[RawLogprobs | None] | None:
+        """The raw logprobs of each row that asked for them (None for the others), or None
+        when no row did: the plain rows' step computes nothing more."""
+        want = [self._top_k(s.item.request.sampling.logprobs) for s in rows]
+        if all(k is None for k in want):
+            return None
+        with torch.inference_mode():
+            return token_logprobs(logits, want, tokens)
 
     def _decode(self, rows: list[Sequence]) -> None:
         if not rows:
@@ -229,18 +297,20 @@ class EngineCore:
             with torch.inference_mode():
                 logits = self.runner.decode(rows, self.pad_id)
                 tokens = sample(logits, [s.sampler for s in rows])
+                logprobs = self._logprobs(logits, rows, tokens)
         except Exception as exc:
             self._fail(rows, _step_error(exc))
             self.device.empty_cache()
             return
         self.scheduler.decoded(rows)
-        self._accept(rows, tokens, time.monotonic())
+        self._accept(rows, tokens, time.monotonic(), logprobs)
 
-    def _accept(self, rows: list[Sequence], tokens: list[int], now: float) -> None:
+    def _accept(self, rows: list[Sequence], tokens: list[int], now: float,
+                logprobs: list[RawLogprobs | None] | None = None) -> None:
         """Each row's new token: sampler state, text out, and the end of finished rows."""
         for seq, token in zip(rows, tokens):
             seq.append(token)
-        ended = self.output.on_tokens([s.out for s in rows], tokens, now)
+        ended = self.output.on_tokens([s.out for s in rows], tokens, now, logprobs)
         self._retire([s for s, done in zip(rows, ended) if done], None)
 
     # ------------------------------------------------------------- endings
@@ -257,7 +327,10 @@ class EngineCore:
             self._release(seq)
             self._finish(seq.item, final, request_stats(seq.item, seq.out.first_token_at,
                                                         seq.handle.tokens, seq.admitted_at,
-                                                        seq.cached))
+                                                        seq.cached),
+                         stop_reason=seq.out.stop_reason,
+                         prompt_logprobs=seq.prompt_logprobs
+                         if seq.scores_prompt and not seq.prefilling else None)
 
     def _keep(self, seq: Sequence) -> None:
         """The row's KV into the prefix cache: every full block of prompt and answer it holds."""
@@ -279,10 +352,13 @@ class EngineCore:
         seq.embedding = None
 
     def _finish(self, item: WorkItem, reason: FinishReason, stats: RequestStats,
-                error: EngineError | None = None) -> None:
+                error: EngineError | None = None, stop_reason: str | int | None = None,
+                prompt_logprobs: list | None = None) -> None:
         if item.handle.finished is not None:
             return
-        event = Finished(reason, stats, error)
+        event = Finished(reason, stats, error, stop_reason,
+                         prompt_token_ids=item.prompt.inputs["input_ids"][0].tolist(),
+                         prompt_logprobs=prompt_logprobs)
         with self._cond:
             done, prompt, generated = self._done_totals
             self._done_totals = (done + 1, prompt + stats.prompt_tokens,

@@ -92,6 +92,14 @@ class KVStore:
         self.lengths[row] = 0
         self._free.append(row)
 
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """The first `length` positions of row `src` into row `dst`: the n choices of one
+        request share the prompt's KV this way instead of each computing it."""
+        for keys, values in zip(self.keys, self.values):
+            keys[dst, :, :length] = keys[src, :, :length]
+            values[dst, :, :length] = values[src, :, :length]
+        self.lengths[dst] = length
+
     def free_rows(self) -> int:
         return len(self._free)
 

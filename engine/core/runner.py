@@ -216,14 +216,17 @@ class ModelRunner:
             attention_mask=x.get("attention_mask"), **extra)
         return positions, int(deltas.reshape(-1)[0])
 
-    def prefill(self, row: int, prompt: PromptEmbedding, start: int, end: int) -> torch.Tensor:
-        """Prompt positions [start, end) into the row's KV; the last position's logits (V,)."""
+    def prefill(self, row: int, prompt: PromptEmbedding, start: int, end: int,
+                all_positions: bool = False) -> torch.Tensor:
+        """Prompt positions [start, end) into the row's KV; the last position's logits (V,),
+        or with `all_positions` every position's (end - start, V), for prompt logprobs."""
         out = self.text(inputs_embeds=prompt.embeds[:, start:end],
                         position_ids=prompt.positions[:, :, start:end],
                         attention_mask=_masks(prefill_mask(start, end, self.dtype, self.dev)),
                         use_cache=True, **{self.cache_arg: self.kv.prefill_view(row, start, end)})
         self.kv.lengths[row] = end
-        return self.lm_head(out.last_hidden_state[0, -1])
+        return self.lm_head(out.last_hidden_state[0] if all_positions
+                            else out.last_hidden_state[0, -1])
 
     def forward_decode(self, ids: torch.Tensor, positions: torch.Tensor,
                        write_pos: torch.Tensor, seen: torch.Tensor, kv_len: int,

@@ -6,7 +6,9 @@ prefilling rows a token budget (so a long prompt is chunked and never stalls the
 streams for long; a prompt's first chunk starts after what the prefix cache holds of it)
 and names every row that decodes one token. A second user's question therefore starts
 after at most one decode step and its own prefill, whatever the first user is generating,
-and requests with different settings share every step.
+and requests with different settings share every step. The n choices of one request are
+admitted together: the first prefills the prompt, the others wait for it and then copy its
+KV (the engine core does the copy), so the prompt is computed once.
 
 Not thread-safe: the engine core calls it under its lock wherever another thread may look."""
 
@@ -28,11 +30,13 @@ from .sampler import RowSampler
 DEFAULT_PREFILL_CHUNK = 2048
 
 
-@dataclass
+@dataclass(eq=False)
 class WorkItem:
     request: GenerationRequest
     prompt: PreparedPrompt
     handle: RequestHandle
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()   # the request's bad_words, tokenized
+    group: object | None = None   # shared by the n choices of one request (admitted together)
 
 
 @dataclass(eq=False)
@@ -54,6 +58,18 @@ class Sequence:
     length: int = 0            # tokens whose KV is in the row
     delta: int = 0             # M-RoPE offset of text positions after the prompt
     last_token: int = 0
+    # n choices: a row that waits for another's prefill (`leader`), and the rows waiting
+    # for this one's (`followers`); the engine core copies the prompt's KV to them
+    leader: "Sequence | None" = None
+    followers: list["Sequence"] = field(default_factory=list)
+    # when asked: the raw prompt logprobs while prefilling, then their public form
+    prompt_logprobs: list = field(default_factory=list)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the request asked for prompt logprobs: every prompt position is then
+        computed (no prefix cache), its logits kept."""
+        return self.item.request.sampling.prompt_logprobs is not None
 
     @property
     def handle(self) -> RequestHandle:
@@ -121,10 +137,19 @@ class Scheduler:
         return True
 
     def release(self, seq: Sequence) -> None:
-        """A row that ended: out of the running rows, its KV row freed."""
+        """A row that ended: out of the running rows, its KV row freed. A choice that ends
+        while others wait for its prefill hands the prompt to the first of them."""
         if seq in self.running:
             self.running.remove(seq)
             self.kv.release(seq.row)
+        if seq.leader is not None and seq in seq.leader.followers:
+            seq.leader.followers.remove(seq)
+        if seq.followers:
+            heir, *rest = seq.followers
+            heir.leader, heir.followers = None, rest
+            for other in rest:
+                other.leader = heir
+        seq.leader, seq.followers = None, []
 
     def running_count(self) -> int:
         return len(self.running)
@@ -144,10 +169,24 @@ class Scheduler:
     # ------------------------------------------------------------ the plan
     def admit(self, start: Callable[[WorkItem, int], Sequence]) -> None:
         """Waiting requests into free KV rows, in arrival order; `start` makes a request's
-        running state for the row it got."""
-        while self.waiting and self.kv.free_rows() > 0 and len(self.running) < self.max_batch:
-            item = self.waiting.popleft()
-            self.running.append(start(item, self.kv.allocate()))
+        running state for the row it got. A request's choices wait until rows for all of
+        them are free (unless they could never all fit: then as many as fit, when nothing
+        else runs), and the first of those admitted together prefills for the others."""
+        while self.waiting:
+            room = min(self.kv.free_rows(), self.max_batch - len(self.running))
+            head = self.waiting[0]
+            members = [head] if head.group is None else \
+                [w for w in self.waiting if w.group is head.group]
+            if room <= 0 or (len(members) > room and self.running):
+                return
+            seqs = []
+            for item in members[:room]:
+                self.waiting.remove(item)
+                seqs.append(start(item, self.kv.allocate()))
+            self.running.extend(seqs)
+            seqs[0].followers = seqs[1:]
+            for follower in seqs[1:]:
+                follower.leader = seqs[0]
 
     def cancelled(self) -> list[Sequence]:
         return [s for s in self.running if s.handle.cancelled]
@@ -157,20 +196,21 @@ class Scheduler:
         decode rows."""
         budget = self.prefill_chunk
         chunks = []
-        for seq in [s for s in self.running if s.prefilling]:
+        for seq in [s for s in self.running if s.prefilling and s.leader is None]:
             if budget <= 0:
                 break
             chunk = self._chunk(seq, budget)
             chunks.append(chunk)
             budget -= chunk.end - chunk.start
         completed = {id(c.seq) for c in chunks if c.end == len(c.seq.prompt_ids)}
-        decode = [s for s in self.running if s.decoding or id(s) in completed]
+        decode = [s for s in self.running if s.decoding or id(s) in completed
+                  or (s.leader is not None and id(s.leader) in completed)]
         return StepPlan(chunks, decode)
 
     def _chunk(self, seq: Sequence, budget: int) -> PrefillChunk:
         """The row's next prompt tokens; a prompt not started yet starts after what the
         prefix cache holds of it."""
-        if seq.embedding is None and self.prefix is not None:
+        if seq.embedding is None and self.prefix is not None and not seq.scores_prompt:
             seq.keys, seq.cached = self.prefix.lookup(seq.prompt_ids, seq.item.prompt.media)
         start = seq.cached if seq.embedding is None else seq.prefilled
         return PrefillChunk(seq, start, min(len(seq.prompt_ids), start + budget))
