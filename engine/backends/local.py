@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from typing import Any
 
@@ -18,13 +19,14 @@ from ..core.runner import ModelRunner, encoder_cache
 from ..core.scheduler import WorkItem
 from ..core.stats import StatsLogger, bounded_cache_figures
 from ..errors import EngineError, InvalidRequestError
-from ..inputs.validation import validate_for_model
 from ..inputs.media import MediaPolicy
 from ..inputs.prompt import CachingImageProcessor, PreparedPrompt, PromptRenderer
 from ..inputs.stage import InputStage
+from ..inputs.validation import validate_for_model
 from ..model.device import select_device
 from ..model.loader import LoadedModel, load_model
 from ..stream import RequestHandle
+from ..structured import Constraint, StructuredOutputs
 from ..types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
                      SamplingParams)
 
@@ -65,6 +67,8 @@ class LocalEngine(Engine):
                                prefill_chunk=self.config.max_num_batched_tokens,
                                on_finish=self._on_request_finished, prefix=self.prefix)
         self.scheduler = self.core.scheduler
+        self._structured: StructuredOutputs | None = None
+        self._structured_lock = threading.Lock()
         self.stats = StatsLogger(self.snapshot, self.config.log_stats_interval)
 
     @property
@@ -155,7 +159,8 @@ class LocalEngine(Engine):
         """One row for the request (its `n` is for `submit_choices`)."""
         self._check_alive()
         prompt = self.render(request, policy)
-        return self.core.submit(request, prompt, self._bad_words(request))
+        return self.core.submit(request, prompt, self._bad_words(request),
+                                self._constraint(request, prompt))
 
     def submit_choices(self, request: GenerationRequest,
                        policy: MediaPolicy | None = None) -> list[RequestHandle]:
@@ -170,11 +175,24 @@ class LocalEngine(Engine):
             request = dataclasses.replace(
                 request, sampling=dataclasses.replace(request.sampling, seed=None))
         choices = [choice_request(request, i) for i in range(request.sampling.n)]
-        return self.core.submit_group(choices, prompt, self._bad_words(request))
+        return self.core.submit_group(choices, prompt, self._bad_words(request),
+                                      self._constraint(request, prompt))
 
     def _check_alive(self) -> None:
         if not self.core.is_alive():
             raise EngineError("The engine core has stopped; restart the server.")
+
+    def _constraint(self, request: GenerationRequest, prompt: PreparedPrompt) -> Constraint | None:
+        """The request's structured output compiled (here, in the submitting thread, never
+        on the device thread), or None."""
+        spec = request.sampling.structured
+        if spec is None:
+            return None
+        with self._structured_lock:
+            if self._structured is None:   # the tokenizer's llguidance form: built once
+                self._structured = StructuredOutputs(self.tokenizer, self.core.vocab_size,
+                                                     self.core.eos_ids)
+        return self._structured.prepare(spec, prompt.max_new_tokens)
 
     def _bad_words(self, request: GenerationRequest) -> tuple[tuple[int, ...], ...]:
         """The request's bad_words as the token sequences the sampler bans (vLLM tokenizes

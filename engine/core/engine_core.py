@@ -25,6 +25,7 @@ from ..errors import DeviceOutOfMemoryError, EngineBusyError, EngineError
 from ..inputs.prompt import PreparedPrompt
 from ..model.device import Device
 from ..stream import RequestHandle
+from ..structured import Constraint, apply_mask, step_mask
 from ..types import Finished, FinishReason, GenerationRequest, RequestStats
 from .kvstore import KVStore
 from .output import OutputProcessor
@@ -84,12 +85,14 @@ class EngineCore:
 
     # ------------------------------------------------------------------ API
     def submit(self, request: GenerationRequest, prompt: PreparedPrompt,
-               bad_words_ids: tuple[tuple[int, ...], ...] = ()) -> RequestHandle:
+               bad_words_ids: tuple[tuple[int, ...], ...] = (),
+               constraint: Constraint | None = None) -> RequestHandle:
         """Queue a prepared request; EngineBusyError past the queue bound."""
-        return self.submit_group([request], prompt, bad_words_ids)[0]
+        return self.submit_group([request], prompt, bad_words_ids, constraint)[0]
 
     def submit_group(self, requests: list[GenerationRequest], prompt: PreparedPrompt,
-                     bad_words_ids: tuple[tuple[int, ...], ...] = ()) -> list[RequestHandle]:
+                     bad_words_ids: tuple[tuple[int, ...], ...] = (),
+                     constraint: Constraint | None = None) -> list[RequestHandle]:
         """Queue requests on one prepared prompt, one handle each; several are the choices
         of one request (engine.base.choice_request): admitted together, prefilled once.
         EngineBusyError past the queue bound."""
@@ -102,12 +105,14 @@ class EngineCore:
                     f"The server is busy: {waiting} requests are already waiting. "
                     "Please try again shortly.")
             group = object() if len(requests) > 1 else None
-            handles = [self._queue(r, prompt, bad_words_ids, group) for r in requests]
+            handles = [self._queue(r, prompt, bad_words_ids, group, constraint)
+                       for r in requests]
             self._cond.notify_all()
         return handles
 
     def _queue(self, request: GenerationRequest, prompt: PreparedPrompt,
-               bad_words_ids: tuple[tuple[int, ...], ...], group: object | None) -> RequestHandle:
+               bad_words_ids: tuple[tuple[int, ...], ...], group: object | None,
+               constraint: Constraint | None) -> RequestHandle:
         """One request into the waiting queue (under the lock)."""
         # The cancel callback reaches the item through a weak reference: a closure over
         # the item itself made a cycle (handle -> callback -> item -> handle) that kept
@@ -123,7 +128,7 @@ class EngineCore:
                 self._wake()
 
         handle = RequestHandle(request.request_id, on_cancel=cancel_queued)
-        item = WorkItem(request, prompt, handle, bad_words_ids, group)
+        item = WorkItem(request, prompt, handle, bad_words_ids, group, constraint)
         item_ref = weakref.ref(item)
         self.scheduler.add(item)
         return handle
@@ -219,8 +224,9 @@ class EngineCore:
         settings = resolve(item.request.sampling, self.generation_config, self.eos_ids,
                            item.bad_words_ids)
         sampler = RowSampler(settings, ids, self.vocab_size, self.device.torch_device)
+        grammar = item.constraint.row(item.prompt.max_new_tokens) if item.constraint else None
         return Sequence(item, row, self.output.new_row(item), sampler, time.monotonic(),
-                        prompt_ids=ids.tolist())
+                        prompt_ids=ids.tolist(), grammar=grammar)
 
     # ------------------------------------------------------------ running the plan
     def _prefill(self, chunk: PrefillChunk) -> None:
@@ -247,8 +253,7 @@ class EngineCore:
                 seq.prompt_logprobs = self.output.prompt_logprobs(seq.prompt_logprobs,
                                                                   seq.prompt_ids)
             rows += self._share_prompt(seq)
-            batch = logits[None].expand(len(rows), -1)
-            tokens = sample(batch, [r.sampler for r in rows])
+            batch, tokens = self._pick(logits[None].expand(len(rows), -1), rows)
             self._accept(rows, tokens, time.monotonic(), self._logprobs(batch, rows, tokens))
         except Exception as exc:
             self._fail(rows, _step_error(exc))
@@ -295,8 +300,7 @@ class EngineCore:
             return
         try:
             with torch.inference_mode():
-                logits = self.runner.decode(rows, self.pad_id)
-                tokens = sample(logits, [s.sampler for s in rows])
+                logits, tokens = self._pick(self.runner.decode(rows, self.pad_id), rows)
                 logprobs = self._logprobs(logits, rows, tokens)
         except Exception as exc:
             self._fail(rows, _step_error(exc))
@@ -305,11 +309,24 @@ class EngineCore:
         self.scheduler.decoded(rows)
         self._accept(rows, tokens, time.monotonic(), logprobs)
 
+    def _pick(self, logits: torch.Tensor, rows: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
+        """Each row's token: the logits (B, V) with each constrained row's disallowed tokens
+        at -inf (its mask filled on the host while the device computes the step's forward),
+        sampled with each row's settings, and near a constrained row's token budget the
+        token its closing path needs (engine.structured). Free rows pay nothing."""
+        grammars = [s.grammar for s in rows]
+        logits = apply_mask(logits, step_mask(grammars, logits.shape[-1], logits.device))
+        tokens = sample(logits, [s.sampler for s in rows])
+        return logits, [g.settle(t) if g is not None else t for g, t in zip(grammars, tokens)]
+
     def _accept(self, rows: list[Sequence], tokens: list[int], now: float,
                 logprobs: list[RawLogprobs | None] | None = None) -> None:
         """Each row's new token: sampler state, text out, and the end of finished rows."""
         for seq, token in zip(rows, tokens):
             seq.append(token)
+            if seq.grammar is not None and not seq.grammar.accept(token):
+                log.error("%s: the constraint refused token %d", seq.item.request.request_id,
+                          token)
         ended = self.output.on_tokens([s.out for s in rows], tokens, now, logprobs)
         self._retire([s for s, done in zip(rows, ended) if done], None)
 

@@ -20,6 +20,7 @@ from typing import Callable
 
 from ..inputs.prompt import PreparedPrompt
 from ..stream import RequestHandle
+from ..structured import Constraint, RowGrammar
 from ..types import GenerationRequest
 from .kvstore import KVStore
 from .output import RowState
@@ -37,6 +38,7 @@ class WorkItem:
     handle: RequestHandle
     bad_words_ids: tuple[tuple[int, ...], ...] = ()   # the request's bad_words, tokenized
     group: object | None = None   # shared by the n choices of one request (admitted together)
+    constraint: Constraint | None = None   # the request's structured output, compiled
 
 
 @dataclass(eq=False)
@@ -64,6 +66,7 @@ class Sequence:
     followers: list["Sequence"] = field(default_factory=list)
     # when asked: the raw prompt logprobs while prefilling, then their public form
     prompt_logprobs: list = field(default_factory=list)
+    grammar: RowGrammar | None = None   # its constraint's state, when it has one
 
     @property
     def scores_prompt(self) -> bool:

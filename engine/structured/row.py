@@ -109,11 +109,12 @@ def closing_choice(matcher: Any, closers: ClosingTokens,
     return min(candidates, key=lambda t: (uses.get(t, 0), candidates.index(t)))
 
 
-def closing_length(matcher: Any, closers: ClosingTokens, limit: int = PLAY_LIMIT) -> int | None:
+def closing_length(matcher: Any, closers: ClosingTokens, limit: int = PLAY_LIMIT,
+                   uses: dict[int, int] | None = None) -> int | None:
     """Tokens the closing path needs from this state, EOS included (None: not found within
-    `limit`)."""
+    `limit`); `uses`: the tokens the answer took so far (regexes and grammars)."""
     play = matcher.deep_copy()
-    uses: dict[int, int] | None = None if closers.json else {}
+    uses = None if closers.json else dict(uses or {})
     for steps in range(1, limit + 1):
         token = closing_choice(play, closers, uses)
         if token is None:
@@ -149,6 +150,8 @@ class RowGrammar:
         self.left = int(max_new)          # tokens the row may still write
         self.window = WINDOW + (shortest or 0)
         self.replaced = 0                 # sampled tokens replaced by the closing path
+        # the tokens written so far, for the closing policy of regexes and grammars
+        self.uses: dict[int, int] | None = None if closers.json else {}
 
     @property
     def failed(self) -> bool:
@@ -168,12 +171,13 @@ class RowGrammar:
         if self.left > self.window or token == self.closers.eos:
             return token
         after = self.matcher.deep_copy()
-        need = closing_length(after, self.closers, self.window) \
+        uses = None if self.uses is None else {**self.uses, token: self.uses.get(token, 0) + 1}
+        need = closing_length(after, self.closers, self.window, uses) \
             if after.consume_token(token) else None
         # after this token, `left - 1` remain; the closing path's EOS may be left out
         if need is not None and need - 1 <= self.left - 1:
             return token
-        closing = closing_choice(self.matcher, self.closers, None if self.closers.json else {})
+        closing = closing_choice(self.matcher, self.closers, self.uses)
         if closing is None:
             return token
         self.replaced += closing != token
@@ -182,6 +186,8 @@ class RowGrammar:
     def accept(self, token: int) -> bool:
         """The row's token (after `settle`); False when the grammar refused it."""
         self.left -= 1
+        if self.uses is not None:
+            self.uses[token] = self.uses.get(token, 0) + 1
         if token == self.closers.eos and self.matcher.is_accepting():
             return True
         return bool(self.matcher.consume_token(token))
@@ -213,3 +219,15 @@ def apply_mask(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return logits
     return logits.masked_fill(~mask, float("-inf"))
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A request's compiled constraint, ready to give each of its rows a RowGrammar."""
+
+    grammar: Grammar
+    closers: ClosingTokens
+    shortest: int | None
+
+    def row(self, max_new: int) -> RowGrammar:
+        return RowGrammar(self.grammar, self.closers, max_new, self.shortest)
