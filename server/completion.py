@@ -1,0 +1,340 @@
+"""POST /v1/completions, as `vllm serve` answers it: a text, token ids or a batch of either
+continued as they are (no chat template), n choices per prompt indexed prompt-major
+(choice = prompt * n + i), as one `text_completion` JSON or Server-Sent Events of
+`text_completion` chunks ending in `data: [DONE]`. The body, the client's slot, refusals,
+disconnects and error shapes are the chat endpoint's (server/serving.py).
+
+The engine reports a prompt's token ids and logprobs with its Finished event, so what must
+come first is arranged here: a text prompt whose ids the first chunk needs (`echo`,
+`return_token_ids`, `continuous_usage_stats`) is tokenized before it is submitted, and a
+streamed echo with `logprobs` (the prompt's logprobs) comes as one chunk at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
+
+from engine.base import Engine
+from engine.errors import EngineError, InvalidRequestError
+from engine.stream import RequestHandle, merge_deltas
+from engine.types import Conversation, Finished, GenerationRequest, RequestStats, TextDelta
+
+from .completion_protocol import (CompletionChoice, CompletionChunk, CompletionLogProbs,
+                                  CompletionRequest, CompletionResponse, CompletionStreamChoice,
+                                  check_body, check_request, completion_id, completion_logprobs,
+                                  not_honoured, prompt_logprobs_out, unknown_fields)
+from .fairshare import ClientBusyError
+from .protocol import SSE_DONE, UsageInfo, sse_data
+from .serving import (FINISH_REASONS, SSE_HEADERS, APIError, ChatServing, HeldResponse,
+                      error_response, load_json, until_disconnect, validation_error)
+
+log = logging.getLogger("server")
+
+
+def parse_completion_request(body: bytes) -> CompletionRequest:
+    """The body as a CompletionRequest: vLLM's checks first, then fields this server does
+    not honour refused (never ignored), unknown extras logged once and ignored."""
+    data = load_json(body)
+    check_body(data)
+    refused = not_honoured(data)
+    if refused:
+        them = "it" if len(refused) == 1 else "them"
+        raise APIError(f"{', '.join(refused)}: not supported by this server yet, so refused "
+                       f"rather than ignored; leave {them} out or at vLLM's default.",
+                       400, "Bad Request", refused[0])
+    extras = unknown_fields(data)
+    if extras:
+        log.warning("ignoring unknown request field(s): %s", ", ".join(extras[:10]))
+    try:
+        return CompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+# --------------------------------------------------------------------------- one prompt
+@dataclasses.dataclass
+class Prompt:
+    """One prompt of the batch: what goes to the engine and what an echo shows."""
+
+    source: str | list[int]
+    text: str = ""                      # for echo
+    ids: list[int] | None = None        # known before submitting (else from Finished)
+    handles: list[RequestHandle] = dataclasses.field(default_factory=list)
+    first_token: dict[int, str] = dataclasses.field(default_factory=dict)   # echo's logprobs
+
+
+@dataclasses.dataclass
+class Choice:
+    """One choice's output so far."""
+
+    index: int
+    prompt: Prompt
+    deltas: list[TextDelta] = dataclasses.field(default_factory=list)
+    finished: Finished | None = None
+    sent_tokens: int = 0
+    offset: int = 0
+    started: bool = False
+    echoed: bool = False
+
+
+def _engine_error(error: Exception | None) -> EngineError:
+    if isinstance(error, EngineError):
+        return error
+    return EngineError(f"Generation failed: {error}" if error else "Generation failed.")
+
+
+async def _submit_choices(engine: Engine, gen: GenerationRequest, policy: object
+                          ) -> list[RequestHandle]:
+    """engine.submit_choices off the event loop; handles that arrive after the caller was
+    cancelled (a client gone) are cancelled too, so nothing generates for nobody."""
+    future = asyncio.get_running_loop().run_in_executor(None, engine.submit_choices, gen, policy)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        def cancel_late(f: asyncio.Future) -> None:
+            if not f.cancelled() and f.exception() is None:
+                for handle in f.result():
+                    handle.cancel()
+        future.add_done_callback(cancel_late)
+        raise
+
+
+class CompletionServing:
+    """One per app, beside the chat endpoint whose slots, checks and metrics it shares."""
+
+    def __init__(self, engine: Engine, chat: ChatServing) -> None:
+        self.engine = engine
+        self.chat = chat
+
+    async def create_completion(self, raw: Request, client: str = "addr:?") -> Response:
+        """The whole request inside one of `client`'s slots, from its body to its last byte."""
+        try:
+            slot = self.chat.slots.acquire(client)
+        except ClientBusyError as exc:
+            return self.chat.refuse(exc)
+        try:
+            response = await self._create(raw)
+        except BaseException:
+            slot.release()
+            raise
+        return HeldResponse(response, slot)
+
+    async def _create(self, raw: Request) -> Response:
+        try:
+            body = await self.chat.json_body(raw)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except EngineError as exc:
+            return self.chat.refuse(exc)
+        try:
+            req = parse_completion_request(body)
+            model = self.chat.check_model(req.model)
+            check_request(req)
+        except EngineError as exc:
+            return self.chat.refuse(exc)
+        cid = completion_id(raw.headers.get("x-request-id") or req.request_id)
+        return await until_disconnect(raw, self._run(req, model, cid))
+
+    def _prepare(self, req: CompletionRequest) -> list[Prompt]:
+        """The prompts, tokenized here where their ids must be known before the first chunk
+        (an echo, streamed token ids or usage) or special tokens are left out, and their
+        echo texts (token ids decoded)."""
+        early = req.echo or not req.add_special_tokens or (
+            req.stream and (req.return_token_ids or req.continuous_usage))
+        k = req.truncate_prompt_tokens
+        prompts = []
+        for source in req.prompts():
+            p = Prompt(source)
+            if isinstance(source, str):
+                p.text = source
+                if early:
+                    p.source = self.engine.tokenize(source,
+                                                    add_special_tokens=req.add_special_tokens)
+            elif req.echo:
+                try:
+                    p.text = self.engine.detokenize(source)
+                except InvalidRequestError as exc:   # ids out of the vocabulary
+                    raise InvalidRequestError(exc.message, param="prompt") from None
+            if isinstance(p.source, list) and (k is None or k > 0):
+                p.ids = p.source[-k:] if k else list(p.source)
+            if req.echo and req.logprobs is not None and p.ids:
+                p.first_token = {p.ids[0]: self.engine.detokenize(p.ids[:1])}
+            prompts.append(p)
+        return prompts
+
+    async def _run(self, req: CompletionRequest, model: str, cid: str) -> Response:
+        created = int(time.time())
+        prompts: list[Prompt] = []
+        try:
+            prompts = await asyncio.to_thread(self._prepare, req)
+            sampling = req.sampling_params()
+            for i, p in enumerate(prompts):
+                gen = GenerationRequest(Conversation(), sampling, request_id=f"{cid}-{i}",
+                                        prompt=p.source)
+                p.handles = await _submit_choices(self.engine, gen, self.chat.policy)
+        except BaseException as exc:
+            for p in prompts:
+                for handle in p.handles:
+                    handle.cancel()
+            if isinstance(exc, EngineError):
+                return self.chat.refuse(exc)
+            if isinstance(exc, Exception):   # a bug, not bad input: logged, vLLM's shape
+                log.exception("submit failed for %s", cid)
+                return self.chat.refuse(EngineError(
+                    f"Internal server error: {type(exc).__name__}: {exc}"))
+            raise
+        choices = [Choice(len(prompts[0].handles) * pi + ci, p)
+                   for pi, p in enumerate(prompts) for ci in range(len(p.handles))]
+        handles = [h for p in prompts for h in p.handles]
+        if req.stream:
+            return StreamingResponse(self._stream(req, choices, handles, cid, created, model),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        return await self._complete(req, choices, handles, cid, created, model)
+
+    # ----------------------------------------------------------------------- answers
+    def _choice_output(self, req: CompletionRequest, c: Choice, deltas: list[TextDelta],
+                       fin: Finished | None) -> tuple[str, list[int], CompletionLogProbs | None]:
+        """The text, token ids and logprobs a choice sends for `deltas` (and the prompt,
+        on its first output when echoing)."""
+        delta = merge_deltas(deltas) if deltas else TextDelta("")
+        text, ids, lps = delta.text, list(delta.token_ids), list(delta.logprobs or [])
+        if req.echo and not c.echoed:
+            c.echoed = True
+            prompt_ids = c.prompt.ids or (fin.prompt_token_ids if fin else None) or []
+            prompt_lps = (fin.prompt_logprobs if fin else None) or [None] * len(prompt_ids)
+            prompt_text = "" if req.return_token_ids else c.prompt.text
+            if req.echo_only:
+                text, ids, lps = prompt_text, list(prompt_ids), list(prompt_lps)
+            else:
+                text, ids, lps = prompt_text + text, [*prompt_ids, *ids], [*prompt_lps, *lps]
+        if req.logprobs is None:
+            return text, ids, None
+        decode = {i: c.prompt.first_token.get(i) or self.engine.detokenize([i])
+                  for i, lp in zip(ids, lps) if lp is None}
+        out = completion_logprobs(ids, lps, req.logprobs, decode,
+                                  bool(req.return_tokens_as_token_ids), c.offset)
+        if out.tokens:
+            c.offset = out.text_offset[-1] + len(out.tokens[-1])
+        return text, ids, out
+
+    async def _complete(self, req: CompletionRequest, choices: list[Choice],
+                        handles: list[RequestHandle], cid: str, created: int,
+                        model: str) -> JSONResponse:
+        async def collect(c: Choice, handle: RequestHandle) -> None:
+            async for event in handle:
+                if isinstance(event, TextDelta):
+                    c.deltas.append(event)
+                else:
+                    c.finished = event
+        try:
+            await asyncio.gather(*(collect(c, h) for c, h in zip(choices, handles)))
+        finally:
+            for handle in handles:
+                if handle.finished is None:   # a disconnect (or the server stopping)
+                    handle.cancel()
+        failed = next((c.finished for c in choices if c.finished.reason == "error"), None)
+        if failed is not None:
+            return error_response(_engine_error(failed.error))
+        out = []
+        for c in choices:
+            fin = c.finished
+            text, ids, logprobs = self._choice_output(req, c, c.deltas, fin)
+            out.append(CompletionChoice(
+                index=c.index, text=text, logprobs=logprobs,
+                finish_reason=FINISH_REASONS[fin.reason], stop_reason=fin.stop_reason,
+                token_ids=[i for d in c.deltas for i in d.token_ids]
+                if req.return_token_ids else None,
+                prompt_logprobs=prompt_logprobs_out(fin.prompt_logprobs),
+                prompt_token_ids=fin.prompt_token_ids if req.return_token_ids else None))
+        response = CompletionResponse(id=cid, created=created, model=model, choices=out,
+                                      usage=self._usage(choices))
+        return JSONResponse(response.model_dump())
+
+    @staticmethod
+    def _usage(choices: list[Choice]) -> UsageInfo:
+        """Each prompt's tokens once (not once per choice) and every choice's output."""
+        prompt = sum({id(c.prompt): c.finished.stats.prompt_tokens for c in choices}.values())
+        output = sum(c.finished.stats.output_tokens for c in choices)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=output,
+                         total_tokens=prompt + output)
+
+    async def _pump(self, req: CompletionRequest, c: Choice, handle: RequestHandle,
+                    queue: asyncio.Queue) -> None:
+        """A choice's events as (choice, deltas, finished) items: a delta the engine has
+        already finished after rides with the finish (vLLM's last chunk has both), and a
+        streamed echo with logprobs waits for the prompt's logprobs at the end."""
+        hold = bool(req.echo and req.logprobs is not None)
+        pending: list[TextDelta] = []
+        try:
+            async for event in handle:
+                if isinstance(event, TextDelta):
+                    pending.append(event)
+                    if not hold and handle.finished is None:
+                        await queue.put((c, pending, None))
+                        pending = []
+                else:
+                    await queue.put((c, pending, event))
+        except Exception as exc:   # a bug: the stream ends with an error, not a hang
+            log.exception("streaming choice %d failed", c.index)
+            await queue.put((c, [], Finished("error", RequestStats(), exc)))
+
+    async def _stream(self, req: CompletionRequest, choices: list[Choice],
+                      handles: list[RequestHandle], cid: str, created: int,
+                      model: str) -> AsyncIterator[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.ensure_future(self._pump(req, c, h, queue))
+                 for c, h in zip(choices, handles)]
+        try:
+            for _ in choices:
+                while True:
+                    c, deltas, fin = await queue.get()
+                    if fin is not None and fin.reason == "error":
+                        yield sse_data(_engine_error(fin.error).to_dict())
+                        yield SSE_DONE
+                        return
+                    yield self._chunk(req, c, deltas, fin, cid, created, model)
+                    if fin is not None:
+                        c.finished = fin
+                        break
+            if req.include_usage:
+                yield sse_data(CompletionChunk(id=cid, created=created, model=model, choices=[],
+                                               usage=self._usage(choices)).data())
+            yield SSE_DONE
+        finally:
+            for task in tasks:
+                task.cancel()
+            for handle in handles:
+                if handle.finished is None:   # the client went away, or another choice failed
+                    handle.cancel()
+
+    def _chunk(self, req: CompletionRequest, c: Choice, deltas: list[TextDelta],
+               fin: Finished | None, cid: str, created: int, model: str) -> str:
+        first, c.started = not c.started, True
+        text, _, logprobs = self._choice_output(req, c, deltas, fin)
+        new_ids = [i for d in deltas for i in d.token_ids]
+        c.sent_tokens += len(new_ids)
+        prompt_ids = c.prompt.ids or (fin.prompt_token_ids if fin else None)
+        choice = CompletionStreamChoice(
+            index=c.index, text=text, logprobs=logprobs,
+            finish_reason=FINISH_REASONS[fin.reason] if fin else None,
+            stop_reason=fin.stop_reason if fin else None,
+            prompt_token_ids=prompt_ids if first and (req.echo or req.return_token_ids) else None,
+            token_ids=new_ids if req.return_token_ids else None)
+        usage = None
+        if req.continuous_usage:
+            prompt = fin.stats.prompt_tokens if fin else len(c.prompt.ids or [])
+            usage = UsageInfo(prompt_tokens=prompt, completion_tokens=c.sent_tokens,
+                              total_tokens=prompt + c.sent_tokens)
+        return sse_data(CompletionChunk(id=cid, created=created, model=model, choices=[choice],
+                                        usage=usage).data())
+
+
+__all__ = ["CompletionServing", "parse_completion_request"]

@@ -1,0 +1,1 @@
+"""vLLM's own OpenAI-API tests, ported (see README.md)."""
