@@ -5,6 +5,7 @@ field (raw vLLM 0.32 responses in tests/data/vllm-0.32/)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -13,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.errors import InvalidRequestError, error_dict
-from engine.types import SamplingParams
+from engine.types import SamplingParams, TokenLogprob, TopLogprob
 
 # ----------------------------------------------------------------------------- requests
 
@@ -49,9 +50,20 @@ PART_TYPES = ("text", "image_url", "video_url")
 
 
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+    """One OpenAI message. A "tool" turn answers the call `tool_call_id` names; an assistant
+    turn may carry the `tool_calls` it made. Both reach the chat template as they are."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def text_parts(self) -> list[str]:
+        """The message's text, part by part (a string content is one part)."""
+        if isinstance(self.content, str):
+            return [self.content]
+        return [p.text for p in self.content or [] if isinstance(p, TextPart)]
 
     @field_validator("content", mode="before")
     @classmethod
@@ -69,6 +81,7 @@ class ChatMessage(_Lenient):
 
 class StreamOptions(_Lenient):
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
 
 
 class MMProcessorKwargs(BaseModel):
@@ -95,7 +108,7 @@ class SamplingFields(_Lenient):
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)   # pydantic's words, as vLLM
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
@@ -112,6 +125,17 @@ class SamplingFields(_Lenient):
     stream_options: StreamOptions | None = None
     user: str | None = None
     mm_processor_kwargs: MMProcessorKwargs | None = None
+    request_id: str | None = None
+    return_token_ids: bool | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage in every chunk: vLLM asks for include_usage too."""
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
     @property
     def effective_max_tokens(self) -> int | None:
@@ -148,16 +172,23 @@ class SamplingFields(_Lenient):
             cap_to_context=True)   # as vLLM 0.32: max_tokens is lowered to what fits the context
 
 
+LOGIT_BIAS_LIMIT = 100.0   # vLLM clamps every bias into [-100, 100]
+
+
 def parse_logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
-    """OpenAI's logit_bias (token ids as JSON object keys) with integer keys; a key that is
-    not an integer is a 400 naming it."""
+    """OpenAI's logit_bias (token ids as JSON object keys) with integer keys and values
+    clamped as vLLM clamps them; keys that are not integers are one 400 in vLLM's words."""
     out: dict[int, float] = {}
+    invalid: list[str] = []
     for key, value in (bias or {}).items():
         try:
-            out[int(key)] = float(value)
+            out[int(key)] = min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, float(value)))
         except (TypeError, ValueError):
-            raise InvalidRequestError(f"logit_bias keys must be token ids (integers), got {key!r}.",
-                                      param="logit_bias") from None
+            invalid.append(key)
+    if invalid:
+        raise InvalidRequestError("logit_bias contains key(s) that cannot be converted to "
+                                  f"integer token IDs: {invalid!r} (parameter=logit_bias, "
+                                  f"value={invalid!r})", param="logit_bias")
     return out
 
 
@@ -171,6 +202,7 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
 
     @property
     def effective_max_tokens(self) -> int | None:
@@ -183,8 +215,28 @@ class ChatCompletionRequest(SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+    def response_role(self) -> str:
+        """The answer's role: the assistant's, or, without a generation prompt, the last
+        message's (vLLM's get_chat_request_role)."""
+        if self.add_generation_prompt or not self.messages:
+            return "assistant"
+        return self.messages[-1].role
+
+    def echo_text(self) -> str:
+        """What echo prepends: the last message's text when it has the answer's role
+        (text parts joined by newlines, as vLLM joins them), else nothing."""
+        if not self.echo or not self.messages or self.messages[-1].role != self.response_role:
+            return ""
+        return "\n".join(self.messages[-1].text_parts())
+
+    def sampling_params(self) -> SamplingParams:
+        """As SamplingFields; echo without prompt_logprobs asks for the prompt's logprobs
+        with `top_logprobs` candidates, as vLLM does (they come back in the JSON answer; a
+        stream has no place for them, so it does not ask)."""
+        params = super().sampling_params()
+        if self.echo and self.prompt_logprobs is None and not self.stream:
+            params = dataclasses.replace(params, prompt_logprobs=self.top_logprobs or 0)
+        return params
 
 
 class TokenizeRequest(_Lenient):
@@ -217,39 +269,53 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-# vLLM's ChatCompletionRequest fields this server does not honour yet, each with the value
-# that means "not used" in vLLM (None is always taken as not used). A request that sets one
-# to anything else is refused with a 400 naming it, never accepted and ignored.
-NOT_HONOURED: dict[str, Any] = {
-    "response_format": None, "structured_outputs": None, "guided_json": None,
-    "guided_regex": None, "guided_choice": None, "guided_grammar": None,
-    "tool_choice": "none", "parallel_tool_calls": None, "functions": None,
-    "function_call": None, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
-    "min_p": 0, "stop_token_ids": [], "bad_words": [], "allowed_token_ids": [],
-    "include_stop_str_in_output": False, "skip_special_tokens": True,
-    "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
-    "prompt_logprobs": None, "top_logprobs": 0, "use_beam_search": False,
-    "length_penalty": 1, "best_of": None, "echo": False, "add_generation_prompt": True,
-    "continue_final_message": False, "chat_template": None, "chat_template_kwargs": {},
-    "media_io_kwargs": {}, "documents": None, "logits_processors": None,
-    "return_tokens_as_token_ids": False, "return_token_ids": False, "vllm_xargs": None,
-    "priority": 0, "cache_salt": None, "kv_transfer_params": None, "prompt_embeds": None,
-    "request_id": None,
+# vLLM's ChatCompletionRequest fields this server does not honour, each with the value that
+# means "not used" in vLLM (None is always taken as not used) and why it is refused. A request
+# that sets one to anything else is refused with a 400 naming it, never accepted and ignored.
+_STRUCTURED = "structured outputs (a grammar-constrained sampler) are not supported"
+_TOOLS = "tool calling is not supported yet (only tool_choice \"none\")"
+_BEAM = "beam search is not supported"
+NOT_HONOURED: dict[str, tuple[Any, str]] = {
+    "response_format": (None, _STRUCTURED), "structured_outputs": (None, _STRUCTURED),
+    "guided_json": (None, _STRUCTURED), "guided_regex": (None, _STRUCTURED),
+    "guided_choice": (None, _STRUCTURED), "guided_grammar": (None, _STRUCTURED),
+    "tool_choice": ("none", _TOOLS), "parallel_tool_calls": (None, _TOOLS),
+    "functions": (None, _TOOLS), "function_call": (None, _TOOLS),
+    "use_beam_search": (False, _BEAM), "length_penalty": (1, _BEAM),
+    "best_of": (None, "best_of is not supported (vLLM's V1 engine dropped it too)"),
+    "chat_template": (None, "a chat template from the request is not trusted; the model's "
+                            "own is used"),
+    "documents": (None, "documents are not passed to the chat template"),
+    "media_io_kwargs": ({}, "per-request media loading options are not supported"),
+    "logits_processors": (None, "custom logits processors are not supported"),
+    "logprob_token_ids": (None, "logprobs of chosen token ids are not supported; use "
+                                "top_logprobs"),
+    "return_tokens_as_token_ids": (False, "tokens as 'token_id:N' strings are not supported"),
+    "vllm_xargs": (None, "extension arguments are not supported"),
+    "priority": (0, "priority scheduling is not enabled"),
+    "cache_salt": (None, "prefix-cache salting is not supported"),
+    "kv_transfer_params": (None, "disaggregated prefill is not supported"),
+    "ec_transfer_params": (None, "disaggregated encoding is not supported"),
+    "prompt_embeds": (None, "prompt embeddings are not supported"),
+    "thinking_token_budget": (None, "reasoning budgets are not supported"),
+    "repetition_detection": (None, "repetition detection is not supported"),
+    "watermarking": (False, "watermarking is not supported"),
+    "return_prompt_text": (False, "returning the rendered prompt text is not supported"),
+    "truncation_side": ("left", "truncate_prompt_tokens keeps the prompt's last tokens only"),
 }
-NOT_HONOURED_STREAM_OPTIONS = {"continuous_usage_stats": False}
 
 
-def not_honoured(data: Any) -> list[str]:
-    """The fields of a raw request body that ask for something this server does not do."""
+PLAIN_TEXT_FORMAT = {"type": "text"}   # response_format asking for no constraint: honoured
+
+
+def not_honoured(data: Any) -> list[tuple[str, str]]:
+    """The fields of a raw request body that ask for something this server does not do,
+    each with the reason."""
     if not isinstance(data, dict):
         return []
-    asked = [name for name, unused in NOT_HONOURED.items()
-             if name in data and data[name] is not None and data[name] != unused]
-    options = data.get("stream_options")
-    if isinstance(options, dict):
-        asked += [f"stream_options.{name}" for name, unused in NOT_HONOURED_STREAM_OPTIONS.items()
-                  if options.get(name) not in (None, unused)]
-    return asked
+    return [(name, why) for name, (unused, why) in NOT_HONOURED.items()
+            if data.get(name) is not None and data[name] != unused
+            and not (name == "response_format" and data[name] == PLAIN_TEXT_FORMAT)]
 
 
 def unknown_fields(data: Any) -> list[str]:
@@ -260,11 +326,71 @@ def unknown_fields(data: Any) -> list[str]:
     return sorted(k for k in data if k not in known)
 
 
+def _invalid(message: str, param: str | None = None, value: Any = None) -> InvalidRequestError:
+    """vLLM's VLLMValidationError text: the message, then the parameter (and value)."""
+    extras = ([f"parameter={param}"] if param else []) + \
+        ([f"value={value}"] if value is not None else [])
+    return InvalidRequestError(f"{message} ({', '.join(extras)})" if extras else message,
+                               param=param)
+
+
+def check_logprob_fields(data: dict) -> None:
+    """vLLM's check_logprobs on a raw body, in its order and words."""
+    for name in ("prompt_logprobs", "top_logprobs"):
+        value = data.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise _invalid(f"`{name}` must be an integer.", name, value)
+    prompt_logprobs = data.get("prompt_logprobs")
+    if prompt_logprobs is not None:
+        if data.get("stream") and (prompt_logprobs > 0 or prompt_logprobs == -1):
+            raise _invalid("`prompt_logprobs` are not available when `stream=True`.",
+                           "prompt_logprobs")
+        if prompt_logprobs < 0 and prompt_logprobs != -1:
+            raise _invalid("`prompt_logprobs` must be a positive value or -1.",
+                           "prompt_logprobs", prompt_logprobs)
+    top_logprobs = data.get("top_logprobs")
+    if top_logprobs is not None:
+        if top_logprobs < 0 and top_logprobs != -1:
+            raise _invalid("`top_logprobs` must be a positive value or -1.", "top_logprobs",
+                           top_logprobs)
+        if (top_logprobs == -1 or top_logprobs > 0) and not data.get("logprobs"):
+            raise _invalid("when using `top_logprobs`, `logprobs` must be set to true.",
+                           "top_logprobs")
+
+
+def check_chat_body(data: Any) -> None:
+    """vLLM's request validators that read the raw body, in its order and words: stream
+    options, logprobs, tools, and the generation prompt against continue_final_message."""
+    if not isinstance(data, dict):
+        return
+    if data.get("stream_options") and not data.get("stream"):
+        raise _invalid("Stream options can only be defined when `stream=True`.",
+                       "stream_options")
+    check_logprob_fields(data)
+    if data.get("tools") == []:
+        raise _invalid("`tools` must not be an empty array. Either provide at least one tool "
+                       "or omit the field entirely.", "tools")
+    if data.get("tools") and data.get("tool_choice") is None:
+        raise InvalidRequestError('"auto" tool choice requires --enable-auto-tool-choice and '
+                                  "--tool-call-parser to be set", param="tool_choice")
+    if data.get("continue_final_message"):
+        if data.get("add_generation_prompt"):
+            raise InvalidRequestError("Cannot set both `continue_final_message` and "
+                                      "`add_generation_prompt` to True.")
+        if "add_generation_prompt" not in data:   # left at its default, True (transformers' words)
+            raise InvalidRequestError(
+                "continue_final_message and add_generation_prompt are not compatible. Use "
+                "continue_final_message when you want the model to continue the final "
+                "message, and add_generation_prompt when you want to add a header that will "
+                "prompt it to start a new assistant message instead.")
+
+
 # ----------------------------------------------------------------------------- responses
 
 
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:16]}"
+def completion_id(request_id: str | None = None) -> str:
+    """The answer's id: vLLM's `chatcmpl-` and the client's request id, else a random one."""
+    return f"chatcmpl-{request_id or uuid.uuid4().hex[:16]}"
 
 
 class UsageInfo(BaseModel):
@@ -272,11 +398,91 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
     completion_tokens: int = 0
     prompt_tokens_details: None = None
+    completion_tokens_details: None = None
 
 
+def usage_info(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    """Usage of a whole answer: the prompt once, the tokens of every choice (vLLM's sum)."""
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+def continuous_usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """The usage every chunk carries with continuous_usage_stats: one choice's tokens so far."""
+    return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
+            "completion_tokens": completion_tokens, "completion_tokens_details": None}
+
+
+def final_usage(usage: UsageInfo) -> dict:
+    """The include_usage chunk's usage: vLLM drops its null fields there."""
+    return {k: v for k, v in usage.model_dump().items() if v is not None}
+
+
+# ----------------------------------------------------------------------------- logprobs
+MIN_LOGPROB = -9999.0   # vLLM sends -inf (a token the request's settings forbid) as this
+
+
+def clamp_logprob(logprob: float) -> float:
+    return max(float(logprob), MIN_LOGPROB)
+
+
+def token_bytes(token: str) -> list[int]:
+    """A token's text as UTF-8 bytes (a lone surrogate replaced), as vLLM's `bytes`."""
+    return list(token.encode("utf-8", errors="replace"))
+
+
+def ranked_candidates(chosen: TokenLogprob, count: int) -> list[TopLogprob]:
+    """The candidates vLLM lists at a position: its logprob dict holds the chosen token
+    first and then the top ones (the chosen one once), and the first `count` are listed.
+    So a sampled token outside the top `count` leads the list; a greedy one is the top.
+    -1: all the engine gave."""
+    seen: dict[int, TopLogprob] = {chosen.token_id: chosen}
+    for candidate in chosen.top:
+        seen.setdefault(candidate.token_id, candidate)
+    ranked = list(seen.values())
+    return ranked if count == -1 else ranked[:max(count, 0)]
+
+
+def chat_logprob(entry: TokenLogprob, count: int) -> dict:
+    """One generated token in a chat answer's `logprobs.content`."""
+    return {"token": entry.token, "logprob": clamp_logprob(entry.logprob),
+            "bytes": token_bytes(entry.token),
+            "top_logprobs": [{"token": c.token, "logprob": clamp_logprob(c.logprob),
+                              "bytes": token_bytes(c.token)}
+                             for c in ranked_candidates(entry, count)]}
+
+
+def chat_logprobs(entries: list[TokenLogprob] | None, count: int) -> dict:
+    """A choice's (or a chunk's) `logprobs`: {"content": [...]} for its tokens."""
+    return {"content": [chat_logprob(e, count) for e in entries or []]}
+
+
+def prompt_logprobs_json(entries: list[TokenLogprob | None] | None) -> list | None:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob,
+    rank, decoded_token}}, the prompt's own token first, then the top candidates."""
+    if entries is None:
+        return None
+    out: list[dict[str, dict] | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        ranked: dict[str, dict] = {str(entry.token_id): _prompt_entry(entry, entry.rank)}
+        for rank, candidate in enumerate(entry.top, 1):
+            ranked.setdefault(str(candidate.token_id), _prompt_entry(candidate, rank))
+        out.append(ranked)
+    return out
+
+
+def _prompt_entry(candidate: TopLogprob, rank: int) -> dict:
+    return {"logprob": clamp_logprob(candidate.logprob), "rank": rank,
+            "decoded_token": candidate.token}
+
+
+# ----------------------------------------------------------------------------- chat answers
 class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str = ""
+    role: str = "assistant"
+    content: str | None = ""
     refusal: None = None
     annotations: None = None
     audio: None = None
@@ -287,9 +493,11 @@ class AssistantMessage(BaseModel):
 class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
-    finish_reason: str | None = None
-    stop_reason: None = None
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = "stop"
+    stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
+    routed_experts: None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -301,42 +509,53 @@ class ChatCompletionResponse(BaseModel):
     service_tier: None = None
     system_fingerprint: None = None
     usage: UsageInfo
-    prompt_logprobs: None = None
+    prompt_logprobs: list[dict[str, dict] | None] | None = None
+    prompt_token_ids: list[int] | None = None
+    prompt_text: None = None
+    kv_transfer_params: None = None
+    ec_transfer_params: None = None
+    metrics: None = None
 
 
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+class ChunkWriter:
+    """The chat.completion.chunk events of one answer, each with exactly the keys vLLM 0.32
+    sends in that place (it dumps chunks with exclude_unset): the role chunk, echo chunks,
+    token chunks (logprobs and token_ids keys always, stop_reason only when finished), the
+    usage chunk. `usage` is a continuous-usage dict or None."""
 
+    def __init__(self, cid: str, created: int, model: str) -> None:
+        self.head = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                     "model": model}
 
-class ChunkChoice(BaseModel):
-    index: int = 0
-    delta: DeltaMessage
-    logprobs: None = None
-    finish_reason: str | None = None
-    stop_reason: None = None
+    def _event(self, choice: dict | None, usage: dict | None = None, **extra: Any) -> str:
+        data = {**self.head, "choices": [] if choice is None else [choice]}
+        if usage is not None:
+            data["usage"] = usage
+        return sse_data({**data, **extra})
 
+    def role(self, index: int, role: str, usage: dict | None,
+             prompt_token_ids: list[int] | None) -> str:
+        choice = {"index": index, "delta": {"role": role, "content": ""}, "logprobs": None,
+                  "finish_reason": None}
+        return self._event(choice, usage, prompt_token_ids=prompt_token_ids, prompt_text=None)
 
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: UsageInfo | None = None
+    def echo(self, index: int, text: str, usage: dict | None) -> str:
+        choice = {"index": index, "delta": {"content": text}, "logprobs": None,
+                  "finish_reason": None}
+        return self._event(choice, usage)
 
-    def sse(self) -> str:
-        """One Server-Sent Event: `usage` only on the include_usage chunk and the
-        role only in the first delta, as vLLM sends them."""
-        data = self.model_dump()
-        if self.usage is None:
-            del data["usage"]
-        else:
-            data["usage"].pop("prompt_tokens_details", None)
-        for choice in data["choices"]:
-            if choice["delta"]["role"] is None:
-                del choice["delta"]["role"]
-        return sse_data(data)
+    def tokens(self, index: int, text: str, logprobs: dict | None, token_ids: list[int] | None,
+               usage: dict | None, finish_reason: str | None = None,
+               stop_reason: int | str | None = None) -> str:
+        choice: dict[str, Any] = {"index": index, "delta": {"content": text},
+                                  "logprobs": logprobs, "finish_reason": finish_reason}
+        if finish_reason is not None:
+            choice["stop_reason"] = stop_reason
+        choice["token_ids"] = token_ids
+        return self._event(choice, usage)
+
+    def usage(self, usage: UsageInfo) -> str:
+        return self._event(None, final_usage(usage))
 
 
 def sse_data(data: Any) -> str:

@@ -1,8 +1,9 @@
 """The API's routes, mountable on any FastAPI app: the standalone API server
 (`python -m server`) and the web UI (app.py) serve the same endpoints.
 
-    POST /v1/chat/completions   POST /tokenize   POST /detokenize   GET /v1/models
-    GET /version   GET /metrics
+    POST /v1/chat/completions   POST /v1/completions   POST /invocations (SageMaker's: a
+    body with `messages` is a chat, else a completion)   POST /tokenize   POST /detokenize
+    GET /v1/models   GET /version   GET /metrics
         (behind the login when --auth or --api-key is set: Basic USER:PASS or a Bearer key;
         a client past --max-client-requests running generations gets a 429)
     GET /health, GET or POST /ping (vLLM's and SageMaker's name)   (always open: a load
@@ -20,18 +21,35 @@ import time
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.requests import ClientDisconnect
 
 from engine.base import Engine
+from engine.errors import EngineError
 
 from . import __version__
+from .completion import CompletionServing
 from .fairshare import ClientSlots, client_id
 from .hygiene import protect
 from .metrics import CONTENT_TYPE, MetricsRegistry
 from .protocol import ModelCard, ModelList, error_body
-from .serving import ChatServing
+from .serving import ChatServing, load_json
 from .tokenization import TokenizeServing
 from .settings import ServerSettings
 
+
+
+def replay_body(request: Request, body: bytes) -> Request:
+    """The same request with its body, already read, to be read again (then the client's
+    own messages, a disconnect among them)."""
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await request.receive()
+    return Request(request.scope, receive)
 
 
 def unauthorized_body(settings: ServerSettings) -> dict:
@@ -73,6 +91,35 @@ def build_router(engine: Engine, settings: ServerSettings,
     async def create_chat_completion(request: Request) -> Response:
         """vLLM-compatible chat completions (JSON or Server-Sent Events)."""
         return refused(request) or await chat.create_chat_completion(request, client_of(request))
+
+    completions = CompletionServing(engine, chat)
+
+    @router.post("/v1/completions", tags=["OpenAI-compatible API"])
+    async def create_completion(request: Request) -> Response:
+        """vLLM-compatible text completions: a text or token ids continued (JSON or SSE)."""
+        return refused(request) or await completions.create_completion(request,
+                                                                        client_of(request))
+
+    @router.post("/invocations", tags=["OpenAI-compatible API"])
+    async def invocations(request: Request) -> Response:
+        """SageMaker's one route, as vLLM serves it: a chat when the body has `messages`,
+        else a completion (whose errors say what a completion needs)."""
+        denied = refused(request)
+        if denied is not None:
+            return denied
+        client = client_of(request)
+        try:
+            with chat.slots.acquire(client):   # the body is read inside a slot, as always
+                body = await chat.json_body(request)
+                data = load_json(body)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except EngineError as exc:
+            return chat.refuse(exc)
+        replay = replay_body(request, body)
+        if isinstance(data, dict) and isinstance(data.get("messages"), list):
+            return await chat.create_chat_completion(replay, client)
+        return await completions.create_completion(replay, client)
 
     tokens = TokenizeServing(engine, chat)
 

@@ -3,6 +3,9 @@ engine's typed GenerationRequest, and answer the way `vllm serve` does:
 one chat.completion JSON, or Server-Sent Events of chat.completion.chunk
 ending in `data: [DONE]`.
 
+A request with `n` choices is n engine requests (Engine.submit_choices) answered as one:
+choices indexed 0..n-1, usage counting the prompt once.
+
 Errors found before the engine accepts the request are plain JSON in vLLM's
 nested shape with the HTTP status equal to its code. Errors after a stream
 began are sent as `data: {"error": {...}}` followed by `[DONE]`.
@@ -28,6 +31,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable
 
 from fastapi import Request
@@ -39,15 +43,17 @@ from engine.base import Engine
 from engine.config import DEFAULT_MODEL
 from engine.errors import EngineError, InvalidRequestError, ModelNotFoundError
 from engine.stream import RequestHandle
+from engine.stream import merge_deltas
 from engine.types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
-                          SamplingParams, TextDelta, VideoInput)
+                          TextDelta, TokenLogprob, VideoInput)
 
 from .fairshare import RETRY_AFTER_S, ClientBusyError, ClientSlots, Slot
 from .metrics import MetricsRegistry
-from .protocol import (SSE_DONE, AssistantMessage, ChatCompletionChoice, ChatCompletionChunk,
-                       ChatCompletionRequest, ChatCompletionResponse, ChunkChoice, DeltaMessage,
-                       ImageURLPart, TextPart, UsageInfo, VideoURLPart, completion_id,
-                       not_honoured, sse_data, unknown_fields)
+from .protocol import (SSE_DONE, AssistantMessage, ChatCompletionChoice, ChatCompletionRequest,
+                       ChatCompletionResponse, ChunkWriter, ImageURLPart, TextPart, UsageInfo,
+                       VideoURLPart, chat_logprobs, check_chat_body, completion_id,
+                       continuous_usage, not_honoured, prompt_logprobs_json, sse_data,
+                       unknown_fields, usage_info)
 from .settings import ServerSettings
 
 log = logging.getLogger("server")
@@ -112,17 +118,19 @@ def _summarise(value: Any) -> Any:
 
 
 def validation_error(exc: ValidationError) -> APIError:
-    """pydantic's errors as one vLLM-shaped 400 (type "Bad Request", param = first location)."""
+    """pydantic's errors as one vLLM-shaped 400: vLLM's text (each error's type, location,
+    message and input) on one line, the input summarised; param = the first location."""
     errors = exc.errors(include_url=False)
     parts, first_loc = [], None
     for err in errors:
         loc = ".".join(str(x) for x in ("body", *err["loc"]))
         first_loc = first_loc or loc
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg} (input: {_summarise(err.get('input'))!r})"
-                     if err["type"] != "missing" else f"{loc}: {msg}")
+        shown = {"type": err["type"], "loc": loc, "msg": err["msg"].removeprefix("Value error, ")}
+        if err["type"] != "missing":
+            shown["input"] = _summarise(err.get("input"))
+        parts.append(repr(shown))
     count = f"{len(errors)} validation error{'s' if len(errors) != 1 else ''}"
-    return APIError(f"{count}: " + "; ".join(parts), 400, "Bad Request", first_loc)
+    return APIError(f"{count}: " + " ".join(parts), 400, "Bad Request", first_loc)
 
 
 async def read_body(raw: Request, limit: int) -> bytes:
@@ -183,14 +191,21 @@ def load_json(body: bytes) -> Any:
     return data
 
 
-def parse_chat_request(body: bytes) -> ChatCompletionRequest:
-    data = load_json(body)
+def refuse_not_honoured(data: Any) -> None:
+    """A 400 naming every field set that this server does not do, with why (never ignored)."""
     refused = not_honoured(data)
     if refused:
         them = "it" if len(refused) == 1 else "them"
-        raise APIError(f"{', '.join(refused)}: not supported by this server yet, so refused "
-                       f"rather than ignored; leave {them} out or at vLLM's default.",
-                       400, "Bad Request", refused[0])
+        reasons = "; ".join(f"{name}: {why}" for name, why in refused)
+        raise APIError(f"{reasons}. Refused rather than ignored: leave {them} out or at vLLM's "
+                       "default.", 400, "BadRequestError", refused[0][0])
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    """The body as a ChatCompletionRequest, after vLLM's checks on the raw fields."""
+    data = load_json(body)
+    refuse_not_honoured(data)
+    check_chat_body(data)
     extras = unknown_fields(data)
     if extras:
         log.warning("ignoring unknown request field(s): %s", ", ".join(extras[:10]))
@@ -204,56 +219,42 @@ def _bad(message: str, param: str) -> InvalidRequestError:
     return InvalidRequestError(message, param=param)
 
 
-def check_unsupported(req: ChatCompletionRequest) -> None:
-    """Fields we cannot honour are refused, never silently ignored."""
-    if req.n is not None and req.n != 1:
-        raise _bad(f"n must be 1: this server generates one choice per request, got {req.n}. "
-                   f"(parameter=n, value={req.n})", "n")
-    if req.stream_options is not None and not req.stream:
-        raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
-    if req.logprobs:
-        raise _bad("logprobs are not supported by this server.", "logprobs")
-    if req.tools:
-        raise _bad("Tool calling is not supported by this server.", "tools")
+def _engine_message(i: int, m: Any, fps: float | None) -> Message:
+    """One OpenAI message as the engine's: parts in order, tool fields as they are."""
+    role = "system" if m.role in ("system", "developer") else m.role
+    parts: list[Any] = []
+    if isinstance(m.content, str):
+        parts.append(m.content)
+    elif m.content is not None:
+        for part in m.content:
+            if isinstance(part, TextPart):
+                parts.append(part.text)
+            elif isinstance(part, ImageURLPart):
+                parts.append(ImageInput(part.image_url.url))
+            elif isinstance(part, VideoURLPart):
+                parts.append(VideoInput(part.video_url.url, fps=fps))
+    if role != "user" and any(not isinstance(p, str) for p in parts):
+        raise _bad(f"messages[{i}]: only user messages may contain images or videos.",
+                   "messages")
+    return Message(role, parts=[p for p in parts if not isinstance(p, str) or p],
+                   tool_calls=m.tool_calls, tool_call_id=m.tool_call_id)
 
 
 def to_generation_request(req: ChatCompletionRequest, request_id: str) -> GenerationRequest:
     """The engine's typed request. Content parts keep their order, and a list of text
-    parts stays a list (the chat template renders each in turn, as vLLM does)."""
+    parts stays a list (the chat template renders each in turn, as vLLM does); the chat
+    template controls and the tools offered (tool_choice "none") go with the conversation."""
     mm = req.mm_processor_kwargs
     fps = mm.fps if mm else None
-    messages: list[Message] = []
-    for i, m in enumerate(req.messages):
-        role = "system" if m.role in ("system", "developer") else m.role
-        parts: list[Any] = []
-        if isinstance(m.content, str):
-            parts.append(m.content)
-        elif m.content is not None:
-            for part in m.content:
-                if isinstance(part, TextPart):
-                    parts.append(part.text)
-                elif isinstance(part, ImageURLPart):
-                    parts.append(ImageInput(part.image_url.url))
-                elif isinstance(part, VideoURLPart):
-                    parts.append(VideoInput(part.video_url.url, fps=fps))
-        if role != "user" and any(not isinstance(p, str) for p in parts):
-            raise _bad(f"messages[{i}]: only user messages may contain images or videos.",
-                       "messages")
-        messages.append(Message(role, parts=[p for p in parts if not isinstance(p, str) or p]))
-    sampling = SamplingParams(
-        max_tokens=req.effective_max_tokens, temperature=req.temperature, top_p=req.top_p,
-        top_k=req.top_k, repetition_penalty=req.repetition_penalty, seed=req.seed,
-        stop=req.stop_list, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-        cap_to_context=True)   # as vLLM 0.32: max_tokens is lowered to what fits the context
-    return GenerationRequest(Conversation(messages), sampling,
+    messages = [_engine_message(i, m, fps) for i, m in enumerate(req.messages)]
+    conversation = Conversation(
+        messages, add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message,
+        chat_template_kwargs=dict(req.chat_template_kwargs or {}),
+        tools=req.tools if req.tool_choice == "none" else None)
+    return GenerationRequest(conversation, req.sampling_params(),
                              min_pixels=mm.min_pixels if mm else None,
                              max_pixels=mm.max_pixels if mm else None, request_id=request_id)
-
-
-def _usage(finished: Finished) -> UsageInfo:
-    s = finished.stats
-    return UsageInfo(prompt_tokens=s.prompt_tokens, completion_tokens=s.output_tokens,
-                     total_tokens=s.prompt_tokens + s.output_tokens)
 
 
 def _as_engine_error(error: Exception | None) -> EngineError:
@@ -343,88 +344,286 @@ class ChatServing:
         try:
             req = parse_chat_request(body)
             model = self.check_model(req.model)
-            check_unsupported(req)
+            # The engine's id is always our own (unique); the answer's may be the client's.
             gen = to_generation_request(req, completion_id())
         except EngineError as exc:
             return self.refuse(exc)
-        return await until_disconnect(raw, self._run(req, gen, model))
+        client_id = raw.headers.get("X-Request-Id") or req.request_id
+        cid = completion_id(client_id) if client_id else gen.request_id
+        return await until_disconnect(raw, self._run(req, gen, Answer(cid, model)))
 
     def refuse(self, exc: EngineError) -> JSONResponse:
         self.metrics.on_refused(exc.code)
         return error_response(exc)
 
-    async def _submit(self, gen: GenerationRequest) -> RequestHandle:
-        return await self.engine.asubmit(gen, self.policy, self._pool)
+    async def _submit(self, gen: GenerationRequest) -> list[RequestHandle]:
+        """engine.submit_choices off the event loop (rendering fetches and decodes media);
+        handles that arrive after the caller was cancelled are cancelled too."""
+        return await submit_choices(self.engine, gen, self.policy, self._pool)
+
+    async def _prompt_ids(self, req: ChatCompletionRequest,
+                          gen: GenerationRequest) -> list[int] | None:
+        """The prompt's token ids where a stream must show them before the first token
+        (continuous usage, return_token_ids); the engine's events carry them only at the end."""
+        if not req.stream or not (req.continuous_usage or req.return_token_ids):
+            return None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.engine.tokenize, gen, self.policy)
 
     async def _run(self, req: ChatCompletionRequest, gen: GenerationRequest,
-                   model: str) -> Response:
+                   answer: Answer) -> Response:
         try:
-            handle = await self._submit(gen)
+            prompt_ids = await self._prompt_ids(req, gen)
+            handles = await self._submit(gen)
         except EngineError as exc:
             return self.refuse(exc)
         except Exception as exc:  # a bug, not bad input: log it, answer in vLLM's shape
             log.exception("submit failed for %s", gen.request_id)
             return self.refuse(EngineError(f"Internal server error: {type(exc).__name__}: {exc}"))
-        created = int(time.time())
         if req.stream:
-            return StreamingResponse(self._stream(handle, gen.request_id, created, model,
-                                                  req.include_usage),
+            return StreamingResponse(stream_chat(handles, req, answer, prompt_ids),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        return await self._complete(handle, gen.request_id, created, model)
-
-    async def _complete(self, handle: RequestHandle, cid: str, created: int,
-                        model: str) -> JSONResponse:
-        parts: list[str] = []
-        finished: Finished | None = None
-        try:
-            async for event in handle:
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
-                else:
-                    finished = event
-        finally:
-            if finished is None:   # cancelled by a disconnect (or the server stopping)
-                handle.cancel()
-        assert finished is not None
-        if finished.reason == "error":
-            return error_response(_as_engine_error(finished.error))
-        response = ChatCompletionResponse(
-            id=cid, created=created, model=model,
-            choices=[ChatCompletionChoice(message=AssistantMessage(content="".join(parts)),
-                                          finish_reason=FINISH_REASONS[finished.reason])],
-            usage=_usage(finished))
-        return JSONResponse(response.model_dump())
-
-    async def _stream(self, handle: RequestHandle, cid: str, created: int, model: str,
-                      include_usage: bool) -> AsyncIterator[str]:
-        def chunk(delta: DeltaMessage, finish_reason: str | None = None) -> str:
-            return ChatCompletionChunk(id=cid, created=created, model=model, choices=[
-                ChunkChoice(delta=delta, finish_reason=finish_reason)]).sse()
-
-        finished: Finished | None = None
-        try:
-            yield chunk(DeltaMessage(role="assistant", content=""))
-            async for event in handle:
-                if isinstance(event, TextDelta):
-                    yield chunk(DeltaMessage(content=event.text))
-                else:
-                    finished = event
-            assert finished is not None
-            if finished.reason == "error":
-                yield sse_data(_as_engine_error(finished.error).to_dict())
-            else:
-                yield chunk(DeltaMessage(content=""), FINISH_REASONS[finished.reason])
-                if include_usage:
-                    yield ChatCompletionChunk(id=cid, created=created, model=model, choices=[],
-                                              usage=_usage(finished)).sse()
-            yield SSE_DONE
-        finally:
-            if finished is None:   # the client went away mid-stream
-                handle.cancel()
+        return await complete_chat(handles, req, answer)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["APIError", "ChatServing", "HeldResponse", "error_response", "served_model_names",
-           "to_generation_request"]
+
+# --------------------------------------------------------------------------- answers
+@dataclass
+class Answer:
+    """What every chunk of one answer repeats: its id, creation time and model name."""
+
+    id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+async def submit_choices(engine: Engine, gen: GenerationRequest, policy: Any,
+                         pool: ThreadPoolExecutor) -> list[RequestHandle]:
+    """Engine.submit_choices for async callers (one handle per choice of `sampling.n`), run
+    in `pool`; if the caller is cancelled meanwhile, handles that still arrive are cancelled."""
+    future = asyncio.get_running_loop().run_in_executor(pool, engine.submit_choices, gen, policy)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        def cancel_late(f: asyncio.Future) -> None:
+            if not f.cancelled() and f.exception() is None:
+                for handle in f.result():
+                    handle.cancel()
+        future.add_done_callback(cancel_late)
+        raise
+
+
+@dataclass
+class ChoiceResult:
+    """One choice's whole answer: its text, token ids, logprobs and final record."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finished: Finished
+
+
+async def collect_choice(handle: RequestHandle) -> ChoiceResult:
+    """Every event of one handle; a caller cancelled meanwhile cancels the request."""
+    deltas: list[TextDelta] = []
+    finished: Finished | None = None
+    try:
+        async for event in handle:
+            if isinstance(event, TextDelta):
+                deltas.append(event)
+            else:
+                finished = event
+    finally:
+        if finished is None:   # cancelled by a disconnect (or the server stopping)
+            handle.cancel()
+    whole = merge_deltas(deltas) if deltas else TextDelta("")
+    return ChoiceResult(whole.text, whole.token_ids, whole.logprobs, finished)
+
+
+async def collect_choices(handles: list[RequestHandle]) -> list[ChoiceResult]:
+    """All choices' answers; cancelling the caller cancels every request."""
+    tasks = [asyncio.ensure_future(collect_choice(h)) for h in handles]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def first_error(finishes: list[Finished]) -> EngineError | None:
+    failed = next((f for f in finishes if f.reason == "error"), None)
+    return None if failed is None else _as_engine_error(failed.error)
+
+
+def total_usage(finishes: list[Finished]) -> UsageInfo:
+    """The prompt counted once and the tokens of all choices, as vLLM's usage counts them."""
+    prompt = finishes[0].stats.prompt_tokens if finishes else 0
+    return usage_info(prompt, sum(f.stats.output_tokens for f in finishes))
+
+
+async def complete_chat(handles: list[RequestHandle], req: ChatCompletionRequest,
+                        answer: Answer) -> JSONResponse:
+    """One chat.completion with a choice per handle (index = its position), as vLLM's."""
+    results = await collect_choices(handles)
+    finishes = [r.finished for r in results]
+    error = first_error(finishes)
+    if error is not None:
+        return error_response(error)
+    echo, count = req.echo_text(), req.top_logprobs or 0
+    choices = [ChatCompletionChoice(
+        index=i, message=AssistantMessage(role=req.response_role, content=echo + r.text),
+        logprobs=chat_logprobs(r.logprobs, count) if req.logprobs else None,
+        finish_reason=FINISH_REASONS[r.finished.reason], stop_reason=r.finished.stop_reason,
+        token_ids=r.token_ids if req.return_token_ids else None)
+        for i, r in enumerate(results)]
+    first = finishes[0]
+    response = ChatCompletionResponse(
+        id=answer.id, created=answer.created, model=answer.model, choices=choices,
+        usage=total_usage(finishes), prompt_logprobs=prompt_logprobs_json(first.prompt_logprobs),
+        prompt_token_ids=first.prompt_token_ids if req.return_token_ids else None)
+    return JSONResponse(response.model_dump())
+
+
+class ChoiceEvents:
+    """The events of n handles as (choice index, event), in the order they come. One
+    handle is read directly; several through a queue fed by one task each. `close` stops
+    the tasks (the handles themselves are the caller's to cancel)."""
+
+    def __init__(self, handles: list[RequestHandle]) -> None:
+        self.handles = handles
+        self._tasks: list[asyncio.Task] = []
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, TextDelta | Finished]]:
+        if len(self.handles) == 1:
+            async for event in self.handles[0]:
+                yield 0, event
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, handle: RequestHandle) -> None:
+            async for event in handle:
+                queue.put_nowait((index, event))
+
+        self._tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(self.handles)]
+        running = len(self.handles)
+        while running:
+            index, event = await queue.get()
+            yield index, event
+            running -= isinstance(event, Finished)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+
+class ChatStream:
+    """The Server-Sent Events of one streamed chat answer, as vLLM 0.32 sends them: a role
+    chunk per choice, echo chunks, token chunks (with their logprobs and token ids), each
+    choice's last tokens in its finish chunk, the usage chunk, [DONE].
+
+    The last tokens ride in the finish chunk, as in vLLM, without delaying any visible
+    text: a delta is held back only when its choice's end is certain or its text is empty
+    (an end-of-sequence token, a partial character): the handle has finished (its events
+    are all queued), or the choice reached max_tokens. A held delta goes out with the next
+    event. Only a stop string's end is learnt after its text was sent: an empty finish chunk."""
+
+    def __init__(self, handles: list[RequestHandle], req: ChatCompletionRequest,
+                 answer: Answer, prompt_ids: list[int] | None) -> None:
+        self.handles, self.req = handles, req
+        self.write = ChunkWriter(answer.id, answer.created, answer.model)
+        self.prompt_ids = prompt_ids
+        self.prompt_tokens = len(prompt_ids) if prompt_ids is not None else 0
+        self.tokens = [0] * len(handles)              # completion tokens sent, per choice
+        self.pending: list[TextDelta | None] = [None] * len(handles)
+        self.max_tokens = req.effective_max_tokens
+        self.finishes: list[Finished | None] = [None] * len(handles)
+
+    def _usage(self, index: int) -> dict | None:
+        if not self.req.continuous_usage:
+            return None
+        return continuous_usage(self.prompt_tokens, self.tokens[index])
+
+    def opening(self) -> list[str]:
+        """The role chunk of each choice, then each one's echo (vLLM's order)."""
+        role = self.req.response_role
+        ids = self.prompt_ids if self.req.return_token_ids else None
+        events = [self.write.role(i, role, self._usage(i), ids) for i in range(len(self.handles))]
+        echo = self.req.echo_text()
+        if echo:
+            events += [self.write.echo(i, echo, self._usage(i)) for i in range(len(self.handles))]
+        return events
+
+    def _tokens(self, index: int, delta: TextDelta, finished: Finished | None = None) -> str:
+        self.tokens[index] += len(delta.token_ids)
+        req = self.req
+        logprobs = chat_logprobs(delta.logprobs, req.top_logprobs or 0) if req.logprobs else None
+        ids = delta.token_ids if req.return_token_ids else None
+        if finished is None:
+            return self.write.tokens(index, delta.text, logprobs, ids, self._usage(index))
+        return self.write.tokens(index, delta.text, logprobs, ids, self._usage(index),
+                                 FINISH_REASONS[finished.reason], finished.stop_reason)
+
+    def on_event(self, index: int, event: TextDelta | Finished) -> list[str]:
+        """The chunks one event makes (none while a finished choice's text is held)."""
+        if isinstance(event, TextDelta):
+            held = self.pending[index]
+            delta = event if held is None else merge_deltas([held, event])
+            if self._ending(index, delta):
+                self.pending[index] = delta
+                return []
+            self.pending[index] = None
+            return [self._tokens(index, delta)]
+        self.finishes[index] = event
+        held, self.pending[index] = self.pending[index], None
+        if event.reason == "error":
+            return [self._tokens(index, held)] if held is not None else []
+        return [self._tokens(index, held or TextDelta(""), event)]
+
+    def _ending(self, index: int, delta: TextDelta) -> bool:
+        """Whether to hold `delta` for the next event (see the class's note)."""
+        made = self.tokens[index] + len(delta.token_ids)
+        return (not delta.text or self.handles[index].finished is not None
+                or (self.max_tokens is not None and made >= self.max_tokens))
+
+    def closing(self) -> list[str]:
+        """The usage chunk (prompt once, every choice's tokens), when asked for."""
+        if not self.req.include_usage:
+            return []
+        finishes = [f for f in self.finishes if f is not None]
+        if not self.prompt_ids and finishes:
+            self.prompt_tokens = finishes[0].stats.prompt_tokens
+        sent = sum(self.tokens)
+        done = sum(f.stats.output_tokens for f in finishes)
+        return [self.write.usage(usage_info(self.prompt_tokens, max(sent, done)))]
+
+
+async def stream_chat(handles: list[RequestHandle], req: ChatCompletionRequest, answer: Answer,
+                      prompt_ids: list[int] | None) -> AsyncIterator[str]:
+    """A streamed answer's events; a client gone mid-stream cancels every choice."""
+    stream = ChatStream(handles, req, answer, prompt_ids)
+    events = ChoiceEvents(handles)
+    try:
+        for chunk in stream.opening():
+            yield chunk
+        async for index, event in events:
+            for chunk in stream.on_event(index, event):
+                yield chunk
+            if isinstance(event, Finished) and event.reason == "error":
+                yield sse_data(_as_engine_error(event.error).to_dict())
+                yield SSE_DONE
+                return
+        for chunk in stream.closing():
+            yield chunk
+        yield SSE_DONE
+    finally:
+        events.close()
+        for handle, finished in zip(handles, stream.finishes):
+            if finished is None:   # the client went away, or another choice failed
+                handle.cancel()
+
+
+__all__ = ["APIError", "Answer", "ChatServing", "ChoiceEvents", "HeldResponse", "collect_choices",
+           "error_response", "served_model_names", "submit_choices", "to_generation_request"]
