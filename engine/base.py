@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 from .config import EngineConfig
-from .errors import EngineError
+from .errors import EngineError, InvalidRequestError
 from .inputs.media import MediaPolicy
 from .stream import RequestHandle
 from .types import Finished, GenerationRequest
@@ -107,7 +107,11 @@ class Engine(abc.ABC):
         """One handle per choice for a request with `sampling.n` choices (vLLM's `n`). Here:
         n requests, choice i seeded with seed + i when a seed is set (as vLLM seeds its
         child requests), cancelled together if one cannot be queued. The local engine
-        overrides it so that the choices share one prefill."""
+        overrides it so that the choices share one prefill, and answers use_beam_search;
+        here a beam search is refused (400)."""
+        if request.sampling.use_beam_search:
+            raise InvalidRequestError("use_beam_search is not supported by this engine.",
+                                      param="use_beam_search")
         n = max(1, request.sampling.n)
         if n == 1:
             return [self.submit(request, policy)]

@@ -145,6 +145,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None       # the same for every prompt token after the first
     truncate_prompt_tokens: int | None = None   # keep only the prompt's last k tokens (-1: all that fit)
     structured: StructuredOutput | None = None  # the answer must match it (engine.structured)
+    # vLLM's beam search: `n` beams, ranked by cum_logprob / len ** length_penalty; every
+    # field above but max_tokens, temperature, ignore_eos, include_stop_str_in_output,
+    # skip_special_tokens and logprobs is then ignored, as vLLM ignores it (engine.core.beam)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
     # True: a max_tokens that does not fit beside the prompt is lowered to what fits (vLLM
     # 0.32's server does this); False: it is an error in vLLM's words (the CLI's choice).
     cap_to_context: bool = False

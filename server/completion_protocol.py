@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 from engine.errors import InvalidRequestError
 from engine.types import SamplingParams, TokenLogprob
 
-from .protocol import SamplingFields, UsageInfo
+from .protocol import SamplingFields, UsageInfo, check_structured_body
 
 MAX_PROMPTS = 1024   # vLLM's VLLM_MAX_COMPLETION_PROMPTS default: prompts in one batch
 DEFAULT_MAX_TOKENS = 16   # vLLM's (and OpenAI's) default for completions, unlike chat's
@@ -85,7 +85,8 @@ class CompletionRequest(SamplingFields):
 # vLLM's CompletionRequest fields this server does not honour, with the value that means
 # "not used" (None always does): set to anything else they are refused with a 400.
 NOT_HONOURED: dict[str, Any] = {
-    "response_format": None, "structured_outputs": None, "prompt_embeds": None,
+    "prompt_embeds": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
+    "guided_grammar": None,   # vLLM 0.32 no longer reads them: structured_outputs does
     "logprob_token_ids": None, "watermarking": False, "cache_salt": None,
     "kv_transfer_params": None, "ec_transfer_params": None, "vllm_xargs": None,
     "repetition_detection": None, "thinking_token_budget": None, "priority": 0,
@@ -122,6 +123,7 @@ def check_body(data: Any) -> None:
     if prompt_logprobs is not None and data.get("stream") \
             and (prompt_logprobs > 0 or prompt_logprobs == -1):
         raise _bad("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
+    check_structured_body(data)
 
 
 def not_honoured(data: Any) -> list[str]:

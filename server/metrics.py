@@ -1,16 +1,20 @@
 """Prometheus metrics without a client library: a few counters, gauges and
 histograms behind one lock, fed by the engine's finish listener (which runs
 on the device thread) and by the API's own refusals, and rendered in the
-text exposition format (version 0.0.4) for GET /metrics."""
+text exposition format (version 0.0.4) for GET /metrics; and vLLM's GET /load
+figure (ServerLoad)."""
 
 from __future__ import annotations
 
 import bisect
 import math
 import threading
+from typing import Callable
 
 from engine.base import Engine, EngineSnapshot
 from engine.types import Finished, GenerationRequest
+
+from . import __version__
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "qwenvl_"
@@ -78,11 +82,44 @@ class Histogram:
         return out
 
 
+class ServerLoad:
+    """vLLM's `/load` figure: the chat and completion requests in flight, each counted from
+    its arrival until its answer's last byte went out (or the client left). With tracking
+    off (vLLM's default, --enable-server-load-tracking) it stays 0, as vLLM's does."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    @property
+    def value(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    def enter(self) -> Callable[[], None]:
+        """Count one request; the returned call uncounts it (only once, however often it
+        is called: a stream's end and its client's disconnect may both call it)."""
+        if not self.enabled:
+            return lambda: None
+        with self._lock:
+            self._in_flight += 1
+        done = threading.Event()
+
+        def leave() -> None:
+            if not done.is_set():
+                done.set()
+                with self._lock:
+                    self._in_flight -= 1
+        return leave
+
+
 class MetricsRegistry:
     """Everything GET /metrics reports; all methods are thread-safe."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, device: str | None = None) -> None:
         self.model_name = model_name
+        self.device = device   # the server_info metric's label (None: no such metric)
         self._lock = threading.Lock()
         self.finished = {reason: 0 for reason in FINISH_REASONS}
         self.refused: dict[int, int] = {}
@@ -177,6 +214,11 @@ class MetricsRegistry:
         if healthy is not None:
             name = head("engine_healthy", "gauge", "1 while the engine can serve requests.")
             lines.append(f"{name}{{{model}}} {int(healthy)}")
+        if self.device is not None:
+            name = head("server_info", "gauge", "Always 1; its labels name the server's version "
+                                                "and the device the engine runs on.")
+            lines.append(f'{name}{{{model},version="{_escape(__version__)}",'
+                         f'device="{_escape(self.device)}"}} 1')
         return "\n".join(lines + self._vllm_lines(engine, model)) + "\n"
 
     def _vllm_lines(self, engine: EngineSnapshot, model: str) -> list[str]:

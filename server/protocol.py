@@ -11,10 +11,12 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from engine.errors import InvalidRequestError, error_dict
-from engine.types import SamplingParams, TokenLogprob, TopLogprob
+from engine.types import SamplingParams, StructuredOutput, TokenLogprob, TopLogprob
+
+from . import tools as toolcalls
 
 # ----------------------------------------------------------------------------- requests
 
@@ -93,6 +95,98 @@ class MMProcessorKwargs(BaseModel):
     fps: float | None = None
 
 
+class JsonSchemaFormat(_Lenient):
+    """response_format's `json_schema`: OpenAI's `schema` (held as json_schema, as vLLM)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsParams(_Lenient):
+    """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar, json_object.
+    The answer never has free whitespace and objects never take properties their schema does
+    not list, so disable_any_whitespace and disable_additional_properties hold either way."""
+
+    json_: Union[str, dict[str, Any], None] = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+
+def structured_output(params: StructuredOutputsParams | None,
+                      response_format: ResponseFormat | None) -> StructuredOutput | None:
+    """vLLM's structured_outputs_from_response_format: response_format's constraint replaces
+    the same field of structured_outputs; then exactly one constraint, in vLLM's words."""
+    fields: dict[str, Any] = {}
+    if params is not None:
+        fields = {"json": params.json_, "regex": params.regex, "choice": params.choice,
+                  "grammar": params.grammar, "json_object": params.json_object}
+    if response_format is not None and response_format.type != "text":
+        if params is None:
+            fields = dict.fromkeys(("json", "regex", "choice", "grammar", "json_object"))
+        if response_format.type == "json_object":
+            fields["json_object"] = True
+        else:
+            fields["json"] = response_format.json_schema.json_schema
+    if not fields:
+        return None
+    count = sum(v is not None for v in fields.values())
+    if count != 1:
+        shown = {**fields, "disable_any_whitespace": False,
+                 "disable_additional_properties": False, "whitespace_pattern": None,
+                 "structural_tag": None, "_backend": None, "_backend_was_auto": False}
+        raise InvalidRequestError(
+            "You can only use one kind of structured outputs constraint but multiple are "
+            f"specified: {shown}" if count else "You must use one kind of structured outputs "
+            f"constraint but none are specified: {shown}")
+    choice = fields["choice"]
+    return StructuredOutput(json=fields["json"], json_object=bool(fields["json_object"]),
+                            regex=fields["regex"], grammar=fields["grammar"],
+                            choice=tuple(choice) if choice is not None else None)
+
+
+_NO_STRUCTURAL_TAGS = "structural tags are not supported; use json, regex, choice or grammar"
+
+
+def check_structured_body(data: dict) -> None:
+    """vLLM's raw-body checks of response_format and structured_outputs, in its order and
+    words; the options this server does not have (structural tags, a whitespace pattern) are
+    refused by name rather than ignored."""
+    response_format = data.get("response_format")
+    if isinstance(response_format, dict):
+        if response_format.get("type") == "json_schema" \
+                and response_format.get("json_schema") is None:
+            raise _invalid("When response_format type is 'json_schema', the 'json_schema' "
+                           "field must be provided.", "response_format")
+        if response_format.get("type") == "structural_tag":
+            raise _invalid(_NO_STRUCTURAL_TAGS, "response_format")
+    params = data.get("structured_outputs")
+    if not isinstance(params, dict):
+        return
+    for name in ("structural_tag", "whitespace_pattern"):
+        if params.get(name) is not None:
+            raise _invalid(f"structured_outputs.{name} is not supported; the answer has no "
+                           "free whitespace and no structural tags", "structured_outputs")
+    count = sum(params.get(k) is not None for k in ("json", "regex", "choice"))
+    if count > 1:
+        raise InvalidRequestError("You can only use one kind of constraints for structured "
+                                  "outputs ('json', 'regex' or 'choice').")
+    if count and data.get("tool_choice", "none") not in ("none", "auto", "required"):
+        raise InvalidRequestError("You can only either use constraints for structured outputs "
+                                  "or tools, not both.")
+
+
 class SamplingFields(_Lenient):
     """The sampling and output fields /v1/chat/completions and /v1/completions share, with
     vLLM's names and defaults. Ranges are checked by the engine (engine.inputs.validation),
@@ -127,6 +221,8 @@ class SamplingFields(_Lenient):
     mm_processor_kwargs: MMProcessorKwargs | None = None
     request_id: str | None = None
     return_token_ids: bool | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -152,6 +248,10 @@ class SamplingFields(_Lenient):
         """The engine's `logprobs`: None for none, else how many top candidates per token."""
         return None
 
+    def structured(self) -> StructuredOutput | None:
+        """The answer's constraint, from response_format and structured_outputs."""
+        return structured_output(self.structured_outputs, self.response_format)
+
     def sampling_params(self) -> SamplingParams:
         """The engine's SamplingParams for these fields (validated by the engine)."""
         return SamplingParams(
@@ -168,7 +268,7 @@ class SamplingFields(_Lenient):
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, n=self.n or 1,
             logprobs=self.top_logprob_count, prompt_logprobs=self.prompt_logprobs,
-            truncate_prompt_tokens=self.truncate_prompt_tokens,
+            truncate_prompt_tokens=self.truncate_prompt_tokens, structured=self.structured(),
             cap_to_context=True)   # as vLLM 0.32: max_tokens is lowered to what fits the context
 
 
@@ -203,6 +303,24 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool | None = True
+
+    @property
+    def tool_mode(self) -> str | dict[str, Any]:
+        """What the answer does with the tools: "none", "auto", "required" or the named
+        choice. Tools without a tool_choice mean "auto", as in vLLM."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if self.tool_choice is None:
+            return "auto"
+        return self.tool_choice
+
+    def structured(self) -> StructuredOutput | None:
+        """A forced tool call's schema replaces any other constraint (vLLM's); else
+        response_format and structured_outputs."""
+        schema = toolcalls.tool_schema(self.tools or [], self.tool_mode,
+                                       self.parallel_tool_calls)
+        return StructuredOutput(json=schema) if schema is not None else super().structured()
 
     @property
     def effective_max_tokens(self) -> int | None:
@@ -236,6 +354,8 @@ class ChatCompletionRequest(SamplingFields):
         params = super().sampling_params()
         if self.echo and self.prompt_logprobs is None and not self.stream:
             params = dataclasses.replace(params, prompt_logprobs=self.top_logprobs or 0)
+        if self.tool_mode != "none":   # <tool_call> may be a special token (vLLM's hermes)
+            params = dataclasses.replace(params, skip_special_tokens=False)
         return params
 
 
@@ -272,15 +392,14 @@ class DetokenizeResponse(BaseModel):
 # vLLM's ChatCompletionRequest fields this server does not honour, each with the value that
 # means "not used" in vLLM (None is always taken as not used) and why it is refused. A request
 # that sets one to anything else is refused with a 400 naming it, never accepted and ignored.
-_STRUCTURED = "structured outputs (a grammar-constrained sampler) are not supported"
-_TOOLS = "tool calling is not supported yet (only tool_choice \"none\")"
+_GUIDED = "vLLM 0.32 no longer reads the guided_* fields; use structured_outputs"
+_FUNCTIONS = "the legacy functions API is not supported; use tools and tool_choice"
 _BEAM = "beam search is not supported"
 NOT_HONOURED: dict[str, tuple[Any, str]] = {
-    "response_format": (None, _STRUCTURED), "structured_outputs": (None, _STRUCTURED),
-    "guided_json": (None, _STRUCTURED), "guided_regex": (None, _STRUCTURED),
-    "guided_choice": (None, _STRUCTURED), "guided_grammar": (None, _STRUCTURED),
-    "tool_choice": ("none", _TOOLS), "parallel_tool_calls": (None, _TOOLS),
-    "functions": (None, _TOOLS), "function_call": (None, _TOOLS),
+    "guided_json": (None, _GUIDED), "guided_regex": (None, _GUIDED),
+    "guided_choice": (None, _GUIDED), "guided_grammar": (None, _GUIDED),
+    "guided_decoding_backend": (None, _GUIDED), "guided_whitespace_pattern": (None, _GUIDED),
+    "functions": (None, _FUNCTIONS), "function_call": (None, _FUNCTIONS),
     "use_beam_search": (False, _BEAM), "length_penalty": (1, _BEAM),
     "best_of": (None, "best_of is not supported (vLLM's V1 engine dropped it too)"),
     "chat_template": (None, "a chat template from the request is not trusted; the model's "
@@ -305,17 +424,13 @@ NOT_HONOURED: dict[str, tuple[Any, str]] = {
 }
 
 
-PLAIN_TEXT_FORMAT = {"type": "text"}   # response_format asking for no constraint: honoured
-
-
 def not_honoured(data: Any) -> list[tuple[str, str]]:
     """The fields of a raw request body that ask for something this server does not do,
     each with the reason."""
     if not isinstance(data, dict):
         return []
     return [(name, why) for name, (unused, why) in NOT_HONOURED.items()
-            if data.get(name) is not None and data[name] != unused
-            and not (name == "response_format" and data[name] == PLAIN_TEXT_FORMAT)]
+            if data.get(name) is not None and data[name] != unused]
 
 
 def unknown_fields(data: Any) -> list[str]:
@@ -367,12 +482,8 @@ def check_chat_body(data: Any) -> None:
         raise _invalid("Stream options can only be defined when `stream=True`.",
                        "stream_options")
     check_logprob_fields(data)
-    if data.get("tools") == []:
-        raise _invalid("`tools` must not be an empty array. Either provide at least one tool "
-                       "or omit the field entirely.", "tools")
-    if data.get("tools") and data.get("tool_choice") is None:
-        raise InvalidRequestError('"auto" tool choice requires --enable-auto-tool-choice and '
-                                  "--tool-call-parser to be set", param="tool_choice")
+    check_structured_body(data)
+    toolcalls.check_tool_usage(data)
     if data.get("continue_final_message"):
         if data.get("add_generation_prompt"):
             raise InvalidRequestError("Cannot set both `continue_final_message` and "
@@ -487,7 +598,16 @@ class AssistantMessage(BaseModel):
     annotations: None = None
     audio: None = None
     function_call: None = None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
     reasoning: None = None
+
+    @model_serializer(mode="wrap")
+    def _without_empty_calls(self, handler: Any) -> dict:
+        """`tool_calls` only when there are some, as vLLM's ChatMessage."""
+        data = handler(self)
+        if not data.get("tool_calls"):
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatCompletionChoice(BaseModel):
@@ -544,10 +664,11 @@ class ChunkWriter:
                   "finish_reason": None}
         return self._event(choice, usage)
 
-    def tokens(self, index: int, text: str, logprobs: dict | None, token_ids: list[int] | None,
-               usage: dict | None, finish_reason: str | None = None,
+    def tokens(self, index: int, delta: dict, logprobs: dict | None,
+               token_ids: list[int] | None, usage: dict | None, finish_reason: str | None = None,
                stop_reason: int | str | None = None) -> str:
-        choice: dict[str, Any] = {"index": index, "delta": {"content": text},
+        """A chunk of new output: `delta` is {"content": text}, or tool-call deltas."""
+        choice: dict[str, Any] = {"index": index, "delta": delta,
                                   "logprobs": logprobs, "finish_reason": finish_reason}
         if finish_reason is not None:
             choice["stop_reason"] = stop_reason

@@ -3,7 +3,8 @@
 
     POST /v1/chat/completions   POST /v1/completions   POST /invocations (SageMaker's: a
     body with `messages` is a chat, else a completion)   POST /tokenize   POST /detokenize
-    GET /v1/models   GET /version   GET /metrics
+    GET /v1/models   GET /version   GET /metrics   GET /load   GET /tokenizer_info (only
+    with --enable-tokenizer-info-endpoint, as vLLM)
         (behind the login when --auth or --api-key is set: Basic USER:PASS or a Bearer key;
         a client past --max-client-requests running generations gets a 429)
     GET /health, GET or POST /ping (vLLM's and SageMaker's name)   (always open: a load
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any, Awaitable, Callable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -30,12 +32,44 @@ from . import __version__
 from .completion import CompletionServing
 from .fairshare import ClientSlots, client_id
 from .hygiene import protect
-from .metrics import CONTENT_TYPE, MetricsRegistry
+from .metrics import CONTENT_TYPE, MetricsRegistry, ServerLoad
 from .protocol import ModelCard, ModelList, error_body
 from .serving import ChatServing, load_json
 from .tokenization import TokenizeServing
 from .settings import ServerSettings
 
+
+class AfterSend(Response):
+    """A response that calls `then` once it has been sent, or once sending it failed (a
+    stream's client went away). It only wraps: status, headers and background tasks are the
+    inner response's."""
+
+    def __init__(self, inner: Response, then: Callable[[], None]) -> None:   # nothing of its
+        self.__dict__.update(inner=inner, then=then)                        # own to render
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.inner, name, value)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            self.then()
+
+
+async def counted(load: ServerLoad, work: Awaitable[Response]) -> Response:
+    """`work`'s response, counted in `load` from now until it has been sent (vLLM's
+    load_aware_call)."""
+    leave = load.enter()
+    try:
+        response = await work
+    except BaseException:
+        leave()
+        raise
+    return AfterSend(response, leave)
 
 
 def replay_body(request: Request, body: bytes) -> Request:
@@ -65,7 +99,9 @@ def build_router(engine: Engine, settings: ServerSettings,
     """All API routes for one engine. The metrics registry is attached to the engine
     here, so it counts every request the engine finishes, the UI's included; `slots` is
     the per-client cap, shared with the page when the host app passes its own."""
-    metrics = metrics or MetricsRegistry(engine.model_name).attach(engine)
+    metrics = metrics or MetricsRegistry(engine.model_name,
+                                         engine.device_description).attach(engine)
+    load = ServerLoad(settings.enable_server_load_tracking)
     chat = ChatServing(engine, settings, metrics, slots)
     router = APIRouter()
     router.client_slots = chat.slots   # type: ignore[attr-defined]  (mount_api exposes it)
@@ -90,23 +126,19 @@ def build_router(engine: Engine, settings: ServerSettings,
     @router.post("/v1/chat/completions", tags=["OpenAI-compatible API"])
     async def create_chat_completion(request: Request) -> Response:
         """vLLM-compatible chat completions (JSON or Server-Sent Events)."""
-        return refused(request) or await chat.create_chat_completion(request, client_of(request))
+        return refused(request) or await counted(
+            load, chat.create_chat_completion(request, client_of(request)))
 
     completions = CompletionServing(engine, chat)
 
     @router.post("/v1/completions", tags=["OpenAI-compatible API"])
     async def create_completion(request: Request) -> Response:
         """vLLM-compatible text completions: a text or token ids continued (JSON or SSE)."""
-        return refused(request) or await completions.create_completion(request,
-                                                                        client_of(request))
+        return refused(request) or await counted(
+            load, completions.create_completion(request, client_of(request)))
 
-    @router.post("/invocations", tags=["OpenAI-compatible API"])
-    async def invocations(request: Request) -> Response:
-        """SageMaker's one route, as vLLM serves it: a chat when the body has `messages`,
-        else a completion (whose errors say what a completion needs)."""
-        denied = refused(request)
-        if denied is not None:
-            return denied
+    async def invoke(request: Request) -> Response:
+        """/invocations' work once the caller is let in."""
         client = client_of(request)
         try:
             with chat.slots.acquire(client):   # the body is read inside a slot, as always
@@ -121,6 +153,12 @@ def build_router(engine: Engine, settings: ServerSettings,
             return await chat.create_chat_completion(replay, client)
         return await completions.create_completion(replay, client)
 
+    @router.post("/invocations", tags=["OpenAI-compatible API"])
+    async def invocations(request: Request) -> Response:
+        """SageMaker's one route, as vLLM serves it: a chat when the body has `messages`,
+        else a completion (whose errors say what a completion needs)."""
+        return refused(request) or await counted(load, invoke(request))
+
     tokens = TokenizeServing(engine, chat)
 
     @router.post("/tokenize", tags=["OpenAI-compatible API"])
@@ -132,6 +170,13 @@ def build_router(engine: Engine, settings: ServerSettings,
     async def detokenize(request: Request) -> Response:
         """vLLM's /detokenize: token ids to text."""
         return refused(request) or await tokens.detokenize(request)
+
+    if settings.enable_tokenizer_info_endpoint:
+        @router.get("/tokenizer_info", tags=["OpenAI-compatible API"])
+        async def tokenizer_info(request: Request) -> Response:
+            """vLLM's /tokenizer_info: the tokenizer's configuration (tokenizer_config.json
+            as loaded, file paths left out) and its class name."""
+            return refused(request) or tokens.tokenizer_info()
 
     @router.get("/v1/models", tags=["OpenAI-compatible API"])
     async def list_models(request: Request) -> Response:
@@ -168,8 +213,14 @@ def build_router(engine: Engine, settings: ServerSettings,
         denied = refused(request)
         if denied is not None:
             return denied
-        return JSONResponse({"version": __version__, "model": engine.model_name,
-                             "device": engine.device_description})
+        return JSONResponse({"version": __version__})   # vLLM's shape; the device is on
+                                                        # /metrics' qwenvl_server_info
+
+    @router.get("/load", tags=["monitoring"])
+    async def server_load(request: Request) -> Response:
+        """vLLM's /load: chat and completion requests in flight (0 unless
+        --enable-server-load-tracking)."""
+        return refused(request) or JSONResponse({"server_load": load.value})
 
     @router.get("/metrics", tags=["monitoring"])
     async def prometheus_metrics(request: Request) -> Response:

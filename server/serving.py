@@ -55,6 +55,7 @@ from .protocol import (SSE_DONE, AssistantMessage, ChatCompletionChoice, ChatCom
                        continuous_usage, not_honoured, prompt_logprobs_json, sse_data,
                        unknown_fields, usage_info)
 from .settings import ServerSettings
+from .tools import ToolStream, check_tool_flags, named_choice, parse_forced, parse_hermes
 
 log = logging.getLogger("server")
 
@@ -243,7 +244,7 @@ def _engine_message(i: int, m: Any, fps: float | None) -> Message:
 def to_generation_request(req: ChatCompletionRequest, request_id: str) -> GenerationRequest:
     """The engine's typed request. Content parts keep their order, and a list of text
     parts stays a list (the chat template renders each in turn, as vLLM does); the chat
-    template controls and the tools offered (tool_choice "none") go with the conversation."""
+    template controls and the tools offered go with the conversation."""
     mm = req.mm_processor_kwargs
     fps = mm.fps if mm else None
     messages = [_engine_message(i, m, fps) for i, m in enumerate(req.messages)]
@@ -251,7 +252,7 @@ def to_generation_request(req: ChatCompletionRequest, request_id: str) -> Genera
         messages, add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message,
         chat_template_kwargs=dict(req.chat_template_kwargs or {}),
-        tools=req.tools if req.tool_choice == "none" else None)
+        tools=req.tools)
     return GenerationRequest(conversation, req.sampling_params(),
                              min_pixels=mm.min_pixels if mm else None,
                              max_pixels=mm.max_pixels if mm else None, request_id=request_id)
@@ -343,6 +344,8 @@ class ChatServing:
             return self.refuse(exc)
         try:
             req = parse_chat_request(body)
+            check_tool_flags(None if req.tool_mode == "none" else req.tool_mode,
+                             self.settings.tools_enabled)
             model = self.check_model(req.model)
             # The engine's id is always our own (unique); the answer's may be the client's.
             gen = to_generation_request(req, completion_id())
@@ -464,6 +467,26 @@ def total_usage(finishes: list[Finished]) -> UsageInfo:
     return usage_info(prompt, sum(f.stats.output_tokens for f in finishes))
 
 
+def answer_message(req: ChatCompletionRequest, text: str,
+                   reason: str) -> tuple[AssistantMessage, str]:
+    """A whole answer as vLLM's message and finish_reason: with tools, its calls parsed out
+    (content "" beside forced calls); "tool_calls" when "auto" found calls or a "required"
+    answer ended by itself, "stop" for a named call, as vLLM 0.32 reports them."""
+    mode, finish = req.tool_mode, FINISH_REASONS[reason]
+    role = req.response_role
+    if mode == "none":
+        return AssistantMessage(role=role, content=text), finish
+    if mode == "auto":
+        content, calls = parse_hermes(text)
+    else:
+        content, calls = "", parse_forced(text, mode)
+    if req.parallel_tool_calls is False:
+        calls = calls[:1]
+    if (mode == "auto" and calls) or (mode == "required" and finish == "stop"):
+        finish = "tool_calls"
+    return AssistantMessage(role=role, content=content, tool_calls=calls), finish
+
+
 async def complete_chat(handles: list[RequestHandle], req: ChatCompletionRequest,
                         answer: Answer) -> JSONResponse:
     """One chat.completion with a choice per handle (index = its position), as vLLM's."""
@@ -473,12 +496,14 @@ async def complete_chat(handles: list[RequestHandle], req: ChatCompletionRequest
     if error is not None:
         return error_response(error)
     echo, count = req.echo_text(), req.top_logprobs or 0
-    choices = [ChatCompletionChoice(
-        index=i, message=AssistantMessage(role=req.response_role, content=echo + r.text),
-        logprobs=chat_logprobs(r.logprobs, count) if req.logprobs else None,
-        finish_reason=FINISH_REASONS[r.finished.reason], stop_reason=r.finished.stop_reason,
-        token_ids=r.token_ids if req.return_token_ids else None)
-        for i, r in enumerate(results)]
+    choices = []
+    for i, r in enumerate(results):
+        message, finish_reason = answer_message(req, echo + r.text, r.finished.reason)
+        choices.append(ChatCompletionChoice(
+            index=i, message=message,
+            logprobs=chat_logprobs(r.logprobs, count) if req.logprobs else None,
+            finish_reason=finish_reason, stop_reason=r.finished.stop_reason,
+            token_ids=r.token_ids if req.return_token_ids else None))
     first = finishes[0]
     response = ChatCompletionResponse(
         id=answer.id, created=answer.created, model=answer.model, choices=choices,
@@ -540,6 +565,10 @@ class ChatStream:
         self.pending: list[TextDelta | None] = [None] * len(handles)
         self.max_tokens = req.effective_max_tokens
         self.finishes: list[Finished | None] = [None] * len(handles)
+        mode = req.tool_mode
+        single = req.parallel_tool_calls is False
+        self.tool_streams = [ToolStream(mode, single) if mode != "none" else None
+                             for _ in handles]
 
     def _usage(self, index: int) -> dict | None:
         if not self.req.continuous_usage:
@@ -556,15 +585,32 @@ class ChatStream:
             events += [self.write.echo(i, echo, self._usage(i)) for i in range(len(self.handles))]
         return events
 
-    def _tokens(self, index: int, delta: TextDelta, finished: Finished | None = None) -> str:
+    def _tokens(self, index: int, delta: TextDelta,
+                finished: Finished | None = None) -> list[str]:
+        """The chunk of `delta` (none where tool parsing has nothing to send yet and the
+        chunk carries nothing else, as in vLLM)."""
         self.tokens[index] += len(delta.token_ids)
         req = self.req
         logprobs = chat_logprobs(delta.logprobs, req.top_logprobs or 0) if req.logprobs else None
         ids = delta.token_ids if req.return_token_ids else None
+        tools = self.tool_streams[index]
+        message = {"content": delta.text} if tools is None else tools.feed(delta.text)
         if finished is None:
-            return self.write.tokens(index, delta.text, logprobs, ids, self._usage(index))
-        return self.write.tokens(index, delta.text, logprobs, ids, self._usage(index),
-                                 FINISH_REASONS[finished.reason], finished.stop_reason)
+            if message is None and logprobs is None and ids is None:
+                return []
+            return [self.write.tokens(index, message or {}, logprobs, ids, self._usage(index))]
+        return [self.write.tokens(index, message or {}, logprobs, ids, self._usage(index),
+                                  self._finish_reason(index, finished), finished.stop_reason)]
+
+    def _finish_reason(self, index: int, finished: Finished) -> str:
+        """vLLM's streamed finish_reason: "tool_calls" once calls were streamed and the
+        answer stopped by itself, except for a named call."""
+        reason = FINISH_REASONS[finished.reason]
+        tools = self.tool_streams[index]
+        if tools is not None and tools.called and reason == "stop" \
+                and named_choice(self.req.tool_mode) is None:
+            return "tool_calls"
+        return reason
 
     def on_event(self, index: int, event: TextDelta | Finished) -> list[str]:
         """The chunks one event makes (none while a finished choice's text is held)."""
@@ -575,12 +621,12 @@ class ChatStream:
                 self.pending[index] = delta
                 return []
             self.pending[index] = None
-            return [self._tokens(index, delta)]
+            return self._tokens(index, delta)
         self.finishes[index] = event
         held, self.pending[index] = self.pending[index], None
         if event.reason == "error":
-            return [self._tokens(index, held)] if held is not None else []
-        return [self._tokens(index, held or TextDelta(""), event)]
+            return self._tokens(index, held) if held is not None else []
+        return self._tokens(index, held or TextDelta(""), event)
 
     def _ending(self, index: int, delta: TextDelta) -> bool:
         """Whether to hold `delta` for the next event (see the class's note)."""

@@ -59,6 +59,14 @@ class ServerSettings:
         help="fetch image and video URLs only from these hosts (HOST[,HOST] or several "
              "values, vLLM's flag), which may then be on loopback or a private network; "
              "default: any public host")
+    enable_tokenizer_info_endpoint: bool = setting(
+        False, env="QWENVL_ENABLE_TOKENIZER_INFO_ENDPOINT", group=API, action="store_true",
+        help="serve GET /tokenizer_info (vLLM's flag): the tokenizer's configuration, its chat "
+             "template and the model folder's path included")
+    enable_server_load_tracking: bool = setting(
+        False, env="QWENVL_ENABLE_SERVER_LOAD_TRACKING", group=API, action="store_true",
+        help="count the chat and completion requests in flight for GET /load (vLLM's flag; "
+             "without it /load says 0)")
     max_body_mb: float = setting(
         64.0, env="QWENVL_MAX_BODY_MB", group=API,
         help="largest accepted request body in MB (the page's events too)")
@@ -84,6 +92,19 @@ class ServerSettings:
         None, env="QWENVL_MAX_CLIENT_REQUESTS", group=HTTP, metavar="N",
         help="generations one client (its login, API key or address) may run at once, page "
              "and API together; more get a 429 (default: --max-batch; 0: no cap)")
+    enable_auto_tool_choice: bool = setting(
+        False, env="QWENVL_ENABLE_AUTO_TOOL_CHOICE", group=API, action="store_true",
+        help="let the model call tools on its own (tool_choice \"auto\", vLLM's flag; needs "
+             "--tool-call-parser). Without both, only tool_choice \"none\" is served")
+    tool_call_parser: str | None = setting(
+        None, env="QWENVL_TOOL_CALL_PARSER", group=API, choices=("hermes",), metavar="NAME",
+        help="how tool calls are read from the answer (vLLM's flag): hermes, Qwen2.5's "
+             "<tool_call> blocks")
+
+    @property
+    def tools_enabled(self) -> bool:
+        """Whether tool calls are served: vLLM has a tool parser only with both flags."""
+        return self.enable_auto_tool_choice and self.tool_call_parser is not None
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "ServerSettings":

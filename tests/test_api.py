@@ -756,7 +756,6 @@ def test_metrics_also_speak_vllms_names(http, client, engine):
 
 # --------------------------------------------------------------------------- never accept and ignore
 ASKED_BUT_NOT_DONE = [   # vLLM request fields this server refuses (they were accepted and ignored)
-    ("response_format", {"type": "json_object"}), ("structured_outputs", {"choice": ["a", "b"]}),
     ("guided_json", {"type": "object"}), ("use_beam_search", True), ("best_of", 2),
     ("media_io_kwargs", {"video": {"num_frames": 4}}), ("tool_choice", "auto"),
     ("logits_processors", ["x"]), ("prompt_embeds", "abc"), ("kv_transfer_params", {"a": 1}),
@@ -835,9 +834,9 @@ def test_tokenize_a_chat_gives_the_prompt_the_model_sees(http, engine):
 @pytest.mark.parametrize("path,body,param", [
     ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, "prompt"),
     ("/tokenize", {}, "prompt"),
-    ("/tokenize", {"prompt": "a", "return_token_strs": True}, "return_token_strs"),
     ("/tokenize", {"messages": [{"role": "user", "content": "a"}],
-                   "add_generation_prompt": False}, "add_generation_prompt"),
+                   "add_generation_prompt": True, "continue_final_message": True},
+     "continue_final_message"),
     ("/tokenize", {"prompt": "a", "model": "gpt-4"}, "model"),
     ("/detokenize", {"tokens": [10**9]}, "tokens"),
     ("/detokenize", {"tokens": [1] * (MAX_MODEL_LEN + 1)}, "tokens"),

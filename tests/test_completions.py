@@ -223,8 +223,7 @@ def test_return_token_ids(http, tok):
      "not available when `stream=True`"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options",
      "only be defined when `stream=True`"),
-    ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format",
-     "not supported by this server"),
+    ({"prompt": "hi", "guided_json": {"type": "object"}}, "guided_json", "guided_json"),
 ])
 def test_refusals_name_the_field(http, body, param, words):
     error = refused(http, **body)

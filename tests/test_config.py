@@ -39,8 +39,10 @@ ENGINE_DEFAULTS = {
 API_DEFAULTS = {
     "auth": [], "api_key": None, "served_model_name": [], "allowed_local_media_path": [],
     "allowed_media_domains": [],
+    "enable_tokenizer_info_endpoint": False, "enable_server_load_tracking": False,
     "max_body_mb": 64.0, "header_timeout": 10.0, "body_timeout": 30.0,
     "max_connections": 1000, "forwarded_allow_ips": None, "max_client_requests": None,
+    "enable_auto_tool_choice": False, "tool_call_parser": None,
 }
 WEB_DEFAULTS = {
     "server_name": "127.0.0.1", "server_port": 7860, "share": False, "max_upload_mb": 50.0,
@@ -90,12 +92,16 @@ API_FLAGS = [
     (["--served-model-name", "x", "y"], "served_model_name", ["x", "y"]),
     (["--allowed-media-domains", "a.test", "b.test"], "allowed_media_domains",
      ["a.test", "b.test"]),
+    (["--enable-tokenizer-info-endpoint"], "enable_tokenizer_info_endpoint", True),
+    (["--enable-server-load-tracking"], "enable_server_load_tracking", True),
     (["--allowed-local-media-path", "/tmp", "--allowed-local-media-path", "/srv"],
      "allowed_local_media_path", ["/tmp", "/srv"]),
     (["--max-body-mb", "3"], "max_body_mb", 3.0), (["--header-timeout", "4"], "header_timeout", 4.0),
     (["--body-timeout", "5"], "body_timeout", 5.0), (["--max-connections", "6"], "max_connections", 6),
     (["--forwarded-allow-ips", "*"], "forwarded_allow_ips", "*"),
     (["--max-client-requests", "0"], "max_client_requests", 0),
+    (["--enable-auto-tool-choice"], "enable_auto_tool_choice", True),
+    (["--tool-call-parser", "hermes"], "tool_call_parser", "hermes"),
 ]
 WEB_FLAGS = [
     (["--server-name", "0.0.0.0"], "server_name", "0.0.0.0"),
@@ -151,10 +157,14 @@ API_ENV = [
     ("QWENVL_ALLOWED_LOCAL_MEDIA_PATH", "/x,/y", "allowed_local_media_path", ["/x", "/y"]),
     ("QWENVL_ALLOWED_MEDIA_DOMAINS", "a.test,b.test", "allowed_media_domains",
      ["a.test", "b.test"]),
+    ("QWENVL_ENABLE_TOKENIZER_INFO_ENDPOINT", "1", "enable_tokenizer_info_endpoint", True),
+    ("QWENVL_ENABLE_SERVER_LOAD_TRACKING", "1", "enable_server_load_tracking", True),
     ("QWENVL_MAX_BODY_MB", "2", "max_body_mb", 2.0),
     ("QWENVL_HEADER_TIMEOUT", "1.5", "header_timeout", 1.5),
     ("QWENVL_BODY_TIMEOUT", "2.5", "body_timeout", 2.5),
     ("QWENVL_MAX_CONNECTIONS", "10", "max_connections", 10),
+    ("QWENVL_ENABLE_AUTO_TOOL_CHOICE", "1", "enable_auto_tool_choice", True),
+    ("QWENVL_TOOL_CALL_PARSER", "hermes", "tool_call_parser", "hermes"),
     ("FORWARDED_ALLOW_IPS", "10.0.0.1", "forwarded_allow_ips", "10.0.0.1"),
     ("QWENVL_MAX_CLIENT_REQUESTS", "0", "max_client_requests", 0),
 ]

@@ -29,7 +29,8 @@ from typing import Any, Awaitable, Callable, Hashable
 
 ASGIApp = Callable[..., Awaitable[None]]
 
-API_PATHS = ("/v1/", "/health", "/ping", "/version", "/metrics", "/tokenize", "/detokenize")
+API_PATHS = ("/v1/", "/health", "/ping", "/version", "/metrics", "/tokenize", "/detokenize",
+             "/tokenizer_info", "/load", "/invocations")
 # What the login page loads before anyone is logged in.
 PUBLIC_EXACT = {"/", "/login", "/login/", "/logout", "/favicon.ico", "/theme.css",
                 "/robots.txt", "/manifest.json", "/gradio_api/theme.css",

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..base import Engine, EngineSnapshot, choice_request
 from ..config import DEFAULT_PREFIX_CACHE_GIB, DEFAULT_PREFIX_CACHE_GIB_CPU, EngineConfig
+from ..core.beam import BeamParams
 from ..core.engine_core import EngineCore
 from ..core.graphs import FallbackToEager, GraphedDecode, decode_step_for
 from ..core.kvstore import GIB, KVLayout, KVStore, plan_rows
@@ -133,7 +134,7 @@ class LocalEngine(Engine):
         spans). Bad input raises InvalidRequestError, as from `submit`."""
         self.inputs.validate(request, self.max_model_len)
         validate_for_model(request.sampling, self.core.vocab_size, self.config.max_logprobs,
-                           self.kv.rows)
+                           min(self.kv.rows, self.scheduler.max_batch))
         return self.renderer.prepare(request, policy)
 
     def tokenize(self, prompt: str | GenerationRequest, policy: MediaPolicy | None = None,
@@ -156,7 +157,10 @@ class LocalEngine(Engine):
         return self.tokenizer.decode(tokens)
 
     def submit(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> RequestHandle:
-        """One row for the request (its `n` is for `submit_choices`)."""
+        """One row for the request (its `n` is for `submit_choices`); for a beam search,
+        the best answer's handle."""
+        if request.sampling.use_beam_search:
+            return self.submit_beams(request, policy)[0]
         self._check_alive()
         prompt = self.render(request, policy)
         return self.core.submit(request, prompt, self._bad_words(request),
@@ -166,7 +170,10 @@ class LocalEngine(Engine):
                        policy: MediaPolicy | None = None) -> list[RequestHandle]:
         """The request's n choices (engine.base.choice_request: seed + i, own ids), its
         prompt prepared once and prefilled once: the engine core admits them together and
-        the others copy the first one's KV. Each handle cancels only its own choice."""
+        the others copy the first one's KV. Each handle cancels only its own choice. With
+        use_beam_search: `submit_beams`."""
+        if request.sampling.use_beam_search:
+            return self.submit_beams(request, policy)
         if request.sampling.n <= 1:
             return [self.submit(request, policy)]
         self._check_alive()
@@ -177,6 +184,22 @@ class LocalEngine(Engine):
         choices = [choice_request(request, i) for i in range(request.sampling.n)]
         return self.core.submit_group(choices, prompt, self._bad_words(request),
                                       self._constraint(request, prompt))
+
+    def submit_beams(self, request: GenerationRequest,
+                     policy: MediaPolicy | None = None) -> list[RequestHandle]:
+        """vLLM's beam search of width `sampling.n` (engine.core.beam): one handle per
+        answer, best first, each answer whole at the end (nothing streams token by token);
+        a cancel of any handle ends them all. The temperature defaults to the model's, as
+        vLLM's server takes it; the answers' request ids are the choices' (base.choice_request)."""
+        self._check_alive()
+        prompt = self.render(request, policy)
+        sp = request.sampling
+        params = BeamParams.of(sp, prompt.max_new_tokens, self.tokenizer.eos_token_id,
+                               self.sampling_defaults()["temperature"])
+        no_prompt_logprobs = dataclasses.replace(sp, prompt_logprobs=None)   # vLLM computes none
+        answers = [choice_request(dataclasses.replace(request, sampling=no_prompt_logprobs), i)
+                   for i in range(sp.n)]
+        return self.core.submit_beams(answers, prompt, params)
 
     def _check_alive(self) -> None:
         if not self.core.is_alive():

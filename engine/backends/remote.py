@@ -184,8 +184,11 @@ def chat_controls(conv: Any) -> dict[str, Any]:
 # SamplingParams fields that are not sent under their own name: max_tokens is always sent;
 # n is realised as n requests (Engine.submit_choices, seeded as vLLM seeds its children);
 # logprobs is named differently by chat and completions; cap_to_context is our own (vLLM's
-# server always caps); structured is sent as vLLM's structured_outputs.
-NOT_FORWARDED = frozenset({"max_tokens", "n", "logprobs", "cap_to_context", "structured"})
+# server always caps); structured is sent as vLLM's structured_outputs; use_beam_search and
+# length_penalty: Engine.submit_choices refuses beam search here for now (it needs n beams in
+# one remote request, not n requests).
+NOT_FORWARDED = frozenset({"max_tokens", "n", "logprobs", "cap_to_context", "structured",
+                           "use_beam_search", "length_penalty"})
 _DEFAULTS = SamplingParams()
 
 

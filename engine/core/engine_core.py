@@ -8,6 +8,9 @@ once (their KV kept in the prefix cache, their record logged and handed to the l
 Rows that asked for logprobs get them from the raw logits of the step (one call for the
 batch); a request's n choices share one prefill (the scheduler admits them together, the
 first prefills, the others copy its KV and draw their first token from the same logits).
+A beam search (engine.core.beam) runs on such a group of rows: decoded in the same batched
+steps as every other row, its candidates picked after each step, its rows' KV rearranged by
+row copies, its answers handed over whole when it ends.
 
 `submit` is thread-safe and never blocks on the device."""
 
@@ -26,7 +29,8 @@ from ..inputs.prompt import PreparedPrompt
 from ..model.device import Device
 from ..stream import RequestHandle
 from ..structured import Constraint, apply_mask, step_mask
-from ..types import Finished, FinishReason, GenerationRequest, RequestStats
+from ..types import Finished, FinishReason, GenerationRequest, RequestStats, TextDelta
+from .beam import BeamParams, BeamSearch, next_candidates, plan_rows
 from .kvstore import KVStore
 from .output import OutputProcessor
 from .prefix import PrefixCache
@@ -90,12 +94,21 @@ class EngineCore:
         """Queue a prepared request; EngineBusyError past the queue bound."""
         return self.submit_group([request], prompt, bad_words_ids, constraint)[0]
 
+    def submit_beams(self, requests: list[GenerationRequest], prompt: PreparedPrompt,
+                     params: BeamParams) -> list[RequestHandle]:
+        """Queue a beam search of `params.width` beams: one request (and handle) per answer,
+        best first, each answer handed over whole when the search ends (as vLLM's beam
+        search answers). A cancel of any handle ends them all."""
+        beam = BeamSearch(params, prompt.inputs["input_ids"][0].tolist())
+        return self.submit_group(requests, prompt, beam=beam)
+
     def submit_group(self, requests: list[GenerationRequest], prompt: PreparedPrompt,
                      bad_words_ids: tuple[tuple[int, ...], ...] = (),
-                     constraint: Constraint | None = None) -> list[RequestHandle]:
+                     constraint: Constraint | None = None,
+                     beam: BeamSearch | None = None) -> list[RequestHandle]:
         """Queue requests on one prepared prompt, one handle each; several are the choices
-        of one request (engine.base.choice_request): admitted together, prefilled once.
-        EngineBusyError past the queue bound."""
+        of one request (engine.base.choice_request), or the answers of one beam search:
+        admitted together, prefilled once. EngineBusyError past the queue bound."""
         with self._cond:
             if self._stopping:
                 raise EngineError("The engine is shutting down.")
@@ -105,14 +118,14 @@ class EngineCore:
                     f"The server is busy: {waiting} requests are already waiting. "
                     "Please try again shortly.")
             group = object() if len(requests) > 1 else None
-            handles = [self._queue(r, prompt, bad_words_ids, group, constraint)
+            handles = [self._queue(r, prompt, bad_words_ids, group, constraint, beam)
                        for r in requests]
             self._cond.notify_all()
         return handles
 
     def _queue(self, request: GenerationRequest, prompt: PreparedPrompt,
                bad_words_ids: tuple[tuple[int, ...], ...], group: object | None,
-               constraint: Constraint | None) -> RequestHandle:
+               constraint: Constraint | None, beam: BeamSearch | None = None) -> RequestHandle:
         """One request into the waiting queue (under the lock)."""
         # The cancel callback reaches the item through a weak reference: a closure over
         # the item itself made a cycle (handle -> callback -> item -> handle) that kept
@@ -121,6 +134,8 @@ class EngineCore:
         item_ref: weakref.ref[WorkItem] | None = None
 
         def cancel_queued() -> None:
+            if beam is not None:
+                beam.cancel()
             queued = item_ref() if item_ref is not None else None
             if queued is not None:
                 self._cancel_queued(queued)
@@ -128,8 +143,10 @@ class EngineCore:
                 self._wake()
 
         handle = RequestHandle(request.request_id, on_cancel=cancel_queued)
-        item = WorkItem(request, prompt, handle, bad_words_ids, group, constraint)
+        item = WorkItem(request, prompt, handle, bad_words_ids, group, constraint, beam)
         item_ref = weakref.ref(item)
+        if beam is not None:
+            beam.items.append(item)
         self.scheduler.add(item)
         return handle
 
@@ -213,7 +230,10 @@ class EngineCore:
     def _step(self) -> None:
         with self._cond:
             self.scheduler.admit(self._new_sequence)
-        self._retire(self.scheduler.cancelled(), "cancelled")
+        cancelled = self.scheduler.cancelled()
+        self._retire([s for s in cancelled if s.item.beam is None], "cancelled")
+        for beam in _beams_of(cancelled):
+            self._end_beams(beam, "cancelled")
         plan = self.scheduler.schedule()
         for chunk in plan.prefill:
             self._prefill(chunk)
@@ -225,8 +245,11 @@ class EngineCore:
                            item.bad_words_ids)
         sampler = RowSampler(settings, ids, self.vocab_size, self.device.torch_device)
         grammar = item.constraint.row(item.prompt.max_new_tokens) if item.constraint else None
-        return Sequence(item, row, self.output.new_row(item), sampler, time.monotonic(),
-                        prompt_ids=ids.tolist(), grammar=grammar)
+        seq = Sequence(item, row, self.output.new_row(item), sampler, time.monotonic(),
+                       prompt_ids=ids.tolist(), grammar=grammar)
+        if item.beam is not None:
+            item.beam.seqs.append(seq)
+        return seq
 
     # ------------------------------------------------------------ running the plan
     def _prefill(self, chunk: PrefillChunk) -> None:
@@ -249,6 +272,10 @@ class EngineCore:
             if seq.prefilling:
                 return
             seq.embedding = None                  # prompt done: its tensors go
+            if seq.item.beam is not None:
+                rows += self._share_prompt(seq)
+                self._start_beams(seq.item.beam, rows, logits[None])
+                return
             if seq.scores_prompt:
                 seq.prompt_logprobs = self.output.prompt_logprobs(seq.prompt_logprobs,
                                                                   seq.prompt_ids)
@@ -296,18 +323,31 @@ class EngineCore:
             return token_logprobs(logits, want, tokens)
 
     def _decode(self, rows: list[Sequence]) -> None:
+        """One decode step for every decoding row; the beam searches' rows pick their next
+        beams after it, the others their tokens."""
         if not rows:
             return
+        plain = [s for s in rows if s.item.beam is None]
+        tokens: list[int] = []
+        logprobs = None
         try:
             with torch.inference_mode():
-                logits, tokens = self._pick(self.runner.decode(rows, self.pad_id), rows)
-                logprobs = self._logprobs(logits, rows, tokens)
+                logits = self.runner.decode(rows, self.pad_id)
+                beams = [(b, _take(logits, rows, b.rows)) for b in _beams_of(rows)]
+                if plain:
+                    if beams:
+                        logits = _take(logits, rows, plain)
+                    logits, tokens = self._pick(logits, plain)
+                    logprobs = self._logprobs(logits, plain, tokens)
         except Exception as exc:
             self._fail(rows, _step_error(exc))
             self.device.empty_cache()
             return
         self.scheduler.decoded(rows)
-        self._accept(rows, tokens, time.monotonic(), logprobs)
+        if plain:
+            self._accept(plain, tokens, time.monotonic(), logprobs)
+        for beam, beam_logits in beams:
+            self._beam_step(beam, beam_logits)
 
     def _pick(self, logits: torch.Tensor, rows: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
         """Each row's token: the logits (B, V) with each constrained row's disallowed tokens
@@ -329,6 +369,72 @@ class EngineCore:
                           token)
         ended = self.output.on_tokens([s.out for s in rows], tokens, now, logprobs)
         self._retire([s for s, done in zip(rows, ended) if done], None)
+
+    # ------------------------------------------------------------- beam search
+    def _start_beams(self, beam: BeamSearch, rows: list[Sequence], logits: torch.Tensor) -> None:
+        """A beam search whose prompt is prefilled and copied to all its rows: its first
+        step, from the prompt's last logits (1, V)."""
+        beam.rows, beam.holds = rows, [0] * len(rows)
+        self._beam_step(beam, logits)
+
+    def _beam_step(self, beam: BeamSearch, logits: torch.Tensor) -> None:
+        """One step of a beam search, from its live beams' logits (B, V): the next live
+        beams, each in a row that holds its parent (one of them takes the parent's own row,
+        the others copy it into rows whose beam did not go on); rows left without a beam are
+        freed; at the last step the answers go out."""
+        try:
+            with torch.inference_mode():
+                candidates = next_candidates(logits, beam.params.width, beam.params.temperature)
+                plan = plan_rows(beam.holds, beam.advance(candidates))
+                for row, source in plan:
+                    if source is not None:
+                        held = beam.rows[source]
+                        self.kv.copy_row(held.row, beam.rows[row].row, held.length)
+        except Exception as exc:
+            self._fail(beam.rows, _step_error(exc))
+            self.device.empty_cache()
+            return
+        taken = [beam.rows[row] for row, _ in plan]
+        for seq, live in zip(taken, beam.live):
+            seq.generated, seq.last_token = list(live.tokens), live.tokens[-1]
+        for seq in beam.rows:
+            if not any(seq is t for t in taken):
+                self._release(seq)
+        beam.rows, beam.holds = taken, list(range(len(taken)))
+        if beam.first_token_at is None:
+            beam.first_token_at = time.monotonic()
+        for item in beam.items:
+            item.handle.tokens = beam.steps
+        if beam.finished:
+            self._end_beams(beam, None)
+
+    def _end_beams(self, beam: BeamSearch, reason: FinishReason | None) -> None:
+        """The end of a beam search: its rows freed (the live beams' KV kept in the prefix
+        cache), then each answer, best first, handed whole to its handle with its finish
+        reason (`reason` overrides it: a cancel)."""
+        answers = beam.best()
+        first = beam.seqs[0] if beam.seqs else None
+        for seq in beam.rows:
+            try:
+                self._keep(seq)
+            except Exception:             # a cache failure must not fail the answer
+                log.exception("prefix cache: keeping a beam's row failed")
+        for seq in beam.seqs:
+            self._release(seq)
+        for i, item in enumerate(beam.items):
+            found = answers[i] if i < len(answers) else None
+            ids, text, logprobs = [], "", None
+            if found is not None:
+                ids, text, logprobs = beam.answer(found, self.output.tokenizer,
+                                                  self.output.pieces.shown)
+            item.handle.tokens = len(ids)
+            item.handle.push(TextDelta(text, ids, logprobs))
+            final = reason or (found.finish_reason if found else None) or "length"
+            stats = request_stats(item, beam.first_token_at, len(ids),
+                                  first.admitted_at if first else time.monotonic(),
+                                  first.cached if first else 0)
+            self._finish(item, final, stats, stop_reason=None if reason or found is None
+                         else found.stop_reason)
 
     # ------------------------------------------------------------- endings
     def _retire(self, rows: list[Sequence], reason: FinishReason | None) -> None:
@@ -356,12 +462,17 @@ class EngineCore:
                              seq.item.prompt.media, seq.keys)
 
     def _fail(self, rows: list[Sequence], error: EngineError | None) -> None:
+        """End rows with an error (None: cancelled); a beam search's rows all together."""
+        beams = _beams_of(rows)
+        rows = rows + [s for b in beams for s in b.seqs if not any(s is r for r in rows)]
+        reason: FinishReason = "error" if error is not None else "cancelled"
         for seq in rows:
             self._release(seq)
-            reason: FinishReason = "error" if error is not None else "cancelled"
             self._finish(seq.item, reason, request_stats(seq.item, seq.out.first_token_at,
                                                          seq.handle.tokens, seq.admitted_at,
                                                          seq.cached), error)
+        for item in [i for b in beams for i in b.items]:   # answers not admitted
+            self._finish(item, reason, request_stats(item, None, 0, time.monotonic()), error)
 
     def _release(self, seq: Sequence) -> None:
         with self._cond:
@@ -387,3 +498,18 @@ class EngineCore:
             except Exception:
                 log.exception("on_finish listener failed")
         item.handle.push(event)
+
+
+def _beams_of(rows: list[Sequence]) -> list[BeamSearch]:
+    """The beam searches some of `rows` belong to, each once."""
+    found: dict[int, BeamSearch] = {}
+    for seq in rows:
+        if seq.item.beam is not None:
+            found.setdefault(id(seq.item.beam), seq.item.beam)
+    return list(found.values())
+
+
+def _take(logits: torch.Tensor, rows: list[Sequence], subset: list[Sequence]) -> torch.Tensor:
+    """The logits (len(rows), V) of `subset`'s rows, in its order."""
+    where = {id(s): i for i, s in enumerate(rows)}
+    return logits[torch.tensor([where[id(s)] for s in subset], device=logits.device)]

@@ -8,7 +8,8 @@ and names every row that decodes one token. A second user's question therefore s
 after at most one decode step and its own prefill, whatever the first user is generating,
 and requests with different settings share every step. The n choices of one request are
 admitted together: the first prefills the prompt, the others wait for it and then copy its
-KV (the engine core does the copy), so the prompt is computed once.
+KV (the engine core does the copy), so the prompt is computed once. A beam search's rows are
+admitted the same way, and only all together (engine.core.beam).
 
 Not thread-safe: the engine core calls it under its lock wherever another thread may look."""
 
@@ -22,6 +23,7 @@ from ..inputs.prompt import PreparedPrompt
 from ..stream import RequestHandle
 from ..structured import Constraint, RowGrammar
 from ..types import GenerationRequest
+from .beam import BeamSearch
 from .kvstore import KVStore
 from .output import RowState
 from .prefix import PrefixCache
@@ -39,6 +41,7 @@ class WorkItem:
     bad_words_ids: tuple[tuple[int, ...], ...] = ()   # the request's bad_words, tokenized
     group: object | None = None   # shared by the n choices of one request (admitted together)
     constraint: Constraint | None = None   # the request's structured output, compiled
+    beam: BeamSearch | None = None   # the beam search this answer belongs to (one per row)
 
 
 @dataclass(eq=False)
@@ -174,13 +177,14 @@ class Scheduler:
         """Waiting requests into free KV rows, in arrival order; `start` makes a request's
         running state for the row it got. A request's choices wait until rows for all of
         them are free (unless they could never all fit: then as many as fit, when nothing
-        else runs), and the first of those admitted together prefills for the others."""
+        else runs; never for a beam search, whose width the engine bounds by the rows), and
+        the first of those admitted together prefills for the others."""
         while self.waiting:
             room = min(self.kv.free_rows(), self.max_batch - len(self.running))
             head = self.waiting[0]
             members = [head] if head.group is None else \
                 [w for w in self.waiting if w.group is head.group]
-            if room <= 0 or (len(members) > room and self.running):
+            if room <= 0 or (len(members) > room and (self.running or head.beam is not None)):
                 return
             seqs = []
             for item in members[:room]:

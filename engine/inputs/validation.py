@@ -81,6 +81,7 @@ def validate_sampling(sp: SamplingParams, max_model_len: int) -> None:
     if len(sp.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in sp.stop):
         raise _bad(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings.", "stop", sp.stop)
     _check_choices(sp)
+    _check_beam_search(sp)
     _check_penalties(sp)
     _check_token_fields(sp)
     _check_logprobs(sp)
@@ -125,8 +126,20 @@ def _check_choices(sp: SamplingParams) -> None:
         raise _bad(f"n must be at least 1, got {sp.n}.", "n", sp.n)
     if sp.n > MAX_N:
         raise _bad(f"n must be at most {MAX_N}, got {sp.n}.", "n", sp.n)
-    if sp.n > 1 and sp.temperature is not None and sp.temperature < SAMPLING_EPS:
+    if (sp.n > 1 and sp.temperature is not None and sp.temperature < SAMPLING_EPS
+            and not sp.use_beam_search):
         raise _bad(f"n must be 1 when using greedy sampling, got {sp.n}.", "n", sp.n)
+
+
+def _check_beam_search(sp: SamplingParams) -> None:
+    """use_beam_search and length_penalty (vLLM's beam search takes n beams at any
+    temperature, so the greedy check on n does not apply to it)."""
+    if not isinstance(sp.use_beam_search, bool):
+        raise _bad(f"use_beam_search must be a boolean, got {sp.use_beam_search}.",
+                   "use_beam_search", sp.use_beam_search)
+    if not _is_number(sp.length_penalty):
+        raise _bad(f"length_penalty must be a finite number, got {sp.length_penalty}.",
+                   "length_penalty", sp.length_penalty)
 
 
 def _check_penalties(sp: SamplingParams) -> None:
@@ -184,7 +197,8 @@ def validate_for_model(sp: SamplingParams, vocab_size: int, max_logprobs: int,
     """The checks that need the served model and engine: token ids within the vocabulary
     (the logits' width, as vLLM's verify), logprobs within --max-logprobs (-1: the whole
     vocabulary) and n within the rows the engine decodes at once (n choices are admitted
-    together, so more could never start)."""
+    together, so more could never start; a beam search's n beams likewise, named by
+    use_beam_search)."""
     bias_ids = [_token_key(k) for k in sp.logit_bias]
     for name, ids in (("stop_token_ids", sp.stop_token_ids), ("logit_bias", bias_ids)):
         bad = [i for i in ids if not 0 <= i < vocab_size]
@@ -201,6 +215,9 @@ def validate_for_model(sp: SamplingParams, vocab_size: int, max_logprobs: int,
         if asked and asked > limit:
             raise _bad(f"Requested {label} of {asked}, which is greater than max allowed: "
                        f"{limit}", name, asked)
+    if sp.use_beam_search and sp.n > max_rows:
+        raise _bad(f"use_beam_search with n={sp.n} needs {sp.n} rows decoding at once; this "
+                   f"server decodes at most {max_rows} (--max-batch).", "use_beam_search", True)
     if sp.n > max_rows:
         raise _bad(f"n must be at most {max_rows} (the requests this server decodes at once, "
                    f"--max-batch), got {sp.n}.", "n", sp.n)

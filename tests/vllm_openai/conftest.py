@@ -37,7 +37,9 @@ START_TIMEOUT_S = 180
 # test_video.py with {"video": 3}; one server here carries both limits.
 MAXIMUM_IMAGES = 2
 MAXIMUM_VIDEOS = 3
-OUR_FLAGS = ["--limit-images", str(MAXIMUM_IMAGES), "--limit-videos", str(MAXIMUM_VIDEOS)]
+OUR_FLAGS = ["--limit-images", str(MAXIMUM_IMAGES), "--limit-videos", str(MAXIMUM_VIDEOS),
+             "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+             "--enable-tokenizer-info-endpoint", "--enable-server-load-tracking"]   # as vLLM's fixture
 
 
 @dataclass
@@ -359,52 +361,18 @@ VLLM_FAILS: dict[str, str] = {
         'per-request media_io_kwargs need --trust-request-mm-kwargs (400)',
 }
 OURS_XFAIL: dict[str, str] = {
-    'test_basic.py::test_server_load':
-        '/load is 404 (vLLM: --enable-server-load-tracking)',
-    'test_basic.py::test_show_version':
-        '/version has extra keys model, device',
     'test_chat.py::test_custom_role':
         'a custom role is refused by validation',
-    'test_chat.py::test_structured_outputs_choice_chat_logprobs':
-        'structured_outputs refused',
-    'test_chat.py::test_structured_outputs_regex_chat':
-        'structured_outputs refused',
     'test_completion.py::test_batch_completions':
         'use_beam_search refused',
     'test_completion.py::test_completion_truncation_side_controls_prompt_truncation':
         "truncation_side='right' refused",
     'test_completion.py::test_single_completion':
         'usage.prompt_tokens_details missing (vLLM: --enable-prompt-tokens-details)',
-    'test_completion_with_function_calling.py::test_function_tool_use[False-required-False]':
-        'tools / tool_choice refused',
-    'test_completion_with_function_calling.py::test_function_tool_use[False-required-True]':
-        'tools / tool_choice refused',
-    'test_completion_with_function_calling.py::test_function_tool_use[False-tool_choice2-False]':
-        'tools / tool_choice refused',
-    'test_completion_with_function_calling.py::test_function_tool_use[False-tool_choice2-True]':
-        'tools / tool_choice refused',
     'test_completion_with_function_calling.py::test_max_tokens_with_tool_choice_required[required]':
-        'tools / tool_choice refused',
+        'max_tokens below a forced call\'s shortest answer is a 400, not a cut call',
     'test_completion_with_function_calling.py::test_max_tokens_with_tool_choice_required[tool_choice1]':
-        'tools / tool_choice refused',
-    'test_completion_with_function_calling.py::test_no_args_tool_call[]':
-        'tools / tool_choice refused',
-    'test_completion_with_function_calling.py::test_no_args_tool_call[{}]':
-        'tools / tool_choice refused',
-    'test_tokenization.py::test_tokenize_chat':
-        '/tokenize refuses add_generation_prompt (chat form)',
-    'test_tokenization.py::test_tokenize_chat_with_tools':
-        '/tokenize refuses add_generation_prompt (chat form)',
-    'test_tokenization.py::test_tokenize_with_return_token_strs':
-        '/tokenize refuses return_token_strs',
-    'test_tokenization.py::test_tokenizer_info_basic':
-        '/tokenizer_info is 404',
-    'test_tokenization.py::test_tokenizer_info_chat_template':
-        '/tokenizer_info is 404',
-    'test_tokenization.py::test_tokenizer_info_consistency_with_tokenize':
-        '/tokenizer_info is 404',
-    'test_tokenization.py::test_tokenizer_info_schema':
-        '/tokenizer_info is 404',
+        'max_tokens below a forced call\'s shortest answer is a 400, not a cut call',
     'test_video.py::test_single_chat_session_video_base64encoded_beamsearch[Megamind.avi]':
         'use_beam_search refused',
     'test_video.py::test_single_chat_session_video_base64encoded_beamsearch[slow_traffic_small.mp4]':
