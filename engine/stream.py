@@ -45,6 +45,7 @@ class RequestHandle:
         self._wakeup: asyncio.Event | None = None
         self.finished: Finished | None = None
         self._notified_at = 0.0
+        self._staged: list[Event] | None = None       # text held for the end event (`stage`)
         self.tokens = 0                               # generated so far (the device thread's count)
         self.tokens_at_cancel: int | None = None
 
@@ -54,9 +55,17 @@ class RequestHandle:
             return
         if isinstance(event, TextDelta) and not event.text and not event.token_ids:
             return
+        if self._staged is not None and isinstance(event, TextDelta):
+            self._staged.append(event)
+            return
+        self._deliver(event)
+
+    def _deliver(self, event: Event) -> None:
         with self._cond:
             if isinstance(event, Finished):
                 self.finished = event
+                self._events.extend(self._staged or ())
+                self._staged = None
             self._events.append(event)
             now = time.monotonic()
             if self.finished is None and now - self._notified_at < self.notify_interval_s:
@@ -69,6 +78,19 @@ class RequestHandle:
                 loop.call_soon_threadsafe(wakeup.set)
             except RuntimeError:  # the consumer's loop is closed: nobody is listening
                 pass
+
+    def stage(self) -> None:
+        """Hold the text pushed from now on until `publish` or the end event, so that the
+        text of a request's last step reaches the consumer together with its end (vLLM sends
+        the last token in the chunk that carries finish_reason)."""
+        if self.finished is None:
+            self._staged = []
+
+    def publish(self) -> None:
+        """Release the staged text (see `stage`)."""
+        staged, self._staged = self._staged, None
+        for event in staged or ():
+            self._deliver(event)
 
     def cancel(self) -> None:
         """Ask the engine to stop this request; it ends within a few tokens."""

@@ -367,8 +367,12 @@ class EngineCore:
             if seq.grammar is not None and not seq.grammar.accept(token):
                 log.error("%s: the constraint refused token %d", seq.item.request.request_id,
                           token)
+        for seq in rows:            # a row's last text goes out with its end event
+            seq.handle.stage()
         ended = self.output.on_tokens([s.out for s in rows], tokens, now, logprobs)
         self._retire([s for s, done in zip(rows, ended) if done], None)
+        for seq in rows:
+            seq.handle.publish()
 
     # ------------------------------------------------------------- beam search
     def _start_beams(self, beam: BeamSearch, rows: list[Sequence], logits: torch.Tensor) -> None:
