@@ -12,7 +12,10 @@ to answer about assets/shapes.png, and writes:
 - docs/grounding.png: the answer to "Detect the shapes.", its boxes drawn on the picture
   (the built-in model's boxes are still wrong: the picture shows the drawing, not a
   right answer);
-- docs/pdf-pages.png: a two-page PDF in a question, each page a picture.
+- docs/pdf-pages.png: a two-page PDF in a question, each page a picture;
+- docs/json-mode.png: JSON mode with a schema typed in, and the answer held to it, shown
+  formatted (the built-in model's values are mostly wrong: the picture shows that the
+  answer parses and obeys the schema, which the script checks).
 
 An answer the screenshots present as right is checked first: a wrong one stops the script
 with exit code 1 and the old file stays. Needs the dev requirements (Playwright) and
@@ -21,6 +24,7 @@ with exit code 1 and the old file stays. Needs the dev requirements (Playwright)
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import tempfile
@@ -42,6 +46,15 @@ if TYPE_CHECKING:
 COUNT = "How many shapes are there, and what colours are they?"
 FOLLOW_UP = "Which colour is the star?"
 DETECT = "Detect the shapes."
+SCHEMA_TEXT = """{
+  "type": "object",
+  "required": ["count", "colours"],
+  "properties": {
+    "count": {"type": "integer", "minimum": 1, "maximum": 4},
+    "colours": {"type": "array", "minItems": 1, "maxItems": 4,
+                "items": {"enum": ["red", "blue", "green", "yellow", "purple"]}}
+  }
+}"""
 ANSWER_TIMEOUT_MS = 120_000
 BOT, USER = "#qvl-chat [data-testid=bot]", "#qvl-chat [data-testid=user]"
 
@@ -142,6 +155,25 @@ def grounding_screenshot(page: Page, url: str) -> None:
     page.screenshot(path=str(DOCS / "grounding.png"), clip=clip_of(page, BOT))
 
 
+def json_mode_screenshot(page: Page, url: str) -> None:
+    import jsonschema
+
+    fresh_chat(page, url)
+    page.check("#qvl-json-mode input[value=schema]")
+    page.locator("#qvl-json-schema .cm-content").click()
+    page.keyboard.insert_text(SCHEMA_TEXT)
+    ask(page, COUNT, [SHAPES])
+    shown = page.locator(f"{BOT} pre code").last.inner_text()
+    try:
+        jsonschema.validate(json.loads(shown), json.loads(SCHEMA_TEXT))
+    except (ValueError, jsonschema.ValidationError) as exc:
+        raise WrongAnswer(f"the JSON-mode answer does not obey its schema: {exc}") from None
+    scroll_chat_to_top(page)
+    page.evaluate("() => window.scrollTo(0, 0)")
+    page.screenshot(path=str(DOCS / "json-mode.png"), full_page=True,
+                    clip=clip_of(page, "#qvl-chat, #qvl-json-schema"))
+
+
 def pdf_screenshot(page: Page, url: str, folder: Path) -> None:
     fresh_chat(page, url)
     ask(page, COUNT, [two_page_pdf(folder)])   # only the question and its pages are shown
@@ -165,10 +197,12 @@ def main() -> int:
             page.set_viewport_size({"width": 1360, "height": 2000})   # a chat that needs no scrolling
             grounding_screenshot(page, server.url)
             pdf_screenshot(page, server.url, Path(tmp))
+            page.set_viewport_size({"width": 1360, "height": 900})   # a short chat, the box in view
+            json_mode_screenshot(page, server.url)
         except WrongAnswer as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    for name in ("screenshot.png", "grounding.png", "pdf-pages.png"):
+    for name in ("screenshot.png", "grounding.png", "pdf-pages.png", "json-mode.png"):
         print(DOCS / name)
     return 0
 

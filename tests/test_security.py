@@ -80,13 +80,14 @@ def chat_state(path: Path, tagged: bool) -> dict:
 
 
 SAMPLING = [16, 0, 1, 0, 1.0, 1, 224 * 224, 1280 * 28 * 28]
+JSON_MODE = ["off", "", ""]   # the JSON mode, its schema and its fields
 EVENTS = {   # every event that takes the browser-kept chat, with its other inputs
     "on_export": lambda st: [st],
     "on_load": lambda st: [st],
     "on_undo": lambda st: [st],
     "on_retry": lambda st: [st, "system"],
-    "on_submit": lambda st: [st, {"text": "and now?", "files": []}, "system"],
-    "generate": lambda st: [st, *SAMPLING],
+    "on_submit": lambda st: [st, {"text": "and now?", "files": []}, "system", *JSON_MODE],
+    "generate": lambda st: [st, *SAMPLING, *JSON_MODE],
     "composer_meter": lambda st: [{"text": "", "files": []}, st, 224 * 224, 1280 * 28 * 28, 16],
 }
 
@@ -105,7 +106,7 @@ def test_no_event_reads_a_file_outside_the_upload_folder(page, sentinel, event, 
 def test_a_file_in_the_message_box_from_outside_is_dropped(page, sentinel):
     box = {"text": "look", "files": [{"path": str(sentinel), "meta": {"_type": "gradio.FileData"},
                                       "orig_name": "secret.png"}]}
-    resp = page.post("/gradio_api/run/on_submit", json={"data": [None, box, "s"]})
+    resp = page.post("/gradio_api/run/on_submit", json={"data": [None, box, "s", *JSON_MODE]})
     assert SENTINEL.decode() not in resp.text and copies_in_cache() == []
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from engine.errors import InvalidRequestError
 from engine.types import Finished, GenerationRequest
-from ui import display, history
+from ui import display, grounding, history
 from ui.chat import ChatController, RefusedFiles, Sampling
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -718,3 +718,212 @@ def test_the_built_in_models_examples_come_first_and_are_answered_right(tiny_eng
         state, _ = ask(c, history.new_state(), question, [str(ASSETS / name)], start)
         answer = state["turns"][-1]["text"]
         assert right_about_shapes_png(question, answer), (question, answer)
+
+
+# --------------------------------------------------------------------------- JSON mode
+def test_field_names_become_a_schema_with_every_field_required():
+    import jsonschema
+    from ui.jsonmode import fields_schema
+
+    schema = fields_schema(" name, total:number , items: list, paid:Boolean, count:integer,")
+    assert schema == {"type": "object", "required": ["name", "total", "items", "paid", "count"],
+                      "properties": {"name": {"type": "string"}, "total": {"type": "number"},
+                                     "items": {"type": "array", "items": {"type": "string"}},
+                                     "paid": {"type": "boolean"}, "count": {"type": "integer"}}}
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate({"name": "a", "total": 1.5, "items": ["x"], "paid": True, "count": 2},
+                        schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"name": "a"}, schema)                 # all required
+
+
+@pytest.mark.parametrize("fields, words", [
+    ("", "Type one or more field names"),
+    ("age:int", 'Field "age" has type "int": use one of string, integer, number, boolean, list'),
+    ("a, b, a", 'Field "a" is named twice'),
+    (":integer", "A field has no name"),
+])
+def test_field_names_that_make_no_schema_are_one_clear_line(fields, words):
+    from ui.jsonmode import JsonMode
+
+    with pytest.raises(InvalidRequestError) as refused:
+        JsonMode("fields", fields=fields).constraint()
+    assert words in refused.value.message and "\n" not in refused.value.message
+    assert refused.value.param == "structured_outputs"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", "Type a JSON schema"),
+    ('{"type": "object",', "The JSON schema is not valid JSON: Expecting property name "
+                           "enclosed in double quotes (line 1, column 19)."),
+    ("[1, 2]", "The JSON schema must be a JSON object"),
+    ('{"type": "int"}', 'the schema has type "int", not one of array, boolean, integer'),
+    ('{"properties": {"a": {"type": "strin"}}}', 'at properties.a, the schema has type "strin"'),
+    ('{"required": "a"}', "\"required\" must be a list of property names"),
+    ('{"items": {"anyOf": [{"enum": 3}]}}', 'at items.anyOf[0], the schema\'s "enum" must be'),
+    ('{"properties": {"a": 3}}', "at properties.a, the schema must be a JSON object"),
+])
+def test_a_schema_that_is_no_schema_is_one_clear_line(text, words):
+    from ui.jsonmode import JsonMode
+
+    with pytest.raises(InvalidRequestError) as refused:
+        JsonMode("schema", schema=text).constraint()
+    assert words in refused.value.message and "\n" not in refused.value.message
+
+
+def test_a_bad_schema_is_refused_before_sending_and_the_message_stays_in_the_box(engine, uploads):
+    """On Enter with a broken schema: one line under the JSON mode, nothing enters the chat,
+    and the message box is left as it is (the callback skips it), files and all."""
+    import gradio as gr
+    from ui.callbacks import Callbacks
+
+    cb = Callbacks(ChatController(engine, (uploads.resolve(),)), "m", uploads, "")
+    message = {"text": "Read the receipt", "files": [str(uploads / "shapes.png")]}
+    *out, note = cb.on_submit(None, message, "", "schema", '{"type": "object"', "", Req())
+    assert note == "⚠ The JSON schema is not valid JSON: Expecting ',' delimiter (line 1, " \
+                   "column 18)."
+    assert all(isinstance(o, type(gr.skip())) for o in out)        # state, chat and box kept
+    *out, note = cb.on_submit(None, message, "", "fields", "", "<b>*x*:int", Req())  # as text
+    assert note == '⚠ Field "&lt;b&gt;\\*x\\*" has type "int": use one of string, integer, ' \
+                   'number, boolean, list.'
+    *out, note = cb.on_submit(None, message, "", "fields", "", "total:number", Req())
+    assert note == "" and out[0]["turns"][0]["text"] == "Read the receipt"
+    settings, note = Callbacks.on_json_text("fields", "", "a, a")       # as it is typed
+    assert note == '⚠ Field "a" is named twice.' and settings["fields"] == "a, a"
+    assert Callbacks.on_json_text("fields", "", " ")[1] == ""          # nothing typed yet
+
+
+def test_json_mode_answers_parse_validate_and_show_formatted(tiny_engine, uploads):
+    """Each JSON mode on the built-in model: the answer parses and obeys its schema, the turn
+    is marked JSON, and the chat shows it as a formatted ```json block."""
+    import jsonschema
+    from ui.jsonmode import JsonMode, fields_schema
+
+    c = ChatController(tiny_engine, (uploads.resolve(), ASSETS.resolve()))
+    schema = {"type": "object", "properties": {"count": {"type": "integer"}, "colours": {
+        "type": "array", "items": {"enum": ["red", "blue", "green", "yellow"]}}},
+        "required": ["count", "colours"]}
+    modes = [(JsonMode("schema", schema=json.dumps(schema)), schema),
+             (JsonMode("fields", fields="count:integer, colours:list"),
+              fields_schema("count:integer, colours:list")),
+             (JsonMode("object"), {"type": "object"})]
+    for mode, want in modes:
+        sampling = Sampling(max_tokens=64, temperature=1.0, seed=7, json_mode=mode)
+        state, shown = ask(c, history.new_state(), "How many shapes are there, and what "
+                           "colours are they?", [str(uploads / "shapes.png")], sampling)
+        turn = state["turns"][-1]
+        assert turn["error"] is None and turn["format"] == "json", turn
+        value = json.loads(turn["text"])
+        jsonschema.validate(value, want)
+        assert display.json_block(turn["text"]) in shown_text(shown)
+    off, _ = ask(c, history.new_state(), "How many shapes are there?",
+                 [str(uploads / "shapes.png")], Sampling(max_tokens=32, temperature=0))
+    assert "format" not in off["turns"][-1]
+
+
+def test_the_detect_preset_holds_the_answer_to_qwens_grounding_list(tiny_engine, uploads):
+    """Detect picks the grounding schema; on the built-in model (whose boxes are wrong) the
+    answer always parses into boxes, which are drawn on the picture."""
+    import jsonschema
+    from ui.jsonmode import GROUNDING_SCHEMA, JsonMode
+    from ui.layout import PRESETS
+
+    label, prompt, mode = PRESETS[0]
+    assert label == "Detect" and mode == "boxes" and {m for *_, m in PRESETS[1:]} == {"off"}
+    assert JsonMode(mode).constraint().json == GROUNDING_SCHEMA
+    box = GROUNDING_SCHEMA["items"]
+    assert box["required"] == ["bbox_2d", "label"] and list(box["properties"]) == ["bbox_2d",
+                                                                                   "label"]
+    jsonschema.Draft202012Validator.check_schema(GROUNDING_SCHEMA)
+    c = ChatController(tiny_engine, (uploads.resolve(),))
+    start = Sampling.starting(tiny_engine.sampling_defaults())
+    for seed in (None, 1, 2):
+        sampling = Sampling(max_tokens=120, temperature=start.temperature if seed is None else 1.0,
+                            seed=seed, json_mode=JsonMode(mode))
+        state, _ = ask(c, history.new_state(), prompt, [str(uploads / "shapes.png")], sampling)
+        turn = state["turns"][-1]
+        boxes = json.loads(turn["text"])
+        jsonschema.validate(boxes, GROUNDING_SCHEMA)
+        assert all(list(b) == ["bbox_2d", "label"] for b in boxes)   # by itself: label first
+        assert len(grounding.parse(turn["text"])) == len(boxes) >= 1
+        assert len(turn["figures"]) == 1 and Path(turn["figures"][0]["path"]).is_file()
+
+
+def test_too_few_tokens_for_the_schema_says_which_setting_to_raise(tiny_engine, uploads):
+    from ui.jsonmode import JsonMode
+
+    c = ChatController(tiny_engine, (uploads.resolve(),))
+    sampling = Sampling(max_tokens=2, json_mode=JsonMode("fields", fields="name, total:number"))
+    state, shown = ask(c, history.new_state(), "Read it", [str(uploads / "shapes.png")], sampling)
+    assert "max_tokens=2 is too few for this structured output" in state["turns"][-1]["error"]
+    assert "Raise *Max new tokens*" in shown_text(shown)
+
+
+def test_json_answers_are_shown_formatted_in_a_fence_nothing_can_close():
+    boxes = '[{"bbox_2d":[1,2,3,4],"label":"cat"},{"bbox_2d":[5,6,7,8],"label":"dog"}]'
+    assert display.json_block(boxes) == ('```json\n[\n  {"bbox_2d": [1, 2, 3, 4], "label": "cat"},'
+                                         '\n  {"bbox_2d": [5, 6, 7, 8], "label": "dog"}\n]\n```')
+    long = {"a": "x" * 80, "b": [1, 2], "c": {"d": ["y" * 70, "z"]}}
+    block = display.json_block(json.dumps(long))
+    assert json.loads(block.removeprefix("```json\n").removesuffix("\n```")) == long
+    assert '\n  "b": [1, 2],\n' in block and '\n    "d": [\n      "yyy' in block
+    tricky = display.json_block('{"a": "``` and ````"}')
+    assert tricky.startswith("`````json\n") and tricky.endswith("\n`````")
+    assert display.json_block('{"a": 1') == '```json\n{"a": 1\n```'     # stopped: as it came
+    assert display.json_block('```json\n[1, 2]\n```') == '```json\n[1, 2]\n```'   # fenced already
+    deep = "[" * 5000 + "]" * 5000
+    assert deep in display.json_block(deep)                  # too deep to format: as it came
+    state = history.new_state()
+    state["turns"] = [history.user_turn("q", []),
+                      history.assistant_turn(boxes, "stop", answer_format="json")]
+    kept = history.clean_state(json.loads(json.dumps(state)), [])
+    assert kept["turns"][1]["format"] == "json"
+    assert display.render(kept)[1]["content"] == display.json_block(boxes)
+    kept["turns"][1]["format"] = "<b>"
+    assert "format" not in history.clean_state(kept, [])["turns"][1]
+
+
+def test_boxes_anywhere_in_a_json_answer_are_found_in_order():
+    answer = json.dumps({"colours": ["red"], "found": {"boxes": [
+        {"bbox_2d": [1, 2, 3, 4], "label": "a", "parts": [{"bbox_2d": [0, 0, 1, 1]}]},
+        {"point_2d": [5, 6], "label": "b"}]}, "last": [{"bbox_2d": [9, 9, 8, 8], "label": "c"}]})
+    marks = grounding.parse(answer)
+    assert [(m.label, m.box, m.point) for m in marks] == [
+        ("a", (1, 2, 3, 4), None), ("b", None, (5, 6)), ("c", (8, 8, 9, 9), None)]
+    assert grounding.parse('{"bbox_2d": [1, 2, 3, 4], "label": "one"}')[0].label == "one"
+
+
+def test_the_json_mode_is_kept_in_the_browser_and_read_back_checked():
+    from ui.callbacks import Callbacks
+    from ui.jsonmode import MAX_SCHEMA_CHARS, JsonMode
+
+    kept = Callbacks.on_json_mode("fields", '{"type": "object"}', "a, b:integer")[3]
+    assert JsonMode.from_settings(kept) == JsonMode("fields", '{"type": "object"}', "a, b:integer")
+    mode, schema, upload, fields = Callbacks.on_load_json_mode(kept)
+    assert mode == "fields" and fields["value"] == "a, b:integer" and fields["visible"]
+    assert schema["value"] == '{"type": "object"}' and not schema["visible"]
+    for junk in (None, [], {"mode": "rm -rf", "schema": 3}, {"mode": "schema", "fields": {}}):
+        back = JsonMode.from_settings(junk)
+        assert back.mode in ("off", "schema") and back.fields == "" and back.schema == ""
+    big = JsonMode.from_settings({"mode": "schema", "schema": "x" * (MAX_SCHEMA_CHARS + 9)})
+    assert len(big.schema) == MAX_SCHEMA_CHARS
+
+
+def test_a_schema_file_fills_the_schema_box(engine, uploads):
+    import gradio as gr
+    from ui.callbacks import Callbacks
+    from ui.jsonmode import MAX_SCHEMA_CHARS
+
+    cb = Callbacks(ChatController(engine, (uploads.resolve(),)), "m", uploads, "")
+    (uploads / "schema.json").write_text('{"type": "object", "properties": {}}')
+    assert cb.on_schema_file(str(uploads / "schema.json")) == \
+        ['{"type": "object", "properties": {}}', "schema", ""]
+    (uploads / "broken.json").write_text('{"type": ')
+    text, mode, note = cb.on_schema_file(str(uploads / "broken.json"))
+    assert (text, mode) == ('{"type": ', "schema")                   # shown, to be fixed
+    assert note.startswith("⚠ broken.json: The JSON schema is not valid JSON")
+    (uploads / "huge.json").write_text('{"description": "' + "x" * MAX_SCHEMA_CHARS + '"}')
+    assert cb.on_schema_file(str(uploads / "huge.json"))[2].endswith("too long for a schema: "
+                                                                     "at most 65,536 characters.")
+    outside = ASSETS.parent / "README.md"
+    assert all(isinstance(o, type(gr.skip())) for o in cb.on_schema_file(str(outside)))

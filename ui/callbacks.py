@@ -3,6 +3,8 @@ and its result into component updates (the wiring is in layout.py)."""
 
 from __future__ import annotations
 
+import html
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,18 @@ from engine.errors import EngineError
 
 from . import display, history
 from .chat import ChatController, RefusedFiles, Sampling
+from .jsonmode import MAX_SCHEMA_CHARS, JsonMode
 
 BUSY_OUTPUTS = 7   # the message box, Stop, Retry, Undo, Clear, Save and Load
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]!|~#])")
+
+
+def json_note(problem: str | None) -> str:
+    """The line under the JSON mode: what is wrong with its schema or fields (the text may
+    quote what the user typed, so it is shown as plain text), or nothing."""
+    if not problem:
+        return ""
+    return "⚠ " + MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(problem, quote=False))
 
 
 @dataclass
@@ -30,7 +42,14 @@ class Callbacks:
         return [gr.update(interactive=not busy), gr.update(interactive=busy)] + \
                [gr.update(interactive=not busy)] * (BUSY_OUTPUTS - 2)
 
-    def on_submit(self, raw: Any, message: Any, system: str, request: gr.Request):
+    def on_submit(self, raw: Any, message: Any, system: str, mode: Any, schema: Any,
+                  fields: Any, request: gr.Request):
+        """The message into the chat, or refused with the box kept as it is. A JSON mode
+        whose schema is none is refused first, in the line under the JSON mode (a warning
+        toast raised in this unqueued event would never reach the page)."""
+        problem = JsonMode.from_values(mode, schema, fields).problem()
+        if problem is not None:
+            return [gr.skip()] * (2 + BUSY_OUTPUTS) + [json_note(problem)]
         try:
             st, shown, accepted = self.ctrl.add_user_turn(raw, message, system, request)
         except RefusedFiles as exc:   # an unreadable file leaves the box; the rest stays
@@ -38,24 +57,26 @@ class Callbacks:
             rest = f" Press Enter to send the rest without {them}." \
                 if exc.box["text"].strip() or exc.box["files"] else ""
             gr.Warning(f"Not sent: {exc.message}{rest}")
-            return [gr.skip(), gr.skip(), exc.box] + [gr.skip()] * (BUSY_OUTPUTS - 1)
+            return [gr.skip(), gr.skip(), exc.box] + [gr.skip()] * BUSY_OUTPUTS
         except EngineError as exc:    # e.g. a PDF with more pages than fit: the box keeps it
             gr.Warning(exc.message)
-            return [gr.skip(), gr.skip()] + [gr.skip()] * BUSY_OUTPUTS
+            return [gr.skip(), gr.skip()] + [gr.skip()] * (BUSY_OUTPUTS + 1)
         if not accepted:   # whitespace only: nothing to send, the box keeps its text
             gr.Warning("The message is empty: type a question or add an image.")
-            return [st, shown] + [gr.skip()] * BUSY_OUTPUTS
+            return [st, shown] + [gr.skip()] * (BUSY_OUTPUTS + 1)
         ui = self.buttons(True)
         ui[0] = gr.MultimodalTextbox(value=None, interactive=False)
-        return [st, shown] + ui
+        return [st, shown] + ui + [""]
 
     def on_retry(self, raw: Any, system: str, request: gr.Request):
         st, shown = self.ctrl.prepare_retry(raw, system, request)
         return [st, shown] + self.buttons(history.pending_user_turn(st) is not None)
 
     async def generate(self, raw: Any, max_new: Any, temp: Any, p: Any, k: Any, rep: Any,
-                       seed_value: Any, min_px: Any, max_px: Any, request: gr.Request):
+                       seed_value: Any, min_px: Any, max_px: Any, mode: Any, schema: Any,
+                       fields: Any, request: gr.Request):
         sampling = Sampling.from_values(max_new, temp, p, k, rep, seed_value, min_px, max_px)
+        sampling.json_mode = JsonMode.from_values(mode, schema, fields)
         async for st, shown in self.ctrl.respond(raw, sampling, request):
             yield (gr.skip() if st is None else st), shown
 
@@ -72,6 +93,50 @@ class Callbacks:
         """A task preset's prompt into the message box; the attached files stay."""
         files = box.get("files") if isinstance(box, dict) else None
         return {"text": prompt, "files": list(files or [])}
+
+    @staticmethod
+    def on_json_mode(mode: Any, schema: Any, fields: Any) -> list[Any]:
+        """The chosen mode's own inputs shown, what is wrong with them said, and all three
+        kept in the browser."""
+        kept = JsonMode.from_values(mode, schema, fields)
+        return [gr.update(visible=kept.mode == "schema"), gr.update(visible=kept.mode == "schema"),
+                gr.update(visible=kept.mode == "fields")] + Callbacks.on_json_text(*kept.values())
+
+    @staticmethod
+    def on_json_text(mode: Any, schema: Any, fields: Any) -> list[Any]:
+        """As the schema or the fields are typed: kept, and checked (an empty one is not
+        pointed out until Enter)."""
+        kept = JsonMode.from_values(mode, schema, fields)
+        typed = kept.schema if kept.mode == "schema" else kept.fields
+        problem = kept.problem() if typed.strip() else None
+        return [kept.settings(), json_note(problem)]
+
+    @staticmethod
+    def on_load_json_mode(raw: Any) -> list[Any]:
+        """The JSON mode as the browser kept it, each input shown in its own mode."""
+        kept = JsonMode.from_settings(raw)
+        return [kept.mode, gr.update(value=kept.schema, visible=kept.mode == "schema"),
+                gr.update(visible=kept.mode == "schema"),
+                gr.update(value=kept.fields, visible=kept.mode == "fields")]
+
+    def on_schema_file(self, path: str | None) -> list[Any]:
+        """A .json file's text into the schema box (JSON schema mode chosen); a file that is
+        not a schema is still shown, to be fixed there, and the line under it says why."""
+        if not path or not history.inside_roots(Path(path), self.ctrl.upload_roots):
+            return [gr.skip(), gr.skip(), gr.skip()]
+        name = Path(path).name
+        too_long = f"{name} is too long for a schema: at most {MAX_SCHEMA_CHARS:,} characters."
+        try:
+            with open(path, "rb") as f:
+                data = f.read(4 * MAX_SCHEMA_CHARS + 1)      # UTF-8: at most 4 bytes a character
+            text = None if len(data) > 4 * MAX_SCHEMA_CHARS else data.decode("utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "it is not UTF-8 text"
+            return [gr.skip(), gr.skip(), json_note(f"Cannot read {name}: {why}.")]
+        if text is None or len(text) > MAX_SCHEMA_CHARS:
+            return [gr.skip(), gr.skip(), json_note(too_long)]
+        problem = JsonMode("schema", text).problem()
+        return [text, "schema", json_note(f"{name}: {problem}" if problem else None)]
 
     def on_idle(self) -> list[Any]:
         return self.buttons(False)

@@ -28,6 +28,7 @@ from engine.types import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_TOKENS, DEFAULT_MIN_PI
 
 from . import display, grounding, history, meter
 from .history import State
+from .jsonmode import JsonMode
 from .feedback import FeedbackLog
 from .sessions import ActiveRequests
 
@@ -50,6 +51,7 @@ class Sampling:
     seed: int | None = None
     min_pixels: int = DEFAULT_MIN_PIXELS
     max_pixels: int = DEFAULT_MAX_PIXELS
+    json_mode: JsonMode = JsonMode()
 
     @classmethod
     def starting(cls, model_defaults: dict[str, float]) -> "Sampling":
@@ -79,9 +81,12 @@ class Sampling:
                    max_pixels=num(max_pixels, cls.max_pixels, int))
 
     def params(self) -> SamplingParams:
+        """The engine's sampling fields; InvalidRequestError when the JSON mode's schema or
+        fields are not one."""
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k,
-                              repetition_penalty=self.repetition_penalty, seed=self.seed)
+                              repetition_penalty=self.repetition_penalty, seed=self.seed,
+                              structured=self.json_mode.constraint())
 
 
 @dataclass
@@ -138,6 +143,8 @@ def error_message(exc: BaseException) -> str:
         msg = exc.message
         if exc.param == "input_tokens" and "completion" in msg:
             msg += " Lower *Max new tokens* in the settings."
+        elif exc.param == "max_tokens" and "structured output" in msg:
+            msg += " Raise *Max new tokens* in the settings, or turn JSON mode off."
         return msg
     return f"Internal error ({type(exc).__name__}). The server keeps running; please retry."
 
@@ -433,6 +440,7 @@ class ChatController:
             yield state, display.render(state)
             return
         session = session_of(request)
+        answer_format = "json" if sampling.json_mode.is_json else None
         try:
             handle, slot = await self._submit(state, sampling, request)
         except Exception as exc:  # bad input, busy, engine down: a message, never a traceback
@@ -451,7 +459,8 @@ class ChatController:
                     fin = update.finished
                     if fin is None:
                         if update.text:
-                            shown = update.text
+                            shown = display.json_block(update.text) if answer_format \
+                                else update.text
                         elif update.position:
                             shown = display.QUEUE_NOTE.format(pos=update.position)
                         else:
@@ -463,7 +472,8 @@ class ChatController:
                         error = "Generation failed."
                     figures = await self._figures(state, update.text, sampling)
                     answer = history.assistant_turn(update.text, fin.reason,
-                                                    fin.stats.to_dict(), error, figures)
+                                                    fin.stats.to_dict(), error, figures,
+                                                    answer_format)
                     if self.feedback is not None and fin.reason != "error":
                         answer["id"] = self._remember(state, update.text)
                     state["turns"].append(answer)

@@ -12,6 +12,7 @@ text, since they run for every streamed update."""
 from __future__ import annotations
 
 import html
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,43 @@ def shown(text: str, limit: int | None = None) -> str:
     return f"{head}{closing}\n\n{CUT_NOTE.format(total=len(text))}"
 
 
+BACKTICKS = re.compile(r"`+")
+JSON_LINE = 72          # a JSON value this short (and not nested deeper) stays on one line
+JSON_NESTED = 16        # deeper than this, a value is written compact on one line
+
+
+def _pretty(value: Any, depth: int = 0) -> str:
+    """JSON indented by two spaces, except that a short container stays on one line (a box
+    reads {"bbox_2d": [10, 20, 30, 40], "label": "cat"}, as Qwen2.5-VL writes it)."""
+    flat = json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+    if not value or not isinstance(value, (dict, list)) or len(flat) <= JSON_LINE - 2 * depth \
+            or depth >= JSON_NESTED:
+        return flat
+    pad = "  " * (depth + 1)
+    if isinstance(value, dict):
+        items = [f"{json.dumps(k, ensure_ascii=False)}: {_pretty(v, depth + 1)}"
+                 for k, v in value.items()]
+        return "{\n" + ",\n".join(pad + i for i in items) + "\n" + "  " * depth + "}"
+    items = [_pretty(v, depth + 1) for v in value]
+    return "[\n" + ",\n".join(pad + i for i in items) + "\n" + "  " * depth + "]"
+
+
+def json_block(text: str) -> str:
+    """A JSON answer as a ```json code block (its copy button copies the JSON): indented when
+    it parses (a constrained answer does, unless it was stopped), else as it came. The fence
+    is longer than any run of backticks in it, so nothing in the answer can close it early.
+    An answer already fenced (a server that ignored the constraint) is read inside its fence."""
+    inner = text.strip()
+    if len(inner) > 6 and inner.startswith("```") and inner.endswith("```"):
+        inner = inner[3:-3].removeprefix("json")
+    try:
+        body = _pretty(json.loads(inner))
+    except (ValueError, RecursionError):
+        body = text
+    fence = "`" * max(3, 1 + max((len(m) for m in BACKTICKS.findall(body)), default=0))
+    return f"{fence}json\n{body}\n{fence}"
+
+
 def with_stop_mark(text: str) -> str:
     """A stopped answer with its mark after it, outside any code block the answer left open
     (an unfinished JSON block would otherwise show the mark as code)."""
@@ -297,8 +335,9 @@ def render_indexed(state: State, streaming: str | None = None) -> tuple[list[dic
                 add(i, "user", shown(FILES_NOTE.format(
                     names=" · ".join(f["name"] for f in turn["files"]))))
             continue
-        text = turn["text"] and (shown(turn["text"], MAX_SHOWN_CHARS) if visible[i]
-                                 else EARLIER_NOTE)
+        body = json_block(turn["text"]) if turn.get("format") == "json" and turn["text"] \
+            else turn["text"]
+        text = body and (shown(body, MAX_SHOWN_CHARS) if visible[i] else EARLIER_NOTE)
         if turn["finish"] == "cancelled":
             text = with_stop_mark(text)
         if text:

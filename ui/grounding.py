@@ -7,7 +7,8 @@ of these forms (the Qwen cookbooks):
 - a ```json list of {"bbox_2d": [x1, y1, x2, y2], "label": ...} (text spotting adds
   "text_content"), often cut short by max tokens: the list is read up to its last whole entry;
 - {"point_2d": [x, y], "label": ...};
-- the older <|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>.
+- the older <|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>;
+- an answer that is one JSON value (the page's JSON mode): its marks under any key.
 
 `parse` finds them, `to_original` maps them from the resized picture onto the original,
 and `annotate` draws a labelled copy (the original stays untouched). No torch here.
@@ -213,12 +214,37 @@ def _entries(body: str) -> Iterator[Any]:
         at = JSON_WS.match(body, at + 1).end()
 
 
+# ----------------------------------------------------------------------------- whole JSON
+def _json_marks(text: str) -> list[Mark]:
+    """The marks anywhere in an answer that is one JSON value (a JSON-mode answer: boxes may
+    sit under any key, as a user's schema puts them), in document order; [] when the answer
+    is not JSON. json.loads is linear and refuses deep nesting (RecursionError); the walk
+    is iterative and does not look inside a mark."""
+    if text.lstrip()[:1] not in ("[", "{"):
+        return []
+    try:
+        stack = [json.loads(text)]
+    except (ValueError, RecursionError):
+        return []
+    marks: list[Mark] = []
+    while stack and len(marks) < MAX_MARKS:
+        value = stack.pop()
+        mark = _mark(value)
+        if mark is not None:
+            marks.append(mark)
+        elif isinstance(value, dict):
+            stack.extend(reversed(list(value.values())))
+        elif isinstance(value, list):
+            stack.extend(reversed(value))
+    return marks
+
+
 def parse(text: str) -> list[Mark]:
     """Every box and point in an answer, in order (at most MAX_MARKS). Linear in the answer's
     length and never raises: an answer is whatever the model (or a remote server) sent."""
     if not isinstance(text, str):
         return []
-    marks = _token_boxes(text)
+    marks = _token_boxes(text) or _json_marks(text)
     if marks:
         return marks
     for body in _bodies(text):

@@ -9,7 +9,8 @@ State shape (version 1):
         {"role": "user", "text": "...", "files": [{"path": "/tmp/gradio/.../a.png", "name": "a.png"}]},
         {"role": "assistant", "text": "...", "finish": "stop", "error": null, "stats": {...},
          "figures": [{"path": ".../qwenvl-figures/a-boxes.png", "name": ...}],  # boxes drawn
-         "rating": "like" | "dislike" | null, "id": "..."},   # id: the server's record of it
+         "rating": "like" | "dislike" | null, "id": "...",    # id: the server's record of it
+         "format": "json"},                 # only for an answer held to JSON (JSON mode)
     ]}
 
 The browser can edit what it stores, so every state that comes back is
@@ -55,6 +56,7 @@ MAX_NAME_CHARS = 255        # of a file's name as kept
 MAX_PATH_CHARS = 4096       # a longer path is no file of ours
 EXPORT_MAX_BYTES = 64 * 1024 * 1024   # file bytes one export embeds; the rest is left out
 RATINGS = ("like", "dislike")
+FORMATS = ("json",)         # an answer's "format", when it is not free text
 
 State = dict[str, Any]
 
@@ -147,6 +149,8 @@ def _clean_turn(turn: Any, budget: _FileBudget, dropped: list[str]) -> dict | No
         if isinstance(stats, dict) else None,
         "figures": budget.take(turn.get("figures"), "figures", dropped),
         "rating": rating if rating in RATINGS else None}
+    if turn.get("format") in FORMATS:
+        clean["format"] = turn["format"]
     answer_id = turn.get("id")
     if isinstance(answer_id, str) and _ANSWER_ID.fullmatch(answer_id):
         clean["id"] = answer_id          # names the server's own record (feedback)
@@ -201,11 +205,16 @@ def user_turn(text: str, paths: Iterable[str], room: int = MAX_FILES_PER_TURN) -
 
 
 def assistant_turn(text: str, finish: str, stats: dict | None = None,
-                   error: str | None = None, figures: Iterable[str] = ()) -> dict:
-    """An answer; `figures`: pictures drawn for it (its boxes on the question's pictures)."""
-    return {"role": "assistant", "text": text, "finish": finish, "error": error, "stats": stats,
+                   error: str | None = None, figures: Iterable[str] = (),
+                   answer_format: str | None = None) -> dict:
+    """An answer; `figures`: pictures drawn for it (its boxes on the question's pictures);
+    `answer_format` "json" for an answer held to JSON (shown as a formatted code block)."""
+    turn = {"role": "assistant", "text": text, "finish": finish, "error": error, "stats": stats,
             "figures": [{"path": str(p), "name": Path(p).name} for p in figures],
             "rating": None}
+    if answer_format in FORMATS:
+        turn["format"] = answer_format
+    return turn
 
 
 def pictures_for(state: State, index: int) -> list[str]:

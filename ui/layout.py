@@ -20,11 +20,13 @@ from engine.types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from . import history
 from .callbacks import Callbacks
 from .chat import ChatController, Sampling
+from .jsonmode import MODES, JsonMode
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 DEFAULT_SYSTEM = "You are a helpful assistant."
 STORAGE_KEY = "qwenvl-chat-v1"
+SETTINGS_KEY = "qwenvl-settings-v1"   # the JSON mode, kept apart from the chat (Clear keeps it)
 GENERATE = "generate"   # the one concurrency group of everything that runs the model
 
 LATEX = [{"left": "$$", "right": "$$", "display": True},
@@ -49,14 +51,16 @@ TINY_EXAMPLES = [
     ("shapes.png", "Which shape is red?"),
     ("shapes.png", "What shape is the blue one?"),
 ]
-# Task presets beside the message box: each puts its prompt into the box (files kept).
+# Task presets beside the message box: each puts its prompt into the box (files kept) and
+# picks the JSON mode its answer needs: Detect's is Qwen2.5-VL's grounding list (ui/jsonmode.py),
+# so its boxes always parse; the others answer in Markdown, HTML or prose.
 PRESETS = [
     ("Detect", "Locate every object in the image and output the bbox coordinates in JSON "
-               "format."),
+               "format.", "boxes"),
     ("Read text", "Read all the text in the image and write it out as Markdown, keeping its "
-                  "structure."),
-    ("Parse document", "QwenVL HTML"),
-    ("Describe in detail", "Please provide a detailed description of this image"),
+                  "structure.", "off"),
+    ("Parse document", "QwenVL HTML", "off"),
+    ("Describe in detail", "Please provide a detailed description of this image", "off"),
 ]
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
@@ -99,6 +103,10 @@ CSS = """
 #qvl-meter { font-size: .85rem; min-height: 0; }
 #qvl-meter p { margin: 0; }
 #qvl-presets button { min-width: 0; }
+#qvl-json-mode { padding: .25rem .5rem; }
+#qvl-json-note { color: #b45309; font-size: .9rem; min-height: 0; }
+#qvl-json-note p { margin: 0; }
+#qvl-json-mode .wrap { gap: .25rem .75rem; }
 #qvl-examples .gallery-item p { font-size: .85rem; margin: 0; text-align: left; }
 #qvl-examples .gallery-item img { max-height: 48px; max-width: 64px; object-fit: contain; }
 """
@@ -182,7 +190,11 @@ class Page:
     save_btn: Any
     load_btn: Any
     meter: Any
-    presets: list[tuple[Any, str]]
+    presets: list[tuple[Any, str, str]]   # (button, prompt, JSON mode)
+    json_inputs: list[Any]       # JSON mode, schema, fields (in that order)
+    json_note: Any               # what is wrong with the schema or the fields
+    schema_file: Any
+    settings: Any                # what the browser keeps of them
     sampling: list[Any]          # max tokens, temperature, top-p, top-k, rep. penalty, seed,
     export_text: Any             # min pixels, max pixels (in that order)
     api_answer: Any
@@ -219,8 +231,9 @@ def build_layout(engine: Engine, options: UIOptions) -> Page:
             meter = gr.Markdown("", elem_id="qvl-meter")
             with gr.Row(elem_id="qvl-presets"):
                 presets = [(gr.Button(label, size="sm", elem_id="qvl-preset-" +
-                                      label.lower().replace(" ", "-")), prompt)
-                           for label, prompt in PRESETS]
+                                      label.lower().replace(" ", "-")), prompt, mode)
+                           for label, prompt, mode in PRESETS]
+            json_inputs, schema_file, json_note = json_mode_inputs()
             with gr.Row(elem_id="qvl-buttons"):
                 stop_btn = gr.Button("Stop", variant="stop", interactive=False,
                                      elem_id="qvl-stop", size="sm")
@@ -261,10 +274,35 @@ def build_layout(engine: Engine, options: UIOptions) -> Page:
     api_answer = gr.Textbox(visible=False, label="Answer")
     api_btn = gr.Button(visible=False)
 
+    settings = gr.BrowserState(JsonMode().settings(), storage_key=SETTINGS_KEY,
+                               secret=options.browser_secret)
     return Page(state, chatbot, box, system_box, stop_btn, retry_btn, undo_btn, clear_btn,
-                save_btn, load_btn, meter, presets, [max_tokens, temperature, top_p, top_k, repetition_penalty,
-                                     seed, min_pixels, max_pixels],
+                save_btn, load_btn, meter, presets, json_inputs, json_note, schema_file, settings,
+                [max_tokens, temperature, top_p, top_k, repetition_penalty,
+                 seed, min_pixels, max_pixels],
                 export_text, api_answer, api_btn)
+
+
+def json_mode_inputs() -> tuple[list[Any], Any, Any]:
+    """The JSON mode beside the presets: the mode, then the schema (typed, or loaded from a
+    .json file) or the field names, each shown only in its own mode, and a line saying what
+    is wrong with them."""
+    with gr.Group():
+        mode = gr.Radio([(label, value) for label, value in MODES], value="off",
+                        label="JSON mode", elem_id="qvl-json-mode",
+                        info="the answer is held to JSON: it always parses")
+        schema = gr.Code("", language="json", label="JSON schema", lines=6, max_lines=16,
+                         interactive=True, visible=False, elem_id="qvl-json-schema")
+        schema_file = gr.UploadButton("Load schema (.json)", file_types=[".json"],
+                                      file_count="single", type="filepath", size="sm",
+                                      visible=False, elem_id="qvl-json-schema-file")
+        fields = gr.Textbox("", label="Fields", lines=1, max_lines=3, visible=False,
+                            placeholder="name, total:number, items:list, paid:boolean",
+                            info="comma-separated, all required; types: string (default), "
+                                 "integer, number, boolean, list",
+                            elem_id="qvl-json-fields")
+        note = gr.Markdown("", elem_id="qvl-json-note")
+    return [mode, schema, fields], schema_file, note
 
 
 def wire_events(page: Page, cb: Callbacks, options: UIOptions, demo: gr.Blocks) -> None:
@@ -272,24 +310,27 @@ def wire_events(page: Page, cb: Callbacks, options: UIOptions, demo: gr.Blocks) 
     quiet = {"api_visibility": "undocumented", "queue": False}
     run = {"api_visibility": "undocumented", "concurrency_id": GENERATE,
            "concurrency_limit": options.concurrency, "show_progress": "minimal"}
-    st, chat, busy = page.state, page.chatbot, page.busy_outputs
-    submitted = page.box.submit(cb.on_submit, [st, page.box, page.system_box],
-                                [st, chat] + busy, **quiet)
-    submitted.then(cb.generate, [st] + page.sampling, [st, chat], **run) \
+    st, chat, busy, jsons = page.state, page.chatbot, page.busy_outputs, page.json_inputs
+    asked = [st] + page.sampling + jsons      # what generate reads
+    submitted = page.box.submit(cb.on_submit, [st, page.box, page.system_box] + jsons,
+                                [st, chat] + busy + [page.json_note], **quiet)
+    submitted.then(cb.generate, asked, [st, chat], **run) \
         .then(cb.on_idle, None, busy, **quiet)
     retried = page.retry_btn.click(cb.on_retry, [st, page.system_box], [st, chat] + busy,
                                    **quiet)
-    retried.then(cb.generate, [st] + page.sampling, [st, chat], **run) \
+    retried.then(cb.generate, asked, [st, chat], **run) \
         .then(cb.on_idle, None, busy, **quiet)
     edited = chat.edit(cb.on_edit, [st], [st, chat] + busy, **quiet)
-    edited.then(cb.generate, [st] + page.sampling, [st, chat], **run) \
+    edited.then(cb.generate, asked, [st, chat], **run) \
         .then(cb.on_idle, None, busy, **quiet)
+    wire_json_mode(page, cb, demo)
     chat.like(cb.on_like, [st], [st], **quiet)
     page.box.change(cb.ctrl.composer_meter, [page.box, st, page.sampling[6], page.sampling[7],
                                              page.sampling[0]], [page.meter],
                     trigger_mode="always_last", **quiet)
-    for button, prompt in page.presets:
-        button.click(lambda box, p=prompt: cb.preset(box, p), [page.box], [page.box], **quiet)
+    for button, prompt, mode in page.presets:
+        button.click(lambda box, p=prompt, m=mode: (cb.preset(box, p), m), [page.box],
+                     [page.box, page.json_inputs[0]], **quiet)
     page.stop_btn.click(cb.on_stop, None, None, **quiet)
     page.undo_btn.click(cb.on_undo, [st], [st, chat, page.box], **quiet)
     page.clear_btn.click(cb.ctrl.clear, [st], [st, chat], **quiet)
@@ -303,6 +344,21 @@ def wire_events(page: Page, cb: Callbacks, options: UIOptions, demo: gr.Blocks) 
                        concurrency_limit=options.concurrency)
     demo.load(cb.on_load, [st], [st, chat, page.system_box], **quiet)
     demo.unload(cb.on_unload)
+
+
+def wire_json_mode(page: Page, cb: Callbacks, demo: gr.Blocks) -> None:
+    """The JSON mode's inputs: shown by mode, kept in the browser, restored on load."""
+    quiet = {"api_visibility": "undocumented", "queue": False}
+    mode, schema, fields = page.json_inputs
+    mode.change(cb.on_json_mode, page.json_inputs, [schema, page.schema_file, fields,
+                                                    page.settings, page.json_note], **quiet)
+    for box in (schema, fields):
+        box.change(cb.on_json_text, page.json_inputs, [page.settings, page.json_note],
+                   trigger_mode="always_last", **quiet)
+    page.schema_file.upload(cb.on_schema_file, [page.schema_file], [schema, mode,
+                                                                    page.json_note], **quiet)
+    demo.load(cb.on_load_json_mode, [page.settings],
+              [mode, schema, page.schema_file, fields], **quiet)
 
 
 def build_demo(engine: Engine, options: UIOptions | None = None) -> gr.Blocks:
