@@ -1,6 +1,6 @@
 # make run   - start the web app at http://127.0.0.1:7860 (installs what it needs first)
 # make test  - create .venv, install everything (Chromium for the browser test too) and run pytest
-# make screenshots - remake docs/screenshot.png, grounding.png, pdf-pages.png from the current page
+# make screenshots - remake docs/screenshot.png, grounding.png, pdf-pages.png, json-mode.png from the current page
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
