@@ -32,7 +32,7 @@ from .completion_protocol import (CompletionChoice, CompletionChunk, CompletionL
                                   check_body, check_request, completion_id, completion_logprobs,
                                   not_honoured, prompt_logprobs_out, unknown_fields)
 from .fairshare import ClientBusyError
-from .protocol import SSE_DONE, UsageInfo, sse_data
+from .protocol import SSE_DONE, UsageInfo, prompt_tokens_details, sse_data
 from .serving import (FINISH_REASONS, SSE_HEADERS, APIError, ChatServing, HeldResponse,
                       error_response, load_json, until_disconnect, validation_error)
 
@@ -255,29 +255,37 @@ class CompletionServing:
                 prompt_logprobs=prompt_logprobs_out(fin.prompt_logprobs),
                 prompt_token_ids=fin.prompt_token_ids if req.return_token_ids else None))
         response = CompletionResponse(id=cid, created=created, model=model, choices=out,
-                                      usage=self._usage(choices))
+                                      usage=self._usage(req, choices, choices[-1]))
         return JSONResponse(response.model_dump())
 
-    @staticmethod
-    def _usage(choices: list[Choice]) -> UsageInfo:
-        """Each prompt's tokens once (not once per choice) and every choice's output."""
+    def _usage(self, req: CompletionRequest, choices: list[Choice], cached: Choice) -> UsageInfo:
+        """Each prompt's tokens once (not once per choice) and every choice's output (every
+        beam's); with --enable-prompt-tokens-details the cached prompt tokens of `cached`'s
+        prompt, as vLLM reports one prompt's (none for a beam search)."""
         prompt = sum({id(c.prompt): c.finished.stats.prompt_tokens for c in choices}.values())
         output = sum(c.finished.stats.output_tokens for c in choices)
+        details = None
+        if self.chat.settings.enable_prompt_tokens_details and not req.use_beam_search:
+            details = prompt_tokens_details(cached.finished.stats.cached_tokens)
         return UsageInfo(prompt_tokens=prompt, completion_tokens=output,
-                         total_tokens=prompt + output)
+                         total_tokens=prompt + output, prompt_tokens_details=details)
 
     async def _pump(self, req: CompletionRequest, c: Choice, handle: RequestHandle,
                     queue: asyncio.Queue) -> None:
         """A choice's events as (choice, deltas, finished) items: a delta the engine has
-        already finished after rides with the finish (vLLM's last chunk has both), and a
-        streamed echo with logprobs waits for the prompt's logprobs at the end."""
+        already finished after, or that reaches max_tokens, rides with the finish (vLLM's
+        last chunk has both), and a streamed echo with logprobs waits for the prompt's
+        logprobs at the end."""
         hold = bool(req.echo and req.logprobs is not None)
         pending: list[TextDelta] = []
+        made = 0
         try:
             async for event in handle:
                 if isinstance(event, TextDelta):
                     pending.append(event)
-                    if not hold and handle.finished is None:
+                    made += len(event.token_ids)
+                    last = req.max_tokens is not None and made >= req.max_tokens
+                    if not hold and not last and handle.finished is None:
                         await queue.put((c, pending, None))
                         pending = []
                 else:
@@ -306,7 +314,8 @@ class CompletionServing:
                         break
             if req.include_usage:
                 yield sse_data(CompletionChunk(id=cid, created=created, model=model, choices=[],
-                                               usage=self._usage(choices)).data())
+                                               usage=self._usage(req, choices,
+                                                                 choices[0])).data())
             yield SSE_DONE
         finally:
             for task in tasks:

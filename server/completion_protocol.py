@@ -15,7 +15,8 @@ from pydantic import BaseModel, Field, field_validator
 from engine.errors import InvalidRequestError
 from engine.types import SamplingParams, TokenLogprob
 
-from .protocol import SamplingFields, UsageInfo, check_structured_body
+from .protocol import (SamplingFields, UsageInfo, check_beam_fields, check_structured_body,
+                       usage_without_nulls)
 
 MAX_PROMPTS = 1024   # vLLM's VLLM_MAX_COMPLETION_PROMPTS default: prompts in one batch
 DEFAULT_MAX_TOKENS = 16   # vLLM's (and OpenAI's) default for completions, unlike chat's
@@ -26,8 +27,8 @@ TokenIds = list[Annotated[int, Field(ge=0)]]
 class CompletionRequest(SamplingFields):
     """vLLM's CompletionRequest. The fields it has and this server cannot honour are in
     NOT_HONOURED (refused when set); the ones below are honoured, or have no effect in vLLM
-    either on this model and endpoint (session_id, stream_interval, length_penalty without
-    beam search, the render endpoints' return_token_offsets and mm_payload)."""
+    either on this model and endpoint (session_id, stream_interval, the render endpoints'
+    return_token_offsets and mm_payload)."""
 
     prompt: Union[TokenIds, list[TokenIds], str, list[str], None] = None
     max_tokens: int | None = DEFAULT_MAX_TOKENS
@@ -35,8 +36,6 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None
     suffix: str | None = None
     best_of: int | None = None
-    use_beam_search: bool = False
-    length_penalty: float = 1.0
     add_special_tokens: bool = True
     return_token_ids: bool | None = None
     return_tokens_as_token_ids: bool | None = None
@@ -119,6 +118,9 @@ def check_body(data: Any) -> None:
             raise _bad(f"`{name}` must be an integer.", name, value)
         if value is not None and value < 0 and value != -1:
             raise _bad(f"`{name}` must be a positive value or -1.", name, value)
+    if data.get("use_beam_search") and data.get("echo") and data.get("logprobs") is not None:
+        raise _bad("`echo` with `logprobs` is not supported with beam search because beam "
+                   "search does not compute prompt logprobs.", "echo")
     prompt_logprobs = data.get("prompt_logprobs")
     if prompt_logprobs is not None and data.get("stream") \
             and (prompt_logprobs > 0 or prompt_logprobs == -1):
@@ -144,16 +146,15 @@ def unknown_fields(data: Any) -> list[str]:
 
 def check_request(req: CompletionRequest) -> None:
     """What vLLM's completion renderer refuses for this model, and what this server refuses
-    rather than ignores (beam search, best_of, right-side truncation)."""
+    rather than ignores (fields beam search ignores, best_of, right-side truncation)."""
     if req.suffix is not None:
         if req.echo:
             raise InvalidRequestError("Echo is unsupported with suffix.", param="suffix")
         raise InvalidRequestError("suffix is only supported for models with FIM completion "
                                   "rendering", param="suffix")
-    if req.use_beam_search:
-        raise InvalidRequestError("use_beam_search: beam search is not supported by this "
-                                  "server, so refused rather than ignored.",
-                                  param="use_beam_search")
+    if req.stream and req.use_beam_search:
+        raise InvalidRequestError("Streaming is not currently supported with beam search")
+    check_beam_fields(req, ("response_format", "structured_outputs"))
     if req.best_of not in (None, 1):
         raise InvalidRequestError(f"best_of must be 1: this server does not generate extra "
                                   f"candidates to pick from, got {req.best_of}.", param="best_of")
@@ -242,7 +243,7 @@ class CompletionChunk(BaseModel):
         if self.usage is None:
             del out["usage"]
         else:
-            out["usage"] = {k: v for k, v in out["usage"].items() if v is not None}
+            out["usage"] = usage_without_nulls(out["usage"])
         return out
 
 

@@ -11,7 +11,8 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import (BaseModel, ConfigDict, Field, field_validator, model_serializer,
+                      model_validator)
 
 from engine.errors import InvalidRequestError, error_dict
 from engine.types import SamplingParams, StructuredOutput, TokenLogprob, TopLogprob
@@ -33,18 +34,42 @@ class TextPart(_Lenient):
 
 
 class MediaURL(_Lenient):
-    url: str
+    url: str | None = None
     detail: str | None = None
 
 
-class ImageURLPart(_Lenient):
+class _MediaPart(_Lenient):
+    """An image_url or video_url part. vLLM's `uuid` names the item: a later part may send
+    an empty URL ({} or null) with the same uuid to reuse what was sent under it."""
+
+    uuid: str | None = None
+
+    @field_validator("uuid", mode="before")
+    @classmethod
+    def _uuid_as_text(cls, value: Any) -> Any:
+        """vLLM takes any JSON scalar as a uuid, as its text."""
+        return value if value is None or isinstance(value, str) else str(value)
+
+    def media_url(self) -> str | None:
+        """The part's URL; None only where a uuid stands for it."""
+        media = getattr(self, self.type)
+        return media.url if media is not None else None
+
+    @model_validator(mode="after")
+    def _url_or_uuid(self) -> "_MediaPart":
+        if self.uuid is None and self.media_url() is None:   # pydantic's words, as vLLM
+            raise ValueError(f"{self.type}.url: Field required (or a uuid sent before)")
+        return self
+
+
+class ImageURLPart(_MediaPart):
     type: Literal["image_url"]
-    image_url: MediaURL
+    image_url: MediaURL | None
 
 
-class VideoURLPart(_Lenient):
+class VideoURLPart(_MediaPart):
     type: Literal["video_url"]
-    video_url: MediaURL
+    video_url: MediaURL | None
 
 
 ContentPart = Annotated[Union[TextPart, ImageURLPart, VideoURLPart], Field(discriminator="type")]
@@ -53,9 +78,10 @@ PART_TYPES = ("text", "image_url", "video_url")
 
 class ChatMessage(_Lenient):
     """One OpenAI message. A "tool" turn answers the call `tool_call_id` names; an assistant
-    turn may carry the `tool_calls` it made. Both reach the chat template as they are."""
+    turn may carry the `tool_calls` it made. Both reach the chat template as they are, and so
+    does any other role (vLLM's custom roles: the template decides what it means)."""
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: str
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -223,6 +249,8 @@ class SamplingFields(_Lenient):
     return_token_ids: bool | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     @property
     def include_usage(self) -> bool:
@@ -269,7 +297,42 @@ class SamplingFields(_Lenient):
             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, n=self.n or 1,
             logprobs=self.top_logprob_count, prompt_logprobs=self.prompt_logprobs,
             truncate_prompt_tokens=self.truncate_prompt_tokens, structured=self.structured(),
+            use_beam_search=self.use_beam_search, length_penalty=self.length_penalty,
             cap_to_context=True)   # as vLLM 0.32: max_tokens is lowered to what fits the context
+
+
+# The sampling fields vLLM's beam search ignores (its BeamSearchParams carries none of them),
+# each with the values that mean "not set". Beside use_beam_search any other value is refused
+# with a 400 naming it, never accepted and ignored.
+BEAM_IGNORES: dict[str, tuple[Any, ...]] = {
+    "stop": (None, [], ""), "stop_token_ids": (None, []), "min_tokens": (0,),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1), "top_p": (None, 1), "top_k": (None, 0, -1),
+    "min_p": (None, 0), "seed": (None,), "logit_bias": (None, {}), "bad_words": (None, []),
+    "allowed_token_ids": (None,), "prompt_logprobs": (None,),
+    "spaces_between_special_tokens": (True,),
+}
+
+
+def check_beam_fields(req: SamplingFields, constraint_fields: tuple[str, ...]) -> None:
+    """With use_beam_search: a 400 naming every field set that beam search would ignore
+    (`constraint_fields`: the request's fields that constrain the answer's form, since a
+    structured output is ignored there too); without it, a length_penalty that could only
+    be ignored."""
+    if not req.use_beam_search:
+        if req.length_penalty != 1:
+            raise InvalidRequestError("length_penalty only applies with use_beam_search; "
+                                      "refused rather than ignored.", param="length_penalty")
+        return
+    fields = req.model_dump(include=set(BEAM_IGNORES))
+    ignored = [name for name, unset in BEAM_IGNORES.items() if fields[name] not in unset]
+    if req.structured() is not None:
+        ignored += [name for name in constraint_fields if name in req.model_fields_set]
+    if ignored:
+        raise InvalidRequestError(
+            f"{', '.join(ignored)}: not supported with beam search (vLLM's beam search ignores "
+            f"{'it' if len(ignored) == 1 else 'them'}); refused rather than ignored.",
+            param=ignored[0])
 
 
 LOGIT_BIAS_LIMIT = 100.0   # vLLM clamps every bias into [-100, 100]
@@ -394,13 +457,11 @@ class DetokenizeResponse(BaseModel):
 # that sets one to anything else is refused with a 400 naming it, never accepted and ignored.
 _GUIDED = "vLLM 0.32 no longer reads the guided_* fields; use structured_outputs"
 _FUNCTIONS = "the legacy functions API is not supported; use tools and tool_choice"
-_BEAM = "beam search is not supported"
 NOT_HONOURED: dict[str, tuple[Any, str]] = {
     "guided_json": (None, _GUIDED), "guided_regex": (None, _GUIDED),
     "guided_choice": (None, _GUIDED), "guided_grammar": (None, _GUIDED),
     "guided_decoding_backend": (None, _GUIDED), "guided_whitespace_pattern": (None, _GUIDED),
     "functions": (None, _FUNCTIONS), "function_call": (None, _FUNCTIONS),
-    "use_beam_search": (False, _BEAM), "length_penalty": (1, _BEAM),
     "best_of": (None, "best_of is not supported (vLLM's V1 engine dropped it too)"),
     "chat_template": (None, "a chat template from the request is not trusted; the model's "
                             "own is used"),
@@ -487,7 +548,8 @@ def check_chat_body(data: Any) -> None:
     if data.get("continue_final_message"):
         if data.get("add_generation_prompt"):
             raise InvalidRequestError("Cannot set both `continue_final_message` and "
-                                      "`add_generation_prompt` to True.")
+                                      "`add_generation_prompt` to True.",
+                                      param="continue_final_message")
         if "add_generation_prompt" not in data:   # left at its default, True (transformers' words)
             raise InvalidRequestError(
                 "continue_final_message and add_generation_prompt are not compatible. Use "
@@ -508,14 +570,38 @@ class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     total_tokens: int = 0
     completion_tokens: int = 0
-    prompt_tokens_details: None = None
+    prompt_tokens_details: dict[str, Any] | None = None
     completion_tokens_details: None = None
 
 
-def usage_info(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+def usage_info(prompt_tokens: int, completion_tokens: int,
+               details: dict[str, Any] | None = None) -> UsageInfo:
     """Usage of a whole answer: the prompt once, the tokens of every choice (vLLM's sum)."""
     return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens)
+                     total_tokens=prompt_tokens + completion_tokens,
+                     prompt_tokens_details=details)
+
+
+def prompt_tokens_details(cached_tokens: int | None,
+                          multimodal_tokens: dict[str, int] | None = None) -> dict | None:
+    """vLLM's PromptTokenUsageInfo (--enable-prompt-tokens-details): the prompt tokens whose
+    KV came from the prefix cache, and the prompt's placeholder tokens per modality; None
+    when neither is known (a beam search reports no cached tokens, as vLLM's). Tokens written
+    to the cache are not counted here (created_cache_tokens null)."""
+    if cached_tokens is None and not multimodal_tokens:
+        return None
+    return {"cached_tokens": cached_tokens, "created_cache_tokens": None,
+            "multimodal_tokens": multimodal_tokens or None}
+
+
+def usage_without_nulls(usage: dict) -> dict:
+    """A stream's usage as vLLM dumps it there: null fields left out, within
+    prompt_tokens_details too."""
+    out = {k: v for k, v in usage.items() if v is not None}
+    if isinstance(out.get("prompt_tokens_details"), dict):
+        out["prompt_tokens_details"] = {k: v for k, v in out["prompt_tokens_details"].items()
+                                        if v is not None}
+    return out
 
 
 def continuous_usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -526,7 +612,7 @@ def continuous_usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def final_usage(usage: UsageInfo) -> dict:
     """The include_usage chunk's usage: vLLM drops its null fields there."""
-    return {k: v for k, v in usage.model_dump().items() if v is not None}
+    return usage_without_nulls(usage.model_dump())
 
 
 # ----------------------------------------------------------------------------- logprobs

@@ -42,6 +42,7 @@ from starlette.requests import ClientDisconnect
 from engine.base import Engine
 from engine.config import DEFAULT_MODEL
 from engine.errors import EngineError, InvalidRequestError, ModelNotFoundError
+from engine.inputs.media import NamedMedia
 from engine.stream import RequestHandle
 from engine.stream import merge_deltas
 from engine.types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
@@ -51,9 +52,9 @@ from .fairshare import RETRY_AFTER_S, ClientBusyError, ClientSlots, Slot
 from .metrics import MetricsRegistry
 from .protocol import (SSE_DONE, AssistantMessage, ChatCompletionChoice, ChatCompletionRequest,
                        ChatCompletionResponse, ChunkWriter, ImageURLPart, TextPart, UsageInfo,
-                       VideoURLPart, chat_logprobs, check_chat_body, completion_id,
-                       continuous_usage, not_honoured, prompt_logprobs_json, sse_data,
-                       unknown_fields, usage_info)
+                       VideoURLPart, chat_logprobs, check_beam_fields, check_chat_body,
+                       completion_id, continuous_usage, not_honoured, prompt_logprobs_json,
+                       prompt_tokens_details, sse_data, unknown_fields, usage_info)
 from .settings import ServerSettings
 from .tools import ToolStream, check_tool_flags, named_choice, parse_forced, parse_hermes
 
@@ -211,9 +212,11 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     if extras:
         log.warning("ignoring unknown request field(s): %s", ", ".join(extras[:10]))
     try:
-        return ChatCompletionRequest.model_validate(data)
+        req = ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc) from None
+    check_beam_fields(req, ("response_format", "structured_outputs", "tool_choice"))
+    return req
 
 
 def _bad(message: str, param: str) -> InvalidRequestError:
@@ -231,14 +234,20 @@ def _engine_message(i: int, m: Any, fps: float | None) -> Message:
             if isinstance(part, TextPart):
                 parts.append(part.text)
             elif isinstance(part, ImageURLPart):
-                parts.append(ImageInput(part.image_url.url))
+                parts.append(ImageInput(_media_source(part)))
             elif isinstance(part, VideoURLPart):
-                parts.append(VideoInput(part.video_url.url, fps=fps))
+                parts.append(VideoInput(_media_source(part), fps=fps))
     if role != "user" and any(not isinstance(p, str) for p in parts):
         raise _bad(f"messages[{i}]: only user messages may contain images or videos.",
                    "messages")
     return Message(role, parts=[p for p in parts if not isinstance(p, str) or p],
                    tool_calls=m.tool_calls, tool_call_id=m.tool_call_id)
+
+
+def _media_source(part: ImageURLPart | VideoURLPart) -> Any:
+    """A part's URL, or with vLLM's uuid the NamedMedia the input stage remembers it by."""
+    url = part.media_url()
+    return url if part.uuid is None else NamedMedia(part.uuid, url)
 
 
 def to_generation_request(req: ChatCompletionRequest, request_id: str) -> GenerationRequest:
@@ -303,6 +312,9 @@ class ChatServing:
         self.policy = settings.media_policy()
         # Prompt rendering fetches and decodes images: off the event loop, in its own pool.
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="api-submit")
+        self.details = PromptDetails(engine) if settings.enable_prompt_tokens_details else None
+        if self.details is not None:   # the placeholder ids, found before the first answer
+            self._pool.submit(self.details.placeholder_ids)
 
     @property
     def model_names(self) -> list[str]:
@@ -353,7 +365,8 @@ class ChatServing:
             return self.refuse(exc)
         client_id = raw.headers.get("X-Request-Id") or req.request_id
         cid = completion_id(client_id) if client_id else gen.request_id
-        return await until_disconnect(raw, self._run(req, gen, Answer(cid, model)))
+        answer = Answer(cid, model, details=self.details)
+        return await until_disconnect(raw, self._run(req, gen, answer))
 
     def refuse(self, exc: EngineError) -> JSONResponse:
         self.metrics.on_refused(exc.code)
@@ -394,13 +407,55 @@ class ChatServing:
 
 
 # --------------------------------------------------------------------------- answers
+MEDIA_PLACEHOLDERS = {"image": "<|image_pad|>", "video": "<|video_pad|>"}   # Qwen2.5-VL's
+
+
+class PromptDetails:
+    """usage.prompt_tokens_details as vLLM's --enable-prompt-tokens-details reports them: the
+    prompt tokens the prefix cache supplied (none reported for a beam search, as in vLLM) and
+    the placeholder tokens per modality, counted in the prompt's ids."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._ids: dict[str, int] | None = None
+
+    def placeholder_ids(self) -> dict[str, int]:
+        """Each modality's placeholder token id, from the engine's tokenizer (once)."""
+        if self._ids is None:
+            ids = {}
+            for modality, token in MEDIA_PLACEHOLDERS.items():
+                try:
+                    found = self.engine.tokenize(token, add_special_tokens=False)
+                except EngineError:   # a remote without /tokenize: no per-modality counts
+                    found = []
+                if len(found) == 1:
+                    ids[modality] = found[0]
+            self._ids = ids
+        return self._ids
+
+    def __call__(self, first: Finished, beam: bool) -> dict | None:
+        """The details of an answer whose first choice ended with `first`."""
+        ids = first.prompt_token_ids or []
+        media = {m: n for m, token in self.placeholder_ids().items()
+                 if (n := ids.count(token))} if ids else {}
+        return prompt_tokens_details(None if beam else first.stats.cached_tokens, media)
+
+
 @dataclass
 class Answer:
-    """What every chunk of one answer repeats: its id, creation time and model name."""
+    """What every chunk of one answer repeats: its id, creation time and model name; and
+    the usage details it reports, where the server reports them."""
 
     id: str
     model: str
     created: int = field(default_factory=lambda: int(time.time()))
+    details: PromptDetails | None = None
+
+    def usage(self, req: ChatCompletionRequest, prompt_tokens: int, completion_tokens: int,
+              finishes: list[Finished]) -> UsageInfo:
+        details = self.details(finishes[0], req.use_beam_search) \
+            if self.details is not None and finishes else None
+        return usage_info(prompt_tokens, completion_tokens, details)
 
 
 async def submit_choices(engine: Engine, gen: GenerationRequest, policy: Any,
@@ -461,10 +516,12 @@ def first_error(finishes: list[Finished]) -> EngineError | None:
     return None if failed is None else _as_engine_error(failed.error)
 
 
-def total_usage(finishes: list[Finished]) -> UsageInfo:
-    """The prompt counted once and the tokens of all choices, as vLLM's usage counts them."""
+def total_usage(req: ChatCompletionRequest, answer: Answer,
+                finishes: list[Finished]) -> UsageInfo:
+    """The prompt counted once and the tokens of all choices (every beam's, with beam
+    search), as vLLM's usage counts them."""
     prompt = finishes[0].stats.prompt_tokens if finishes else 0
-    return usage_info(prompt, sum(f.stats.output_tokens for f in finishes))
+    return answer.usage(req, prompt, sum(f.stats.output_tokens for f in finishes), finishes)
 
 
 def answer_message(req: ChatCompletionRequest, text: str,
@@ -507,7 +564,8 @@ async def complete_chat(handles: list[RequestHandle], req: ChatCompletionRequest
     first = finishes[0]
     response = ChatCompletionResponse(
         id=answer.id, created=answer.created, model=answer.model, choices=choices,
-        usage=total_usage(finishes), prompt_logprobs=prompt_logprobs_json(first.prompt_logprobs),
+        usage=total_usage(req, answer, finishes),
+        prompt_logprobs=prompt_logprobs_json(first.prompt_logprobs),
         prompt_token_ids=first.prompt_token_ids if req.return_token_ids else None)
     return JSONResponse(response.model_dump())
 
@@ -557,7 +615,7 @@ class ChatStream:
 
     def __init__(self, handles: list[RequestHandle], req: ChatCompletionRequest,
                  answer: Answer, prompt_ids: list[int] | None) -> None:
-        self.handles, self.req = handles, req
+        self.handles, self.req, self.answer = handles, req, answer
         self.write = ChunkWriter(answer.id, answer.created, answer.model)
         self.prompt_ids = prompt_ids
         self.prompt_tokens = len(prompt_ids) if prompt_ids is not None else 0
@@ -643,7 +701,8 @@ class ChatStream:
             self.prompt_tokens = finishes[0].stats.prompt_tokens
         sent = sum(self.tokens)
         done = sum(f.stats.output_tokens for f in finishes)
-        return [self.write.usage(usage_info(self.prompt_tokens, max(sent, done)))]
+        return [self.write.usage(self.answer.usage(self.req, self.prompt_tokens,
+                                                   max(sent, done), finishes))]
 
 
 async def stream_chat(handles: list[RequestHandle], req: ChatCompletionRequest, answer: Answer,

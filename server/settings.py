@@ -67,6 +67,10 @@ class ServerSettings:
         False, env="QWENVL_ENABLE_SERVER_LOAD_TRACKING", group=API, action="store_true",
         help="count the chat and completion requests in flight for GET /load (vLLM's flag; "
              "without it /load says 0)")
+    enable_prompt_tokens_details: bool = setting(
+        False, env="QWENVL_ENABLE_PROMPT_TOKENS_DETAILS", group=API, action="store_true",
+        help="report usage.prompt_tokens_details (vLLM's flag): the prompt tokens whose KV "
+             "came from the prefix cache, as cached_tokens")
     max_body_mb: float = setting(
         64.0, env="QWENVL_MAX_BODY_MB", group=API,
         help="largest accepted request body in MB (the page's events too)")

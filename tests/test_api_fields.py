@@ -380,3 +380,164 @@ def test_refused_as_vllm_refuses(http, case):
     assert message in error["message"], error
     if param is not None:
         assert error["param"] == param, error
+
+
+# --------------------------------------------------------------------------- prompt_tokens_details
+@pytest.fixture(scope="module")
+def http_details(engine):
+    """The API with vLLM's --enable-prompt-tokens-details."""
+    with BackgroundServer(create_api_app(engine, ServerSettings(
+            enable_prompt_tokens_details=True))) as srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            yield client
+
+
+def _picture_uri(size: tuple[int, int] = (224, 224), colour=(200, 30, 30)) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image_message(url_part: dict | None, uuid: str | None = None, text: str = "Describe it.",
+                   **image_url) -> list[dict]:
+    part: dict = {"type": "image_url", "image_url": url_part, **image_url}
+    if uuid is not None:
+        part["uuid"] = uuid
+    return [{"role": "user", "content": [part, {"type": "text", "text": text}]}]
+
+
+def test_prompt_tokens_details_count_what_the_prefix_cache_gave(http_details, engine):
+    """cached_tokens: exactly the prompt tokens the prefix cache supplied (the engine's own
+    count of hits): few for a new question (the chat template's opening is shared), most of
+    the prompt when it comes again."""
+    messages = [{"role": "user", "content": "A question never asked before: " + "why? " * 40}]
+    counts = []
+    for _ in range(2):
+        hits = engine.snapshot().prefix_cache_hits
+        usage = chat(http_details, messages=messages, max_tokens=2)["usage"]
+        details = usage["prompt_tokens_details"]
+        assert details.keys() == {"cached_tokens", "created_cache_tokens", "multimodal_tokens"}
+        assert details["cached_tokens"] == engine.snapshot().prefix_cache_hits - hits
+        assert details["multimodal_tokens"] is None
+        counts.append(details["cached_tokens"])
+    assert counts[0] < usage["prompt_tokens"] // 2 < counts[1] < usage["prompt_tokens"]
+
+
+def test_prompt_tokens_details_count_picture_tokens(http_details):
+    """multimodal_tokens: the picture's placeholder tokens (224x224: 8x8 merged patches),
+    as vLLM counts them; a stream's usage chunk leaves the nulls out, as vLLM's does."""
+    messages = _image_message({"url": _picture_uri()})
+    usage = chat(http_details, messages=messages, max_tokens=2)["usage"]
+    assert usage["prompt_tokens_details"]["multimodal_tokens"] == {"image": 64}
+    events = stream(http_details, messages=messages, max_tokens=2,
+                    stream_options={"include_usage": True})
+    details = events[-2]["usage"]["prompt_tokens_details"]
+    assert details.keys() == {"cached_tokens", "multimodal_tokens"}
+    assert details["multimodal_tokens"] == {"image": 64}
+
+
+def test_prompt_tokens_details_of_beams_and_completions(http_details):
+    """vLLM reports no cached tokens for a beam search (null, or no details at all), and for
+    completions only cached_tokens (without nulls in a stream)."""
+    beams = chat(http_details, max_tokens=2, use_beam_search=True, n=2, temperature=0)
+    assert beams["usage"]["prompt_tokens_details"] is None
+    resp = http_details.post("/v1/completions", json={"model": "tiny", "prompt": "Hello there",
+                                                      "max_tokens": 2})
+    assert resp.json()["usage"]["prompt_tokens_details"] == {
+        "cached_tokens": 0, "created_cache_tokens": None, "multimodal_tokens": None}
+    body = {"model": "tiny", "prompt": "Hello there", "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with http_details.stream("POST", "/v1/completions", json=body) as resp:
+        lines = [line[6:] for line in resp.iter_lines() if line.startswith("data: {")]
+    assert json.loads(lines[-1])["usage"]["prompt_tokens_details"].keys() == {"cached_tokens"}
+    resp = http_details.post("/v1/completions", json={"model": "tiny", "prompt": "Hi",
+                                                      "max_tokens": 2, "n": 2,
+                                                      "use_beam_search": True})
+    assert resp.json()["usage"]["prompt_tokens_details"] is None
+
+
+def test_without_the_flag_there_are_no_prompt_tokens_details(http):
+    assert chat(http, max_tokens=1)["usage"]["prompt_tokens_details"] is None
+
+
+# --------------------------------------------------------------------------- roles
+def _rendered(http, messages: list[dict]) -> str:
+    resp = http.post("/tokenize", json={"model": "tiny", "messages": messages})
+    assert resp.status_code == 200, resp.text
+    return http.post("/detokenize", json={"model": "tiny",
+                                          "tokens": resp.json()["tokens"]}).json()["prompt"]
+
+
+def test_a_custom_role_reaches_the_chat_template(http):
+    """vLLM hands any role to the chat template; Qwen's renders it as a turn of its own."""
+    messages = [{"role": "my_custom_role", "content": "Be brief."},
+                {"role": "user", "content": "Hi"}]
+    assert "<|im_start|>my_custom_role\nBe brief.<|im_end|>" in _rendered(http, messages)
+    assert chat(http, messages=messages, max_tokens=1)["choices"][0]["message"]["role"] == \
+        "assistant"
+    answer = chat(http, messages=[*messages, {"role": "narrator", "content": "Once"}],
+                  add_generation_prompt=False, continue_final_message=True, max_tokens=1)
+    assert answer["choices"][0]["message"]["role"] == "narrator"
+
+
+def test_developer_is_the_system_role(http):
+    rendered = _rendered(http, [{"role": "developer", "content": "Be brief."},
+                                {"role": "user", "content": "Hi"}])
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in rendered
+
+
+# --------------------------------------------------------------------------- media uuids
+def test_an_empty_image_with_a_known_uuid_reuses_its_picture(http):
+    """The picture sent with a uuid, then only the uuid ({} or null as image_url): the same
+    prompt, so the same greedy answer."""
+    uri = _picture_uri((280, 196), (20, 160, 60))
+    with_picture = chat(http, messages=_image_message({"url": uri}, uuid="pic-1"),
+                        temperature=0, return_token_ids=True)
+    for empty in ({}, None, {"url": None}):
+        again = chat(http, messages=_image_message(empty, uuid="pic-1"), temperature=0,
+                     return_token_ids=True)
+        assert again["prompt_token_ids"] == with_picture["prompt_token_ids"]
+        assert again["choices"][0]["message"] == with_picture["choices"][0]["message"]
+    numeric = chat(http, messages=_image_message({"url": uri}, uuid=12345), max_tokens=1)
+    assert numeric["choices"]
+
+
+@pytest.mark.parametrize("messages, fields, param, words", [
+    (_image_message({}, uuid="never-sent"), {}, "uuid", "'never-sent'"),
+    (_image_message({}, uuid="pic-1"), {"mm_processor_kwargs": {"max_pixels": 200704}},
+     "uuid", "Cache miss for image at index 0 but data is not provided."),
+    ([{"role": "user", "content": [{"type": "video_url", "video_url": {}, "uuid": "v"},
+                                   {"type": "text", "text": "x"}]}], {}, "uuid",
+     "Cache miss for video at index 0 but data is not provided."),
+    (_image_message({}), {}, "body.messages.0.content", "image_url.url: Field required"),
+], ids=["unknown uuid", "other pixel bounds", "video uuid without data", "no url, no uuid"])
+def test_media_uuid_refusals(http, messages, fields, param, words):
+    chat(http, messages=_image_message({"url": _picture_uri((280, 196), (20, 160, 60))},
+                                       uuid="pic-1"), max_tokens=1)
+    resp = http.post("/v1/chat/completions", json={"model": "tiny", "messages": messages,
+                                                   "max_tokens": 1, **fields})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert words in error["message"] and error["param"].startswith(param), error
+
+
+def test_the_uuid_map_forgets_the_least_recently_used_first():
+    """At most MAX_UUIDS uuids are remembered: the oldest one is a cache miss after that
+    many others."""
+    from engine.errors import InvalidRequestError
+    from engine.inputs.media import MediaPolicy, NamedMedia
+    from engine.inputs.stage import MAX_UUIDS, PictureCache
+
+    cache, policy, uri = PictureCache(8 << 20), MediaPolicy(), _picture_uri()
+    load = lambda source: cache.load(source, policy, 3136, 1003520)   # noqa: E731
+    first = load(NamedMedia("u0", uri))
+    assert load(NamedMedia("u0")) is first
+    for i in range(1, MAX_UUIDS + 1):
+        cache.uuids.put(f"u{i}".encode(), b"x")    # others, as many as the map holds
+    with pytest.raises(InvalidRequestError, match="'u0'"):
+        load(NamedMedia("u0"))

@@ -300,6 +300,16 @@ def fake_remote():
                                      (" is", -0.55), (" are", -0.85)])]},
                                  "finish_reason": "stop", "stop_reason": 220}),
                         "data: [DONE]\n\n")
+        if body.get("use_beam_search"):   # vLLM 0.32's whole answer, recorded from its CPU build
+            texts = [("```", [13874, 913], "stop", 913), ("```jsonred", [13874, 2236, 1151],
+                                                          "length", None)]
+            return JSONResponse({
+                "object": "chat.completion", "prompt_token_ids": [1, 2, 3],
+                "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": finish, "stop_reason": stop,
+                             "token_ids": ids} for i, (text, ids, finish, stop) in enumerate(
+                                 texts[:body["n"]])],
+                "usage": {"prompt_tokens": 95, "completion_tokens": 5, "total_tokens": 100}})
         if body.get("stream") is False:    # prompt_logprobs: vLLM does not stream them
             return JSONResponse({
                 "object": "chat.completion", "prompt_token_ids": [912, 82, 88],
@@ -492,6 +502,30 @@ def test_logprobs_token_ids_and_stop_reason_come_back(fake_remote):
         ("There", 425, -0.36, 1), (" are", 309, -0.85, 2)]
     assert [(t.token, t.token_id) for t in lps[1].top] == [(" is", -1), (" are", 309)]
     assert calls[-1][1]["logprobs"] is True and calls[-1][1]["top_logprobs"] == 1
+
+
+def test_a_beam_search_is_one_remote_request_split_into_choices(fake_remote):
+    eng, calls = fake_remote
+    before = len(calls)
+    handles = eng.submit_choices(request("Hi", n=2, use_beam_search=True, length_penalty=0.5))
+    assert len(calls) == before + 1, "the beams went as more than one request"
+    body = calls[-1][1]
+    assert (body["use_beam_search"], body["n"], body["length_penalty"], body["stream"],
+            body["return_token_ids"]) == (True, 2, 0.5, False, True)
+    got = []
+    for handle in handles:
+        events = list(handle.events(timeout=10))
+        finished = events[-1]
+        got.append(("".join(e.text for e in events[:-1]),
+                    [t for e in events[:-1] for t in e.token_ids], finished.reason,
+                    finished.stop_reason, finished.stats.output_tokens,
+                    finished.stats.prompt_tokens))
+    assert got == [("```", [13874, 913], "stop", 913, 2, 95),
+                   ("```jsonred", [13874, 2236, 1151], "length", None, 3, 95)]
+    assert [h.request_id for h in handles] == [f"{handles[0].request_id[:-2]}-{i}"
+                                               for i in range(2)]
+    plain = eng.build_body(request("Hi", n=2))
+    assert not {"use_beam_search", "n", "length_penalty"} & set(plain)
 
 
 def test_prompt_logprobs_are_read_from_the_whole_answer(fake_remote):

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from ..base import Engine
+from ..base import Engine, choice_request
 from ..config import REMOTE_URL_NEEDED, EngineConfig
 from ..errors import (DeviceOutOfMemoryError, EngineBusyError, EngineError, InvalidRequestError,
                      ModelLoadError, ModelNotFoundError)
@@ -182,11 +182,11 @@ def chat_controls(conv: Any) -> dict[str, Any]:
 
 
 # SamplingParams fields that are not sent under their own name: max_tokens is always sent;
-# n is realised as n requests (Engine.submit_choices, seeded as vLLM seeds its children);
-# logprobs is named differently by chat and completions; cap_to_context is our own (vLLM's
-# server always caps); structured is sent as vLLM's structured_outputs; use_beam_search and
-# length_penalty: Engine.submit_choices refuses beam search here for now (it needs n beams in
-# one remote request, not n requests).
+# n is realised as n requests (Engine.submit_choices, seeded as vLLM seeds its children),
+# except for a beam search: use_beam_search, n (the width) and length_penalty go in one
+# request whose n answers are split (RemoteEngine.submit_choices); logprobs is named
+# differently by chat and completions; cap_to_context is our own (vLLM's server always caps);
+# structured is sent as vLLM's structured_outputs.
 NOT_FORWARDED = frozenset({"max_tokens", "n", "logprobs", "cap_to_context", "structured",
                            "use_beam_search", "length_penalty"})
 _DEFAULTS = SamplingParams()
@@ -210,8 +210,10 @@ def sampling_body(sp: SamplingParams, chat: bool) -> dict[str, Any]:
     if sp.logprobs is not None:
         body.update({"logprobs": True, "top_logprobs": sp.logprobs} if chat
                     else {"logprobs": sp.logprobs})
-    if sp.logprobs is not None or sp.prompt_logprobs is not None:
-        body["return_token_ids"] = True      # the ids behind the logprobs
+    if sp.use_beam_search:
+        body.update(use_beam_search=True, n=sp.n, length_penalty=sp.length_penalty)
+    if sp.logprobs is not None or sp.prompt_logprobs is not None or sp.use_beam_search:
+        body["return_token_ids"] = True      # the ids behind the logprobs, each beam's tokens
     return body
 
 
@@ -276,12 +278,24 @@ def prompt_logprobs(payload: Any, ids: list[int] | None,
 
 # --------------------------------------------------------------------------- one call
 class _RemoteCall:
-    """One streaming HTTP response and the handle it feeds."""
+    """One HTTP response and the handles it feeds: one, or a beam search's n answers (each
+    with its choice's request; a cancel of any of them ends the call, as locally)."""
 
-    def __init__(self, request: GenerationRequest, response: httpx.Response) -> None:
+    def __init__(self, request: GenerationRequest, response: httpx.Response,
+                 answers: int = 1) -> None:
         self.request = request
         self.response = response
-        self.handle = RequestHandle(request.request_id, on_cancel=self.abort)
+        self.requests = [request] if answers == 1 else \
+            [choice_request(request, i) for i in range(answers)]
+        self.handles = [RequestHandle(r.request_id, on_cancel=self.abort) for r in self.requests]
+
+    @property
+    def handle(self) -> RequestHandle:
+        return self.handles[0]
+
+    @property
+    def cancelled(self) -> bool:
+        return any(h.cancelled for h in self.handles)
 
     def abort(self) -> None:
         """Called on cancel, from any thread: shut the socket so a blocked read returns now."""
@@ -295,40 +309,43 @@ class _RemoteCall:
 
 
 class _Answer:
-    """What one remote answer has said so far: its text as deltas (pushed to the handle as
-    they come), usage, finish and stop reasons, and the prompt's ids and logprobs."""
+    """What one remote answer has said so far: per choice its text as deltas (pushed to its
+    handle as they come), finish and stop reasons; usage, and the prompt's ids and logprobs.
+    Choices past the handles are not ours (n > 1 without beam search is n requests)."""
 
-    def __init__(self, request: GenerationRequest) -> None:
+    def __init__(self, request: GenerationRequest, answers: int = 1) -> None:
         self.request = request
         self.chat = request.prompt is None
         self.first_at: float | None = None
-        self.deltas = 0
+        self.deltas = [0] * answers
+        self.tokens = [0] * answers
         self.usage: dict = {}
-        self.finish: str | None = None
-        self.stop_reason: str | int | None = None
+        self.finish: list[str | None] = [None] * answers
+        self.stop_reason: list[str | int | None] = [None] * answers
         self.prompt_ids: list[int] | None = None
         self.prompt_logprobs: Any = None
         self.done = False
 
-    def chunk(self, chunk: dict, handle: RequestHandle) -> None:
-        """One streamed chunk (or a whole answer shaped as one): only choice 0 is ours, as
-        n > 1 arrives as n requests."""
+    def chunk(self, chunk: dict, handles: list[RequestHandle]) -> None:
+        """One streamed chunk (or a whole answer shaped as one)."""
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         self._prompt(chunk)
         for choice in chunk.get("choices") or []:
-            if choice.get("index", 0) != 0:
+            index = choice.get("index", 0)
+            if not isinstance(index, int) or not 0 <= index < len(handles):
                 continue
             self._prompt(choice)
             delta = self._delta(choice)
             if delta is not None:
                 if self.first_at is None:
                     self.first_at = time.monotonic()
-                self.deltas += 1
-                handle.push(delta)
+                self.deltas[index] += 1
+                self.tokens[index] += len(delta.token_ids)
+                handles[index].push(delta)
             if choice.get("finish_reason"):
-                self.finish = choice["finish_reason"]
-                self.stop_reason = choice.get("stop_reason")
+                self.finish[index] = choice["finish_reason"]
+                self.stop_reason[index] = choice.get("stop_reason")
 
     def _prompt(self, holder: dict) -> None:
         """prompt_token_ids and prompt_logprobs: at the top of a chat answer, in a
@@ -350,36 +367,41 @@ class _Answer:
             return None
         return TextDelta(text, ids, logprobs)
 
-    def whole(self, raw: bytes, handle: RequestHandle) -> EngineError | None:
+    def whole(self, raw: bytes, handles: list[RequestHandle]) -> EngineError | None:
         """A whole (not streamed) answer, taken as one chunk."""
         try:
-            self.chunk(json.loads(raw), handle)
+            self.chunk(json.loads(raw), handles)
         except (ValueError, AttributeError, TypeError):
             return RemoteError(f"The remote server sent malformed data: {raw[:100]!r}")
         self.done = True
         return None
 
-    def finished(self, cancelled: bool, error: EngineError | None) -> Finished:
+    def finished(self, cancelled: bool, error: EngineError | None, index: int = 0) -> Finished:
+        """Choice `index`'s final record: a beam's output tokens are its own (usage counts
+        all beams together), a single answer's are the usage's."""
         reason: FinishReason
+        finish = self.finish[index]
         if cancelled:
             reason, error = "cancelled", None
         elif error is not None:
             reason = "error"
-        elif self.finish is None and not self.done:
+        elif finish is None and not self.done:
             reason, error = "error", RemoteUnavailableError(
                 "The remote server closed the stream before the answer was complete.")
         else:
-            reason = {"length": "length", "abort": "cancelled"}.get(self.finish or "stop", "stop")
+            reason = {"length": "length", "abort": "cancelled"}.get(finish or "stop", "stop")
         request = self.request
         now = time.monotonic()
+        output = self.tokens[index] if len(self.finish) > 1 else \
+            int(self.usage.get("completion_tokens") or self.deltas[index])
         stats = RequestStats(
             prompt_tokens=int(self.usage.get("prompt_tokens") or 0),
             images=request.conversation.image_count(), videos=request.conversation.video_count(),
-            output_tokens=int(self.usage.get("completion_tokens") or self.deltas),
+            output_tokens=output,
             ttft_s=None if self.first_at is None else self.first_at - request.arrival_time,
             total_s=now - request.arrival_time)
         k = request.sampling.prompt_logprobs
-        return Finished(reason, stats, error, stop_reason=self.stop_reason,
+        return Finished(reason, stats, error, stop_reason=self.stop_reason[index],
                         prompt_token_ids=self.prompt_ids,
                         prompt_logprobs=None if k is None else prompt_logprobs(
                             self.prompt_logprobs, self.prompt_ids, k))
@@ -483,13 +505,14 @@ class RemoteEngine(Engine):
         """The body for a request: /v1/completions' for a raw prompt, else chat.completions',
         for which the input stage loads its media (so it may raise InvalidRequestError exactly
         as the local engine would) and this serialises the parts in order: pictures at their
-        resized size, videos as data: URIs. prompt_logprobs are not streamed by vLLM, so such
-        a request asks for the whole answer at once."""
+        resized size, videos as data: URIs. prompt_logprobs are not streamed by vLLM, and a
+        beam search answers whole (and its completions refuse to stream), so such a request
+        asks for the whole answer at once."""
         sp = request.sampling
         body: dict[str, Any] = {"model": self.model_name, "stream": True,
                                 "stream_options": {"include_usage": True},
                                 "max_tokens": sp.max_tokens or self.config.default_max_tokens}
-        if sp.prompt_logprobs is not None:
+        if sp.prompt_logprobs is not None or sp.use_beam_search:   # whole answers anyway
             body["stream"] = False
             del body["stream_options"]
         if request.prompt is not None:
@@ -553,7 +576,21 @@ class RemoteEngine(Engine):
 
     def submit(self, request: GenerationRequest, policy: MediaPolicy | None = None) -> RequestHandle:
         """Check, load media, and open the remote stream; the remote's refusal
-        (bad input, unknown model, busy) is raised here, before any event."""
+        (bad input, unknown model, busy) is raised here, before any event. For a beam
+        search, the best answer's handle."""
+        return self._open(request, policy)[0]
+
+    def submit_choices(self, request: GenerationRequest,
+                       policy: MediaPolicy | None = None) -> list[RequestHandle]:
+        """As Engine.submit_choices, except that a beam search is one remote request whose
+        `n` answers (best first) are split over n handles, each ending with its answer."""
+        if request.sampling.use_beam_search:
+            return self._open(request, policy)
+        return super().submit_choices(request, policy)
+
+    def _open(self, request: GenerationRequest,
+              policy: MediaPolicy | None) -> list[RequestHandle]:
+        """One remote request and its handles (a beam search's n, else one)."""
         self.inputs.validate(request, self.max_model_len)
         body = self.build_body(request, policy)
         route = "completions" if request.prompt is not None else "chat/completions"
@@ -579,26 +616,27 @@ class RemoteEngine(Engine):
                 raise InvalidRequestError(MM_KWARGS_REFUSED + error.message,
                                           param="mm_processor_kwargs")
             raise error
-        call = _RemoteCall(request, response)
+        sp = request.sampling
+        call = _RemoteCall(request, response, max(1, sp.n) if sp.use_beam_search else 1)
         with self._lock:
             self._active[request.request_id] = call
         threading.Thread(target=self._pump, args=(call,), daemon=True,
                          name=f"remote-{request.request_id}").start()
-        return call.handle
+        return list(call.handles)
 
     def _pump(self, call: _RemoteCall) -> None:
         """Read the remote's answer into the handle until [DONE] (or the whole JSON answer of
         a request that is not streamed), an error or a cancel."""
-        request, handle = call.request, call.handle
-        state = _Answer(request)
+        request = call.request
+        state = _Answer(request, len(call.handles))
         error: EngineError | None = None
         try:
-            if request.sampling.prompt_logprobs is not None:
-                error = state.whole(call.response.read(), handle)
+            if request.sampling.prompt_logprobs is not None or request.sampling.use_beam_search:
+                error = state.whole(call.response.read(), call.handles)
             else:
                 error = self._read_stream(call, state)
         except httpx.HTTPError as exc:
-            if not handle.cancelled:
+            if not call.cancelled:
                 error = self._transport_error(exc)
         except Exception as exc:  # never leave a handle without its Finished
             log.exception("remote stream %s failed", request.request_id)
@@ -607,22 +645,23 @@ class RemoteEngine(Engine):
             call.response.close()
             with self._lock:
                 self._active.pop(request.request_id, None)
-        event = state.finished(handle.cancelled, error)
-        handle.push(event)
-        stats = event.stats
-        log.info("request %s (remote): prompt_tokens=%d images=%d videos=%d ttft=%s "
-                 "output_tokens=%d tokens/s=%.1f finish=%s%s", request.request_id,
-                 stats.prompt_tokens, stats.images, stats.videos,
-                 "-" if stats.ttft_s is None else f"{stats.ttft_s:.3f}s", stats.output_tokens,
-                 stats.output_tps, event.reason,
-                 f" error={event.error.message!r}" if event.error else "")
-        self._notify_finished(request, event)
+        for index, (choice, handle) in enumerate(zip(call.requests, call.handles)):
+            event = state.finished(call.cancelled, error, index)
+            handle.push(event)
+            stats = event.stats
+            log.info("request %s (remote): prompt_tokens=%d images=%d videos=%d ttft=%s "
+                     "output_tokens=%d tokens/s=%.1f finish=%s%s", choice.request_id,
+                     stats.prompt_tokens, stats.images, stats.videos,
+                     "-" if stats.ttft_s is None else f"{stats.ttft_s:.3f}s",
+                     stats.output_tokens, stats.output_tps, event.reason,
+                     f" error={event.error.message!r}" if event.error else "")
+            self._notify_finished(choice, event)
 
     @staticmethod
     def _read_stream(call: _RemoteCall, state: "_Answer") -> EngineError | None:
         """The SSE stream's chunks into `state` (and the handle); the error that ended it."""
         for line in call.response.iter_lines():
-            if call.handle.cancelled:
+            if call.cancelled:
                 return None
             if not line.startswith("data:"):
                 continue
@@ -637,7 +676,7 @@ class RemoteEngine(Engine):
             if isinstance(chunk, dict) and "error" in chunk:
                 message, param, code = _error_fields(chunk)
                 return remote_error(code or 500, message, param)
-            state.chunk(chunk, call.handle)
+            state.chunk(chunk, call.handles)
         return None
 
     def queue_depth(self) -> int:
@@ -647,7 +686,8 @@ class RemoteEngine(Engine):
         with self._lock:
             calls = list(self._active.values())
         for call in calls:
-            call.handle.cancel()
+            for handle in call.handles:
+                handle.cancel()
         self.client.close()
 
 

@@ -67,6 +67,15 @@ class MediaPolicy:
         return any(real.is_relative_to(root.resolve()) for root in self.local_roots)
 
 
+@dataclass(frozen=True)
+class NamedMedia:
+    """An image or video source with vLLM's multimodal `uuid`: the input stage remembers
+    what a uuid named, so a later part may leave its source out (None) and reuse it."""
+
+    uuid: str
+    source: str | None = None
+
+
 # --------------------------------------------------------------------------- network
 def resolve_host(host: str, port: int) -> list[str]:
     """All addresses a host name resolves to (replaced by tests)."""

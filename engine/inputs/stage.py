@@ -19,7 +19,8 @@ from .caches import BoundedCache, content_key
 from ..config import EngineConfig
 from ..errors import InvalidRequestError
 from .geometry import PATCH, smart_resize
-from .media import MediaPolicy, VideoFile, load_image, load_video, open_image, read_source_bytes
+from .media import (MediaPolicy, NamedMedia, VideoFile, load_image, load_video, open_image,
+                    read_source_bytes)
 from .validation import validate_sampling
 from ..types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, GenerationRequest, VideoInput
 
@@ -96,7 +97,6 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
     "messages", "conversation", "tools", "add_generation_prompt", "continue_final_message",
     "chat_template", "tokenize", "return_dict", "return_tensors", "return_assistant_tokens_mask",
     "padding", "truncation", "max_length", "tokenizer_kwargs", "processor_kwargs"})
-ROLES = ("system", "user", "assistant", "tool")
 
 
 def context_error(limit: int, prompt_tokens: int) -> InvalidRequestError:
@@ -153,21 +153,44 @@ def picture_key(picture: Image.Image) -> bytes:
     return content_key(picture.mode, f"{picture.width}x{picture.height}", picture.tobytes())
 
 
+MAX_UUIDS = 4096   # media uuids remembered (least recently used forgotten first)
+
+
+def cache_miss(kind: str, index: int, uuid: str) -> InvalidRequestError:
+    """vLLM's words for a part that names a uuid without data the server still holds."""
+    return InvalidRequestError(f"Cache miss for {kind} at index {index} but data is not "
+                               f"provided. (uuid {uuid!r} was not sent with its data before, "
+                               f"or it has left the cache)", param="uuid")
+
+
 class PictureCache:
     """Decoded, resized pictures by their source's bytes and the pixel bounds: a picture sent
-    again (the next turn of a chat, or a new chat) is neither decoded nor resized again."""
+    again (the next turn of a chat, or a new chat) is neither decoded nor resized again.
+    A picture sent with a uuid (NamedMedia) is remembered by it too, as its source's digest
+    (at most MAX_UUIDS of them): a part with the uuid alone reuses the picture while the cache
+    holds it at the request's pixel bounds, as vLLM reuses its processor cache's item."""
 
     def __init__(self, max_bytes: int) -> None:
         self.cache: BoundedCache[LoadedImage] = BoundedCache(
             max_bytes, lambda im: im.picture.width * im.picture.height * 3)
+        self.uuids: BoundedCache[bytes] = BoundedCache(MAX_UUIDS, lambda _: 1)
 
-    def load(self, source: object, policy: MediaPolicy, lo: int, hi: int) -> LoadedImage:
+    def load(self, source: object, policy: MediaPolicy, lo: int, hi: int,
+             index: int = 0) -> LoadedImage:
+        """The picture of `source` (its `index` among the request's pictures, for errors)."""
+        uuid = None
+        if isinstance(source, NamedMedia):
+            uuid, source = source.uuid, source.source
+            if source is None:
+                return self._named(uuid, policy, lo, hi, index)
         if not isinstance(source, str) or not source.strip() or self.cache.max_bytes == 0:
             picture = resized_image(load_image(source, policy), lo, hi)
             return LoadedImage(picture, lo, hi, picture_key(picture))
         data, path, name = read_source_bytes(source.strip(), policy)   # limits checked here
-        raw = data if data is not None else path.read_bytes()
-        key = content_key(raw, f"{lo},{hi},{policy.max_image_pixels}")
+        digest = content_key(data if data is not None else path.read_bytes())
+        if uuid is not None:
+            self.uuids.put(uuid.encode(), digest)
+        key = self._key(digest, policy, lo, hi)
         hit = self.cache.get(key)
         if hit is not None:
             return hit
@@ -175,6 +198,18 @@ class PictureCache:
         image = LoadedImage(picture, lo, hi, picture_key(picture))
         self.cache.put(key, image)
         return image
+
+    def _named(self, uuid: str, policy: MediaPolicy, lo: int, hi: int,
+               index: int) -> LoadedImage:
+        digest = self.uuids.get(uuid.encode())
+        hit = None if digest is None else self.cache.get(self._key(digest, policy, lo, hi))
+        if hit is None:
+            raise cache_miss("image", index, uuid)
+        return hit
+
+    @staticmethod
+    def _key(digest: bytes, policy: MediaPolicy, lo: int, hi: int) -> bytes:
+        return content_key(digest, f"{lo},{hi},{policy.max_image_pixels}")
 
 
 class InputStage:
@@ -235,8 +270,9 @@ class InputStage:
             raise InvalidRequestError("The conversation is empty: send a message.",
                                       param="messages")
         for m in conv.messages:
-            if m.role not in ROLES:
-                raise InvalidRequestError(f"Unknown role {m.role!r}.", param="messages")
+            if not isinstance(m.role, str):   # any other role is the chat template's to read
+                raise InvalidRequestError(f"The role must be a string, got {m.role!r}.",
+                                          param="messages")
             if m.tool_calls is not None:
                 check_tool_calls(m.tool_calls)
         last = conv.messages[-1]
@@ -332,7 +368,7 @@ class InputStage:
         out: list[LoadedMessage] = []
         if conv.system is not None and conv.system.strip():
             out.append(LoadedMessage("system", [conv.system]))
-        image_tokens = 0
+        image_tokens = images = videos = 0
         try:
             for m in conv.messages:
                 message = LoadedMessage(m.role, tool_calls=m.tool_calls,
@@ -344,10 +380,12 @@ class InputStage:
                         if part:
                             parts.append(part)
                     elif isinstance(part, VideoInput):
-                        parts.append(self._video(part, policy, max_px))
+                        parts.append(self._video(part, policy, max_px, videos))
+                        videos += 1
                     else:
                         lo, hi = part.min_pixels or min_px, part.max_pixels or max_px
-                        image = self.pictures.load(part.source, policy, lo, hi)
+                        image = self.pictures.load(part.source, policy, lo, hi, images)
+                        images += 1
                         image_tokens += image.tokens
                         if image_tokens >= max_model_len:
                             raise context_error(max_model_len, image_tokens)
@@ -357,8 +395,16 @@ class InputStage:
             raise
         return out
 
-    def _video(self, vid: VideoInput, policy: MediaPolicy, max_pixels: int) -> LoadedVideo:
-        file = load_video(vid.source, policy)
+    def _video(self, vid: VideoInput, policy: MediaPolicy, max_pixels: int,
+               index: int) -> LoadedVideo:
+        """A video, checked and made a local file. Videos are not remembered by uuid: one sent
+        without its data is a cache miss."""
+        source = vid.source
+        if isinstance(source, NamedMedia):
+            if source.source is None:
+                raise cache_miss("video", index, source.uuid)
+            source = source.source
+        file = load_video(source, policy)
         lo = vid.min_pixels or 128 * PATCH * PATCH
         hi = vid.max_pixels or min(max_pixels, self.video.max_pixels)
         fps = vid.fps or self.video.fps

@@ -39,7 +39,8 @@ MAXIMUM_IMAGES = 2
 MAXIMUM_VIDEOS = 3
 OUR_FLAGS = ["--limit-images", str(MAXIMUM_IMAGES), "--limit-videos", str(MAXIMUM_VIDEOS),
              "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-             "--enable-tokenizer-info-endpoint", "--enable-server-load-tracking"]   # as vLLM's fixture
+             "--enable-tokenizer-info-endpoint", "--enable-server-load-tracking",
+             "--enable-prompt-tokens-details"]   # as vLLM's fixture
 
 
 @dataclass
@@ -361,50 +362,12 @@ VLLM_FAILS: dict[str, str] = {
         'per-request media_io_kwargs need --trust-request-mm-kwargs (400)',
 }
 OURS_XFAIL: dict[str, str] = {
-    'test_chat.py::test_custom_role':
-        'a custom role is refused by validation',
-    'test_completion.py::test_batch_completions':
-        'use_beam_search refused',
     'test_completion.py::test_completion_truncation_side_controls_prompt_truncation':
         "truncation_side='right' refused",
-    'test_completion.py::test_single_completion':
-        'usage.prompt_tokens_details missing (vLLM: --enable-prompt-tokens-details)',
     'test_completion_with_function_calling.py::test_max_tokens_with_tool_choice_required[required]':
         'max_tokens below a forced call\'s shortest answer is a 400, not a cut call',
     'test_completion_with_function_calling.py::test_max_tokens_with_tool_choice_required[tool_choice1]':
         'max_tokens below a forced call\'s shortest answer is a 400, not a cut call',
-    'test_video.py::test_single_chat_session_video_base64encoded_beamsearch[Megamind.avi]':
-        'use_beam_search refused',
-    'test_video.py::test_single_chat_session_video_base64encoded_beamsearch[slow_traffic_small.mp4]':
-        'use_beam_search refused',
-    'test_video.py::test_single_chat_session_video_base64encoded_beamsearch[vtest.avi]':
-        'use_beam_search refused',
-    'test_video.py::test_single_chat_session_video_beamsearch[Megamind.avi]':
-        'use_beam_search refused',
-    'test_video.py::test_single_chat_session_video_beamsearch[slow_traffic_small.mp4]':
-        'use_beam_search refused',
-    'test_video.py::test_single_chat_session_video_beamsearch[vtest.avi]':
-        'use_beam_search refused',
-    'test_vision.py::test_completions_with_image_with_uuid[image_urls0]':
-        'image parts with `uuid` (and an empty image_url reusing it) refused by validation',
-    'test_vision.py::test_completions_with_image_with_uuid[image_urls1]':
-        'image parts with `uuid` (and an empty image_url reusing it) refused by validation',
-    'test_vision.py::test_single_chat_session_image_base64encoded_beamsearch[0]':
-        'use_beam_search refused',
-    'test_vision.py::test_single_chat_session_image_base64encoded_beamsearch[1]':
-        'use_beam_search refused',
-    'test_vision.py::test_single_chat_session_image_base64encoded_beamsearch[2]':
-        'use_beam_search refused',
-    'test_vision.py::test_single_chat_session_image_base64encoded_beamsearch[3]':
-        'use_beam_search refused',
-    'test_vision.py::test_single_chat_session_image_beamsearch[1280px-Venn_diagram_rgb.svg.png]':
-        'use_beam_search refused',
-    'test_vision.py::test_single_chat_session_image_beamsearch[2560px-Gfp-wisconsin-madison-the-nature-boardwalk.jpg]':
-        'use_beam_search refused',
-    'test_vision.py::test_single_chat_session_image_beamsearch[Grayscale_8bits_palette_sample_image.png]':
-        'use_beam_search refused',
-    'test_vision.py::test_single_chat_session_image_beamsearch[RGBA_comp.png]':
-        'use_beam_search refused',
 }
 
 
