@@ -33,7 +33,7 @@ from .completion_protocol import (CompletionChoice, CompletionChunk, CompletionL
                                   not_honoured, prompt_logprobs_out, unknown_fields)
 from .fairshare import ClientBusyError
 from .protocol import SSE_DONE, UsageInfo, prompt_tokens_details, sse_data
-from .serving import (FINISH_REASONS, SSE_HEADERS, APIError, ChatServing, HeldResponse,
+from .serving import (FINISH_REASONS, SSE_HEADERS, APIError, ChatServing, AfterSend,
                       error_response, load_json, until_disconnect, validation_error)
 
 log = logging.getLogger("server")
@@ -91,22 +91,6 @@ def _engine_error(error: Exception | None) -> EngineError:
     return EngineError(f"Generation failed: {error}" if error else "Generation failed.")
 
 
-async def _submit_choices(engine: Engine, gen: GenerationRequest, policy: object
-                          ) -> list[RequestHandle]:
-    """engine.submit_choices off the event loop; handles that arrive after the caller was
-    cancelled (a client gone) are cancelled too, so nothing generates for nobody."""
-    future = asyncio.get_running_loop().run_in_executor(None, engine.submit_choices, gen, policy)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        def cancel_late(f: asyncio.Future) -> None:
-            if not f.cancelled() and f.exception() is None:
-                for handle in f.result():
-                    handle.cancel()
-        future.add_done_callback(cancel_late)
-        raise
-
-
 class CompletionServing:
     """One per app, beside the chat endpoint whose slots, checks and metrics it shares."""
 
@@ -125,7 +109,7 @@ class CompletionServing:
         except BaseException:
             slot.release()
             raise
-        return HeldResponse(response, slot)
+        return AfterSend(response, slot.release)
 
     async def _create(self, raw: Request) -> Response:
         try:
@@ -179,7 +163,7 @@ class CompletionServing:
             for i, p in enumerate(prompts):
                 gen = GenerationRequest(Conversation(), sampling, request_id=f"{cid}-{i}",
                                         prompt=p.source)
-                p.handles = await _submit_choices(self.engine, gen, self.chat.policy)
+                p.handles = await self.chat.submit(gen)
         except BaseException as exc:
             for p in prompts:
                 for handle in p.handles:

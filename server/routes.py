@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, Callable
+from typing import Awaitable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -34,30 +34,9 @@ from .fairshare import ClientSlots, client_id
 from .hygiene import protect
 from .metrics import CONTENT_TYPE, MetricsRegistry, ServerLoad
 from .protocol import ModelCard, ModelList, error_body
-from .serving import ChatServing, load_json
+from .serving import AfterSend, ChatServing, load_json
 from .tokenization import TokenizeServing
 from .settings import ServerSettings
-
-
-class AfterSend(Response):
-    """A response that calls `then` once it has been sent, or once sending it failed (a
-    stream's client went away). It only wraps: status, headers and background tasks are the
-    inner response's."""
-
-    def __init__(self, inner: Response, then: Callable[[], None]) -> None:   # nothing of its
-        self.__dict__.update(inner=inner, then=then)                        # own to render
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.inner, name, value)
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await self.inner(scope, receive, send)
-        finally:
-            self.then()
 
 
 async def counted(load: ServerLoad, work: Awaitable[Response]) -> Response:

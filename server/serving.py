@@ -32,7 +32,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -43,8 +43,8 @@ from engine.base import Engine
 from engine.config import DEFAULT_MODEL
 from engine.errors import EngineError, InvalidRequestError, ModelNotFoundError
 from engine.inputs.media import NamedMedia
-from engine.stream import RequestHandle
-from engine.stream import merge_deltas
+from engine.inputs.validation import json_depth_ok
+from engine.stream import RequestHandle, merge_deltas
 from engine.types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
                           TextDelta, TokenLogprob, VideoInput)
 
@@ -78,13 +78,14 @@ def error_response(exc: EngineError) -> JSONResponse:
     return JSONResponse(exc.to_dict(), status_code=exc.code, headers=headers)
 
 
-class HeldResponse(Response):
-    """A response that gives its client's slot back once it has been sent, or once sending
-    it failed (a stream's client went away): the slot lives exactly as long as the answer.
-    It only wraps: status, headers and background tasks are the inner response's."""
+class AfterSend(Response):
+    """A response that calls `then` once it has been sent, or once sending it failed (a
+    stream's client went away): a client's slot, or the server's load count, lives exactly as
+    long as the answer. It only wraps: status, headers and background tasks are the inner
+    response's."""
 
-    def __init__(self, inner: Response, slot: Slot) -> None:   # no super().__init__: nothing
-        self.__dict__.update(inner=inner, slot=slot)           # of its own to render
+    def __init__(self, inner: Response, then: Callable[[], None]) -> None:   # nothing of its
+        self.__dict__.update(inner=inner, then=then)                        # own to render
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -96,7 +97,7 @@ class HeldResponse(Response):
         try:
             await self.inner(scope, receive, send)
         finally:
-            self.slot.release()
+            self.then()
 
 
 def served_model_names(engine: Engine, settings: ServerSettings) -> list[str]:
@@ -162,19 +163,6 @@ def check_content_type(raw: Request) -> None:
                        "application/json.", 415, "UnsupportedMediaType", "content-type")
 
 
-def json_depth_ok(data: Any, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether no container nests deeper than `limit` (iterative: no recursion to exhaust)."""
-    stack = [(data, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, (dict, list)):
-            if depth > limit:
-                return False
-            items = value.values() if isinstance(value, dict) else value
-            stack.extend((v, depth + 1) for v in items if isinstance(v, (dict, list)))
-    return True
-
-
 def load_json(body: bytes) -> Any:
     """A request body as JSON, every failure one vLLM-shaped 400 (deep nesting included)."""
     too_deep = APIError(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.", 400,
@@ -188,7 +176,7 @@ def load_json(body: bytes) -> Any:
         raise APIError("The request body is not UTF-8 JSON.", 400, "Bad Request", "body") from None
     except RecursionError:
         raise too_deep from None
-    if not json_depth_ok(data):
+    if not json_depth_ok(data, MAX_JSON_DEPTH):
         raise too_deep
     return data
 
@@ -340,7 +328,7 @@ class ChatServing:
         except BaseException:
             slot.release()
             raise
-        return HeldResponse(response, slot)
+        return AfterSend(response, slot.release)
 
     async def json_body(self, raw: Request) -> bytes:
         """The request's JSON body within --max-body-mb (ClientDisconnect if it went away)."""
@@ -372,7 +360,7 @@ class ChatServing:
         self.metrics.on_refused(exc.code)
         return error_response(exc)
 
-    async def _submit(self, gen: GenerationRequest) -> list[RequestHandle]:
+    async def submit(self, gen: GenerationRequest) -> list[RequestHandle]:
         """engine.submit_choices off the event loop (rendering fetches and decodes media);
         handles that arrive after the caller was cancelled are cancelled too."""
         return await submit_choices(self.engine, gen, self.policy, self._pool)
@@ -390,7 +378,7 @@ class ChatServing:
                    answer: Answer) -> Response:
         try:
             prompt_ids = await self._prompt_ids(req, gen)
-            handles = await self._submit(gen)
+            handles = await self.submit(gen)
         except EngineError as exc:
             return self.refuse(exc)
         except Exception as exc:  # a bug, not bad input: log it, answer in vLLM's shape
@@ -730,5 +718,5 @@ async def stream_chat(handles: list[RequestHandle], req: ChatCompletionRequest, 
                 handle.cancel()
 
 
-__all__ = ["APIError", "Answer", "ChatServing", "ChoiceEvents", "HeldResponse", "collect_choices",
+__all__ = ["APIError", "Answer", "ChatServing", "ChoiceEvents", "AfterSend", "collect_choices",
            "error_response", "served_model_names", "submit_choices", "to_generation_request"]

@@ -221,3 +221,17 @@ def validate_for_model(sp: SamplingParams, vocab_size: int, max_logprobs: int,
     if sp.n > max_rows:
         raise _bad(f"n must be at most {max_rows} (the requests this server decodes at once, "
                    f"--max-batch), got {sp.n}.", "n", sp.n)
+
+
+def json_depth_ok(data: Any, limit: int) -> bool:
+    """Whether no container in a parsed JSON value nests deeper than `limit` (iterative:
+    no recursion for a hostile document to exhaust)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return False
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in items if isinstance(v, (dict, list)))
+    return True

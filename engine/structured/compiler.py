@@ -27,6 +27,7 @@ import llguidance.hf
 from llguidance.gbnf_to_lark import any_to_lark
 
 from ..errors import InvalidRequestError
+from ..inputs.validation import json_depth_ok
 from ..types import StructuredOutput
 
 JSON_OPTIONS = {"whitespace_flexible": False}
@@ -115,19 +116,6 @@ def closed_objects(schema: Any) -> Any:
         elif isinstance(node, list):
             stack.extend(node)
     return root
-
-
-def json_depth_ok(data: Any, limit: int) -> bool:
-    """Whether no container nests deeper than `limit` (iterative)."""
-    stack = [(data, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, (dict, list)):
-            if depth > limit:
-                return False
-            items = value.values() if isinstance(value, dict) else value
-            stack.extend((v, depth + 1) for v in items if isinstance(v, (dict, list)))
-    return True
 
 
 def _check_size(text: str, what: str) -> None:
