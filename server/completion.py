@@ -27,14 +27,16 @@ from engine.errors import EngineError, InvalidRequestError
 from engine.stream import RequestHandle, merge_deltas
 from engine.types import Conversation, Finished, GenerationRequest, RequestStats, TextDelta
 
-from .completion_protocol import (CompletionChoice, CompletionChunk, CompletionLogProbs,
-                                  CompletionRequest, CompletionResponse, CompletionStreamChoice,
-                                  check_body, check_request, completion_id, completion_logprobs,
-                                  not_honoured, prompt_logprobs_out, unknown_fields)
+from .completion_protocol import (NOT_HONOURED, CompletionChoice, CompletionChunk,
+                                  CompletionLogProbs, CompletionRequest, CompletionResponse,
+                                  CompletionStreamChoice, check_body, check_request,
+                                  completion_id, completion_logprobs, prompt_logprobs_out,
+                                  unknown_fields)
 from .fairshare import ClientBusyError
 from .protocol import SSE_DONE, UsageInfo, prompt_tokens_details, sse_data
-from .serving import (FINISH_REASONS, SSE_HEADERS, APIError, ChatServing, AfterSend,
-                      error_response, load_json, until_disconnect, validation_error)
+from .serving import (FINISH_REASONS, SSE_HEADERS, AfterSend, ChatServing,
+                      error_response, load_json, refuse_not_honoured, until_disconnect,
+                      validation_error)
 
 log = logging.getLogger("server")
 
@@ -44,12 +46,7 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
     not honour refused (never ignored), unknown extras logged once and ignored."""
     data = load_json(body)
     check_body(data)
-    refused = not_honoured(data)
-    if refused:
-        them = "it" if len(refused) == 1 else "them"
-        raise APIError(f"{', '.join(refused)}: not supported by this server yet, so refused "
-                       f"rather than ignored; leave {them} out or at vLLM's default.",
-                       400, "Bad Request", refused[0])
+    refuse_not_honoured(data, NOT_HONOURED)
     extras = unknown_fields(data)
     if extras:
         log.warning("ignoring unknown request field(s): %s", ", ".join(extras[:10]))

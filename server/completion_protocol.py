@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 from engine.errors import InvalidRequestError
 from engine.types import SamplingParams, TokenLogprob
 
+from .protocol import NOT_HONOURED as CHAT_NOT_HONOURED
 from .protocol import (SamplingFields, UsageInfo, check_beam_fields, check_structured_body,
                        usage_without_nulls)
 
@@ -81,15 +82,13 @@ class CompletionRequest(SamplingFields):
                                    max_tokens=1 if self.echo_only else params.max_tokens)
 
 
-# vLLM's CompletionRequest fields this server does not honour, with the value that means
-# "not used" (None always does): set to anything else they are refused with a 400.
-NOT_HONOURED: dict[str, Any] = {
-    "prompt_embeds": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
-    "guided_grammar": None,   # vLLM 0.32 no longer reads them: structured_outputs does
-    "logprob_token_ids": None, "watermarking": False, "cache_salt": None,
-    "kv_transfer_params": None, "ec_transfer_params": None, "vllm_xargs": None,
-    "repetition_detection": None, "thinking_token_budget": None, "priority": 0,
-}
+# vLLM's CompletionRequest fields this server does not honour: those of the chat's list
+# (server/protocol.py, with the value that means "not used" and why) that completions have.
+NOT_HONOURED = {name: CHAT_NOT_HONOURED[name] for name in (
+    "prompt_embeds", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "logprob_token_ids", "watermarking", "cache_salt", "kv_transfer_params",
+    "ec_transfer_params", "vllm_xargs", "repetition_detection", "thinking_token_budget",
+    "priority")}
 
 
 def _bad(message: str, param: str | None, value: Any = None) -> InvalidRequestError:
@@ -126,14 +125,6 @@ def check_body(data: Any) -> None:
             and (prompt_logprobs > 0 or prompt_logprobs == -1):
         raise _bad("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
     check_structured_body(data)
-
-
-def not_honoured(data: Any) -> list[str]:
-    """The fields of a raw body that ask for what this server does not do."""
-    if not isinstance(data, dict):
-        return []
-    return [name for name, unused in NOT_HONOURED.items()
-            if data.get(name) is not None and data[name] != unused]
 
 
 def unknown_fields(data: Any) -> list[str]:

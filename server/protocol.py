@@ -485,12 +485,13 @@ NOT_HONOURED: dict[str, tuple[Any, str]] = {
 }
 
 
-def not_honoured(data: Any) -> list[tuple[str, str]]:
+def not_honoured(data: Any, table: dict[str, tuple[Any, str]] | None = None
+                 ) -> list[tuple[str, str]]:
     """The fields of a raw request body that ask for something this server does not do,
-    each with the reason."""
+    each with the reason (`table`: an endpoint's own list, default the chat's)."""
     if not isinstance(data, dict):
         return []
-    return [(name, why) for name, (unused, why) in NOT_HONOURED.items()
+    return [(name, why) for name, (unused, why) in (table or NOT_HONOURED).items()
             if data.get(name) is not None and data[name] != unused]
 
 

@@ -181,9 +181,10 @@ def load_json(body: bytes) -> Any:
     return data
 
 
-def refuse_not_honoured(data: Any) -> None:
-    """A 400 naming every field set that this server does not do, with why (never ignored)."""
-    refused = not_honoured(data)
+def refuse_not_honoured(data: Any, table: dict[str, tuple[Any, str]] | None = None) -> None:
+    """A 400 naming every field set that this server does not do, with why (never ignored);
+    `table`: the endpoint's list (default the chat's, protocol.NOT_HONOURED)."""
+    refused = not_honoured(data, table)
     if refused:
         them = "it" if len(refused) == 1 else "them"
         reasons = "; ".join(f"{name}: {why}" for name, why in refused)
