@@ -927,3 +927,51 @@ def test_a_schema_file_fills_the_schema_box(engine, uploads):
                                                                      "at most 65,536 characters.")
     outside = ASSETS.parent / "README.md"
     assert all(isinstance(o, type(gr.skip())) for o in cb.on_schema_file(str(outside)))
+
+
+# --------------------------------------------------------------------------- lines on the page
+# Gradio shows a warning only from a queued event: the chat's events, which may say
+# something (a refused file, an empty message, Save/Load JSON, files left out of a kept chat),
+# are queued in a group of their own, never behind the model; the rest stay unqueued and
+# never warn (tests/test_browser_warnings.py sees the lines in a browser).
+MAY_WARN = {"on_submit", "on_retry", "on_edit", "on_like", "on_undo", "clear", "on_export",
+            "on_import", "on_load"}
+NEVER_WARN = {"load_example", "on_idle", "on_json_mode", "on_json_text", "on_schema_file",
+              "on_load_json_mode", "composer_meter", "<lambda>", "on_stop", None}
+
+
+def test_every_event_that_may_warn_is_queued_apart_from_the_model(engine):
+    from ui.layout import GENERATE, SAID, build_demo
+
+    fns = list(build_demo(engine).fns.values())
+    for fn in fns:
+        if fn.name in MAY_WARN:
+            assert (fn.queue, fn.concurrency_id, fn.concurrency_limit) == (True, SAID, None), \
+                fn.name
+        elif fn.name in ("generate", "api_chat"):
+            assert fn.queue and fn.concurrency_id == GENERATE
+        elif not fn.queue:
+            assert fn.name in NEVER_WARN, f"{fn.name}: unqueued, so a warning would be lost"
+    assert MAY_WARN <= {fn.name for fn in fns}
+
+
+def test_warnings_are_plain_text_and_the_meter_says_nothing(engine, uploads, monkeypatch):
+    import gradio as gr
+    from ui import callbacks
+
+    shown: list[str] = []
+    monkeypatch.setattr(gr, "Warning", shown.append)
+    callbacks.warn("Unsupported file 'a<b>&amp;.txt'")
+    assert shown == ["Unsupported file 'a&lt;b&gt;&amp;amp;.txt'"]   # the toast renders HTML
+
+    notes: list[str] = []
+    (uploads / "up").mkdir()
+    ctrl = ChatController(engine, ((uploads / "up").resolve(),), warn=notes.append)
+    outside = uploads / "shapes.png"       # not in the upload folder ("up")
+    kept = {"system": "", "turns": [history.user_turn("hi", [str(outside)]),
+                                    history.assistant_turn("yes", "stop")]}
+    for _ in range(3):                     # on every keystroke: not a word
+        ctrl.composer_meter({"text": "and this?", "files": []}, kept, 224 * 224, 1280 * 28 * 28)
+    assert notes == []
+    ctrl.load(kept)                        # the page load and Enter say it, once each
+    assert notes == ["1 file(s) were left out because they were not uploaded here: shapes.png"]

@@ -21,6 +21,13 @@ BUSY_OUTPUTS = 7   # the message box, Stop, Retry, Undo, Clear, Save and Load
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]!|~#])")
 
 
+def warn(text: str) -> None:
+    """One line on the page, as Gradio's warning toast. The toast renders HTML and the line
+    may quote file names or a saved chat's contents, so it is shown as plain text. It reaches
+    the page only from a queued event (layout.py wires every event that warns so)."""
+    gr.Warning(html.escape(text, quote=False))
+
+
 def json_note(problem: str | None) -> str:
     """The line under the JSON mode: what is wrong with its schema or fields (the text may
     quote what the user typed, so it is shown as plain text), or nothing."""
@@ -45,8 +52,8 @@ class Callbacks:
     def on_submit(self, raw: Any, message: Any, system: str, mode: Any, schema: Any,
                   fields: Any, request: gr.Request):
         """The message into the chat, or refused with the box kept as it is. A JSON mode
-        whose schema is none is refused first, in the line under the JSON mode (a warning
-        toast raised in this unqueued event would never reach the page)."""
+        whose schema is none is refused first, in the line under the JSON mode, next to what
+        is wrong; any other refusal is one warning line (`warn`)."""
         problem = JsonMode.from_values(mode, schema, fields).problem()
         if problem is not None:
             return [gr.skip()] * (2 + BUSY_OUTPUTS) + [json_note(problem)]
@@ -56,13 +63,13 @@ class Callbacks:
             them = "it" if len(exc.names) == 1 else "them"
             rest = f" Press Enter to send the rest without {them}." \
                 if exc.box["text"].strip() or exc.box["files"] else ""
-            gr.Warning(f"Not sent: {exc.message}{rest}")
+            warn(f"Not sent: {exc.message}{rest}")
             return [gr.skip(), gr.skip(), exc.box] + [gr.skip()] * BUSY_OUTPUTS
         except EngineError as exc:    # e.g. a PDF with more pages than fit: the box keeps it
-            gr.Warning(exc.message)
+            warn(exc.message)
             return [gr.skip(), gr.skip()] + [gr.skip()] * (BUSY_OUTPUTS + 1)
         if not accepted:   # whitespace only: nothing to send, the box keeps its text
-            gr.Warning("The message is empty: type a question or add an image.")
+            warn("The message is empty: type a question or add an image.")
             return [st, shown] + [gr.skip()] * (BUSY_OUTPUTS + 1)
         ui = self.buttons(True)
         ui[0] = gr.MultimodalTextbox(value=None, interactive=False)
@@ -157,9 +164,9 @@ class Callbacks:
         text = history.export_json(self.ctrl.load(raw), self.model_name,
                                    max_bytes=self.max_export_bytes, left_out=left_out)
         if left_out:
-            gr.Warning(f"{len(left_out)} file(s) were left out of the saved chat, which may embed "
-                       f"at most {self.max_export_bytes / 2**20:g} MB of files: "
-                       f"{', '.join(left_out[:3])}")
+            warn(f"{len(left_out)} file(s) were left out of the saved chat, which may embed "
+                 f"at most {self.max_export_bytes / 2**20:g} MB of files: "
+                 f"{', '.join(left_out[:3])}")
         return text
 
     def on_import(self, path: str | None, raw: Any):
@@ -172,15 +179,15 @@ class Callbacks:
         try:
             st = history.import_json(Path(path).read_bytes(), self.imports_dir, left_out)
         except EngineError as exc:
-            gr.Warning(exc.message)
+            warn(exc.message)
             return gr.skip(), gr.skip(), gr.skip()
         except OSError as exc:
-            gr.Warning(f"Cannot read the file: {exc.strerror or exc}")
+            warn(f"Cannot read the file: {exc.strerror or exc}")
             return gr.skip(), gr.skip(), gr.skip()
         self.ctrl.track([f["path"] for t in st["turns"] for f in t.get("files", [])])
         if left_out:
-            gr.Warning(f"{len(left_out)} file(s) of the saved chat were not in it: "
-                       f"{', '.join(left_out[:3])}")
+            warn(f"{len(left_out)} file(s) of the saved chat were not in it: "
+                 f"{', '.join(left_out[:3])}")
         return st, display.render(st), st["system"]
 
     async def api_chat(self, message: Any, system_prompt: str, max_new_tokens: Any,

@@ -172,7 +172,7 @@ class ChatController:
     engine: Engine
     upload_roots: tuple[Path, ...]
     active: ActiveRequests = field(default_factory=ActiveRequests)
-    warn: Callable[[str], None] | None = None   # a visible note on the page (gr.Warning)
+    warn: Callable[[str], None] | None = None   # a visible line on the page (callbacks.warn)
     feedback_file: Path | None = None   # likes and dislikes appended as JSON lines (opt-in)
     render_slots: int = 1        # PDF documents rendered at once, all users together
     admit: Callable[[Any], Any] | None = None   # the client's slot for one generation
@@ -360,8 +360,10 @@ class ChatController:
 
     def composer_meter(self, message: Any, raw_state: Any, min_pixels: Any,
                        max_pixels: Any, max_tokens: Any = None) -> str:
-        """The token meter under the message box (see ui/meter.py)."""
-        state = self.load(raw_state)
+        """The token meter under the message box (see ui/meter.py). It runs on every
+        keystroke, unqueued, so it says nothing of files it leaves out: the events that keep
+        the chat (page load, Enter) say that once."""
+        state = history.clean_state(raw_state, self.upload_roots)
         files = [str(f) for f in (message or {}).get("files") or []] \
             if isinstance(message, dict) else []
         files = [f for f in files if history.inside_roots(Path(f), self.upload_roots)]

@@ -18,7 +18,7 @@ from engine.config import DEFAULT_MODEL
 from engine.types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 from . import history
-from .callbacks import Callbacks
+from .callbacks import Callbacks, warn
 from .chat import ChatController, Sampling
 from .jsonmode import MODES, JsonMode
 
@@ -28,6 +28,11 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 STORAGE_KEY = "qwenvl-chat-v1"
 SETTINGS_KEY = "qwenvl-settings-v1"   # the JSON mode, kept apart from the chat (Clear keeps it)
 GENERATE = "generate"   # the one concurrency group of everything that runs the model
+# The quick events that may say something on the page (a refused file, an empty message, a
+# Save/Load JSON note, files left out of a kept chat): a warning reaches the page only from
+# a queued event, so they are queued, in a group of their own that never waits behind the
+# model. Unbounded, as they were unqueued: their slow parts (PDF pages) have their own bound.
+SAID = "said"
 
 LATEX = [{"left": "$$", "right": "$$", "display": True},
          {"left": "\\[", "right": "\\]", "display": True},
@@ -306,25 +311,29 @@ def json_mode_inputs() -> tuple[list[Any], Any, Any]:
 
 
 def wire_events(page: Page, cb: Callbacks, options: UIOptions, demo: gr.Blocks) -> None:
-    """Which callback each component's event runs, and in which concurrency group."""
+    """Which callback each component's event runs, and in which concurrency group: `said`
+    for those that may warn (the chat's own events), `quiet` (unqueued, at once) for the
+    others."""
     quiet = {"api_visibility": "undocumented", "queue": False}
+    said = {"api_visibility": "undocumented", "concurrency_id": SAID,
+            "concurrency_limit": None, "show_progress": "hidden"}
     run = {"api_visibility": "undocumented", "concurrency_id": GENERATE,
            "concurrency_limit": options.concurrency, "show_progress": "minimal"}
     st, chat, busy, jsons = page.state, page.chatbot, page.busy_outputs, page.json_inputs
     asked = [st] + page.sampling + jsons      # what generate reads
     submitted = page.box.submit(cb.on_submit, [st, page.box, page.system_box] + jsons,
-                                [st, chat] + busy + [page.json_note], **quiet)
+                                [st, chat] + busy + [page.json_note], **said)
     submitted.then(cb.generate, asked, [st, chat], **run) \
         .then(cb.on_idle, None, busy, **quiet)
     retried = page.retry_btn.click(cb.on_retry, [st, page.system_box], [st, chat] + busy,
-                                   **quiet)
+                                   **said)
     retried.then(cb.generate, asked, [st, chat], **run) \
         .then(cb.on_idle, None, busy, **quiet)
-    edited = chat.edit(cb.on_edit, [st], [st, chat] + busy, **quiet)
+    edited = chat.edit(cb.on_edit, [st], [st, chat] + busy, **said)
     edited.then(cb.generate, asked, [st, chat], **run) \
         .then(cb.on_idle, None, busy, **quiet)
     wire_json_mode(page, cb, demo)
-    chat.like(cb.on_like, [st], [st], **quiet)
+    chat.like(cb.on_like, [st], [st], **said)
     page.box.change(cb.ctrl.composer_meter, [page.box, st, page.sampling[6], page.sampling[7],
                                              page.sampling[0]], [page.meter],
                     trigger_mode="always_last", **quiet)
@@ -332,17 +341,17 @@ def wire_events(page: Page, cb: Callbacks, options: UIOptions, demo: gr.Blocks) 
         button.click(lambda box, p=prompt, m=mode: (cb.preset(box, p), m), [page.box],
                      [page.box, page.json_inputs[0]], **quiet)
     page.stop_btn.click(cb.on_stop, None, None, **quiet)
-    page.undo_btn.click(cb.on_undo, [st], [st, chat, page.box], **quiet)
-    page.clear_btn.click(cb.ctrl.clear, [st], [st, chat], **quiet)
-    chat.clear(cb.ctrl.clear, [st], [st, chat], **quiet)   # its trash icon
-    page.save_btn.click(cb.on_export, [st], [page.export_text], **quiet) \
+    page.undo_btn.click(cb.on_undo, [st], [st, chat, page.box], **said)
+    page.clear_btn.click(cb.ctrl.clear, [st], [st, chat], **said)
+    chat.clear(cb.ctrl.clear, [st], [st, chat], **said)   # its trash icon
+    page.save_btn.click(cb.on_export, [st], [page.export_text], **said) \
         .then(None, [page.export_text], None, js=DOWNLOAD_JS, **quiet)
     page.load_btn.upload(cb.on_import, [page.load_btn, st], [st, chat, page.system_box],
-                         **quiet)
+                         **said)
     page.api_btn.click(cb.api_chat, [page.box, page.system_box] + page.sampling[:6],
                        [page.api_answer], api_name="chat", concurrency_id=GENERATE,
                        concurrency_limit=options.concurrency)
-    demo.load(cb.on_load, [st], [st, chat, page.system_box], **quiet)
+    demo.load(cb.on_load, [st], [st, chat, page.system_box], **said)
     demo.unload(cb.on_unload)
 
 
@@ -364,7 +373,7 @@ def wire_json_mode(page: Page, cb: Callbacks, demo: gr.Blocks) -> None:
 def build_demo(engine: Engine, options: UIOptions | None = None) -> gr.Blocks:
     """The page; its queue is configured so every model call shares one concurrency group."""
     options = options or UIOptions()
-    ctrl = ChatController(engine, upload_roots(), warn=gr.Warning,
+    ctrl = ChatController(engine, upload_roots(), warn=warn,
                           feedback_file=options.feedback_file, admit=options.admit)
     cb = Callbacks(ctrl, engine.model_name, Path(get_upload_folder()) / "qwenvl-imports",
                    DEFAULT_SYSTEM, options.max_export_bytes)
