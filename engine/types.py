@@ -143,7 +143,8 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logprobs: int | None = None              # None: none; k >= 0: the chosen token's and top k
     prompt_logprobs: int | None = None       # the same for every prompt token after the first
-    truncate_prompt_tokens: int | None = None   # keep only the prompt's last k tokens (-1: all that fit)
+    truncate_prompt_tokens: int | None = None   # keep only k of the prompt's tokens (-1: all that fit)
+    truncation_side: Literal["left", "right"] = "left"   # "left": keep the last k, "right": the first k
     structured: StructuredOutput | None = None  # the answer must match it (engine.structured)
     # vLLM's beam search: `n` beams, ranked by cum_logprob / len ** length_penalty; every
     # field above but max_tokens, temperature, ignore_eos, include_stop_str_in_output,

@@ -145,7 +145,8 @@ class CompletionServing:
                 except InvalidRequestError as exc:   # ids out of the vocabulary
                     raise InvalidRequestError(exc.message, param="prompt") from None
             if isinstance(p.source, list) and (k is None or k > 0):
-                p.ids = p.source[-k:] if k else list(p.source)
+                p.ids = list(p.source) if not k else \
+                    p.source[:k] if req.truncation_side == "right" else p.source[-k:]
             if req.echo and req.logprobs is not None and p.ids:
                 p.first_token = {p.ids[0]: self.engine.detokenize(p.ids[:1])}
             prompts.append(p)

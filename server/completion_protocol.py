@@ -43,7 +43,6 @@ class CompletionRequest(SamplingFields):
     request_id: str | None = None
     session_id: str | None = None
     stream_interval: Annotated[int, Field(ge=1)] | None = None
-    truncation_side: Literal["left", "right"] | None = None
     routed_experts_prompt_start: Annotated[int, Field(ge=0)] = 0
     return_token_offsets: bool | None = False
     mm_payload: Literal["tensors", "none"] = "tensors"
@@ -149,10 +148,6 @@ def check_request(req: CompletionRequest) -> None:
     if req.best_of not in (None, 1):
         raise InvalidRequestError(f"best_of must be 1: this server does not generate extra "
                                   f"candidates to pick from, got {req.best_of}.", param="best_of")
-    if req.truncation_side == "right" and req.truncate_prompt_tokens is not None:
-        raise InvalidRequestError("truncation_side='right' is not supported by this server: "
-                                  "truncate_prompt_tokens keeps the prompt's last tokens "
-                                  "('left', vLLM's default here).", param="truncation_side")
     prompts = req.prompts()
     if not prompts:
         raise InvalidRequestError("You must pass at least one prompt")

@@ -240,6 +240,7 @@ class SamplingFields(_Lenient):
     min_tokens: int = 0
     n: int | None = 1
     truncate_prompt_tokens: int | None = None
+    truncation_side: Literal["left", "right"] | None = None
     prompt_logprobs: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -296,7 +297,8 @@ class SamplingFields(_Lenient):
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, n=self.n or 1,
             logprobs=self.top_logprob_count, prompt_logprobs=self.prompt_logprobs,
-            truncate_prompt_tokens=self.truncate_prompt_tokens, structured=self.structured(),
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
+            truncation_side=self.truncation_side or "left", structured=self.structured(),
             use_beam_search=self.use_beam_search, length_penalty=self.length_penalty,
             cap_to_context=True)   # as vLLM 0.32: max_tokens is lowered to what fits the context
 
@@ -481,7 +483,6 @@ NOT_HONOURED: dict[str, tuple[Any, str]] = {
     "repetition_detection": (None, "repetition detection is not supported"),
     "watermarking": (False, "watermarking is not supported"),
     "return_prompt_text": (False, "returning the rendered prompt text is not supported"),
-    "truncation_side": ("left", "truncate_prompt_tokens keeps the prompt's last tokens only"),
 }
 
 

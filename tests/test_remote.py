@@ -449,7 +449,7 @@ NON_DEFAULT = {
     "frequency_penalty": -0.5, "min_p": 0.1, "logit_bias": {5: 2.0}, "bad_words": ["bad"],
     "allowed_token_ids": [5, 6], "stop_token_ids": [7], "include_stop_str_in_output": True,
     "skip_special_tokens": False, "spaces_between_special_tokens": False, "logprobs": 2,
-    "prompt_logprobs": 1, "truncate_prompt_tokens": 50}
+    "prompt_logprobs": 1, "truncate_prompt_tokens": 50, "truncation_side": "right"}
 
 
 def test_every_sampling_field_and_chat_control_is_forwarded(fake_remote):

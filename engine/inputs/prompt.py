@@ -244,19 +244,21 @@ def template_args(conv: Conversation) -> dict[str, Any]:
             "continue_final_message": conv.continue_final_message, "tools": conv.tools}
 
 
-def truncation_start(n: int, k: int | None, max_model_len: int) -> int:
-    """How many tokens truncate_prompt_tokens drops from the prompt's start: all but the last
-    k (-1: all but the max_model_len - 1 that leave one token to generate, vLLM's meaning)."""
+def truncation_window(n: int, k: int | None, max_model_len: int,
+                      side: str = "left") -> tuple[int, int]:
+    """The prompt tokens [start, end) that truncate_prompt_tokens keeps: the last k ("left",
+    vLLM's default, cuts the start) or the first k ("right"); -1 keeps max_model_len - 1,
+    which leaves one token to generate (vLLM's meaning)."""
     if k is None:
-        return 0
-    keep = max_model_len - 1 if k == -1 else k
-    return max(0, n - keep)
+        return 0, n
+    keep = min(n, max_model_len - 1 if k == -1 else k)
+    return (n - keep, n) if side == "left" else (0, keep)
 
 
-def check_media_kept(spans: list[MediaSpan], cut: int, k: int, n: int) -> None:
+def check_media_kept(spans: list[MediaSpan], window: tuple[int, int], k: int, n: int) -> None:
     """A cut may only drop text: a picture or video is never split or dropped (vLLM's rule)."""
     for span in spans:
-        if span.start < cut:
+        if span.start < window[0] or span.end > window[1]:
             raise InvalidRequestError(
                 f"truncate_prompt_tokens={k} would split or drop a(n) {span.kind} item, which "
                 f"spans tokens {span.start} to {span.end} of the {n}-token prompt; the limit "
@@ -402,15 +404,16 @@ class PromptRenderer:
         against the context."""
         n = int(inputs["input_ids"].shape[1])
         k = request.sampling.truncate_prompt_tokens
-        cut = truncation_start(n, k, self.max_model_len)
-        if cut:
-            check_media_kept(spans, cut, k, n)
-            inputs = {key: value[:, cut:] if _per_token(value, n) else value
+        start, end = truncation_window(n, k, self.max_model_len, request.sampling.truncation_side)
+        if (start, end) != (0, n):
+            check_media_kept(spans, (start, end), k, n)
+            inputs = {key: value[:, start:end] if _per_token(value, n) else value
                       for key, value in inputs.items()}
-            spans = [span._replace(start=span.start - cut, end=span.end - cut) for span in spans]
+            spans = [span._replace(start=span.start - start, end=span.end - start)
+                     for span in spans]
             with self._lock:
                 text = self.processor.tokenizer.decode(inputs["input_ids"][0].tolist())
-            n -= cut
+            n = end - start
         max_new = self.check_context(n, request.sampling.max_tokens,
                                      request.sampling.cap_to_context)
         return PreparedPrompt(inputs=inputs, prompt_text=text, prompt_tokens=n, images=images,

@@ -178,6 +178,9 @@ def _check_token_fields(sp: SamplingParams) -> None:
                    f"{bad_keys!r}", "logit_bias", bad_keys)
     if not all(_is_number(v) for v in sp.logit_bias.values()):
         raise _bad("logit_bias values must be finite numbers.", "logit_bias", sp.logit_bias)
+    if sp.truncation_side not in ("left", "right"):
+        raise _bad(f"truncation_side must be 'left' or 'right', got {sp.truncation_side!r}.",
+                   "truncation_side", sp.truncation_side)
     if sp.truncate_prompt_tokens is not None and (not _is_int(sp.truncate_prompt_tokens)
                                                   or sp.truncate_prompt_tokens < -1):
         raise _bad("truncate_prompt_tokens must be greater than or equal to -1, got "

@@ -362,8 +362,6 @@ VLLM_FAILS: dict[str, str] = {
         'per-request media_io_kwargs need --trust-request-mm-kwargs (400)',
 }
 OURS_XFAIL: dict[str, str] = {
-    'test_completion.py::test_completion_truncation_side_controls_prompt_truncation':
-        "truncation_side='right' refused",
     'test_completion_with_function_calling.py::test_max_tokens_with_tool_choice_required[required]':
         'max_tokens below a forced call\'s shortest answer is a 400, not a cut call',
     'test_completion_with_function_calling.py::test_max_tokens_with_tool_choice_required[tool_choice1]':
