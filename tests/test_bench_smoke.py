@@ -15,7 +15,8 @@ from engine.backends.local import LocalEngine
 from engine.types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
                           SamplingParams, TextDelta)
 
-from bench import concurrency, followup, interference, overhead, preprocess, soak, warmup
+from bench import (concurrency, fields, followup, interference, overhead, preprocess, soak,
+                   streams, warmup)
 from bench.api import api_unavailable_reason
 from tests.test_engine import engine_recording_processor
 
@@ -103,6 +104,39 @@ def test_soak_runs_both_modes(capsys):
     assert re.search(r"(PASS|FAIL): rounds: RSS growth round 2 -> round 2: [-+]\d+ MB", out)
     assert re.search(r"(PASS|FAIL): load: RSS growth phase 1 -> phase 2: [-+]\d+ MB", out)
     assert re.search(r"round +2: rss \d+ MB .* ok 4", out)
+
+
+def test_fields_runs_and_reports_its_ratios(tiny_model_dir, capsys):
+    """bench/fields.py: penalties + logprobs against plain rows, a constrained answer against
+    a free one, and compile times; --min-ratio fails the run."""
+    args = _common(tiny_model_dir) + ["--max-tokens", "8", "--constrained-max-tokens", "40",
+                                      "--repeats", "1", "--pairs", "2"]
+    assert fields.main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\| +8 greedy rows, half with penalties \+ logprobs \(top 5\) / all plain "
+                     r"\|( +[\d.,]+ \|){3} +>= 0.9 \|", out)
+    assert re.search(r"\| +1 row, JSON schema \(max_tokens 40\) / free, same prompt and length "
+                     r"\|( +[\d.,]+ \|){3} +>= 0.9 \|", out)
+    assert re.search(r"\| +cold \(a new schema\) \| +[\d.]+ \| +[\d.]+ \|", out)
+    assert re.search(r"\| +cached \(the same schema again\) \| +[\d.]+ \| +[\d.]+ \|", out)
+    assert re.search(r"^penalties \+ logprobs: [\d.]+ \(goal >= 0.9: (met|NOT met)\)$", out, re.M)
+    assert fields.main(args + ["--min-ratio", "1e9"]) == 1
+    assert "FAIL: a ratio below --min-ratio 1e+09" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not HTTP, reason="bench/streams.py needs the HTTP API")
+def test_streams_runs_through_the_server(tiny_model_dir, capsys):
+    """bench/streams.py: 8 streaming clients against 1 and a constrained stream against a free
+    one, through `python -m server` in a subprocess."""
+    args = ["--model", str(tiny_model_dir), "--max-tokens", "8", "--requests-per-client", "1",
+            "--constrained-max-tokens", "40", "--pairs", "1"]
+    assert streams.main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\| +8 text clients / 1, 8 tokens each, aggregate \|( +[\d.,]+ \|){2} "
+                     r"+[\d.]+x \| +>= 3x \|", out)
+    assert re.search(r"\| +1 client, JSON schema \(max_tokens 40\) / free, same prompt and "
+                     r"length, decode \|( +[\d.,]+ \|){3} +>= 0.9 \|", out)
+    assert re.search(r"^8 clients / 1: [\d.]+ \(goal >= 3: (met|NOT met)\)$", out, re.M)
 
 
 def test_preprocess_counts_image_tokens(capsys):

@@ -22,7 +22,10 @@ Rows that do not use a piece are left bit-for-bit untouched by it (they see a ze
 penalty, a zero min_p, an all-False mask).
 
 The whole batch is processed at once on the logits' device (per-row settings live there
-as small tensors), with one host sync per step: the final `.tolist()`. Logprobs
+as small tensors), with one host sync per step: the final `.tolist()`. The rows' settings
+and penalty state are stacked once when a batch forms (`_Batch`) and reused while the same
+rows come back, so a step costs a fixed number of tensor operations, not some per row.
+Logprobs
 (`token_logprobs`, `prompt_logprobs`) come from the raw logits, as vLLM's default
 logprobs mode "raw_logprobs" does, one host transfer per call.
 """
@@ -222,16 +225,22 @@ class RowSampler:
             self.generator = torch.Generator(device=self.device)
             self.generator.manual_seed(settings.seed % _SEED_SPACE)
         self.penalised = settings.repetition_penalty != 1.0
-        self.seen = _no_tokens(self.vocab_size, self.device)
+        self._seen = _no_tokens(self.vocab_size, self.device)
         if self.penalised:
             # One spare slot absorbs out-of-vocabulary ids without a data-dependent filter.
             seen = torch.zeros(self.vocab_size + 1, dtype=torch.bool, device=self.device)
             ids = prompt_ids.reshape(-1).to(device=self.device, dtype=torch.long)
             seen[ids.clamp(0, self.vocab_size)] = True
-            self.seen = seen[:self.vocab_size]
+            self._seen = seen[:self.vocab_size]
         self.counted = settings.frequency_penalty != 0.0 or settings.presence_penalty != 0.0
-        self.counts = (torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
-                       if self.counted else _no_counts(self.vocab_size, self.device))
+        self._counts = (torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
+                        if self.counted else _no_counts(self.vocab_size, self.device))
+        # Generated tokens not yet in _seen/_counts: recorded by the next step's batch in one
+        # operation for all rows (or by the properties below), since a per-token tensor write
+        # costs microseconds of Python per row and step.
+        self._pending: list[int] = []
+        self._batch: _Batch | None = None   # the stacked batch this row's state lives in
+        self._slot = -1
         stops = _vocab_tensor((*settings.eos_ids, *settings.stop_token_ids), self.vocab_size,
                               self.device)
         self.eos = stops if stops.numel() else None   # masked until min_tokens
@@ -259,6 +268,29 @@ class RowSampler:
             dtype=torch.float32, device=self.device)
         self.reshapes = (self.penalised or self.counted or self.banned is not None
                          or bool(self.bad_sequences) or self.bias_ids is not None)
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """(V,) bool: the tokens of the prompt and the answer (the repetition penalty's)."""
+        self._record()
+        return self._seen
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """(V,) float32: each token's count in the answer (frequency and presence penalties)."""
+        self._record()
+        return self._counts
+
+    def _record(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            self._batch = None    # its stacked state besides seen and counts is now stale
+            ids = torch.tensor(pending, dtype=torch.long, device=self.device)
+            if self.penalised:
+                self._seen[ids] = True
+            if self.counted:
+                self._counts.index_put_((ids,), torch.ones_like(ids, dtype=torch.float32),
+                                        accumulate=True)
 
     def _static_ban(self) -> torch.Tensor | None:
         """The tokens that are -inf at every step: those outside allowed_token_ids, and the
@@ -303,12 +335,76 @@ class RowSampler:
         self.generated += 1
         if self.tail_length:
             self.tail = [*self.tail, token_id][-self.tail_length:]
-        if not 0 <= token_id < self.vocab_size:
-            return
-        if self.penalised:
-            self.seen[token_id] = True
-        if self.counted:
-            self.counts[token_id] += 1
+        if (self.penalised or self.counted) and 0 <= token_id < self.vocab_size:
+            self._pending.append(token_id)
+
+
+class _Batch:
+    """The stacked settings (`params`) and penalty state (`seen`, `counts`) of a batch of rows,
+    built when the batch forms. Each row's own state then becomes a view of its slot here, so
+    the state stays the row's, and the batch is reused for as long as the same rows come back
+    in the same order (the usual next decode step): the tokens they appended since are recorded
+    for all rows at once."""
+
+    def __init__(self, rows: list[RowSampler]) -> None:
+        self.size = len(rows)
+        self.params = torch.stack([r.params for r in rows])
+        self.penalised = any(r.penalised for r in rows)
+        self.counted = any(r.counted for r in rows)
+        self.biased = any(r.bias_ids is not None for r in rows)
+        self.bans = any(r.banned is not None or r.bad_sequences for r in rows)
+        self.reciprocal = rows[0].reciprocal
+        self.seen = torch.stack([r._seen for r in rows]) if self.penalised else None
+        self.counts = torch.stack([r._counts for r in rows]) if self.counted else None
+        # counts > 0 as 1.0/0.0, kept beside the counts: the presence penalty's factor
+        self.present = (self.counts > 0).float() if self.counted else None
+        # the penalties' columns, (B, 1) each: penalty, its divisor, frequency, presence
+        self.penalty, self.divisor, self.frequency, self.presence = (
+            self.params[:, i:i + 1].contiguous() for i in (0, 1, 5, 6))
+        for i, r in enumerate(rows):
+            r._batch, r._slot = self, i
+            if self.seen is not None:
+                r._seen = self.seen[i]
+            if self.counts is not None:
+                r._counts = self.counts[i]
+
+    @classmethod
+    def of(cls, rows: list[RowSampler]) -> "_Batch":
+        """The rows' batch, reused or built, with every appended token recorded."""
+        batch = rows[0]._batch
+        if batch is None or batch.size != len(rows) or any(
+                r._batch is not batch or r._slot != i for i, r in enumerate(rows)):
+            batch = cls(rows)
+        if batch.penalised or batch.counted:
+            batch._record(rows)
+        return batch
+
+    def _record(self, rows: list[RowSampler]) -> None:
+        seen: list[int] = []        # flat (slot * V + token) positions
+        counted: list[int] = []
+        vocab = rows[0].vocab_size
+        for i, r in enumerate(rows):
+            if r._pending:
+                pending, r._pending = r._pending, []
+                if r.penalised:
+                    seen.extend(i * vocab + t for t in pending)
+                if r.counted:
+                    counted.extend(i * vocab + t for t in pending)
+        device = rows[0].device
+        where = torch.tensor(seen, dtype=torch.long, device=device) if seen else None
+        if seen:
+            self.seen.view(-1).index_fill_(0, where, True)
+        if counted:
+            if counted != seen:
+                where = torch.tensor(counted, dtype=torch.long, device=device)
+            self.counts.view(-1).index_put_((where,), _one(device), accumulate=True)
+            self.present.view(-1).index_fill_(0, where, 1.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _one(device: torch.device) -> torch.Tensor:
+    """1.0, what a generated token adds to its count (never written)."""
+    return torch.ones((), dtype=torch.float32, device=device)
 
 
 def _divide(x: torch.Tensor, divisor: torch.Tensor, reciprocal: bool) -> torch.Tensor:
@@ -329,22 +425,29 @@ def _mask(x: torch.Tensor, rows: list[RowSampler]) -> None:
             x[i].index_fill_(0, r.eos, -math.inf)
 
 
-def _penalise(logits: torch.Tensor, rows: list[RowSampler], params: torch.Tensor) -> torch.Tensor:
-    """Everything before the argmax (the module docstring's first four lines), in float32."""
-    x = logits.to(torch.float32, copy=True)
-    _mask(x, rows)
-    for i, r in enumerate(rows):
-        if r.bias_ids is not None:
-            x[i].index_add_(0, r.bias_ids, r.bias_values)
-    if any(r.penalised for r in rows):
-        seen = torch.stack([r.seen for r in rows])
-        shrunk = _divide(x, params[:, 1:2], rows[0].reciprocal)
-        x = torch.where(seen, torch.where(x < 0, x * params[:, 0:1], shrunk), x)
-    if any(r.counted for r in rows):
-        # vLLM's two subtractions (model_executor/layers/utils.apply_penalties), in its order.
-        counts = torch.stack([r.counts for r in rows])
-        x = x - params[:, 5:6] * counts
-        x = x - params[:, 6:7] * (counts > 0)
+def _penalise(logits: torch.Tensor, rows: list[RowSampler], batch: _Batch) -> torch.Tensor:
+    """Everything before the argmax (the module docstring's first four lines), in float32
+    (a new tensor when anything is written in place)."""
+    masks = batch.bans or any(r.min_pending for r in rows)
+    if masks or batch.biased:
+        x = logits.to(torch.float32, copy=True)
+        if masks:
+            _mask(x, rows)
+        for i, r in enumerate(rows):
+            if r.bias_ids is not None:
+                x[i].index_add_(0, r.bias_ids, r.bias_values)
+    else:
+        x = logits.to(torch.float32)
+    if batch.penalised:
+        # signbit(x) picks the same branch as x < 0: -0.0 * penalty and -0.0 / divisor are
+        # both -0.0 (the penalty is positive), and it costs one boolean pass less
+        shrunk = _divide(x, batch.divisor, batch.reciprocal)
+        x = torch.where(batch.seen, torch.where(torch.signbit(x), x * batch.penalty, shrunk), x)
+    if batch.counted:
+        # vLLM's two subtractions (model_executor/layers/utils.apply_penalties), in its order;
+        # `present` is its (counts > 0) as float, which its product converts the bools to.
+        x = x - batch.frequency * batch.counts
+        x = x - batch.presence * batch.present
     return x
 
 
@@ -386,9 +489,9 @@ def process_logits(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor
     """The float32 scores each row's processors would produce (all warpers for sampling
     rows, top_k == 1 included): for tests and diagnostics."""
     _check(logits, rows)
-    params = torch.stack([r.params for r in rows])
-    x = _penalise(logits, rows, params)
-    return _warp(x, rows, [r for r in rows if not r.settings.greedy], params)
+    batch = _Batch.of(rows)
+    x = _penalise(logits, rows, batch)
+    return _warp(x, rows, [r for r in rows if not r.settings.greedy], batch.params)
 
 
 def sample(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
@@ -399,13 +502,13 @@ def sample(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
     _check(logits, rows)
     if all(r.plain_argmax for r in rows):
         return logits.argmax(dim=-1).tolist()
-    params = torch.stack([r.params for r in rows])
-    x = _penalise(logits, rows, params)
+    batch = _Batch.of(rows)
+    x = _penalise(logits, rows, batch)
     best = x.argmax(dim=-1)
     drawing = [r for r in rows if not r.settings.argmax]
     if not drawing:
         return best.tolist()
-    probs = _warp(x, rows, drawing, params).softmax(dim=-1)
+    probs = _warp(x, rows, drawing, batch.params).softmax(dim=-1)
     # torch.multinomial(probs, 1) is argmax(probs / q) with q ~ Exp(1) drawn from the
     # generator; written out, so each row draws from its own generator into one batch
     # (the same numbers multinomial would draw) and multinomial's validity check, a host
@@ -432,38 +535,86 @@ class RawLogprobs:
 
 
 def _gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
-    """(n, 3 + 2k) float64 (exact for float32 values and token ids): the token, its logprob,
-    its rank, the top k logprobs, their ids (vLLM's Sampler.gather_logprobs)."""
+    """(n, 2 + 2k): the token's logprob, its rank, the top k logprobs, their ids (vLLM's
+    Sampler.gather_logprobs), in float32: exact for float32 values, and for ids and ranks
+    below 2**24 (float64 for a larger vocabulary)."""
     logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
     chosen = logprobs.gather(1, tokens[:, None])
     rank = (logprobs >= chosen).sum(dim=-1, keepdim=True)
     top = torch.topk(logprobs, k, dim=-1)
-    return torch.cat([tokens[:, None].double(), chosen.double(), rank.double(),
-                      top.values.double(), top.indices.double()], dim=1)
+    if logits.shape[-1] > 1 << 24:
+        chosen = chosen.double()
+    return torch.cat([chosen, rank, top.values, top.indices], dim=1)   # promoted to chosen's
 
 
-def _unpack(row: list[float], k: int, width: int) -> RawLogprobs:
-    values, ids = row[3:3 + width], row[3 + width:]
-    return RawLogprobs(token_id=int(row[0]), logprob=row[1], rank=int(row[2]),
-                       top=[(int(i), v) for i, v in zip(ids[:k], values[:k], strict=True)])
+def _unpack(token_id: int, row: list[float], k: int, width: int) -> RawLogprobs:
+    return RawLogprobs(token_id=token_id, logprob=row[0], rank=int(row[1]),
+                       top=[(int(i), v) for i, v in zip(row[2 + width:2 + width + k],
+                                                        row[2:2 + k])])
 
 
 def token_logprobs(logits: torch.Tensor, want: list[int | None],
                    tokens: list[int]) -> list[RawLogprobs | None]:
     """The chosen tokens' logprobs for the rows that asked: want[i] = k >= 0 (the top k
     besides the chosen token), None for rows that did not ask. `logits` (B, V) are the
-    step's raw logits (before any penalty or temperature), as vLLM returns by default."""
-    asked = [i for i, k in enumerate(want) if k is not None]
+    step's raw logits (before any penalty or temperature), as vLLM returns by default.
+
+    A chosen token among the top logprobs, above the last of them, takes its logprob and
+    rank from them (every token at least as likely is among them too), which spares a pass
+    over the vocabulary; the others are computed in full from the same logprobs."""
     out: list[RawLogprobs | None] = [None] * len(want)
+    asked = [i for i, k in enumerate(want) if k is not None]
     if not asked:
         return out
-    width = min(max(want[i] for i in asked), logits.shape[-1])
-    rows = logits if len(asked) == len(want) else logits[torch.tensor(asked, device=logits.device)]
-    chosen = torch.tensor([tokens[i] for i in asked], dtype=torch.long, device=logits.device)
-    packed = _gather_logprobs(rows, chosen, width).tolist()
-    for i, row in zip(asked, packed, strict=True):
-        out[i] = _unpack(row, want[i], width)
+    vocab = logits.shape[-1]
+    width = min(max(1, *(want[i] for i in asked)), vocab)
+    if len(asked) < len(want):
+        logits = logits.index_select(0, torch.tensor(asked, device=logits.device))
+    logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
+    top = torch.topk(logprobs, width, dim=-1)
+    values = top.values if vocab <= 1 << 24 else top.values.double()
+    packed = torch.cat([values, top.indices], dim=1).tolist()   # ids exact in values' type
+    rest: list[int] = []     # positions in `asked` whose token is not safely in its top
+    for n, (i, row) in enumerate(zip(asked, packed, strict=True)):
+        out[i] = _from_top(tokens[i], row, want[i], width, vocab)
+        if out[i] is None:
+            rest.append(n)
+    if rest:
+        chosen = [tokens[asked[n]] for n in rest]
+        for n, (logprob, rank) in zip(rest, _chosen_and_rank(logprobs, rest, chosen),
+                                      strict=True):
+            i = asked[n]
+            out[i] = RawLogprobs(tokens[i], logprob, rank, _top(packed[n], want[i], width))
     return out
+
+
+def _top(row: list[float], k: int, width: int) -> list[tuple[int, float]]:
+    """The k most likely (id, logprob) of a packed row: `width` values, then their ids."""
+    return [(int(t), v) for t, v in zip(row[width:width + k], row[:k])]
+
+
+def _from_top(token: int, row: list[float], k: int, width: int,
+              vocab: int) -> RawLogprobs | None:
+    """The token's logprobs from its row's top `width` alone, or None when they do not
+    settle its rank (it is not among them, or it ties with the last of them)."""
+    ids = row[width:]
+    if token not in ids:
+        return None
+    value = row[ids.index(token)]
+    if not (value > row[width - 1] or width == vocab):
+        return None
+    rank = sum(1 for v in row[:width] if v >= value)
+    return RawLogprobs(token, value, rank, _top(row, k, width))
+
+
+def _chosen_and_rank(logprobs: torch.Tensor, rows: list[int],
+                     tokens: list[int]) -> list[tuple[float, int]]:
+    """Each token's logprob in its row of `logprobs`, and its rank over the vocabulary."""
+    device = logprobs.device
+    some = logprobs.index_select(0, torch.tensor(rows, dtype=torch.long, device=device))
+    chosen = some.gather(1, torch.tensor(tokens, dtype=torch.long, device=device)[:, None])
+    rank = (some >= chosen).sum(dim=-1, keepdim=True)
+    return [(v, int(r)) for v, r in torch.cat([chosen.double(), rank], dim=1).tolist()]
 
 
 _PROMPT_CHUNK = 1 << 24     # logits elements per log_softmax in prompt_logprobs (64 MiB)
@@ -481,6 +632,8 @@ def prompt_logprobs(logits: torch.Tensor, targets: torch.Tensor | list[int],
         return []
     width = min(k, logits.shape[-1])
     step = max(1, _PROMPT_CHUNK // logits.shape[-1])
-    packed = torch.cat([_gather_logprobs(logits[s:s + step], targets[s:s + step], width)
+    packed = torch.cat([torch.cat([targets[s:s + step, None].to(torch.float64),
+                                   _gather_logprobs(logits[s:s + step], targets[s:s + step],
+                                                    width).double()], dim=1)
                         for s in range(0, logits.shape[0], step)]).tolist()
-    return [_unpack(row, k, width) for row in packed]
+    return [_unpack(int(row[0]), row[1:], k, width) for row in packed]

@@ -15,6 +15,8 @@ of its budget a row takes a sampled token only if that way still fits after it
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -89,13 +91,18 @@ def closing_choice(matcher: Any, closers: ClosingTokens,
     JSON (`uses` None) takes the first allowed closer: structure before values, so what is
     open closes. A regex or grammar (`uses`: how often the path took each token) takes the
     candidate it took least, so a path through `\\d+ (a|b)` leaves the digits instead of
-    writing zeros forever."""
-    words = mask_words(matcher)
-    if matcher.is_accepting() and _allowed(words, closers.eos):
-        return closers.eos
+    writing zeros forever. The mask is computed only where it is read (a forced token needs
+    none)."""
+    words = None
+    if matcher.is_accepting():
+        words = mask_words(matcher)
+        if _allowed(words, closers.eos):
+            return closers.eos
     forced = matcher.compute_ff_tokens()
     if forced:
         return int(forced[0])
+    if words is None:
+        words = mask_words(matcher)
     if uses is None:
         closer = next((t for t in closers.ids if _allowed(words, t)), None)
         if closer is not None:
@@ -109,23 +116,35 @@ def closing_choice(matcher: Any, closers: ClosingTokens,
     return min(candidates, key=lambda t: (uses.get(t, 0), candidates.index(t)))
 
 
-def closing_length(matcher: Any, closers: ClosingTokens, limit: int = PLAY_LIMIT,
-                   uses: dict[int, int] | None = None) -> int | None:
-    """Tokens the closing path needs from this state, EOS included (None: not found within
-    `limit`); `uses`: the tokens the answer took so far (regexes and grammars)."""
+def closing_path(matcher: Any, closers: ClosingTokens, limit: int = PLAY_LIMIT,
+                 uses: dict[int, int] | None = None) -> list[int] | None:
+    """The closing path's tokens from this state, EOS last (None: not found within `limit`
+    tokens); `uses`: the tokens the answer took so far (regexes and grammars). The policy
+    is a function of the state (and of `uses`), so after its first token the rest of the
+    path is the path from there."""
     play = matcher.deep_copy()
     uses = None if closers.json else dict(uses or {})
-    for steps in range(1, limit + 1):
+    path: list[int] = []
+    for _ in range(limit):
         token = closing_choice(play, closers, uses)
         if token is None:
             return None
+        path.append(token)
         if token == closers.eos:
-            return steps
+            return path
         if uses is not None:
             uses[token] = uses.get(token, 0) + 1
         if not play.consume_token(token):
             return None
     return None
+
+
+def closing_length(matcher: Any, closers: ClosingTokens, limit: int = PLAY_LIMIT,
+                   uses: dict[int, int] | None = None) -> int | None:
+    """Tokens the closing path needs from this state, EOS included (None: not found within
+    `limit`); `uses`: the tokens the answer took so far (regexes and grammars)."""
+    path = closing_path(matcher, closers, limit, uses)
+    return None if path is None else len(path)
 
 
 def shortest_answer(grammar: Grammar, closers: ClosingTokens, limit: int = 1024) -> int | None:
@@ -141,7 +160,11 @@ class RowGrammar:
     taken: if the closing path after it would no longer fit the tokens left, the row writes
     the closing path's next token instead. The path from the start fits (the engine refuses
     a max_tokens below `shortest_answer`), and each closing token shortens it by one, so the
-    answer always closes in time."""
+    answer always closes in time.
+
+    The path found for the token taken is kept: when the next token is that path's first
+    (a forced key, a closer, or the closing path itself), the rest of the path is the path
+    from there, and nothing is played again."""
 
     def __init__(self, grammar: Grammar, closers: ClosingTokens, max_new: int,
                  shortest: int | None = None) -> None:
@@ -152,6 +175,8 @@ class RowGrammar:
         self.replaced = 0                 # sampled tokens replaced by the closing path
         # the tokens written so far, for the closing policy of regexes and grammars
         self.uses: dict[int, int] | None = None if closers.json else {}
+        self.path: list[int] | None = None   # the closing path from the current state
+        self._settled: tuple[int, list[int] | None] | None = None   # (token, path after it)
 
     @property
     def failed(self) -> bool:
@@ -168,23 +193,38 @@ class RowGrammar:
 
     def settle(self, token: int) -> int:
         """The token this row writes, given the one it sampled (see the class docstring)."""
+        self._settled = None
         if self.left > self.window or token == self.closers.eos:
             return token
-        after = self.matcher.deep_copy()
-        uses = None if self.uses is None else {**self.uses, token: self.uses.get(token, 0) + 1}
-        need = closing_length(after, self.closers, self.window, uses) \
-            if after.consume_token(token) else None
+        path = self._path_after(token)
         # after this token, `left - 1` remain; the closing path's EOS may be left out
-        if need is not None and need - 1 <= self.left - 1:
+        if path is not None and len(path) - 1 <= self.left - 1:
+            self._settled = (token, path)
             return token
-        closing = closing_choice(self.matcher, self.closers, self.uses)
+        if self.path:
+            closing: int | None = self.path[0]
+            self._settled = (closing, self.path[1:])
+        else:
+            closing = closing_choice(self.matcher, self.closers, self.uses)
         if closing is None:
             return token
         self.replaced += closing != token
         return closing
 
+    def _path_after(self, token: int) -> list[int] | None:
+        """The closing path after `token` (None: none within the window)."""
+        if self.path and self.path[0] == token:
+            return self.path[1:]
+        after = self.matcher.deep_copy()
+        if not after.consume_token(token):
+            return None
+        uses = None if self.uses is None else {**self.uses, token: self.uses.get(token, 0) + 1}
+        return closing_path(after, self.closers, self.window, uses)
+
     def accept(self, token: int) -> bool:
         """The row's token (after `settle`); False when the grammar refused it."""
+        settled, self._settled = self._settled, None
+        self.path = settled[1] if settled is not None and settled[0] == token else None
         self.left -= 1
         if self.uses is not None:
             self.uses[token] = self.uses.get(token, 0) + 1
@@ -196,29 +236,49 @@ class RowGrammar:
 def step_mask(rows: Sequence[RowGrammar | None], vocab_size: int,
               device: torch.device) -> torch.Tensor | None:
     """A (B, V) bool tensor of the tokens each row may write (None when no row is
-    constrained); an unconstrained row allows everything."""
+    constrained); an unconstrained row allows everything. The words are unpacked on the
+    host for a CPU device (numpy does it in one call), on the device otherwise (the packed
+    words are 32 times smaller to copy)."""
     if all(r is None for r in rows):
         return None
-    words_per_row = (vocab_size + 31) // 32
-    words = np.full((len(rows), words_per_row), -1, dtype=np.int32)
+    words = _words(rows, (vocab_size + 31) // 32)
+    if device.type == "cpu" and sys.byteorder == "little":
+        bits = np.unpackbits(words.view(np.uint8), axis=1, count=vocab_size, bitorder="little")
+        return torch.from_numpy(bits.view(np.bool_))
+    packed = torch.from_numpy(words if words.flags.writeable else words.copy()).to(device)
+    mask = (packed.unsqueeze(-1) >> _bits(device)) & 1
+    return mask.view(len(rows), -1)[:, :vocab_size].bool()
+
+
+def _words(rows: Sequence[RowGrammar | None], width: int) -> np.ndarray:
+    """(B, width) int32: each row's mask words (all ones for a free row), cut or padded with
+    zeros to `width`; a lone row's own words as they are when they fit."""
+    if len(rows) == 1 and rows[0] is not None:
+        allowed = rows[0].words()
+        if len(allowed) == width:
+            return allowed.reshape(1, width)
+    words = np.full((len(rows), width), -1, dtype=np.int32)
     for i, row in enumerate(rows):
         if row is None:
             continue
         allowed = row.words()
-        n = min(len(allowed), words_per_row)
+        n = min(len(allowed), width)
         words[i, :n] = allowed[:n]
         words[i, n:] = 0
-    packed = torch.from_numpy(words).to(device)
-    bits = torch.arange(32, device=device, dtype=torch.int32)
-    mask = (packed.unsqueeze(-1) >> bits) & 1
-    return mask.view(len(rows), -1)[:, :vocab_size].bool()
+    return words
+
+
+@functools.lru_cache(maxsize=8)
+def _bits(device: torch.device) -> torch.Tensor:
+    """0..31, the shifts that unpack a word (never written)."""
+    return torch.arange(32, device=device, dtype=torch.int32)
 
 
 def apply_mask(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Logits with every token a row's grammar forbids at -inf (a new tensor)."""
     if mask is None:
         return logits
-    return logits.masked_fill(~mask, float("-inf"))
+    return torch.where(mask, logits, float("-inf"))
 
 
 @dataclass(frozen=True)
