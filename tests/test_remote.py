@@ -478,7 +478,8 @@ def test_every_sampling_field_and_chat_control_is_forwarded(fake_remote):
                 "logit_bias": {"5": 2.0}, "logprobs": True, "top_logprobs": 2,
                 "return_token_ids": True, "structured_outputs": {"regex": "[0-9]+"},
                 "add_generation_prompt": False, "continue_final_message": True,
-                "chat_template_kwargs": {"add_vision_id": True}, "tools": conv.tools}
+                "chat_template_kwargs": {"add_vision_id": True}, "tools": conv.tools,
+                "tool_choice": "none"}   # calls are parsed (and forced) here, from the text
     assert {k: body[k] for k in expected} == expected
     assert body["stream"] is False     # vLLM does not stream prompt_logprobs
     assert body["messages"][1] == {"role": "assistant", "content": "", "tool_calls": call}

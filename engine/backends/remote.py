@@ -177,7 +177,11 @@ def chat_controls(conv: Any) -> dict[str, Any]:
     if conv.chat_template_kwargs:
         body["chat_template_kwargs"] = dict(conv.chat_template_kwargs)
     if conv.tools is not None:
+        # The template still renders them, but the remote must answer with the model's own
+        # text: this server parses tool calls and forces them itself (server/tools.py), and
+        # vLLM's default with tools ("auto") would take the calls out of the text.
         body["tools"] = conv.tools
+        body["tool_choice"] = "none"
     return body
 
 
