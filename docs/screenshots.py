@@ -15,7 +15,10 @@ to answer about assets/shapes.png, and writes:
 - docs/pdf-pages.png: a two-page PDF in a question, each page a picture;
 - docs/json-mode.png: JSON mode with a schema typed in, and the answer held to it, shown
   formatted (the built-in model's values are mostly wrong: the picture shows that the
-  answer parses and obeys the schema, which the script checks).
+  answer parses and obeys the schema, which the script checks);
+- docs/token-probs.png: the count answer with "Show token probabilities" on, each token in
+  the panel under the chat shaded by how unlikely it was (hovering one shows its tooltip,
+  which a screenshot cannot).
 
 An answer the screenshots present as right is checked first: a wrong one stops the script
 with exit code 1 and the old file stays. Needs the dev requirements (Playwright) and
@@ -174,6 +177,15 @@ def json_mode_screenshot(page: Page, url: str) -> None:
                     clip=clip_of(page, "#qvl-chat, #qvl-json-schema"))
 
 
+def token_probs_screenshot(page: Page, url: str) -> None:
+    fresh_chat(page, url)
+    page.check("#qvl-token-probs input")
+    expect(ask(page, COUNT, [SHAPES]), r"There are 4 shapes", "the count")
+    page.wait_for_selector("#qvl-probs .qvl-tok")
+    scroll_chat_to_top(page)
+    page.screenshot(path=str(DOCS / "token-probs.png"), clip=clip_of(page, f"{BOT}, #qvl-probs"))
+
+
 def pdf_screenshot(page: Page, url: str, folder: Path) -> None:
     fresh_chat(page, url)
     ask(page, COUNT, [two_page_pdf(folder)])   # only the question and its pages are shown
@@ -199,10 +211,12 @@ def main() -> int:
             pdf_screenshot(page, server.url, Path(tmp))
             page.set_viewport_size({"width": 1360, "height": 900})   # a short chat, the box in view
             json_mode_screenshot(page, server.url)
+            token_probs_screenshot(page, server.url)
         except WrongAnswer as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    for name in ("screenshot.png", "grounding.png", "pdf-pages.png", "json-mode.png"):
+    for name in ("screenshot.png", "grounding.png", "pdf-pages.png", "json-mode.png",
+                 "token-probs.png"):
         print(DOCS / name)
     return 0
 

@@ -899,8 +899,9 @@ def test_the_json_mode_is_kept_in_the_browser_and_read_back_checked():
 
     kept = Callbacks.on_json_mode("fields", '{"type": "object"}', "a, b:integer")[3]
     assert JsonMode.from_settings(kept) == JsonMode("fields", '{"type": "object"}', "a, b:integer")
-    mode, schema, upload, fields = Callbacks.on_load_json_mode(kept)
+    mode, schema, upload, fields, token_probs, panel = Callbacks.on_load_settings(kept)
     assert mode == "fields" and fields["value"] == "a, b:integer" and fields["visible"]
+    assert token_probs is False and panel["visible"] is False
     assert schema["value"] == '{"type": "object"}' and not schema["visible"]
     for junk in (None, [], {"mode": "rm -rf", "schema": 3}, {"mode": "schema", "fields": {}}):
         back = JsonMode.from_settings(junk)
@@ -937,7 +938,8 @@ def test_a_schema_file_fills_the_schema_box(engine, uploads):
 MAY_WARN = {"on_submit", "on_retry", "on_edit", "on_like", "on_undo", "clear", "on_export",
             "on_import", "on_load"}
 NEVER_WARN = {"load_example", "on_idle", "on_json_mode", "on_json_text", "on_schema_file",
-              "on_load_json_mode", "composer_meter", "<lambda>", "on_stop", None}
+              "on_load_settings", "on_token_probs", "empty_probs", "composer_meter", "<lambda>",
+              "on_stop", None}
 
 
 def test_every_event_that_may_warn_is_queued_apart_from_the_model(engine):
@@ -975,3 +977,167 @@ def test_warnings_are_plain_text_and_the_meter_says_nothing(engine, uploads, mon
     assert notes == []
     ctrl.load(kept)                        # the page load and Enter say it, once each
     assert notes == ["1 file(s) were left out because they were not uploaded here: shapes.png"]
+
+
+# --------------------------------------------------------------------------- token probabilities
+def tok(token, logprob, token_id=0, rank=1, top=()):
+    from engine.types import TokenLogprob, TopLogprob
+
+    return TokenLogprob(token, token_id, logprob, rank=rank,
+                        top=[TopLogprob(t, i, lp) for t, i, lp in top])
+
+
+class Spans:
+    """The panel's HTML as a browser reads it (the standard library's parser): its whole
+    text, and each token span's (text, title, style)."""
+
+    def __init__(self, markup: str) -> None:
+        from html.parser import HTMLParser
+
+        self.text, self.spans = "", []
+        outer = self
+
+        class Reader(HTMLParser):
+            open_span = None
+
+            def handle_starttag(self, tag, attrs):
+                if tag == "span":
+                    self.open_span = dict(attrs)
+                    outer.spans.append(["", self.open_span.get("title"),
+                                        self.open_span.get("style")])
+
+            def handle_endtag(self, tag):
+                self.open_span = None
+
+            def handle_data(self, data):
+                outer.text += data
+                if self.open_span is not None:
+                    outer.spans[-1][0] += data
+
+        Reader(convert_charrefs=True).feed(markup)
+
+
+def test_every_token_becomes_a_span_with_its_probability_and_alternatives():
+    import math
+
+    from ui import probs
+
+    tokens = [tok("The", math.log(0.83), 1, top=[("The", 1, math.log(0.83)),
+                                                 (" blue", 2, math.log(0.10)),
+                                                 (" red", 3, math.log(0.04))]),
+              tok(" sky", math.log(0.002), 4, rank=7, top=[(" sea", 5, math.log(0.5))])]
+    page = Spans(probs.annotate("The sky", tokens))
+    assert page.text == "The sky"
+    assert page.spans[0][:2] == ["The", "p=0.83 · alternatives: ' blue' 0.10, ' red' 0.04"]
+    assert page.spans[1][:2] == [" sky", "p=2.0e-03 (rank 7) · alternatives: ' sea' 0.50"]
+    shades = [float(style.split(",")[-1].rstrip(")")) for *_, style in page.spans]
+    assert shades == [round(0.5 * 0.17, 2), round(0.5 * 0.998, 2)]    # the unlikely stands out
+
+
+@pytest.mark.parametrize("answer, tokens", [
+    # markup, entities and quotes in the text and in the alternatives
+    ('<b>&amp; "x"', [tok("<b>", -0.1, top=[("<i>", 9, -3.0)]), tok("&amp;", -0.2),
+                      tok(' "x"', -0.3, top=[(" 'y'", 8, -2.0)])]),
+    # line breaks, a tab and a carriage return, kept as they are
+    ("a\n\nb\tc\r\nd", [tok("a", -0.1), tok("\n\n", -0.2), tok("b", -0.3), tok("\tc", -0.4),
+                       tok("\r\n", -0.5), tok("d", -0.6)]),
+    # a character split over two tokens: the first shows nothing (vLLM's repair), or U+FFFD
+    ("café", [tok("caf", -0.1), tok("", -0.2), tok("é", -0.3)]),
+    ("café ok", [tok("caf", -0.1), tok("\ufffd", -0.2), tok("\ufffd", -0.3), tok(" ok", -0.4)]),
+    # the end-of-turn token the answer leaves out; a special token in the middle
+    ("Yes.", [tok("Yes", -0.1), tok(".", -0.2), tok("<|im_end|>", -0.01)]),
+    ("ab", [tok("a", -0.1), tok("<|box_start|>", -1.0), tok("b", -0.2)]),
+    # tokens that match nothing (another tokenizer's pieces), and no tokens at all
+    ("hello world", [tok("▁hello", -0.1), tok("▁world", -0.2)]),
+    ("plain", []),
+    ("", [tok("<|im_end|>", -0.1)]),
+])
+def test_the_panel_shows_the_answer_exactly_whatever_the_tokens_say(answer, tokens):
+    from ui import probs
+
+    markup = probs.annotate(answer, tokens)
+    page = Spans(markup)
+    assert page.text == answer                          # what is read is the answer
+    assert "".join(p.text for p in probs.align(answer, tokens)) == answer
+    assert "<b>" not in markup and "<i>" not in markup  # no token's text is markup
+    named = [t for p in probs.align(answer, tokens) for t in p.tokens]
+    assert named == list(tokens) if answer else named == []   # every token in one tooltip
+    for text, title, _ in page.spans:
+        assert title and "p=" in title and "\r" not in title and "\t" not in title
+
+
+def test_a_token_split_character_and_a_left_out_token_are_named_in_the_tooltip():
+    from ui import probs
+
+    split = probs.align("café ok", [tok("caf", -0.1), tok("\ufffd", -0.2), tok("\ufffd", -0.3),
+                                    tok(" ok", -0.4)])
+    assert [p.text for p in split] == ["caf", "é", " ok"]
+    assert probs.title(split[1]) == "'\ufffd' p=0.82\n'\ufffd' p=0.74"
+    end = probs.align("Yes.", [tok("Yes", -0.1), tok(".", -0.2), tok("<|im_end|>", -0.01)])
+    assert [p.text for p in end] == ["Yes", "."]
+    assert probs.title(end[1]) == "'.' p=0.82\n'<|im_end|>' p=0.99"
+    assert probs.quoted("a\n\t'\\\x01") == "'a\\n\\t\\'\\\\\\x01'"
+
+
+def test_the_page_asks_for_logprobs_only_when_the_setting_is_on():
+    from ui import probs
+
+    assert Sampling().params().logprobs is None
+    assert Sampling(token_probs=True).params().logprobs == probs.TOP == 5
+    refused = InvalidRequestError("Requested sample logprobs of 5, which is greater than max "
+                                  "allowed: 0", param="logprobs")
+    from ui.chat import error_message
+    assert error_message(refused).endswith("Turn *Show token probabilities* off in the settings.")
+
+
+def test_the_finished_answer_is_annotated_with_the_engines_own_logprobs(tiny_engine, uploads):
+    """Through the page's controller on the built-in model: the panel is emptied when the
+    answer starts and filled when it ends, with the answer's text and, in each token's
+    tooltip, the probability the engine gives for that token (asked directly, greedily)."""
+    import math
+
+    from engine.types import GenerationRequest, SamplingParams, TextDelta
+    from ui import probs
+
+    c = ChatController(tiny_engine, (uploads.resolve(), ASSETS.resolve()))
+    question = {"text": "How many shapes are there, and what colours are they?",
+                "files": [str(ASSETS / "shapes.png")]}
+    state, _, _ = c.add_user_turn(history.new_state(), question, None, Req())
+    sampling = Sampling(max_tokens=48, temperature=0.0, token_probs=True)
+    steps = run(lambda: c.steps(state, sampling, Req()))
+    assert steps[0].probs == probs.EMPTY_NOTE and all(s.probs is None for s in steps[1:-1])
+    answer = steps[-1].state["turns"][-1]["text"]
+    page = Spans(steps[-1].probs)
+    assert page.text == answer and answer.startswith("There are 4 shapes")
+
+    direct = GenerationRequest(history.to_conversation(state),
+                               SamplingParams(max_tokens=48, temperature=0.0, logprobs=5))
+    logprobs = [lp for event in tiny_engine.submit(direct, c.policy).events(timeout=60)
+                if isinstance(event, TextDelta) for lp in event.logprobs or []]
+    assert [t.token for t in logprobs[:-1]] == [text for text, *_ in page.spans]
+    for (text, title, _), lp in zip(page.spans[:-1], logprobs):
+        assert title == probs.describe(lp) and title.startswith(
+            f"p={math.exp(lp.logprob):.2f} · alternatives: "), (text, title)
+        others = [t for t in lp.top if t.token_id != lp.token_id]
+        assert len(lp.top) == probs.TOP and len(others) == probs.TOP - 1   # it is the likeliest
+        assert all(f"{probs.quoted(t.token)} {probs.probability(t.logprob)}" in title
+                   for t in others)
+    end = page.spans[-1][1].split("\n")              # the end-of-turn token named after it
+    assert end == [f"{probs.quoted(lp.token)} {probs.describe(lp)}" for lp in logprobs[-2:]]
+    assert logprobs[-1].token == "<|im_end|>"
+
+    off = run(lambda: c.steps(state, Sampling(max_tokens=8, temperature=0.0), Req()))
+    assert off[-1].probs is None                      # off: the panel is left as it is
+
+
+def test_the_token_probabilities_switch_is_kept_with_the_json_mode():
+    from ui.callbacks import Callbacks
+
+    kept, panel = Callbacks.on_token_probs("object", "", "", True)
+    assert kept == {"mode": "object", "schema": "", "fields": "", "token_probs": True}
+    assert panel["visible"] is True
+    assert Callbacks.on_json_mode("fields", "", "a", True)[3]["token_probs"] is True
+    mode, *_, token_probs, panel = Callbacks.on_load_settings(kept)
+    assert (mode, token_probs, panel["visible"]) == ("object", True, True)
+    for junk in (None, {"token_probs": "yes"}, {"token_probs": 1}, []):
+        assert Callbacks.on_load_settings(junk)[4] is False

@@ -13,7 +13,7 @@ import gradio as gr
 
 from engine.errors import EngineError
 
-from . import display, history
+from . import display, history, probs
 from .chat import ChatController, RefusedFiles, Sampling
 from .jsonmode import MAX_SCHEMA_CHARS, JsonMode
 
@@ -34,6 +34,12 @@ def json_note(problem: str | None) -> str:
     if not problem:
         return ""
     return "⚠ " + MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(problem, quote=False))
+
+
+def kept_settings(json_mode: JsonMode, token_probs: Any) -> dict:
+    """What the browser keeps of the page's settings: the JSON mode's and whether token
+    probabilities are shown (read back by `Callbacks.on_load_settings`)."""
+    return {**json_mode.settings(), "token_probs": token_probs is True}
 
 
 @dataclass
@@ -81,11 +87,13 @@ class Callbacks:
 
     async def generate(self, raw: Any, max_new: Any, temp: Any, p: Any, k: Any, rep: Any,
                        seed_value: Any, min_px: Any, max_px: Any, mode: Any, schema: Any,
-                       fields: Any, request: gr.Request):
+                       fields: Any, token_probs: Any, request: gr.Request):
         sampling = Sampling.from_values(max_new, temp, p, k, rep, seed_value, min_px, max_px)
         sampling.json_mode = JsonMode.from_values(mode, schema, fields)
-        async for st, shown in self.ctrl.respond(raw, sampling, request):
-            yield (gr.skip() if st is None else st), shown
+        sampling.token_probs = token_probs is True
+        async for step in self.ctrl.steps(raw, sampling, request):
+            yield (gr.skip() if step.state is None else step.state), step.shown, \
+                (gr.skip() if step.probs is None else step.probs)
 
     def on_edit(self, raw: Any, data: gr.EditData, request: gr.Request):
         """An edited question reruns from there (its pictures stay)."""
@@ -102,29 +110,46 @@ class Callbacks:
         return {"text": prompt, "files": list(files or [])}
 
     @staticmethod
-    def on_json_mode(mode: Any, schema: Any, fields: Any) -> list[Any]:
+    def on_json_mode(mode: Any, schema: Any, fields: Any, token_probs: Any = False) -> list[Any]:
         """The chosen mode's own inputs shown, what is wrong with them said, and all three
-        kept in the browser."""
+        kept in the browser (with the token probabilities' setting)."""
         kept = JsonMode.from_values(mode, schema, fields)
         return [gr.update(visible=kept.mode == "schema"), gr.update(visible=kept.mode == "schema"),
-                gr.update(visible=kept.mode == "fields")] + Callbacks.on_json_text(*kept.values())
+                gr.update(visible=kept.mode == "fields")] + \
+            Callbacks.on_json_text(*kept.values(), token_probs)
 
     @staticmethod
-    def on_json_text(mode: Any, schema: Any, fields: Any) -> list[Any]:
+    def on_json_text(mode: Any, schema: Any, fields: Any, token_probs: Any = False) -> list[Any]:
         """As the schema or the fields are typed: kept, and checked (an empty one is not
         pointed out until Enter)."""
         kept = JsonMode.from_values(mode, schema, fields)
         typed = kept.schema if kept.mode == "schema" else kept.fields
         problem = kept.problem() if typed.strip() else None
-        return [kept.settings(), json_note(problem)]
+        return [kept_settings(kept, token_probs), json_note(problem)]
 
     @staticmethod
-    def on_load_json_mode(raw: Any) -> list[Any]:
-        """The JSON mode as the browser kept it, each input shown in its own mode."""
+    def on_token_probs(mode: Any, schema: Any, fields: Any, token_probs: Any) -> list[Any]:
+        """"Show token probabilities" switched: kept in the browser, the panel shown or
+        hidden (the next answer fills it)."""
+        kept = kept_settings(JsonMode.from_values(mode, schema, fields), token_probs)
+        return [kept, gr.update(visible=kept["token_probs"])]
+
+    @staticmethod
+    def on_load_settings(raw: Any) -> list[Any]:
+        """The settings as the browser kept them: the JSON mode, each input shown in its own
+        mode, and the token probabilities' switch with its panel. One event sets them all,
+        so the change events they fire all write back what was kept."""
         kept = JsonMode.from_settings(raw)
+        shown = isinstance(raw, dict) and raw.get("token_probs") is True
         return [kept.mode, gr.update(value=kept.schema, visible=kept.mode == "schema"),
                 gr.update(visible=kept.mode == "schema"),
-                gr.update(value=kept.fields, visible=kept.mode == "fields")]
+                gr.update(value=kept.fields, visible=kept.mode == "fields"),
+                shown, gr.update(visible=shown)]
+
+    @staticmethod
+    def empty_probs() -> str:
+        """The probability panel once the answer it showed has left the chat."""
+        return probs.EMPTY_NOTE
 
     def on_schema_file(self, path: str | None) -> list[Any]:
         """A .json file's text into the schema box (JSON schema mode chosen); a file that is

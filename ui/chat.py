@@ -24,9 +24,9 @@ from engine.inputs.documents import PDF_SUFFIX, page_sizes, render_pages
 from engine.inputs.media import MediaPolicy, load_image, load_video
 from engine.stream import RequestHandle
 from engine.types import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_TOKENS, DEFAULT_MIN_PIXELS, Finished,
-                          GenerationRequest, SamplingParams, TextDelta)
+                          GenerationRequest, SamplingParams, TextDelta, TokenLogprob)
 
-from . import display, grounding, history, meter
+from . import display, grounding, history, meter, probs
 from .history import State
 from .jsonmode import JsonMode
 from .feedback import FeedbackLog
@@ -52,6 +52,7 @@ class Sampling:
     min_pixels: int = DEFAULT_MIN_PIXELS
     max_pixels: int = DEFAULT_MAX_PIXELS
     json_mode: JsonMode = JsonMode()
+    token_probs: bool = False     # ask for each token's logprobs (the page's probability panel)
 
     @classmethod
     def starting(cls, model_defaults: dict[str, float]) -> "Sampling":
@@ -86,7 +87,8 @@ class Sampling:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k,
                               repetition_penalty=self.repetition_penalty, seed=self.seed,
-                              structured=self.json_mode.constraint())
+                              structured=self.json_mode.constraint(),
+                              logprobs=probs.TOP if self.token_probs else None)
 
 
 @dataclass
@@ -96,6 +98,17 @@ class StreamUpdate:
     text: str = ""
     position: int | None = None       # >= 1 while waiting in the engine's queue
     finished: Finished | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)   # with `finished`, if asked
+
+
+@dataclass
+class Step:
+    """One update of the page during an answer: the state when it changed for good (start
+    and end), the chat shown, and the probability panel's HTML (None: left as it is)."""
+
+    state: State | None
+    shown: list[dict]
+    probs: str | None = None
 
 
 async def follow(handle: RequestHandle, engine: Engine, poll_s: float | None = None,
@@ -107,6 +120,7 @@ async def follow(handle: RequestHandle, engine: Engine, poll_s: float | None = N
     events = handle.__aiter__()
     pending: asyncio.Future | None = None
     text, dirty, last_flush, last_pos = "", False, 0.0, -1
+    logprobs: list[TokenLogprob] = []
     try:
         while True:
             if pending is None:
@@ -126,12 +140,13 @@ async def follow(handle: RequestHandle, engine: Engine, poll_s: float | None = N
             event, pending = pending.result(), None
             if isinstance(event, TextDelta):
                 text += event.text
+                logprobs += event.logprobs or []
                 dirty = True
                 if time.monotonic() - last_flush >= flush_s:
                     dirty, last_flush = False, time.monotonic()
                     yield StreamUpdate(text)
             else:
-                yield StreamUpdate(text, finished=event)
+                yield StreamUpdate(text, finished=event, logprobs=logprobs)
                 return
     finally:
         if pending is not None and not pending.done():
@@ -145,6 +160,8 @@ def error_message(exc: BaseException) -> str:
             msg += " Lower *Max new tokens* in the settings."
         elif exc.param == "max_tokens" and "structured output" in msg:
             msg += " Raise *Max new tokens* in the settings, or turn JSON mode off."
+        elif exc.param == "logprobs":
+            msg += " Turn *Show token probabilities* off in the settings."
         return msg
     return f"Internal error ({type(exc).__name__}). The server keeps running; please retry."
 
@@ -437,9 +454,18 @@ class ChatController:
                       request: Any = None) -> AsyncIterator[tuple[State | None, list[dict]]]:
         """Answer the pending user turn. Yields (state or None, display): the state
         only when it changed for good (start and end), the display at every step."""
+        async with contextlib.aclosing(self.steps(raw_state, sampling, request)) as steps:
+            async for step in steps:
+                yield step.state, step.shown
+
+    async def steps(self, raw_state: Any, sampling: Sampling,
+                    request: Any = None) -> AsyncIterator[Step]:
+        """`respond`, with the probability panel: emptied when the answer starts, and the
+        answer's tokens annotated (ui/probs.py) when it ends, where `sampling.token_probs`
+        asked for them."""
         state = self.load(raw_state)
         if history.pending_user_turn(state) is None:
-            yield state, display.render(state)
+            yield Step(state, display.render(state))
             return
         session = session_of(request)
         answer_format = "json" if sampling.json_mode.is_json else None
@@ -449,13 +475,13 @@ class ChatController:
             if not isinstance(exc, EngineError):
                 log.exception("submit failed")
             state["turns"].append(history.assistant_turn("", "error", None, error_message(exc)))
-            yield state, display.render(state)
+            yield Step(state, display.render(state), probs.EMPTY_NOTE)
             return
         self.active.add(session, handle)
         if self.active.take_early_stop(session):
             handle.cancel()
         try:
-            yield None, display.render(state, display.STARTING_NOTE)
+            yield Step(None, display.render(state, display.STARTING_NOTE), probs.EMPTY_NOTE)
             async with contextlib.aclosing(follow(handle, self.engine)) as updates:
                 async for update in updates:
                     fin = update.finished
@@ -467,7 +493,7 @@ class ChatController:
                             shown = display.QUEUE_NOTE.format(pos=update.position)
                         else:
                             shown = display.STARTING_NOTE
-                        yield None, display.render(state, shown)
+                        yield Step(None, display.render(state, shown))
                         continue
                     error = error_message(fin.error) if fin.reason == "error" else None
                     if fin.reason == "error" and fin.error is None:
@@ -479,7 +505,10 @@ class ChatController:
                     if self.feedback is not None and fin.reason != "error":
                         answer["id"] = self._remember(state, update.text)
                     state["turns"].append(answer)
-                    yield state, display.render(state)
+                    annotated = await asyncio.to_thread(probs.annotate, update.text,
+                                                        update.logprobs) \
+                        if sampling.token_probs and update.logprobs else None
+                    yield Step(state, display.render(state), annotated)
         finally:
             self.active.remove(session, handle)
             if handle.finished is None:   # cancelled by Gradio or the client went away

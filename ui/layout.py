@@ -17,8 +17,8 @@ from engine.base import Engine
 from engine.config import DEFAULT_MODEL
 from engine.types import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
-from . import history
-from .callbacks import Callbacks, warn
+from . import history, probs
+from .callbacks import Callbacks, kept_settings, warn
 from .chat import ChatController, Sampling
 from .jsonmode import MODES, JsonMode
 
@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 DEFAULT_SYSTEM = "You are a helpful assistant."
 STORAGE_KEY = "qwenvl-chat-v1"
-SETTINGS_KEY = "qwenvl-settings-v1"   # the JSON mode, kept apart from the chat (Clear keeps it)
+SETTINGS_KEY = "qwenvl-settings-v1"   # the JSON mode and the token probabilities' switch,
+#                                       kept apart from the chat (Clear keeps them)
 GENERATE = "generate"   # the one concurrency group of everything that runs the model
 # The quick events that may say something on the page (a refused file, an empty message, a
 # Save/Load JSON note, files left out of a kept chat): a warning reaches the page only from
@@ -114,6 +115,12 @@ CSS = """
 #qvl-json-mode .wrap { gap: .25rem .75rem; }
 #qvl-examples .gallery-item p { font-size: .85rem; margin: 0; text-align: left; }
 #qvl-examples .gallery-item img { max-height: 48px; max-width: 64px; object-fit: contain; }
+#qvl-probs { max-height: 32vh; overflow-y: auto; padding: .4rem .6rem; border-radius: 8px;
+  border: 1px solid var(--border-color-primary); }
+#qvl-probs .qvl-probs-text { white-space: pre-wrap; overflow-wrap: anywhere; }
+#qvl-probs .qvl-tok { border-radius: 3px; cursor: help; }
+#qvl-probs .qvl-tok:hover { outline: 1px solid var(--color-accent); }
+#qvl-probs .qvl-probs-note { color: var(--body-text-color-subdued); font-size: .9rem; }
 """
 
 DOWNLOAD_JS = """
@@ -204,6 +211,8 @@ class Page:
     export_text: Any             # min pixels, max pixels (in that order)
     api_answer: Any
     api_btn: Any
+    token_probs: Any             # the "Show token probabilities" switch
+    probs_panel: Any             # the last answer's tokens, annotated (ui/probs.py)
 
     @property
     def busy_outputs(self) -> list[Any]:
@@ -226,6 +235,7 @@ def build_layout(engine: Engine, options: UIOptions) -> Page:
                 feedback_options=("Like", "Dislike"), editable="user", layout="bubble",
                 placeholder="**Drop an image or a video, ask a question.**<br>"
                             "Or pick an example below.")
+            probs_panel = gr.HTML(probs.EMPTY_NOTE, visible=False, elem_id="qvl-probs")
             box = gr.MultimodalTextbox(
                 elem_id="qvl-input", show_label=False, file_count="multiple",
                 file_types=list(history.UPLOAD_SUFFIXES), sources=["upload"],
@@ -275,17 +285,21 @@ def build_layout(engine: Engine, options: UIOptions) -> Page:
                 max_pixels = gr.Slider(28 * 28, 16384 * 28 * 28, value=DEFAULT_MAX_PIXELS,
                                        step=28 * 28, label="Max pixels per image",
                                        info="one token per 28x28 pixels")
+            token_probs = gr.Checkbox(False, label="Show token probabilities",
+                                      info="under the chat, each token of the answer: hover it "
+                                           "for its probability and the likeliest alternatives",
+                                      elem_id="qvl-token-probs")
     export_text = gr.Textbox(visible=False)
     api_answer = gr.Textbox(visible=False, label="Answer")
     api_btn = gr.Button(visible=False)
 
-    settings = gr.BrowserState(JsonMode().settings(), storage_key=SETTINGS_KEY,
+    settings = gr.BrowserState(kept_settings(JsonMode(), False), storage_key=SETTINGS_KEY,
                                secret=options.browser_secret)
     return Page(state, chatbot, box, system_box, stop_btn, retry_btn, undo_btn, clear_btn,
                 save_btn, load_btn, meter, presets, json_inputs, json_note, schema_file, settings,
                 [max_tokens, temperature, top_p, top_k, repetition_penalty,
                  seed, min_pixels, max_pixels],
-                export_text, api_answer, api_btn)
+                export_text, api_answer, api_btn, token_probs, probs_panel)
 
 
 def json_mode_inputs() -> tuple[list[Any], Any, Any]:
@@ -320,17 +334,18 @@ def wire_events(page: Page, cb: Callbacks, options: UIOptions, demo: gr.Blocks) 
     run = {"api_visibility": "undocumented", "concurrency_id": GENERATE,
            "concurrency_limit": options.concurrency, "show_progress": "minimal"}
     st, chat, busy, jsons = page.state, page.chatbot, page.busy_outputs, page.json_inputs
-    asked = [st] + page.sampling + jsons      # what generate reads
+    asked = [st] + page.sampling + jsons + [page.token_probs]      # what generate reads
+    answered = [st, chat, page.probs_panel]
     submitted = page.box.submit(cb.on_submit, [st, page.box, page.system_box] + jsons,
                                 [st, chat] + busy + [page.json_note], **said)
-    submitted.then(cb.generate, asked, [st, chat], **run) \
+    submitted.then(cb.generate, asked, answered, **run) \
         .then(cb.on_idle, None, busy, **quiet)
     retried = page.retry_btn.click(cb.on_retry, [st, page.system_box], [st, chat] + busy,
                                    **said)
-    retried.then(cb.generate, asked, [st, chat], **run) \
+    retried.then(cb.generate, asked, answered, **run) \
         .then(cb.on_idle, None, busy, **quiet)
     edited = chat.edit(cb.on_edit, [st], [st, chat] + busy, **said)
-    edited.then(cb.generate, asked, [st, chat], **run) \
+    edited.then(cb.generate, asked, answered, **run) \
         .then(cb.on_idle, None, busy, **quiet)
     wire_json_mode(page, cb, demo)
     chat.like(cb.on_like, [st], [st], **said)
@@ -341,13 +356,14 @@ def wire_events(page: Page, cb: Callbacks, options: UIOptions, demo: gr.Blocks) 
         button.click(lambda box, p=prompt, m=mode: (cb.preset(box, p), m), [page.box],
                      [page.box, page.json_inputs[0]], **quiet)
     page.stop_btn.click(cb.on_stop, None, None, **quiet)
-    page.undo_btn.click(cb.on_undo, [st], [st, chat, page.box], **said)
-    page.clear_btn.click(cb.ctrl.clear, [st], [st, chat], **said)
-    chat.clear(cb.ctrl.clear, [st], [st, chat], **said)   # its trash icon
+    emptied = {"fn": cb.empty_probs, "inputs": None, "outputs": [page.probs_panel], **quiet}
+    page.undo_btn.click(cb.on_undo, [st], [st, chat, page.box], **said).then(**emptied)
+    page.clear_btn.click(cb.ctrl.clear, [st], [st, chat], **said).then(**emptied)
+    chat.clear(cb.ctrl.clear, [st], [st, chat], **said).then(**emptied)   # its trash icon
     page.save_btn.click(cb.on_export, [st], [page.export_text], **said) \
         .then(None, [page.export_text], None, js=DOWNLOAD_JS, **quiet)
     page.load_btn.upload(cb.on_import, [page.load_btn, st], [st, chat, page.system_box],
-                         **said)
+                         **said).then(**emptied)
     page.api_btn.click(cb.api_chat, [page.box, page.system_box] + page.sampling[:6],
                        [page.api_answer], api_name="chat", concurrency_id=GENERATE,
                        concurrency_limit=options.concurrency)
@@ -356,18 +372,22 @@ def wire_events(page: Page, cb: Callbacks, options: UIOptions, demo: gr.Blocks) 
 
 
 def wire_json_mode(page: Page, cb: Callbacks, demo: gr.Blocks) -> None:
-    """The JSON mode's inputs: shown by mode, kept in the browser, restored on load."""
+    """The JSON mode's inputs (shown by mode) and the token probabilities' switch (its panel
+    shown with it): kept in the browser, restored on load."""
     quiet = {"api_visibility": "undocumented", "queue": False}
     mode, schema, fields = page.json_inputs
-    mode.change(cb.on_json_mode, page.json_inputs, [schema, page.schema_file, fields,
-                                                    page.settings, page.json_note], **quiet)
+    kept = page.json_inputs + [page.token_probs]      # what the settings hold
+    mode.change(cb.on_json_mode, kept, [schema, page.schema_file, fields,
+                                        page.settings, page.json_note], **quiet)
     for box in (schema, fields):
-        box.change(cb.on_json_text, page.json_inputs, [page.settings, page.json_note],
+        box.change(cb.on_json_text, kept, [page.settings, page.json_note],
                    trigger_mode="always_last", **quiet)
+    page.token_probs.change(cb.on_token_probs, kept, [page.settings, page.probs_panel], **quiet)
     page.schema_file.upload(cb.on_schema_file, [page.schema_file], [schema, mode,
                                                                     page.json_note], **quiet)
-    demo.load(cb.on_load_json_mode, [page.settings],
-              [mode, schema, page.schema_file, fields], **quiet)
+    demo.load(cb.on_load_settings, [page.settings],
+              [mode, schema, page.schema_file, fields, page.token_probs, page.probs_panel],
+              **quiet)
 
 
 def build_demo(engine: Engine, options: UIOptions | None = None) -> gr.Blocks:
