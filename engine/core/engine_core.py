@@ -35,8 +35,7 @@ from .kvstore import KVStore
 from .output import OutputProcessor
 from .prefix import PrefixCache
 from .runner import ModelRunner
-from .sampler import (RawLogprobs, RowSampler, prompt_logprobs, resolve, sample,
-                      token_logprobs)
+from .sampler import RawLogprobs, RowSampler, prompt_logprobs, resolve, sample_with_logprobs
 from .scheduler import DEFAULT_PREFILL_CHUNK, PrefillChunk, Scheduler, Sequence, WorkItem
 from .stats import cache_figures, log_request, request_stats
 
@@ -280,8 +279,9 @@ class EngineCore:
                 seq.prompt_logprobs = self.output.prompt_logprobs(seq.prompt_logprobs,
                                                                   seq.prompt_ids)
             rows += self._share_prompt(seq)
-            batch, tokens = self._pick(logits[None].expand(len(rows), -1), rows)
-            self._accept(rows, tokens, time.monotonic(), self._logprobs(batch, rows, tokens))
+            with torch.inference_mode():
+                tokens, logprobs = self._pick(logits[None].expand(len(rows), -1), rows)
+            self._accept(rows, tokens, time.monotonic(), logprobs)
         except Exception as exc:
             self._fail(rows, _step_error(exc))
             self.device.empty_cache()
@@ -312,16 +312,6 @@ class EngineCore:
         """A logprobs count as the sampler takes it: -1 (vLLM's whole vocabulary) resolved."""
         return self.vocab_size if asked == -1 else asked
 
-    def _logprobs(self, logits: torch.Tensor, rows: list[Sequence],
-                  tokens: list[int]) -> list[RawLogprobs | None] | None:
-        """The raw logprobs of each row that asked for them (None for the others), or None
-        when no row did: the plain rows' step computes nothing more."""
-        want = [self._top_k(s.item.request.sampling.logprobs) for s in rows]
-        if all(k is None for k in want):
-            return None
-        with torch.inference_mode():
-            return token_logprobs(logits, want, tokens)
-
     def _decode(self, rows: list[Sequence]) -> None:
         """One decode step for every decoding row; the beam searches' rows pick their next
         beams after it, the others their tokens."""
@@ -337,8 +327,7 @@ class EngineCore:
                 if plain:
                     if beams:
                         logits = _take(logits, rows, plain)
-                    logits, tokens = self._pick(logits, plain)
-                    logprobs = self._logprobs(logits, plain, tokens)
+                    tokens, logprobs = self._pick(logits, plain)
         except Exception as exc:
             self._fail(rows, _step_error(exc))
             self.device.empty_cache()
@@ -349,15 +338,22 @@ class EngineCore:
         for beam, beam_logits in beams:
             self._beam_step(beam, beam_logits)
 
-    def _pick(self, logits: torch.Tensor, rows: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
-        """Each row's token: the logits (B, V) with each constrained row's disallowed tokens
-        at -inf (its mask filled on the host while the device computes the step's forward),
-        sampled with each row's settings, and near a constrained row's token budget the
-        token its closing path needs (engine.structured). Free rows pay nothing."""
+    def _pick(self, logits: torch.Tensor, rows: list[Sequence]
+              ) -> tuple[list[int], list[RawLogprobs | None] | None]:
+        """Each row's token and, for the rows that asked, its raw logprobs (None when no row
+        did), from one host transfer: the logits (B, V) with each constrained row's
+        disallowed tokens at -inf (its mask filled on the host while an accelerator computes
+        the step's forward, launched before), sampled with each row's settings, and near a
+        constrained row's token budget the token its closing path needs (engine.structured).
+        Free rows pay nothing."""
         grammars = [s.grammar for s in rows]
-        logits = apply_mask(logits, step_mask(grammars, logits.shape[-1], logits.device))
-        tokens = sample(logits, [s.sampler for s in rows])
-        return logits, [g.settle(t) if g is not None else t for g, t in zip(grammars, tokens)]
+        mask = step_mask(grammars, logits.shape[-1], logits.device)
+        logits = apply_mask(logits, mask)
+        want = [self._top_k(s.item.request.sampling.logprobs) for s in rows]
+        tokens, tops = sample_with_logprobs(logits, [s.sampler for s in rows], want)
+        if mask is not None:
+            tokens = [g.settle(t) if g is not None else t for g, t in zip(grammars, tokens)]
+        return tokens, None if tops is None else tops.for_tokens(tokens)
 
     def _accept(self, rows: list[Sequence], tokens: list[int], now: float,
                 logprobs: list[RawLogprobs | None] | None = None) -> None:

@@ -27,7 +27,8 @@ and penalty state are stacked once when a batch forms (`_Batch`) and reused whil
 rows come back, so a step costs a fixed number of tensor operations, not some per row.
 Logprobs
 (`token_logprobs`, `prompt_logprobs`) come from the raw logits, as vLLM's default
-logprobs mode "raw_logprobs" does, one host transfer per call.
+logprobs mode "raw_logprobs" does, one host transfer per call; `sample_with_logprobs`
+carries a step's tokens and its logprobs in one.
 """
 
 from __future__ import annotations
@@ -348,6 +349,8 @@ class _Batch:
 
     def __init__(self, rows: list[RowSampler]) -> None:
         self.size = len(rows)
+        self.device = rows[0].device
+        self._argmax: list[bool] | torch.Tensor = [r.settings.argmax for r in rows]
         self.params = torch.stack([r.params for r in rows])
         self.penalised = any(r.penalised for r in rows)
         self.counted = any(r.counted for r in rows)
@@ -367,6 +370,12 @@ class _Batch:
                 r._seen = self.seen[i]
             if self.counts is not None:
                 r._counts = self.counts[i]
+
+    def argmax_rows(self) -> torch.Tensor:
+        """(B,) bool: the rows whose token is their argmax (`RowSampling.argmax`)."""
+        if isinstance(self._argmax, list):   # made on first use: only sampling rows need it
+            self._argmax = torch.tensor(self._argmax, dtype=torch.bool, device=self.device)
+        return self._argmax
 
     @classmethod
     def of(cls, rows: list[RowSampler]) -> "_Batch":
@@ -499,15 +508,21 @@ def sample(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
 
     The caller appends the chosen tokens (`RowSampler.append`) before the next step.
     """
+    return sample_ids(logits, rows).tolist()
+
+
+def sample_ids(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
+    """`sample`'s tokens as a (B,) long tensor on the logits' device, not yet on the host
+    (so that one transfer can carry them with the step's logprobs: `sample_with_logprobs`)."""
     _check(logits, rows)
     if all(r.plain_argmax for r in rows):
-        return logits.argmax(dim=-1).tolist()
+        return logits.argmax(dim=-1)
     batch = _Batch.of(rows)
     x = _penalise(logits, rows, batch)
     best = x.argmax(dim=-1)
     drawing = [r for r in rows if not r.settings.argmax]
     if not drawing:
-        return best.tolist()
+        return best
     probs = _warp(x, rows, drawing, batch.params).softmax(dim=-1)
     # torch.multinomial(probs, 1) is argmax(probs / q) with q ~ Exp(1) drawn from the
     # generator; written out, so each row draws from its own generator into one batch
@@ -518,8 +533,28 @@ def sample(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
         if not r.settings.argmax:
             q[i].exponential_(1.0, generator=r.generator)
     drawn = (probs / q).argmax(dim=-1)
-    return torch.stack([best[i] if r.settings.argmax else drawn[i]
-                        for i, r in enumerate(rows)]).tolist()
+    if len(drawing) == len(rows):
+        return drawn
+    return torch.where(batch.argmax_rows(), best, drawn)
+
+
+def sample_with_logprobs(logits: torch.Tensor, rows: list[RowSampler],
+                         want: list[int | None]) -> tuple[list[int], TopLogprobs | None]:
+    """`sample`'s tokens, and the top logprobs of the rows that asked (`want`, as
+    `token_logprobs` takes it; None when no row did), both from one host transfer (on an
+    accelerator, one sync a step). The chosen tokens' own figures come from
+    `TopLogprobs.for_tokens`, once the caller knows which tokens the rows write."""
+    if all(k is None for k in want):
+        return sample(logits, rows), None
+    ids = sample_ids(logits, rows)
+    tops = TopLogprobs.of(logits, want)
+    # one tensor, promoted to the values' type (exact for the ids, as in `of`)
+    flat = torch.cat([ids, tops.values.reshape(-1), tops.ids.reshape(-1)]).tolist()
+    size, width, asked = len(rows), tops.width, len(tops.asked)
+    ids_at = size + asked * width
+    tops.rows = [flat[size + n * width:size + (n + 1) * width]
+                 + flat[ids_at + n * width:ids_at + (n + 1) * width] for n in range(asked)]
+    return [int(t) for t in flat[:size]], tops
 
 
 @dataclass
@@ -553,39 +588,75 @@ def _unpack(token_id: int, row: list[float], k: int, width: int) -> RawLogprobs:
                                                         row[2:2 + k])])
 
 
+@dataclass
+class TopLogprobs:
+    """A step's raw logprobs for the rows that asked (`asked`: their positions) and their
+    top `width` (id, logprob) pairs, on the device and, once transferred, on the host
+    (`rows`)."""
+
+    want: list[int | None]
+    asked: list[int]
+    width: int
+    logprobs: torch.Tensor     # (len(asked), V) float32
+    values: torch.Tensor       # (len(asked), width): the top logprobs, most likely first
+    ids: torch.Tensor          # (len(asked), width): their token ids
+    rows: list[list[float]] | None = None    # per asking row: its values, then its ids
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, want: list[int | None]) -> TopLogprobs | None:
+        """The asking rows' logprobs and top figures, on the device (None: no row asked)."""
+        asked = [i for i, k in enumerate(want) if k is not None]
+        if not asked:
+            return None
+        vocab = logits.shape[-1]
+        width = min(max(1, *(want[i] for i in asked)), vocab)
+        if len(asked) < len(want):
+            logits = logits.index_select(0, _positions(tuple(asked), logits.device))
+        logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
+        top = torch.topk(logprobs, width, dim=-1)
+        values = top.values if vocab <= 1 << 24 else top.values.double()
+        return cls(want, asked, width, logprobs, values, top.indices)
+
+    def for_tokens(self, tokens: list[int]) -> list[RawLogprobs | None]:
+        """Each asking row's figures for its token `tokens[i]` (None for the others).
+
+        A chosen token among the top logprobs, above the last of them, takes its logprob
+        and rank from them (every token at least as likely is among them too), which
+        spares a pass over the vocabulary; the others are computed in full from the same
+        logprobs."""
+        if self.rows is None:    # one transfer; the ids exact in the values' type
+            self.rows = torch.cat([self.values, self.ids], dim=1).tolist()
+        out: list[RawLogprobs | None] = [None] * len(self.want)
+        vocab = self.logprobs.shape[-1]
+        rest: list[int] = []     # positions in `asked` whose token is not safely in its top
+        for n, (i, row) in enumerate(zip(self.asked, self.rows, strict=True)):
+            out[i] = _from_top(tokens[i], row, self.want[i], self.width, vocab)
+            if out[i] is None:
+                rest.append(n)
+        if rest:
+            chosen = [tokens[self.asked[n]] for n in rest]
+            for n, (logprob, rank) in zip(rest, _chosen_and_rank(self.logprobs, rest, chosen),
+                                          strict=True):
+                i = self.asked[n]
+                out[i] = RawLogprobs(tokens[i], logprob, rank,
+                                     _top(self.rows[n], self.want[i], self.width))
+        return out
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The rows' positions as an index tensor (never written): a batch keeps the same asking
+    rows step after step."""
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
 def token_logprobs(logits: torch.Tensor, want: list[int | None],
                    tokens: list[int]) -> list[RawLogprobs | None]:
     """The chosen tokens' logprobs for the rows that asked: want[i] = k >= 0 (the top k
     besides the chosen token), None for rows that did not ask. `logits` (B, V) are the
-    step's raw logits (before any penalty or temperature), as vLLM returns by default.
-
-    A chosen token among the top logprobs, above the last of them, takes its logprob and
-    rank from them (every token at least as likely is among them too), which spares a pass
-    over the vocabulary; the others are computed in full from the same logprobs."""
-    out: list[RawLogprobs | None] = [None] * len(want)
-    asked = [i for i, k in enumerate(want) if k is not None]
-    if not asked:
-        return out
-    vocab = logits.shape[-1]
-    width = min(max(1, *(want[i] for i in asked)), vocab)
-    if len(asked) < len(want):
-        logits = logits.index_select(0, torch.tensor(asked, device=logits.device))
-    logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
-    top = torch.topk(logprobs, width, dim=-1)
-    values = top.values if vocab <= 1 << 24 else top.values.double()
-    packed = torch.cat([values, top.indices], dim=1).tolist()   # ids exact in values' type
-    rest: list[int] = []     # positions in `asked` whose token is not safely in its top
-    for n, (i, row) in enumerate(zip(asked, packed, strict=True)):
-        out[i] = _from_top(tokens[i], row, want[i], width, vocab)
-        if out[i] is None:
-            rest.append(n)
-    if rest:
-        chosen = [tokens[asked[n]] for n in rest]
-        for n, (logprob, rank) in zip(rest, _chosen_and_rank(logprobs, rest, chosen),
-                                      strict=True):
-            i = asked[n]
-            out[i] = RawLogprobs(tokens[i], logprob, rank, _top(packed[n], want[i], width))
-    return out
+    step's raw logits (before any penalty or temperature), as vLLM returns by default."""
+    tops = TopLogprobs.of(logits, want)
+    return [None] * len(want) if tops is None else tops.for_tokens(tokens)
 
 
 def _top(row: list[float], k: int, width: int) -> list[tuple[int, float]]:

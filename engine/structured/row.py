@@ -241,29 +241,41 @@ def step_mask(rows: Sequence[RowGrammar | None], vocab_size: int,
     words are 32 times smaller to copy)."""
     if all(r is None for r in rows):
         return None
-    words = _words(rows, (vocab_size + 31) // 32)
+    width = (vocab_size + 31) // 32
     if device.type == "cpu" and sys.byteorder == "little":
-        bits = np.unpackbits(words.view(np.uint8), axis=1, count=vocab_size, bitorder="little")
-        return torch.from_numpy(bits.view(np.bool_))
+        words = _lone(rows[0], width) if len(rows) == 1 else _words(rows, width)
+        bits = np.unpackbits(words.view(np.uint8), axis=-1, count=vocab_size, bitorder="little")
+        return torch.from_numpy(bits.view(np.bool_)).view(len(rows), vocab_size)
+    words = _words(rows, width)
     packed = torch.from_numpy(words if words.flags.writeable else words.copy()).to(device)
     mask = (packed.unsqueeze(-1) >> _bits(device)) & 1
     return mask.view(len(rows), -1)[:, :vocab_size].bool()
 
 
+def _lone(row: RowGrammar, width: int) -> np.ndarray:
+    """A lone constrained row's own words when they cover `width` words (the unpacking cuts
+    the rest), else padded."""
+    allowed = row.words()
+    return allowed if len(allowed) >= width else _fit([allowed], width)
+
+
 def _words(rows: Sequence[RowGrammar | None], width: int) -> np.ndarray:
     """(B, width) int32: each row's mask words (all ones for a free row), cut or padded with
     zeros to `width`; a lone row's own words as they are when they fit."""
-    if len(rows) == 1 and rows[0] is not None:
-        allowed = rows[0].words()
-        if len(allowed) == width:
-            return allowed.reshape(1, width)
-    words = np.full((len(rows), width), -1, dtype=np.int32)
-    for i, row in enumerate(rows):
-        if row is None:
+    allowed = [None if row is None else row.words() for row in rows]
+    if len(rows) == 1 and allowed[0] is not None and len(allowed[0]) == width:
+        return allowed[0].reshape(1, width)
+    return _fit(allowed, width)
+
+
+def _fit(allowed: list[np.ndarray | None], width: int) -> np.ndarray:
+    """Rows of words (None: a free row, all ones) cut or padded with zeros to `width`."""
+    words = np.full((len(allowed), width), -1, dtype=np.int32)
+    for i, row_words in enumerate(allowed):
+        if row_words is None:
             continue
-        allowed = row.words()
-        n = min(len(allowed), width)
-        words[i, :n] = allowed[:n]
+        n = min(len(row_words), width)
+        words[i, :n] = row_words[:n]
         words[i, n:] = 0
     return words
 
