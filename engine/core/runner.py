@@ -257,9 +257,11 @@ class ModelRunner:
         longest = max(r.length for r in rows) + 1
         kv_len = step.kv_len_for(longest)
         order = [r.row for r in rows]
-        # one host-to-device copy for all four inputs
-        inputs = torch.tensor([ids, positions, write_pos, seen]).to(self.dev).unbind(0)
-        logits = step.decode(*inputs, kv_len, batch == 1 and kv_len == longest)
-        if order != list(range(batch)):   # padding or gaps: the running rows only
-            logits = logits[torch.tensor(order, device=self.dev)]
-        return logits
+        # one host-to-device copy for the four inputs and the running rows' order (padded to
+        # the batch), made before the forward: an index copied after it would wait for it
+        gather = order != list(range(batch))   # padding or gaps: the running rows only
+        table = [ids, positions, write_pos, seen] + ([order + [0] * (batch - len(order))]
+                                                     if gather else [])
+        inputs = torch.tensor(table).to(self.dev).unbind(0)
+        logits = step.decode(*inputs[:4], kv_len, batch == 1 and kv_len == longest)
+        return logits[inputs[4][:len(order)]] if gather else logits
