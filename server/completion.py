@@ -32,9 +32,8 @@ from .completion_protocol import (NOT_HONOURED, CompletionChoice, CompletionChun
                                   CompletionStreamChoice, check_body, check_request,
                                   completion_id, completion_logprobs, prompt_logprobs_out,
                                   unknown_fields)
-from .fairshare import ClientBusyError
 from .protocol import SSE_DONE, UsageInfo, prompt_tokens_details, sse_data
-from .serving import (FINISH_REASONS, SSE_HEADERS, AfterSend, ChatServing,
+from .serving import (FINISH_REASONS, SSE_HEADERS, ChatServing,
                       error_response, load_json, refuse_not_honoured, until_disconnect,
                       validation_error)
 
@@ -97,16 +96,7 @@ class CompletionServing:
 
     async def create_completion(self, raw: Request, client: str = "addr:?") -> Response:
         """The whole request inside one of `client`'s slots, from its body to its last byte."""
-        try:
-            slot = self.chat.slots.acquire(client)
-        except ClientBusyError as exc:
-            return self.chat.refuse(exc)
-        try:
-            response = await self._create(raw)
-        except BaseException:
-            slot.release()
-            raise
-        return AfterSend(response, slot.release)
+        return await self.chat.in_slot(client, lambda: self._create(raw))
 
     async def _create(self, raw: Request) -> Response:
         try:

@@ -320,12 +320,18 @@ class ChatServing:
 
     async def create_chat_completion(self, raw: Request, client: str = "addr:?") -> Response:
         """The whole request inside one of `client`'s slots, from its body to its last byte."""
+        return await self.in_slot(client, lambda: self._create(raw))
+
+    async def in_slot(self, client: str, work: Callable[[], Awaitable[Response]]) -> Response:
+        """`work`'s response inside one of `client`'s slots (a 429 when it has none left),
+        the slot held until the response's last byte is sent: every generating endpoint's
+        way in."""
         try:
             slot = self.slots.acquire(client)
         except ClientBusyError as exc:
             return self.refuse(exc)
         try:
-            response = await self._create(raw)
+            response = await work()
         except BaseException:
             slot.release()
             raise
