@@ -35,6 +35,7 @@ class TokenPieces:
         self._cache: dict[int, str] = {}
         self._with_special: dict[int, str] = {}
         self._shown: dict[int, str] = {}
+        self._whole: dict[int, str] = {}   # `shown` texts that need no context (no U+FFFD end)
 
     def get(self, token_id: int, skip_special_tokens: bool = True) -> str | None:
         if not self.enabled:
@@ -58,9 +59,14 @@ class TokenPieces:
     def shown_in_context(self, token_id: int, context: Sequence[int]) -> str:
         """`shown`, with vLLM's repair of a piece that ends in an unfinished UTF-8 character:
         the text the token completes after up to 4 preceding tokens (`context`), else ""."""
+        text = self._whole.get(token_id)
+        if text is not None:
+            return text
         text = self.shown(token_id)
-        return text if not text.endswith(REPLACEMENT) else _complete(self.tokenizer, token_id,
-                                                                      list(context)[-4:])
+        if not text.endswith(REPLACEMENT):
+            self._whole[token_id] = text
+            return text
+        return _complete(self.tokenizer, token_id, list(context)[-4:])
 
 
 def _complete(tokenizer: Any, token_id: int, context: list[int]) -> str:
@@ -89,10 +95,9 @@ def _complete(tokenizer: Any, token_id: int, context: list[int]) -> str:
 
 def token_logprob(pieces: TokenPieces, raw: RawLogprobs, context: Sequence[int]) -> TokenLogprob:
     """The public form of one position's figures, its tokens' texts decoded as vLLM does."""
-    return TokenLogprob(pieces.shown_in_context(raw.token_id, context), raw.token_id,
-                        raw.logprob, rank=raw.rank,
-                        top=[TopLogprob(pieces.shown_in_context(i, context), i, lp)
-                             for i, lp in raw.top])
+    shown = pieces.shown_in_context
+    return TokenLogprob(shown(raw.token_id, context), raw.token_id, raw.logprob, rank=raw.rank,
+                        top=[TopLogprob(shown(i, context), i, lp) for i, lp in raw.top])
 
 
 class IncrementalDetokenizer:

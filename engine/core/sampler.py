@@ -175,15 +175,15 @@ def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:
 
 
 @functools.lru_cache(maxsize=8)
-def _no_tokens(vocab_size: int, device: torch.device) -> torch.Tensor:
-    """A shared all-False mask for rows without a repetition penalty (never written)."""
-    return torch.zeros(vocab_size, dtype=torch.bool, device=device)
+def _neutral(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(4, V) float32: the penalties' factors (`RowSampler._state`) of a row without
+    penalties: 1.0 to multiply and divide by, 0.0 to subtract (never written)."""
+    return torch.tensor([1.0, 1.0, 0.0, 0.0], device=device)[:, None].repeat(1, vocab_size)
 
 
-@functools.lru_cache(maxsize=8)
-def _no_counts(vocab_size: int, device: torch.device) -> torch.Tensor:
-    """Shared zero counts for rows without frequency/presence penalties (never written)."""
-    return torch.zeros(vocab_size, dtype=torch.float32, device=device)
+def _float32(value: float) -> float:
+    """The float32 nearest to `value`, as a Python float (what a float32 tensor holds)."""
+    return float(torch.tensor(value, dtype=torch.float32))
 
 
 def divides_by_reciprocal(device: torch.device) -> bool:
@@ -226,19 +226,36 @@ class RowSampler:
             self.generator = torch.Generator(device=self.device)
             self.generator.manual_seed(settings.seed % _SEED_SPACE)
         self.penalised = settings.repetition_penalty != 1.0
-        self._seen = _no_tokens(self.vocab_size, self.device)
-        if self.penalised:
-            # One spare slot absorbs out-of-vocabulary ids without a data-dependent filter.
-            seen = torch.zeros(self.vocab_size + 1, dtype=torch.bool, device=self.device)
-            ids = prompt_ids.reshape(-1).to(device=self.device, dtype=torch.long)
-            seen[ids.clamp(0, self.vocab_size)] = True
-            self._seen = seen[:self.vocab_size]
         self.counted = settings.frequency_penalty != 0.0 or settings.presence_penalty != 0.0
-        self._counts = (torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
-                        if self.counted else _no_counts(self.vocab_size, self.device))
-        # Generated tokens not yet in _seen/_counts: recorded by the next step's batch in one
-        # operation for all rows (or by the properties below), since a per-token tensor write
-        # costs microseconds of Python per row and step.
+        # how this device divides by a Python float (None: as PyTorch does on it)
+        self.reciprocal = divides_by_reciprocal(self.device) if reciprocal is None else reciprocal
+        penalty = _float32(settings.repetition_penalty)
+        divisor = _float32(self._divisor(settings.repetition_penalty))
+        frequency = _float32(settings.frequency_penalty)
+        presence = _float32(settings.presence_penalty)
+        # The penalties' state as the factors a step applies (`_state`, (4, V)): penalty and
+        # divisor on the seen tokens (1.0 elsewhere), frequency * count and presence * (count > 0)
+        # (the products vLLM computes each step, in float32: f32 * n is exact in a double,
+        # so rounding it once to float32 gives the same float); the seen tokens and counts
+        # themselves are kept on the host, to know what a new token changes.
+        self._updates = (penalty, divisor, frequency, presence)
+        self._seen_ids: set[int] = set()
+        self._count: dict[int, int] = {}
+        self._state = _neutral(self.vocab_size, self.device)
+        if self.penalised or self.counted:
+            self._state = _neutral(self.vocab_size, self.device).clone()
+        if self.counted:    # f * 0 and p * 0: -0.0 for a negative penalty, as vLLM's product
+            self._state[2].fill_(frequency * 0.0)
+            self._state[3].fill_(presence * 0.0)
+        if self.penalised:
+            ids = prompt_ids.reshape(-1).tolist()
+            self._seen_ids = {int(t) for t in ids if 0 <= t < self.vocab_size}
+            where = torch.tensor(sorted(self._seen_ids), dtype=torch.long, device=self.device)
+            self._state[0].index_fill_(0, where, penalty)
+            self._state[1].index_fill_(0, where, divisor)
+        # Generated tokens not yet in _state: recorded by the next step's batch in one
+        # operation for all rows, since a per-token tensor write costs microseconds of
+        # Python per row and step.
         self._pending: list[int] = []
         self._batch: _Batch | None = None   # the stacked batch this row's state lives in
         self._slot = -1
@@ -256,8 +273,6 @@ class RowSampler:
                                          device=self.device)
             self.bias_values = torch.tensor([b for _, b in pairs], dtype=torch.float32,
                                             device=self.device)
-        # how this device divides by a Python float (None: as PyTorch does on it)
-        self.reciprocal = divides_by_reciprocal(self.device) if reciprocal is None else reciprocal
         penalty, temperature = settings.repetition_penalty, settings.temperature
         top_p_cut = 1.0 - settings.top_p if settings.top_p < 1.0 else -math.inf
         # [penalty, penalty and temperature as divisors, top_k, 1 - top_p, frequency,
@@ -273,25 +288,37 @@ class RowSampler:
     @property
     def seen(self) -> torch.Tensor:
         """(V,) bool: the tokens of the prompt and the answer (the repetition penalty's)."""
-        self._record()
-        return self._seen
+        seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+        ids = self._seen_ids | ({t for t in self._pending if self.penalised})
+        seen[torch.tensor(sorted(ids), dtype=torch.long, device=self.device)] = True
+        return seen
 
     @property
     def counts(self) -> torch.Tensor:
         """(V,) float32: each token's count in the answer (frequency and presence penalties)."""
-        self._record()
-        return self._counts
+        counts = dict(self._count)
+        for t in self._pending if self.counted else ():
+            counts[t] = counts.get(t, 0) + 1
+        out = torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
+        out[torch.tensor(list(counts), dtype=torch.long, device=self.device)] = torch.tensor(
+            list(counts.values()), dtype=torch.float32, device=self.device)
+        return out
 
-    def _record(self) -> None:
+    def _take_pending(self) -> dict[tuple[int, int], float]:
+        """The appended tokens' changes to `_state`: {(factor, token): new value}."""
         pending, self._pending = self._pending, []
-        if pending:
-            self._batch = None    # its stacked state besides seen and counts is now stale
-            ids = torch.tensor(pending, dtype=torch.long, device=self.device)
-            if self.penalised:
-                self._seen[ids] = True
+        penalty, divisor, frequency, presence = self._updates
+        out: dict[tuple[int, int], float] = {}
+        for t in pending:
+            if self.penalised and t not in self._seen_ids:
+                self._seen_ids.add(t)
+                out[0, t], out[1, t] = penalty, divisor
             if self.counted:
-                self._counts.index_put_((ids,), torch.ones_like(ids, dtype=torch.float32),
-                                        accumulate=True)
+                n = self._count[t] = self._count.get(t, 0) + 1
+                out[2, t] = frequency * n
+                if n == 1:
+                    out[3, t] = presence
+        return out
 
     def _static_ban(self) -> torch.Tensor | None:
         """The tokens that are -inf at every step: those outside allowed_token_ids, and the
@@ -341,7 +368,7 @@ class RowSampler:
 
 
 class _Batch:
-    """The stacked settings (`params`) and penalty state (`seen`, `counts`) of a batch of rows,
+    """The stacked settings (`params`) and penalty state (`state`) of a batch of rows,
     built when the batch forms. Each row's own state then becomes a view of its slot here, so
     the state stays the row's, and the batch is reused for as long as the same rows come back
     in the same order (the usual next decode step): the tokens they appended since are recorded
@@ -357,19 +384,21 @@ class _Batch:
         self.biased = any(r.bias_ids is not None for r in rows)
         self.bans = any(r.banned is not None or r.bad_sequences for r in rows)
         self.reciprocal = rows[0].reciprocal
-        self.seen = torch.stack([r._seen for r in rows]) if self.penalised else None
-        self.counts = torch.stack([r._counts for r in rows]) if self.counted else None
-        # counts > 0 as 1.0/0.0, kept beside the counts: the presence penalty's factor
-        self.present = (self.counts > 0).float() if self.counted else None
-        # the penalties' columns, (B, 1) each: penalty, its divisor, frequency, presence
-        self.penalty, self.divisor, self.frequency, self.presence = (
-            self.params[:, i:i + 1].contiguous() for i in (0, 1, 5, 6))
+        # min(x * penalty, x / penalty) is the repetition penalty's branch when every penalty
+        # is finite and >= 1 (rounding keeps x * penalty <= x <= x / penalty for x < 0 and the
+        # reverse for x > 0; both are x where the factors are 1.0): one operation for two.
+        self.shrinks = all(math.isfinite(r.settings.repetition_penalty)
+                           and r.settings.repetition_penalty >= 1.0 for r in rows if r.penalised)
+        # (4, B, V): the rows' `_state`, which become views of it
+        self.state = (torch.stack([r._state for r in rows], dim=1)
+                      if self.penalised or self.counted else None)
+        self.factors = self.state.unbind(0) if self.state is not None else ()
+        self.stoppable = [r for r in rows if r.eos is not None]   # min_tokens may mask
+        self.drawing = [r for r in rows if not r.settings.argmax]
         for i, r in enumerate(rows):
             r._batch, r._slot = self, i
-            if self.seen is not None:
-                r._seen = self.seen[i]
-            if self.counts is not None:
-                r._counts = self.counts[i]
+            if self.state is not None:
+                r._state = self.state[:, i]
 
     def argmax_rows(self) -> torch.Tensor:
         """(B,) bool: the rows whose token is their argmax (`RowSampling.argmax`)."""
@@ -389,31 +418,20 @@ class _Batch:
         return batch
 
     def _record(self, rows: list[RowSampler]) -> None:
-        seen: list[int] = []        # flat (slot * V + token) positions
-        counted: list[int] = []
+        """The rows' appended tokens, written into `state` in one indexed write."""
+        where: list[int] = []        # flat (factor * B * V + slot * V + token) positions
+        values: list[float] = []
         vocab = rows[0].vocab_size
         for i, r in enumerate(rows):
             if r._pending:
-                pending, r._pending = r._pending, []
-                if r.penalised:
-                    seen.extend(i * vocab + t for t in pending)
-                if r.counted:
-                    counted.extend(i * vocab + t for t in pending)
-        device = rows[0].device
-        where = torch.tensor(seen, dtype=torch.long, device=device) if seen else None
-        if seen:
-            self.seen.view(-1).index_fill_(0, where, True)
-        if counted:
-            if counted != seen:
-                where = torch.tensor(counted, dtype=torch.long, device=device)
-            self.counts.view(-1).index_put_((where,), _one(device), accumulate=True)
-            self.present.view(-1).index_fill_(0, where, 1.0)
-
-
-@functools.lru_cache(maxsize=8)
-def _one(device: torch.device) -> torch.Tensor:
-    """1.0, what a generated token adds to its count (never written)."""
-    return torch.ones((), dtype=torch.float32, device=device)
+                for (k, t), v in r._take_pending().items():
+                    where.append((k * self.size + i) * vocab + t)
+                    values.append(v)
+        if where:
+            device = rows[0].device
+            self.state.view(-1).index_put_(
+                (torch.tensor(where, dtype=torch.long, device=device),),
+                torch.tensor(values, dtype=torch.float32, device=device))
 
 
 def _divide(x: torch.Tensor, divisor: torch.Tensor, reciprocal: bool) -> torch.Tensor:
@@ -437,7 +455,7 @@ def _mask(x: torch.Tensor, rows: list[RowSampler]) -> None:
 def _penalise(logits: torch.Tensor, rows: list[RowSampler], batch: _Batch) -> torch.Tensor:
     """Everything before the argmax (the module docstring's first four lines), in float32
     (a new tensor when anything is written in place)."""
-    masks = batch.bans or any(r.min_pending for r in rows)
+    masks = batch.bans or any(r.min_pending for r in batch.stoppable)
     if masks or batch.biased:
         x = logits.to(torch.float32, copy=True)
         if masks:
@@ -447,16 +465,21 @@ def _penalise(logits: torch.Tensor, rows: list[RowSampler], batch: _Batch) -> to
                 x[i].index_add_(0, r.bias_ids, r.bias_values)
     else:
         x = logits.to(torch.float32)
+    if batch.state is None:
+        return x
+    scale, divisor, frequency, presence = batch.factors
     if batch.penalised:
         # signbit(x) picks the same branch as x < 0: -0.0 * penalty and -0.0 / divisor are
         # both -0.0 (the penalty is positive), and it costs one boolean pass less
-        shrunk = _divide(x, batch.divisor, batch.reciprocal)
-        x = torch.where(batch.seen, torch.where(torch.signbit(x), x * batch.penalty, shrunk), x)
+        shrunk = _divide(x, divisor, batch.reciprocal)
+        x = (torch.minimum(x * scale, shrunk, out=shrunk) if batch.shrinks
+             else torch.where(torch.signbit(x), x * scale, shrunk))
     if batch.counted:
-        # vLLM's two subtractions (model_executor/layers/utils.apply_penalties), in its order;
-        # `present` is its (counts > 0) as float, which its product converts the bools to.
-        x = x - batch.frequency * batch.counts
-        x = x - batch.presence * batch.present
+        # vLLM's two subtractions (model_executor/layers/utils.apply_penalties), in its order,
+        # of its products frequency * counts and presence * (counts > 0), kept in `state`
+        # (in place where x is already this step's own tensor)
+        x = x.sub_(frequency) if batch.penalised else x - frequency
+        x.sub_(presence)
     return x
 
 
@@ -520,7 +543,7 @@ def sample_ids(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     batch = _Batch.of(rows)
     x = _penalise(logits, rows, batch)
     best = x.argmax(dim=-1)
-    drawing = [r for r in rows if not r.settings.argmax]
+    drawing = batch.drawing
     if not drawing:
         return best
     probs = _warp(x, rows, drawing, batch.params).softmax(dim=-1)
