@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,6 +168,46 @@ def loopback_only() -> Iterator[list[str]]:
     finally:
         httpx.HTTPTransport.handle_request = original
     assert not blocked, blocked
+
+
+@pytest.fixture(scope="module", autouse=True)
+def guard_loopback() -> Iterator[list[str]]:
+    """Every HTTP request made by a module that imports this must target loopback, even if a
+    guard under test breaks (the URLs it tried are yielded; the fixture fails if any)."""
+    with loopback_only() as blocked:
+        yield blocked
+
+
+class FinishLog:
+    """Finished events by request id, as the engine reports them to a finish listener."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, object] = {}
+        self.requests: dict[str, object] = {}
+        self.cond = threading.Condition()
+
+    def __call__(self, request, event) -> None:
+        with self.cond:
+            self.events[request.request_id] = event
+            self.requests[request.request_id] = request
+            self.cond.notify_all()
+
+    def wait_all(self, predicate, count: int, timeout: float = 15.0) -> list:
+        """The first `count` (request, event) pairs matching predicate(request, event)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                found = [(self.requests[rid], ev) for rid, ev in self.events.items()
+                         if predicate(self.requests[rid], ev)]
+                if len(found) >= count:
+                    return found[:count]
+                left = deadline - time.monotonic()
+                assert left > 0, f"only {len(found)} of {count} requests finished"
+                self.cond.wait(left)
+
+    def wait(self, predicate, timeout: float = 15.0):
+        """The first (request, event) matching predicate(request, event)."""
+        return self.wait_all(predicate, 1, timeout)[0]
 
 
 def status_mb(field: str = "VmRSS") -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from support import loopback_only
+from support import FinishLog, guard_loopback  # noqa: F401 (autouse: loopback only)
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -41,13 +41,6 @@ MAX_BODY_MB = 4
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def guard_loopback():
-    """Every HTTP request made by this module must target loopback, even if a guard breaks."""
-    with loopback_only() as blocked:
-        yield blocked
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_random_model_dir):
     # The random build: its processor keeps the real bounds these tests count tokens with.
@@ -57,33 +50,6 @@ def engine(tiny_random_model_dir):
     eng.model_name = "tiny"
     yield eng
     eng.close()
-
-
-class FinishLog:
-    """Finished events by request id, as the engine reports them."""
-
-    def __init__(self) -> None:
-        self.events: dict[str, object] = {}
-        self.requests: dict[str, object] = {}
-        self.cond = threading.Condition()
-
-    def __call__(self, request, event) -> None:
-        with self.cond:
-            self.events[request.request_id] = event
-            self.requests[request.request_id] = request
-            self.cond.notify_all()
-
-    def wait(self, predicate, timeout: float = 15.0):
-        """The first (request, event) matching predicate(request, event)."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for rid, ev in self.events.items():
-                    if predicate(self.requests[rid], ev):
-                        return self.requests[rid], ev
-                left = deadline - time.monotonic()
-                assert left > 0, "the engine never finished the request"
-                self.cond.wait(left)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from support import loopback_only, tiny_engine_with
+from support import (guard_loopback,  # noqa: F401 (autouse: loopback only)
+                     tiny_engine_with)
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
@@ -38,12 +39,6 @@ MESSAGES = [{"role": "user", "content": [{"type": "image_url", "image_url": {"ur
 PROMPT = "There are"
 BEAM = {"use_beam_search": True, "temperature": 0, "max_tokens": 10}
 LONG = 32   # past the tiny model's whole answer (23 tokens), so some beams end with EOS
-
-
-@pytest.fixture(scope="module", autouse=True)
-def guard_loopback():
-    with loopback_only() as blocked:
-        yield blocked
 
 
 @pytest.fixture(scope="module")

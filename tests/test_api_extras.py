@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from support import loopback_only
+from support import guard_loopback  # noqa: F401 (autouse: loopback only)
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
@@ -34,12 +34,6 @@ CHAT = [{"role": "user", "content": "Hi there!"},
         {"role": "user", "content": "Can I ask a question?"}]
 # The tiny folder's template with tools rendered, as templates of tool-calling models do.
 TOOLS_TEMPLATE = "{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def guard_loopback():
-    with loopback_only() as blocked:
-        yield blocked
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ the ones vLLM 0.32 sent for the same requests (CPU build, tiny folder, checked b
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
 
-from support import loopback_only, tiny_engine_with
+from support import (FinishLog, guard_loopback,  # noqa: F401 (autouse: loopback only)
+                     tiny_engine_with)
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
@@ -36,36 +35,6 @@ CHOICE_KEYS = {"index", "message", "logprobs", "finish_reason", "stop_reason", "
 RESPONSE_KEYS = {"id", "object", "created", "model", "choices", "service_tier",
                  "system_fingerprint", "usage", "prompt_logprobs", "prompt_token_ids",
                  "prompt_text", "kv_transfer_params", "ec_transfer_params", "metrics"}
-
-
-class FinishLog:
-    """Finished events by request id, as the engine reports them."""
-
-    def __init__(self) -> None:
-        self.events: dict[str, object] = {}
-        self.cond = threading.Condition()
-
-    def __call__(self, request, event) -> None:
-        with self.cond:
-            self.events[request.request_id] = event
-            self.cond.notify_all()
-
-    def wait(self, predicate, count: int, timeout: float = 15.0) -> list:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                found = [ev for rid, ev in self.events.items() if predicate(rid)]
-                if len(found) >= count:
-                    return found
-                left = deadline - time.monotonic()
-                assert left > 0, f"only {len(found)} of {count} requests finished"
-                self.cond.wait(left)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def guard_loopback():
-    with loopback_only() as blocked:
-        yield blocked
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +198,8 @@ def test_a_client_leaving_cancels_every_choice(http, finish_log):
             if line.startswith("data: ") and '"content":"' in line and '"role"' not in line:
                 cid = json.loads(line[6:])["id"]
                 break
-    finished = finish_log.wait(lambda rid: rid.startswith(cid), 2)
+    finished = [ev for _, ev in finish_log.wait_all(
+        lambda req, ev: req.request_id.startswith(cid), 2)]
     assert [f.reason for f in finished] == ["cancelled", "cancelled"]
 
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from support import loopback_only
+from support import guard_loopback  # noqa: F401 (autouse: loopback only)
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
@@ -20,12 +20,6 @@ from server.routes import create_api_app  # noqa: E402
 
 PROMPT = "There are 3 shapes:"
 GREEDY = {"temperature": 0, "ignore_eos": True}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def guard_loopback():
-    with loopback_only() as blocked:
-        yield blocked
 
 
 @pytest.fixture(scope="module")

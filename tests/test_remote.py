@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from support import free_port, loopback_only
+from support import free_port, guard_loopback  # noqa: F401 (autouse: loopback only)
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -43,13 +43,6 @@ from server.settings import ServerSettings  # noqa: E402
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DATA = Path(__file__).resolve().parent / "data" / "vllm-0.32"   # raw vLLM 0.32 responses
 MAX_MODEL_LEN = 4096
-
-
-@pytest.fixture(scope="module", autouse=True)
-def guard_loopback():
-    """Every HTTP request made by this module must target loopback, even if a guard breaks."""
-    with loopback_only() as blocked:
-        yield blocked
 
 
 @pytest.fixture(scope="module")
