@@ -47,6 +47,9 @@ class RequestHandle:
         self._notified_at = 0.0
         self._staged: list[Event] | None = None       # text held for the end event (`stage`)
         self.tokens = 0                               # generated so far (the device thread's count)
+        # the prompt's token ids where the engine knows them at submit (the local engine; a
+        # remote's come with the end event, Finished.prompt_token_ids)
+        self.prompt_token_ids: list[int] | None = None
         self.tokens_at_cancel: int | None = None
 
     # ------------------------------------------------------------- producer

@@ -372,24 +372,32 @@ class ChatServing:
         handles that arrive after the caller was cancelled are cancelled too."""
         return await submit_choices(self.engine, gen, self.policy, self._pool)
 
-    async def _prompt_ids(self, req: ChatCompletionRequest,
-                          gen: GenerationRequest) -> list[int] | None:
+    async def _prompt_ids(self, req: ChatCompletionRequest, gen: GenerationRequest,
+                          handle: RequestHandle) -> list[int] | None:
         """The prompt's token ids where a stream must show them before the first token
-        (continuous usage, return_token_ids); the engine's events carry them only at the end."""
+        (continuous usage, return_token_ids): the handle's, where the engine knew them at
+        submit; else (a remote engine) the prompt rendered by its /tokenize."""
         if not req.stream or not (req.continuous_usage or req.return_token_ids):
             return None
+        if handle.prompt_token_ids is not None:
+            return handle.prompt_token_ids
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.engine.tokenize, gen, self.policy)
 
     async def _run(self, req: ChatCompletionRequest, gen: GenerationRequest,
                    answer: Answer) -> Response:
+        handles: list[RequestHandle] = []
         try:
-            prompt_ids = await self._prompt_ids(req, gen)
             handles = await self.submit(gen)
-        except EngineError as exc:
-            return self.refuse(exc)
-        except Exception as exc:  # a bug, not bad input: log it, answer in vLLM's shape
-            log.exception("submit failed for %s", gen.request_id)
+            prompt_ids = await self._prompt_ids(req, gen, handles[0])
+        except BaseException as exc:
+            for handle in handles:     # submitted, but nobody will read them
+                handle.cancel()
+            if isinstance(exc, EngineError):
+                return self.refuse(exc)
+            if not isinstance(exc, Exception):
+                raise
+            log.exception("submit failed for %s", gen.request_id)   # a bug, not bad input
             return self.refuse(EngineError(f"Internal server error: {type(exc).__name__}: {exc}"))
         if req.stream:
             return StreamingResponse(stream_chat(handles, req, answer, prompt_ids),

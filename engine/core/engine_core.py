@@ -142,6 +142,7 @@ class EngineCore:
                 self._wake()
 
         handle = RequestHandle(request.request_id, on_cancel=cancel_queued)
+        handle.prompt_token_ids = prompt.inputs["input_ids"][0].tolist()
         item = WorkItem(request, prompt, handle, bad_words_ids, group, constraint, beam)
         item_ref = weakref.ref(item)
         if beam is not None:
