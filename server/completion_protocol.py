@@ -17,7 +17,7 @@ from engine.types import SamplingParams, TokenLogprob
 
 from .protocol import NOT_HONOURED as CHAT_NOT_HONOURED
 from .protocol import (SamplingFields, UsageInfo, check_beam_fields, check_structured_body,
-                       usage_without_nulls)
+                       usage_without_nulls, vllm_invalid)
 
 MAX_PROMPTS = 1024   # vLLM's VLLM_MAX_COMPLETION_PROMPTS default: prompts in one batch
 DEFAULT_MAX_TOKENS = 16   # vLLM's (and OpenAI's) default for completions, unlike chat's
@@ -90,39 +90,36 @@ NOT_HONOURED = {name: CHAT_NOT_HONOURED[name] for name in (
     "priority")}
 
 
-def _bad(message: str, param: str | None, value: Any = None) -> InvalidRequestError:
-    """vLLM's VLLMValidationError text: the message, then the parameter (and value)."""
-    where = f"parameter={param}" + ("" if value is None else f", value={value}")
-    return InvalidRequestError(f"{message} ({where})", param=param)
-
-
 def check_body(data: Any) -> None:
     """vLLM's checks on the raw body, in its order and words, before the fields are parsed."""
     if not isinstance(data, dict):
         return
     if data.get("stream_options") and not data.get("stream"):
-        raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
+        raise vllm_invalid("Stream options can only be defined when `stream=True`.",
+                           "stream_options")
     prompt = data.get("prompt")
     if prompt is None or prompt == "":
         if data.get("prompt_embeds") is None:
-            raise _bad("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+            raise vllm_invalid("Either prompt or prompt_embeds must be provided and non-empty.",
+                               "prompt")
     if isinstance(prompt, list) and len(prompt) > MAX_PROMPTS \
             and not all(isinstance(p, int) for p in prompt):
-        raise _bad(f"prompt list length {len(prompt)} exceeds the maximum allowed count of "
-                   f"{MAX_PROMPTS}.", "prompt")
+        raise vllm_invalid(f"prompt list length {len(prompt)} exceeds the maximum allowed count "
+                           f"of {MAX_PROMPTS}.", "prompt")
     for name in ("prompt_logprobs", "logprobs"):
         value = data.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise _bad(f"`{name}` must be an integer.", name, value)
+            raise vllm_invalid(f"`{name}` must be an integer.", name, value)
         if value is not None and value < 0 and value != -1:
-            raise _bad(f"`{name}` must be a positive value or -1.", name, value)
+            raise vllm_invalid(f"`{name}` must be a positive value or -1.", name, value)
     if data.get("use_beam_search") and data.get("echo") and data.get("logprobs") is not None:
-        raise _bad("`echo` with `logprobs` is not supported with beam search because beam "
-                   "search does not compute prompt logprobs.", "echo")
+        raise vllm_invalid("`echo` with `logprobs` is not supported with beam search because "
+                           "beam search does not compute prompt logprobs.", "echo")
     prompt_logprobs = data.get("prompt_logprobs")
     if prompt_logprobs is not None and data.get("stream") \
             and (prompt_logprobs > 0 or prompt_logprobs == -1):
-        raise _bad("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
+        raise vllm_invalid("`prompt_logprobs` are not available when `stream=True`.",
+                           "prompt_logprobs")
     check_structured_body(data)
 
 

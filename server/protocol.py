@@ -193,17 +193,17 @@ def check_structured_body(data: dict) -> None:
     if isinstance(response_format, dict):
         if response_format.get("type") == "json_schema" \
                 and response_format.get("json_schema") is None:
-            raise _invalid("When response_format type is 'json_schema', the 'json_schema' "
-                           "field must be provided.", "response_format")
+            raise vllm_invalid("When response_format type is 'json_schema', the 'json_schema' "
+                               "field must be provided.", "response_format")
         if response_format.get("type") == "structural_tag":
-            raise _invalid(_NO_STRUCTURAL_TAGS, "response_format")
+            raise vllm_invalid(_NO_STRUCTURAL_TAGS, "response_format")
     params = data.get("structured_outputs")
     if not isinstance(params, dict):
         return
     for name in ("structural_tag", "whitespace_pattern"):
         if params.get(name) is not None:
-            raise _invalid(f"structured_outputs.{name} is not supported; the answer has no "
-                           "free whitespace and no structural tags", "structured_outputs")
+            raise vllm_invalid(f"structured_outputs.{name} is not supported; the answer has no "
+                               "free whitespace and no structural tags", "structured_outputs")
     count = sum(params.get(k) is not None for k in ("json", "regex", "choice"))
     if count > 1:
         raise InvalidRequestError("You can only use one kind of constraints for structured "
@@ -504,7 +504,7 @@ def unknown_fields(data: Any) -> list[str]:
     return sorted(k for k in data if k not in known)
 
 
-def _invalid(message: str, param: str | None = None, value: Any = None) -> InvalidRequestError:
+def vllm_invalid(message: str, param: str | None = None, value: Any = None) -> InvalidRequestError:
     """vLLM's VLLMValidationError text: the message, then the parameter (and value)."""
     extras = ([f"parameter={param}"] if param else []) + \
         ([f"value={value}"] if value is not None else [])
@@ -517,23 +517,23 @@ def check_logprob_fields(data: dict) -> None:
     for name in ("prompt_logprobs", "top_logprobs"):
         value = data.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise _invalid(f"`{name}` must be an integer.", name, value)
+            raise vllm_invalid(f"`{name}` must be an integer.", name, value)
     prompt_logprobs = data.get("prompt_logprobs")
     if prompt_logprobs is not None:
         if data.get("stream") and (prompt_logprobs > 0 or prompt_logprobs == -1):
-            raise _invalid("`prompt_logprobs` are not available when `stream=True`.",
-                           "prompt_logprobs")
+            raise vllm_invalid("`prompt_logprobs` are not available when `stream=True`.",
+                               "prompt_logprobs")
         if prompt_logprobs < 0 and prompt_logprobs != -1:
-            raise _invalid("`prompt_logprobs` must be a positive value or -1.",
-                           "prompt_logprobs", prompt_logprobs)
+            raise vllm_invalid("`prompt_logprobs` must be a positive value or -1.",
+                               "prompt_logprobs", prompt_logprobs)
     top_logprobs = data.get("top_logprobs")
     if top_logprobs is not None:
         if top_logprobs < 0 and top_logprobs != -1:
-            raise _invalid("`top_logprobs` must be a positive value or -1.", "top_logprobs",
-                           top_logprobs)
+            raise vllm_invalid("`top_logprobs` must be a positive value or -1.", "top_logprobs",
+                               top_logprobs)
         if (top_logprobs == -1 or top_logprobs > 0) and not data.get("logprobs"):
-            raise _invalid("when using `top_logprobs`, `logprobs` must be set to true.",
-                           "top_logprobs")
+            raise vllm_invalid("when using `top_logprobs`, `logprobs` must be set to true.",
+                               "top_logprobs")
 
 
 def check_chat_body(data: Any) -> None:
@@ -542,8 +542,8 @@ def check_chat_body(data: Any) -> None:
     if not isinstance(data, dict):
         return
     if data.get("stream_options") and not data.get("stream"):
-        raise _invalid("Stream options can only be defined when `stream=True`.",
-                       "stream_options")
+        raise vllm_invalid("Stream options can only be defined when `stream=True`.",
+                           "stream_options")
     check_logprob_fields(data)
     check_structured_body(data)
     toolcalls.check_tool_usage(data)
