@@ -273,15 +273,13 @@ class RowSampler:
                                          device=self.device)
             self.bias_values = torch.tensor([b for _, b in pairs], dtype=torch.float32,
                                             device=self.device)
-        penalty, temperature = settings.repetition_penalty, settings.temperature
         top_p_cut = 1.0 - settings.top_p if settings.top_p < 1.0 else -math.inf
-        # [penalty, penalty and temperature as divisors, top_k, 1 - top_p, frequency,
-        # presence, min_p]: stacked over the batch in `sample`, so per-row settings cost no
-        # host-to-device copy per step.
+        # the warpers' settings [temperature as a divisor, top_k, 1 - top_p, min_p]: stacked
+        # over the batch in `sample`, so per-row settings cost no host-to-device copy per step
+        # (the penalties keep their own state, see _Batch)
         self.params = torch.tensor(
-            [penalty, self._divisor(penalty), self._divisor(temperature), float(settings.top_k),
-             top_p_cut, settings.frequency_penalty, settings.presence_penalty, settings.min_p],
-            dtype=torch.float32, device=self.device)
+            [self._divisor(settings.temperature), float(settings.top_k), top_p_cut,
+             settings.min_p], dtype=torch.float32, device=self.device)
         self.reshapes = (self.penalised or self.counted or self.banned is not None
                          or bool(self.bad_sequences) or self.bias_ids is not None)
 
@@ -489,22 +487,22 @@ def _warp(x: torch.Tensor, rows: list[RowSampler], active: list[RowSampler],
     the batch; only the `active` rows' results are meant to be used, so a warper none of
     them needs is skipped."""
     if any(r.settings.temperature != 1.0 for r in active):
-        x = _divide(x, params[:, 2:3], rows[0].reciprocal)
+        x = _divide(x, params[:, 0:1], rows[0].reciprocal)
     if any(r.settings.min_p > 0.0 for r in active):
         probs = x.softmax(dim=-1)
-        x = x.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * params[:, 7:8], -math.inf)
+        x = x.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * params[:, 3:4], -math.inf)
     ks = [r.settings.top_k for r in active if r.settings.top_k > 0]
     if ks:
         kmax = min(max(ks), x.shape[-1])
         top = torch.topk(x, kmax, dim=-1).values
-        k = params[:, 3:4]
+        k = params[:, 1:2]
         kth = top.gather(1, (k.clamp(1, kmax) - 1).long())
         kth = torch.where(k > 0, kth, -math.inf)
         x = x.masked_fill(x < kth, -math.inf)
     if any(r.settings.top_p < 1.0 for r in active):
         ordered, order = torch.sort(x, descending=False)
         cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= params[:, 4:5]
+        drop = cumulative <= params[:, 2:3]
         drop[:, -1] = False
         x = x.masked_fill(drop.scatter(1, order, drop), -math.inf)
     return x
