@@ -283,25 +283,6 @@ class RowSampler:
         self.reshapes = (self.penalised or self.counted or self.banned is not None
                          or bool(self.bad_sequences) or self.bias_ids is not None)
 
-    @property
-    def seen(self) -> torch.Tensor:
-        """(V,) bool: the tokens of the prompt and the answer (the repetition penalty's)."""
-        seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-        ids = self._seen_ids | ({t for t in self._pending if self.penalised})
-        seen[torch.tensor(sorted(ids), dtype=torch.long, device=self.device)] = True
-        return seen
-
-    @property
-    def counts(self) -> torch.Tensor:
-        """(V,) float32: each token's count in the answer (frequency and presence penalties)."""
-        counts = dict(self._count)
-        for t in self._pending if self.counted else ():
-            counts[t] = counts.get(t, 0) + 1
-        out = torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
-        out[torch.tensor(list(counts), dtype=torch.long, device=self.device)] = torch.tensor(
-            list(counts.values()), dtype=torch.float32, device=self.device)
-        return out
-
     def _take_pending(self) -> dict[tuple[int, int], float]:
         """The appended tokens' changes to `_state`: {(factor, token): new value}."""
         pending, self._pending = self._pending, []
