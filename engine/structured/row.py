@@ -179,15 +179,10 @@ class RowGrammar:
         self.closers = closers
         self.left = int(max_new)          # tokens the row may still write
         self.window = WINDOW + (shortest or 0)
-        self.replaced = 0                 # sampled tokens replaced by the closing path
         # the tokens written so far, for the closing policy of regexes and grammars
         self.uses: dict[int, int] | None = None if closers.json else {}
         self.path: list[int] | None = None   # the closing path from the current state
         self._settled: tuple[int, list[int] | None] | None = None   # (token, path after it)
-
-    @property
-    def failed(self) -> bool:
-        return bool(self.matcher.is_error())
 
     @property
     def stopped(self) -> bool:
@@ -213,10 +208,7 @@ class RowGrammar:
             self._settled = (closing, self.path[1:])
         else:
             closing = closing_choice(self.matcher, self.closers, self.uses)
-        if closing is None:
-            return token
-        self.replaced += closing != token
-        return closing
+        return token if closing is None else closing
 
     def _path_after(self, token: int) -> list[int] | None:
         """The closing path after `token` (None: none within the window)."""
