@@ -69,6 +69,22 @@ class EngineSnapshot:
                 and (value := getattr(self, f.name)) is not None}
 
 
+async def _off_loop(submit: Callable[[], list[RequestHandle]],
+                    executor: Executor | None) -> list[RequestHandle]:
+    """`submit()` run in `executor`; if the awaiting caller is cancelled meanwhile, the
+    handles that still arrive are cancelled too."""
+    future = asyncio.get_running_loop().run_in_executor(executor, submit)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        def cancel_late(f: asyncio.Future) -> None:
+            if not f.cancelled() and f.exception() is None:
+                for handle in f.result():
+                    handle.cancel()
+        future.add_done_callback(cancel_late)
+        raise
+
+
 def choice_request(request: GenerationRequest, index: int) -> GenerationRequest:
     """Choice `index` of an n-choice request as a request of its own: n = 1, seed + index
     (vLLM's child requests), its own id."""
@@ -176,16 +192,14 @@ class Engine(abc.ABC):
         """`submit` for async callers: preparation (image decoding, a remote's HTTP request)
         runs in a thread, not on the event loop. If the caller is cancelled meanwhile, a
         handle that still arrives is cancelled too, so nothing generates for nobody."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(executor, self.submit, request, policy)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            def cancel_late(f: asyncio.Future) -> None:
-                if not f.cancelled() and f.exception() is None:
-                    f.result().cancel()
-            future.add_done_callback(cancel_late)
-            raise
+        handles = await _off_loop(lambda: [self.submit(request, policy)], executor)
+        return handles[0]
+
+    async def asubmit_choices(self, request: GenerationRequest,
+                              policy: MediaPolicy | None = None,
+                              executor: Executor | None = None) -> list[RequestHandle]:
+        """`submit_choices` for async callers, as `asubmit` is `submit`'s."""
+        return await _off_loop(lambda: self.submit_choices(request, policy), executor)
 
     def tokenize(self, prompt: str | GenerationRequest, policy: MediaPolicy | None = None,
                  add_special_tokens: bool = True) -> list[int]:

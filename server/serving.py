@@ -370,7 +370,7 @@ class ChatServing:
     async def submit(self, gen: GenerationRequest) -> list[RequestHandle]:
         """engine.submit_choices off the event loop (rendering fetches and decodes media);
         handles that arrive after the caller was cancelled are cancelled too."""
-        return await submit_choices(self.engine, gen, self.policy, self._pool)
+        return await self.engine.asubmit_choices(gen, self.policy, self._pool)
 
     async def _prompt_ids(self, req: ChatCompletionRequest, gen: GenerationRequest,
                           handle: RequestHandle) -> list[int] | None:
@@ -459,22 +459,6 @@ class Answer:
         details = self.details(finishes[0], req.use_beam_search) \
             if self.details is not None and finishes else None
         return usage_info(prompt_tokens, completion_tokens, details)
-
-
-async def submit_choices(engine: Engine, gen: GenerationRequest, policy: Any,
-                         pool: ThreadPoolExecutor) -> list[RequestHandle]:
-    """Engine.submit_choices for async callers (one handle per choice of `sampling.n`), run
-    in `pool`; if the caller is cancelled meanwhile, handles that still arrive are cancelled."""
-    future = asyncio.get_running_loop().run_in_executor(pool, engine.submit_choices, gen, policy)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        def cancel_late(f: asyncio.Future) -> None:
-            if not f.cancelled() and f.exception() is None:
-                for handle in f.result():
-                    handle.cancel()
-        future.add_done_callback(cancel_late)
-        raise
 
 
 @dataclass
@@ -734,4 +718,4 @@ async def stream_chat(handles: list[RequestHandle], req: ChatCompletionRequest, 
 
 
 __all__ = ["APIError", "Answer", "ChatServing", "ChoiceEvents", "AfterSend", "collect_choices",
-           "error_response", "served_model_names", "submit_choices", "to_generation_request"]
+           "error_response", "served_model_names", "to_generation_request"]
