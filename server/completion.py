@@ -33,9 +33,9 @@ from .completion_protocol import (NOT_HONOURED, CompletionChoice, CompletionChun
                                   completion_id, completion_logprobs, prompt_logprobs_out,
                                   unknown_fields)
 from .protocol import SSE_DONE, UsageInfo, prompt_tokens_details, sse_data
-from .serving import (FINISH_REASONS, SSE_HEADERS, ChatServing,
-                      error_response, load_json, refuse_not_honoured, until_disconnect,
-                      validation_error)
+from .serving import (FINISH_REASONS, SSE_HEADERS, ChatServing, as_engine_error,
+                      collect_choices, error_response, first_error, load_json,
+                      refuse_not_honoured, until_disconnect, validation_error)
 
 log = logging.getLogger("server")
 
@@ -73,18 +73,11 @@ class Choice:
 
     index: int
     prompt: Prompt
-    deltas: list[TextDelta] = dataclasses.field(default_factory=list)
     finished: Finished | None = None
     sent_tokens: int = 0
     offset: int = 0
     started: bool = False
     echoed: bool = False
-
-
-def _engine_error(error: Exception | None) -> EngineError:
-    if isinstance(error, EngineError):
-        return error
-    return EngineError(f"Generation failed: {error}" if error else "Generation failed.")
 
 
 class CompletionServing:
@@ -200,30 +193,19 @@ class CompletionServing:
     async def _complete(self, req: CompletionRequest, choices: list[Choice],
                         handles: list[RequestHandle], cid: str, created: int,
                         model: str) -> JSONResponse:
-        async def collect(c: Choice, handle: RequestHandle) -> None:
-            async for event in handle:
-                if isinstance(event, TextDelta):
-                    c.deltas.append(event)
-                else:
-                    c.finished = event
-        try:
-            await asyncio.gather(*(collect(c, h) for c, h in zip(choices, handles)))
-        finally:
-            for handle in handles:
-                if handle.finished is None:   # a disconnect (or the server stopping)
-                    handle.cancel()
-        failed = next((c.finished for c in choices if c.finished.reason == "error"), None)
-        if failed is not None:
-            return error_response(_engine_error(failed.error))
+        results = await collect_choices(handles)
+        error = first_error([r.finished for r in results])
+        if error is not None:
+            return error_response(error)
         out = []
-        for c in choices:
-            fin = c.finished
-            text, ids, logprobs = self._choice_output(req, c, c.deltas, fin)
+        for c, r in zip(choices, results):
+            c.finished = fin = r.finished
+            text, ids, logprobs = self._choice_output(
+                req, c, [TextDelta(r.text, r.token_ids, r.logprobs)], fin)
             out.append(CompletionChoice(
                 index=c.index, text=text, logprobs=logprobs,
                 finish_reason=FINISH_REASONS[fin.reason], stop_reason=fin.stop_reason,
-                token_ids=[i for d in c.deltas for i in d.token_ids]
-                if req.return_token_ids else None,
+                token_ids=r.token_ids if req.return_token_ids else None,
                 prompt_logprobs=prompt_logprobs_out(fin.prompt_logprobs),
                 prompt_token_ids=fin.prompt_token_ids if req.return_token_ids else None))
         response = CompletionResponse(id=cid, created=created, model=model, choices=out,
@@ -277,7 +259,7 @@ class CompletionServing:
                 while True:
                     c, deltas, fin = await queue.get()
                     if fin is not None and fin.reason == "error":
-                        yield sse_data(_engine_error(fin.error).to_dict())
+                        yield sse_data(as_engine_error(fin.error).to_dict())
                         yield SSE_DONE
                         return
                     yield self._chunk(req, c, deltas, fin, cid, created, model)

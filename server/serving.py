@@ -256,7 +256,7 @@ def to_generation_request(req: ChatCompletionRequest, request_id: str) -> Genera
                              max_pixels=mm.max_pixels if mm else None, request_id=request_id)
 
 
-def _as_engine_error(error: Exception | None) -> EngineError:
+def as_engine_error(error: Exception | None) -> EngineError:
     if isinstance(error, EngineError):
         return error
     return EngineError(f"Generation failed: {error}" if error else "Generation failed.")
@@ -500,7 +500,7 @@ async def collect_choices(handles: list[RequestHandle]) -> list[ChoiceResult]:
 
 def first_error(finishes: list[Finished]) -> EngineError | None:
     failed = next((f for f in finishes if f.reason == "error"), None)
-    return None if failed is None else _as_engine_error(failed.error)
+    return None if failed is None else as_engine_error(failed.error)
 
 
 def total_usage(req: ChatCompletionRequest, answer: Answer,
@@ -704,7 +704,7 @@ async def stream_chat(handles: list[RequestHandle], req: ChatCompletionRequest, 
             for chunk in stream.on_event(index, event):
                 yield chunk
             if isinstance(event, Finished) and event.reason == "error":
-                yield sse_data(_as_engine_error(event.error).to_dict())
+                yield sse_data(as_engine_error(event.error).to_dict())
                 yield SSE_DONE
                 return
         for chunk in stream.closing():
