@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 from engine.base import Engine
 from engine.errors import EngineError, InvalidRequestError
 from engine.stream import RequestHandle, merge_deltas
-from engine.types import Conversation, Finished, GenerationRequest, RequestStats, TextDelta
+from engine.types import Conversation, Finished, GenerationRequest, TextDelta
 
 from .completion_protocol import (NOT_HONOURED, CompletionChoice, CompletionChunk,
                                   CompletionLogProbs, CompletionRequest, CompletionResponse,
@@ -33,9 +33,9 @@ from .completion_protocol import (NOT_HONOURED, CompletionChoice, CompletionChun
                                   completion_id, completion_logprobs, prompt_logprobs_out,
                                   unknown_fields)
 from .protocol import SSE_DONE, UsageInfo, prompt_tokens_details, sse_data
-from .serving import (FINISH_REASONS, SSE_HEADERS, ChatServing, as_engine_error,
-                      collect_choices, error_response, first_error, load_json,
-                      refuse_not_honoured, until_disconnect, validation_error)
+from .serving import (FINISH_REASONS, SSE_HEADERS, ChatServing, ChoiceEvents,
+                      as_engine_error, collect_choices, error_response, first_error,
+                      load_json, refuse_not_honoured, until_disconnect, validation_error)
 
 log = logging.getLogger("server")
 
@@ -224,56 +224,40 @@ class CompletionServing:
         return UsageInfo(prompt_tokens=prompt, completion_tokens=output,
                          total_tokens=prompt + output, prompt_tokens_details=details)
 
-    async def _pump(self, req: CompletionRequest, c: Choice, handle: RequestHandle,
-                    queue: asyncio.Queue) -> None:
-        """A choice's events as (choice, deltas, finished) items: a delta the engine has
-        already finished after, or that reaches max_tokens, rides with the finish (vLLM's
-        last chunk has both), and a streamed echo with logprobs waits for the prompt's
-        logprobs at the end."""
-        hold = bool(req.echo and req.logprobs is not None)
-        pending: list[TextDelta] = []
-        made = 0
-        try:
-            async for event in handle:
-                if isinstance(event, TextDelta):
-                    pending.append(event)
-                    made += len(event.token_ids)
-                    last = req.max_tokens is not None and made >= req.max_tokens
-                    if not hold and not last and handle.finished is None:
-                        await queue.put((c, pending, None))
-                        pending = []
-                else:
-                    await queue.put((c, pending, event))
-        except Exception as exc:   # a bug: the stream ends with an error, not a hang
-            log.exception("streaming choice %d failed", c.index)
-            await queue.put((c, [], Finished("error", RequestStats(), exc)))
-
     async def _stream(self, req: CompletionRequest, choices: list[Choice],
                       handles: list[RequestHandle], cid: str, created: int,
                       model: str) -> AsyncIterator[str]:
-        queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.ensure_future(self._pump(req, c, h, queue))
-                 for c, h in zip(choices, handles)]
+        """The choices' chunks as their events come. A delta the engine has already finished
+        after, or that reaches max_tokens, rides with the finish (vLLM's last chunk has
+        both), and a streamed echo with logprobs waits for the prompt's logprobs at the end."""
+        hold = bool(req.echo and req.logprobs is not None)
+        pending: list[list[TextDelta]] = [[] for _ in choices]
+        made = [0] * len(choices)
+        events = ChoiceEvents(handles)
         try:
-            for _ in choices:
-                while True:
-                    c, deltas, fin = await queue.get()
-                    if fin is not None and fin.reason == "error":
-                        yield sse_data(as_engine_error(fin.error).to_dict())
-                        yield SSE_DONE
-                        return
-                    yield self._chunk(req, c, deltas, fin, cid, created, model)
-                    if fin is not None:
-                        c.finished = fin
-                        break
+            async for i, event in events:
+                fin = event if isinstance(event, Finished) else None
+                if fin is None:
+                    pending[i].append(event)
+                    made[i] += len(event.token_ids)
+                    last = req.max_tokens is not None and made[i] >= req.max_tokens
+                    if hold or last or handles[i].finished is not None:
+                        continue
+                elif fin.reason == "error":
+                    yield sse_data(as_engine_error(fin.error).to_dict())
+                    yield SSE_DONE
+                    return
+                else:
+                    choices[i].finished = fin
+                deltas, pending[i] = pending[i], []
+                yield self._chunk(req, choices[i], deltas, fin, cid, created, model)
             if req.include_usage:
                 yield sse_data(CompletionChunk(id=cid, created=created, model=model, choices=[],
                                                usage=self._usage(req, choices,
                                                                  choices[0])).data())
             yield SSE_DONE
         finally:
-            for task in tasks:
-                task.cancel()
+            events.close()
             for handle in handles:
                 if handle.finished is None:   # the client went away, or another choice failed
                     handle.cancel()

@@ -46,7 +46,7 @@ from engine.inputs.media import NamedMedia
 from engine.inputs.validation import json_depth_ok
 from engine.stream import RequestHandle, merge_deltas
 from engine.types import (Conversation, Finished, GenerationRequest, ImageInput, Message,
-                          TextDelta, TokenLogprob, VideoInput)
+                          RequestStats, TextDelta, TokenLogprob, VideoInput)
 
 from .fairshare import RETRY_AFTER_S, ClientBusyError, ClientSlots, Slot
 from .metrics import MetricsRegistry
@@ -559,23 +559,35 @@ async def complete_chat(handles: list[RequestHandle], req: ChatCompletionRequest
 
 class ChoiceEvents:
     """The events of n handles as (choice index, event), in the order they come. One
-    handle is read directly; several through a queue fed by one task each. `close` stops
-    the tasks (the handles themselves are the caller's to cancel)."""
+    handle is read directly; several through a queue fed by one task each. A failure while
+    reading a handle (a bug) comes as that choice's error Finished, so a stream ends with an
+    error instead of hanging. `close` stops the tasks (the handles themselves are the
+    caller's to cancel)."""
 
     def __init__(self, handles: list[RequestHandle]) -> None:
         self.handles = handles
         self._tasks: list[asyncio.Task] = []
 
+    @staticmethod
+    async def _read(index: int, handle: RequestHandle
+                    ) -> AsyncIterator[tuple[int, TextDelta | Finished]]:
+        try:
+            async for event in handle:
+                yield index, event
+        except Exception as exc:
+            log.exception("reading choice %d failed", index)
+            yield index, Finished("error", RequestStats(), exc)
+
     async def __aiter__(self) -> AsyncIterator[tuple[int, TextDelta | Finished]]:
         if len(self.handles) == 1:
-            async for event in self.handles[0]:
-                yield 0, event
+            async for item in self._read(0, self.handles[0]):
+                yield item
             return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, handle: RequestHandle) -> None:
-            async for event in handle:
-                queue.put_nowait((index, event))
+            async for item in self._read(index, handle):
+                queue.put_nowait(item)
 
         self._tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(self.handles)]
         running = len(self.handles)
