@@ -185,5 +185,11 @@ class GrammarCompiler:
 
 
 def _first_line(message: str) -> str:
-    line = message.strip().splitlines()[0] if message.strip() else "invalid"
-    return line[:300]
+    """llguidance's error as one line: its first line, and the parser's own `error: ...`
+    line where it has one (between them it quotes the input with a caret)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return "invalid"
+    cause = next((line[len("error:"):].strip() for line in lines[1:]
+                  if line.startswith("error:")), "")
+    return f"{lines[0].rstrip(':')}: {cause}"[:300] if cause else lines[0][:300]
