@@ -169,3 +169,42 @@ def test_cache_stays_within_its_budget(tokenizer, eos):
     for i in range(50):
         compiler.compile(StructuredOutput(regex=f"a{{{i + 1}}}"))
     assert compiler.cached_chars() <= 2000
+
+
+def test_step_masks_from_bytes_and_from_words_agree(compiler, closers, tokenizer):
+    """The CPU's mask (llguidance's byte per token) and an accelerator's (its bitmask words,
+    unpacked by tensor operations, run here on the CPU) forbid the same tokens, for a batch
+    of constrained and free rows, along answers; and the masked logits keep every allowed
+    token's value."""
+    rng = random.Random(11)
+    cpu = torch.device("cpu")
+    specs = [StructuredOutput(json_object=True), StructuredOutput(regex=r"[a-c]{2,5}\d+"),
+             StructuredOutput(choice=("red", "green", "blue"))]
+    rows = [None] + [RowGrammar(compiler.compile(s), closers.for_kind(s.kind()), 64)
+                     for s in specs]
+    for _ in range(6):
+        from_bytes = step_mask(rows, VOCAB, cpu)
+        from_words = step_mask(rows, VOCAB, cpu, packed=True)
+        assert from_bytes.shape == (len(rows), VOCAB) and from_bytes.dtype == torch.bool
+        assert torch.equal(from_bytes, from_words)
+        assert not from_bytes[0].any()                    # the free row
+        for i, row in enumerate(rows[1:], 1):             # a lone row: the same mask
+            assert torch.equal(step_mask([row], VOCAB, cpu)[0], from_bytes[i])
+        logits = torch.randn(len(rows), VOCAB)
+        masked = apply_mask(logits, from_bytes)
+        assert torch.equal(masked[~from_bytes], logits[~from_bytes])
+        assert torch.isneginf(masked[from_bytes]).all()
+        for row, forbidden in zip(rows[1:], from_bytes[1:]):
+            allowed = torch.nonzero(~forbidden).flatten().tolist()
+            if allowed and not row.stopped:
+                assert row.accept(rng.choice(allowed))
+
+
+def test_a_mask_shorter_than_the_logits_forbids_the_rest(tokenizer, eos, closers):
+    """Logits wider than the grammar's vocabulary (an lm_head padded past the tokenizer):
+    the extra tokens are forbidden, on both paths."""
+    narrow = GrammarCompiler(tokenizer, VOCAB - 40, [eos])
+    row = RowGrammar(narrow.compile(StructuredOutput(json_object=True)), closers, 64)
+    for packed in (False, True):
+        forbidden = step_mask([row, None], VOCAB, torch.device("cpu"), packed=packed)
+        assert forbidden[0, VOCAB - 40:].all() and not forbidden[1].any()

@@ -8,7 +8,7 @@ from typing import Any
 from ..errors import InvalidRequestError
 from ..types import StructuredOutput
 from .compiler import GrammarCompiler
-from .row import ClosingTokens, Constraint, RowGrammar, apply_mask, shortest_answer, step_mask
+from .row import ClosingTokens, Constraint, RowGrammar, apply_mask, opening_path, step_mask
 
 __all__ = ["Constraint", "RowGrammar", "StructuredOutputs", "apply_mask", "step_mask"]
 
@@ -27,10 +27,10 @@ class StructuredOutputs:
         when it is malformed or its shortest answer does not fit."""
         grammar = self.compiler.compile(spec)
         closers = self.closers.for_kind(spec.kind())
-        shortest = shortest_answer(grammar, closers)
-        if shortest is None or shortest - 1 > max_new:
-            need = "more than 1024" if shortest is None else str(shortest - 1)
+        path = opening_path(grammar, closers)
+        if path is None or len(path) - 1 > max_new:
+            need = "more than 1024" if path is None else str(len(path) - 1)
             raise InvalidRequestError(
                 f"max_tokens={max_new} is too few for this structured output: its shortest "
                 f"answer takes {need} tokens.", param="max_tokens")
-        return Constraint(grammar, closers, shortest)
+        return Constraint(grammar, closers, tuple(path))

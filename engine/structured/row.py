@@ -1,6 +1,6 @@
 """One constrained row's state in the batched step, and the masks of a step.
 
-Each step the rows under a constraint get a bitmask of the tokens their grammar allows
+Each step the rows under a constraint get a mask of the tokens their grammar allows
 (filled on the host, after the step's forward pass was launched, so on an accelerator the
 host fills it while the device computes), applied to their logits before sampling; rows
 without one are left alone and pay nothing.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -154,10 +153,18 @@ def closing_length(matcher: Any, closers: ClosingTokens, limit: int = PLAY_LIMIT
     return None if path is None else len(path)
 
 
+def opening_path(grammar: Grammar, closers: ClosingTokens,
+                 limit: int = 1024) -> list[int] | None:
+    """The closing path from the start, EOS last: the shortest answer the policy finds
+    (None: longer than `limit`)."""
+    return closing_path(grammar.template, closers, limit)
+
+
 def shortest_answer(grammar: Grammar, closers: ClosingTokens, limit: int = 1024) -> int | None:
     """Tokens of the closing path from the start, EOS included: the fewest max_tokens with
     which this row is sure to close (None: longer than `limit`)."""
-    return closing_length(grammar.template, closers, limit)
+    path = opening_path(grammar, closers, limit)
+    return None if path is None else len(path)
 
 
 class RowGrammar:
@@ -169,19 +176,24 @@ class RowGrammar:
     a max_tokens below `shortest_answer`), and each closing token shortens it by one, so the
     answer always closes in time.
 
-    The path found for the token taken is kept: when the next token is that path's first
-    (a forced key, a closer, or the closing path itself), the rest of the path is the path
-    from there, and nothing is played again."""
+    A closing path is kept from step to step, and played anew only when it no longer
+    closes: when the next token is the path's first (a forced key, a closer, or the closing
+    path itself), or takes its place (a digit for the path's "0"), the rest of the path is
+    the path from there; when the whole path still closes after the token (a string's next
+    character), it is the path from there too (llguidance checks the token and the path in
+    one `validate_tokens`, without changing the state). Either way it is a valid way to close of known length, which
+    is all the budget check needs. `path`: the closing path from the start, if known (the
+    one `shortest_answer` measured)."""
 
     def __init__(self, grammar: Grammar, closers: ClosingTokens, max_new: int,
-                 shortest: int | None = None) -> None:
+                 shortest: int | None = None, path: Sequence[int] | None = None) -> None:
         self.matcher = grammar.fresh()
         self.closers = closers
         self.left = int(max_new)          # tokens the row may still write
         self.window = WINDOW + (shortest or 0)
         # the tokens written so far, for the closing policy of regexes and grammars
         self.uses: dict[int, int] | None = None if closers.json else {}
-        self.path: list[int] | None = None   # the closing path from the current state
+        self.path: list[int] | None = list(path) if path else None   # from the current state
         self._settled: tuple[int, list[int] | None] | None = None   # (token, path after it)
 
     @property
@@ -192,6 +204,10 @@ class RowGrammar:
     def words(self) -> np.ndarray:
         """This step's allowed tokens, as bitmask words."""
         return mask_words(self.matcher)
+
+    def logit_bias(self) -> bytes:
+        """This step's allowed tokens, one byte per token: 0 where forbidden."""
+        return self.matcher.compute_logit_bias()
 
     def settle(self, token: int) -> int:
         """The token this row writes, given the one it sampled (see the class docstring)."""
@@ -212,8 +228,17 @@ class RowGrammar:
 
     def _path_after(self, token: int) -> list[int] | None:
         """The closing path after `token` (None: none within the window)."""
-        if self.path and self.path[0] == token:
-            return self.path[1:]
+        path = self.path
+        if path:
+            if path[0] == token:
+                return path[1:]
+            # the token in the place of the path's first, or before it (each kept path
+            # still ends in EOS, so an empty one is no path)
+            for kept in (path[1:], path):
+                if len(kept) > self.left:
+                    break
+                if kept and self.matcher.validate_tokens([token, *kept]) == len(kept) + 1:
+                    return kept
         after = self.matcher.deep_copy()
         if not after.consume_token(token):
             return None
@@ -232,50 +257,57 @@ class RowGrammar:
         return bool(self.matcher.consume_token(token))
 
 
-def step_mask(rows: Sequence[RowGrammar | None], vocab_size: int,
-              device: torch.device) -> torch.Tensor | None:
-    """A (B, V) bool tensor of the tokens each row may write (None when no row is
-    constrained); an unconstrained row allows everything. The words are unpacked on the
-    host for a CPU device (numpy does it in one call), on the device otherwise (the packed
-    words are 32 times smaller to copy)."""
+def step_mask(rows: Sequence[RowGrammar | None], vocab_size: int, device: torch.device,
+              packed: bool | None = None) -> torch.Tensor | None:
+    """A (B, V) bool tensor of the tokens each row may not write (None when no row is
+    constrained); a free row forbids nothing.
+
+    On a CPU, from llguidance's one byte per token, compared with 0 in one operation (the
+    fewest calls: on a CPU each step's extra calls are what a constrained row costs); on an
+    accelerator (`packed`), from its bitmask words, copied to the device and unpacked there
+    (32 times fewer bytes to copy than one byte per token)."""
     if all(r is None for r in rows):
         return None
-    width = (vocab_size + 31) // 32
-    if device.type == "cpu" and sys.byteorder == "little":
-        words = _lone(rows[0], width) if len(rows) == 1 else _words(rows, width)
-        bits = np.unpackbits(words.view(np.uint8), axis=-1, count=vocab_size, bitorder="little")
-        return torch.from_numpy(bits.view(np.bool_)).view(len(rows), vocab_size)
-    words = _words(rows, width)
-    packed = torch.from_numpy(words if words.flags.writeable else words.copy()).to(device)
-    mask = (packed.unsqueeze(-1) >> _bits(device)) & 1
-    return mask.view(len(rows), -1)[:, :vocab_size].bool()
+    if not (device.type != "cpu" if packed is None else packed):
+        forbidden = _forbidden(rows, vocab_size)
+        return forbidden if device.type == "cpu" else forbidden.to(device)
+    words = torch.from_numpy(_words(rows, (vocab_size + 31) // 32)).to(device)
+    bits = (words.unsqueeze(-1) >> _bits(device)) & 1
+    return bits.view(len(rows), -1)[:, :vocab_size] == 0
 
 
-def _lone(row: RowGrammar, width: int) -> np.ndarray:
-    """A lone constrained row's own words when they cover `width` words (the unpacking cuts
-    the rest), else padded."""
-    allowed = row.words()
-    return allowed if len(allowed) >= width else _fit([allowed], width)
+def _forbidden(rows: Sequence[RowGrammar | None], vocab_size: int) -> torch.Tensor:
+    """(B, V) bool on the host, from each row's bytes (a lone row's in one comparison)."""
+    if len(rows) == 1 and rows[0] is not None:
+        return _row_forbidden(rows[0], vocab_size)[None]
+    out = torch.zeros((len(rows), vocab_size), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        if row is not None:
+            out[i] = _row_forbidden(row, vocab_size)
+    return out
+
+
+def _row_forbidden(row: RowGrammar, vocab_size: int) -> torch.Tensor:
+    """(V,) bool: the tokens llguidance's bytes forbid (0), and any past its vocabulary."""
+    allowed = torch.frombuffer(bytearray(row.logit_bias()), dtype=torch.uint8)
+    if len(allowed) != vocab_size:
+        fitted = torch.zeros(vocab_size, dtype=torch.uint8)
+        n = min(len(allowed), vocab_size)
+        fitted[:n] = allowed[:n]
+        allowed = fitted
+    return allowed == 0
 
 
 def _words(rows: Sequence[RowGrammar | None], width: int) -> np.ndarray:
     """(B, width) int32: each row's mask words (all ones for a free row), cut or padded with
-    zeros to `width`; a lone row's own words as they are when they fit."""
-    allowed = [None if row is None else row.words() for row in rows]
-    if len(rows) == 1 and allowed[0] is not None and len(allowed[0]) == width:
-        return allowed[0].reshape(1, width)
-    return _fit(allowed, width)
-
-
-def _fit(allowed: list[np.ndarray | None], width: int) -> np.ndarray:
-    """Rows of words (None: a free row, all ones) cut or padded with zeros to `width`."""
-    words = np.full((len(allowed), width), -1, dtype=np.int32)
-    for i, row_words in enumerate(allowed):
-        if row_words is None:
-            continue
-        n = min(len(row_words), width)
-        words[i, :n] = row_words[:n]
-        words[i, n:] = 0
+    zeros to `width`."""
+    words = np.full((len(rows), width), -1, dtype=np.int32)
+    for i, row in enumerate(rows):
+        if row is not None:
+            allowed = row.words()
+            n = min(len(allowed), width)
+            words[i, :n] = allowed[:n]
+            words[i, n:] = 0
     return words
 
 
@@ -285,11 +317,11 @@ def _bits(device: torch.device) -> torch.Tensor:
     return torch.arange(32, device=device, dtype=torch.int32)
 
 
-def apply_mask(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Logits with every token a row's grammar forbids at -inf (a new tensor)."""
-    if mask is None:
+def apply_mask(logits: torch.Tensor, forbidden: torch.Tensor | None) -> torch.Tensor:
+    """Logits with every token a row's grammar forbids (`step_mask`) at -inf (a new tensor)."""
+    if forbidden is None:
         return logits
-    return torch.where(mask, logits, float("-inf"))
+    return logits.masked_fill(forbidden, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -298,7 +330,11 @@ class Constraint:
 
     grammar: Grammar
     closers: ClosingTokens
-    shortest: int | None
+    path: tuple[int, ...]         # the closing path from the start: the shortest answer
+
+    @property
+    def shortest(self) -> int:
+        return len(self.path)
 
     def row(self, max_new: int) -> RowGrammar:
-        return RowGrammar(self.grammar, self.closers, max_new, self.shortest)
+        return RowGrammar(self.grammar, self.closers, max_new, self.shortest, self.path)
