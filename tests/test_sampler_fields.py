@@ -275,6 +275,25 @@ def test_token_logprobs_equal_log_softmax(dtype):
     assert token_logprobs(logits, [None] * 5, tokens) == [None] * 5
 
 
+@pytest.mark.parametrize("want", [
+    [5, None, 5, None, 5, None], [None, 2, 2, 2, None, None], [None, None, None, None, None, 4],
+    [3, 3, None, None, None, 3], [None, 1, None, None, 1, None]])
+def test_token_logprobs_of_any_set_of_asking_rows(want):
+    """Whichever rows ask (evenly spaced ones are read as a view, others copied), each gets
+    its own row's figures."""
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(len(want), V, generator=gen) * 3
+    tokens = [int(t) for t in logits.argmax(-1)]
+    out = token_logprobs(logits, want, tokens)
+    for i, k in enumerate(want):
+        if k is None:
+            assert out[i] is None
+            continue
+        _, chosen, rank, top = expected_logprobs(logits[i], tokens[i], k)
+        assert (out[i].logprob, out[i].rank) == (chosen, rank)
+        assert [v for _, v in out[i].top] == top.tolist()
+
+
 def test_rank_counts_ties_as_vllm_does():
     logits = torch.tensor([[2.0, 2.0, 1.0, 0.0]])
     assert token_logprobs(logits, [1], [0])[0].rank == 2

@@ -372,6 +372,10 @@ class _Batch:
         self.state = (torch.stack([r._state for r in rows], dim=1)
                       if self.penalised or self.counted else None)
         self.factors = self.state.unbind(0) if self.state is not None else ()
+        # on a CPU, `state` as a flat numpy view: a step's few writes cost no tensor
+        # operations (two tensors and an index_put_ were a fifth of a mixed step's sampling)
+        self._host = (self.state.view(-1).numpy()
+                      if self.state is not None and self.device.type == "cpu" else None)
         self.stoppable = [r for r in rows if r.eos is not None]   # min_tokens may mask
         self.drawing = [r for r in rows if not r.settings.argmax]
         for i, r in enumerate(rows):
@@ -406,11 +410,15 @@ class _Batch:
                 for (k, t), v in r._take_pending().items():
                     where.append((k * self.size + i) * vocab + t)
                     values.append(v)
-        if where:
-            device = rows[0].device
-            self.state.view(-1).index_put_(
-                (torch.tensor(where, dtype=torch.long, device=device),),
-                torch.tensor(values, dtype=torch.float32, device=device))
+        if not where:
+            return
+        if self._host is not None:        # host memory: numpy writes it in place
+            self._host[where] = values
+            return
+        device = rows[0].device
+        self.state.view(-1).index_put_(
+            (torch.tensor(where, dtype=torch.long, device=device),),
+            torch.tensor(values, dtype=torch.float32, device=device))
 
 
 def _divide(x: torch.Tensor, divisor: torch.Tensor, reciprocal: bool) -> torch.Tensor:
@@ -550,6 +558,10 @@ def sample_with_logprobs(logits: torch.Tensor, rows: list[RowSampler],
         return sample(logits, rows), None
     ids = sample_ids(logits, rows)
     tops = TopLogprobs.of(logits, want)
+    if logits.device.type == "cpu":      # nothing to transfer: joining them would be the cost
+        tops.rows = [values + top_ids for values, top_ids
+                     in zip(tops.values.tolist(), tops.ids.tolist())]
+        return ids.tolist(), tops
     # one tensor, promoted to the values' type (exact for the ids, as in `of`)
     flat = torch.cat([ids, tops.values.reshape(-1), tops.ids.reshape(-1)]).tolist()
     size, width, asked = len(rows), tops.width, len(tops.asked)
@@ -613,7 +625,7 @@ class TopLogprobs:
         vocab = logits.shape[-1]
         width = min(max(1, *(want[i] for i in asked)), vocab)
         if len(asked) < len(want):
-            logits = logits.index_select(0, _positions(tuple(asked), logits.device))
+            logits = _rows_of(logits, asked)
         logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
         top = torch.topk(logprobs, width, dim=-1)
         values = top.values if vocab <= 1 << 24 else top.values.double()
@@ -643,6 +655,15 @@ class TopLogprobs:
                 out[i] = RawLogprobs(tokens[i], logprob, rank,
                                      _top(self.rows[n], self.want[i], self.width))
         return out
+
+
+def _rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The rows' logits: a view where they are evenly spaced (one row, a range, every other
+    row), else a copy."""
+    step = rows[1] - rows[0] if len(rows) > 1 else 1
+    if step > 0 and rows == list(range(rows[0], rows[-1] + 1, step)):
+        return logits[rows[0]:rows[-1] + 1:step]
+    return logits.index_select(0, _positions(tuple(rows), logits.device))
 
 
 @functools.lru_cache(maxsize=64)
