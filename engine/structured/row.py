@@ -262,10 +262,10 @@ def step_mask(rows: Sequence[RowGrammar | None], vocab_size: int, device: torch.
     """A (B, V) bool tensor of the tokens each row may not write (None when no row is
     constrained); a free row forbids nothing.
 
-    On a CPU, from llguidance's one byte per token, compared with 0 in one operation (the
-    fewest calls: on a CPU each step's extra calls are what a constrained row costs); on an
-    accelerator (`packed`), from its bitmask words, copied to the device and unpacked there
-    (32 times fewer bytes to copy than one byte per token)."""
+    On a CPU, from llguidance's one byte per token, turned into bools by `bytes.translate`
+    (no tensor operation: on a CPU each step's extra calls are what a constrained row
+    costs); on an accelerator (`packed`), from its bitmask words, copied to the device and
+    unpacked there (32 times fewer bytes to copy than one byte per token)."""
     if all(r is None for r in rows):
         return None
     if not (device.type != "cpu" if packed is None else packed):
@@ -277,7 +277,7 @@ def step_mask(rows: Sequence[RowGrammar | None], vocab_size: int, device: torch.
 
 
 def _forbidden(rows: Sequence[RowGrammar | None], vocab_size: int) -> torch.Tensor:
-    """(B, V) bool on the host, from each row's bytes (a lone row's in one comparison)."""
+    """(B, V) bool on the host, from each row's bytes (a lone row's as they are)."""
     if len(rows) == 1 and rows[0] is not None:
         return _row_forbidden(rows[0], vocab_size)[None]
     out = torch.zeros((len(rows), vocab_size), dtype=torch.bool)
@@ -287,15 +287,17 @@ def _forbidden(rows: Sequence[RowGrammar | None], vocab_size: int) -> torch.Tens
     return out
 
 
+# llguidance's byte per token (0: forbidden, 200: allowed) as a bool, True where forbidden:
+# bytes.translate does in C what a tensor comparison would do in an operation
+_FORBIDDEN = bytes([1] + [0] * 255)
+
+
 def _row_forbidden(row: RowGrammar, vocab_size: int) -> torch.Tensor:
-    """(V,) bool: the tokens llguidance's bytes forbid (0), and any past its vocabulary."""
-    allowed = torch.frombuffer(bytearray(row.logit_bias()), dtype=torch.uint8)
-    if len(allowed) != vocab_size:
-        fitted = torch.zeros(vocab_size, dtype=torch.uint8)
-        n = min(len(allowed), vocab_size)
-        fitted[:n] = allowed[:n]
-        allowed = fitted
-    return allowed == 0
+    """(V,) bool: the tokens llguidance's bytes forbid, and any past its vocabulary."""
+    forbidden = bytearray(row.logit_bias().translate(_FORBIDDEN))
+    if len(forbidden) != vocab_size:
+        forbidden = forbidden[:vocab_size].ljust(vocab_size, b"\x01")
+    return torch.frombuffer(forbidden, dtype=torch.bool)
 
 
 def _words(rows: Sequence[RowGrammar | None], width: int) -> np.ndarray:
