@@ -114,9 +114,9 @@ def test_fields_runs_and_reports_its_ratios(tiny_model_dir, capsys):
     assert fields.main(args) == 0
     out = capsys.readouterr().out
     assert re.search(r"\| +8 greedy rows, half with penalties \+ logprobs \(top 5\) / all plain "
-                     r"\|( +[\d.,]+ \|){3} +>= 0.9 \|", out)
+                     r"\|( +[\d.,]+ \|){3} +[\d.]+ \.\. [\d.]+ \| +>= 0.9 \|", out)
     assert re.search(r"\| +1 row, JSON schema \(max_tokens 40\) / free, same prompt and length "
-                     r"\|( +[\d.,]+ \|){3} +>= 0.9 \|", out)
+                     r"\|( +[\d.,]+ \|){3} +[\d.]+ \.\. [\d.]+ \| +>= 0.9 \|", out)
     assert re.search(r"\| +cold \(a new schema\) \| +[\d.]+ \| +[\d.]+ \|", out)
     assert re.search(r"\| +cached \(the same schema again\) \| +[\d.]+ \| +[\d.]+ \|", out)
     assert re.search(r"^penalties \+ logprobs: [\d.]+ \(goal >= 0.9: (met|NOT met)\)$", out, re.M)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 
 import pytest
@@ -42,13 +43,14 @@ def closers(tokenizer, eos):
     return ClosingTokens.of(tokenizer, eos)
 
 
-def write(compiler, closers, tokenizer, spec, max_tokens, rng, temperature=1.0):
-    """An answer sampled from random logits under the constraint, as the engine steps a row."""
+def write(compiler, closers, tokenizer, spec, max_tokens, rng, temperature=1.0, eos=True):
+    """An answer sampled from random logits under the constraint, as the engine steps a row;
+    with `eos`, it must end with EOS within `max_tokens` (EOS counted, as vLLM counts it)."""
     grammar = compiler.compile(spec)
     closers = closers.for_kind(spec.kind())
     shortest = shortest_answer(grammar, closers)
     row = RowGrammar(grammar, closers, max_tokens, shortest)
-    eos = closers.eos
+    end = closers.eos
     out: list[int] = []
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     for _ in range(max_tokens):
@@ -59,12 +61,11 @@ def write(compiler, closers, tokenizer, spec, max_tokens, rng, temperature=1.0):
         else:
             token = int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen))
         token = row.settle(token)
-        if token == eos:
-            break
+        if token == end:
+            return tokenizer.decode(out), shortest
         assert row.accept(token), tokenizer.decode(out + [token])
         out.append(token)
-        if row.stopped:
-            break
+    assert not eos, f"no EOS within {max_tokens} tokens: {tokenizer.decode(out)!r}"
     return tokenizer.decode(out), shortest
 
 
@@ -76,10 +77,12 @@ def test_every_constrained_answer_parses_and_validates(form, compiler, closers, 
         spec = StructuredOutput(**fields)
         shortest = shortest_answer(compiler.compile(spec), closers.for_kind(spec.kind()))
         assert shortest is not None, fields
-        # the engine refuses a max_tokens below the shortest answer (tested through the API)
+        # the engine refuses a max_tokens below the shortest answer less its EOS (tested
+        # through the API); one that leaves the EOS no room may end without it
         max_tokens = max(rng.choice([48, 96, 200]), shortest - 1)
         text, _ = write(compiler, closers, tokenizer, spec, max_tokens, rng,
-                        temperature=rng.choice([0, 0.7, 1.0, 1.5]))
+                        temperature=rng.choice([0, 0.7, 1.0, 1.5]),
+                        eos=max_tokens >= shortest)
         try:
             check(text)
         except Exception as exc:
@@ -98,6 +101,31 @@ def test_a_tight_budget_still_closes(compiler, closers, tokenizer):
         for _ in range(20):
             text, _ = write(compiler, closers, tokenizer, spec, budget, rng)
             assert isinstance(json.loads(text), list)
+
+
+@pytest.mark.parametrize("spec, closed", [
+    (StructuredOutput(json={"type": "object", "properties": {
+        "count": {"type": "integer"}, "colours": {"type": "array", "minItems": 2,
+                                                  "items": {"type": "string"}}},
+        "required": ["count", "colours"]}),
+     lambda text: len(json.loads(text)["colours"]) >= 2),
+    (StructuredOutput(regex=r"(red|green|blue)(, (red|green|blue))+"),
+     lambda text: re.fullmatch(r"(red|green|blue)(, (red|green|blue))+", text)),
+    (StructuredOutput(grammar='start: "The answer is " /[a-z]+/ "."'),
+     lambda text: re.fullmatch(r"The answer is [a-z]+\.", text))])
+def test_a_budget_of_the_shortest_answer_ends_with_eos(spec, closed, compiler, closers,
+                                                        tokenizer):
+    """max_tokens equal to the shortest answer (EOS counted, as vLLM counts it), and one or
+    two more: every answer closes and ends with EOS inside the budget (`write` fails
+    otherwise), so a forced close finishes as "stop", not "length". One token less leaves
+    the EOS no room: the answer still closes, on the budget's last token."""
+    shortest = shortest_answer(compiler.compile(spec), closers.for_kind(spec.kind()))
+    rng = random.Random(9)
+    for budget in (shortest - 1, shortest, shortest + 1, shortest + 2):
+        for _ in range(15):
+            text, _ = write(compiler, closers, tokenizer, spec, budget, rng, temperature=1.5,
+                            eos=budget >= shortest)
+            assert closed(text), text
 
 
 def test_no_free_whitespace(compiler, closers, tokenizer):

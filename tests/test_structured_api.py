@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -84,8 +85,8 @@ def test_random_constraints_parse_and_validate(client, form, endpoint, stream):
         if status == 400:   # a budget below the constraint's shortest answer
             assert error["param"] == "max_tokens" and "too few" in error["message"], error
             continue
-        # an answer closed on its budget's last token ends by "length"
-        assert status == 200 and finish in ("stop", "length"), (body, status, finish, text)
+        # a forced close ends with EOS inside the budget too
+        assert status == 200 and finish == "stop", (body, status, finish, text)
         try:
             check(text)
         except Exception as exc:
@@ -174,3 +175,37 @@ def test_a_hostile_schema_is_refused_without_stalling_another_stream(client, nam
     assert status == 400 and error["param"] in ("structured_outputs", "body"), error
     assert took < 5.0
     assert len(gaps) > 2 and max(gaps[1:]) < 0.5, gaps
+
+
+def test_the_openai_clients_parse_gets_its_object_even_from_a_forced_close(client):
+    """`client.chat.completions.parse()` with a pydantic model (the SDK sends a strict JSON
+    schema): the answer is parsed into it. With a `max_tokens` just above the shortest
+    answer the engine forces the close, and the answer still ends with its end token,
+    "stop": the SDK raises on "length"."""
+    openai = pytest.importorskip("openai")
+    pydantic = pytest.importorskip("pydantic")
+
+    class Shapes(pydantic.BaseModel):
+        count: int
+        colours: list[str]
+
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client,
+                        max_retries=0)
+    model = client.get("/v1/models").json()["data"][0]["id"]
+    ask = dict(model=model, messages=[{"role": "user", "content": QUESTION}],
+               response_format=Shapes)
+    with pytest.raises(openai.BadRequestError, match="too few") as refused:
+        sdk.chat.completions.parse(**ask, max_tokens=1)
+    content = int(re.search(r"shortest answer takes (\d+) tokens", str(refused.value))[1])
+    rng = random.Random(4)
+    forced = 0
+    for max_tokens in range(content + 1, content + 8):     # room for the end token too
+        answer = sdk.chat.completions.parse(**ask, max_tokens=max_tokens, temperature=1.5,
+                                            seed=rng.randrange(2**31))
+        choice = answer.choices[0]
+        assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Shapes)
+        forced += answer.usage.completion_tokens == max_tokens   # the budget's last token: EOS
+    assert forced >= 2
+    # a budget of the answer alone leaves its end token no room: closed, but "length"
+    with pytest.raises(openai.LengthFinishReasonError):
+        sdk.chat.completions.parse(**ask, max_tokens=content, temperature=1.5, seed=1)

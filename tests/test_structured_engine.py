@@ -48,7 +48,7 @@ def test_random_constraints_all_parse(tiny_engine, form):
             if handle is None:
                 continue
             text, finished = handle.collect(timeout=120)
-            assert finished.reason in ("stop", "length"), finished
+            assert finished.reason == "stop", finished     # EOS inside the budget
             try:
                 check(text)
             except Exception as exc:

@@ -28,7 +28,7 @@ class StructuredOutputs:
         grammar = self.compiler.compile(spec)
         closers = self.closers.for_kind(spec.kind())
         path = opening_path(grammar, closers)
-        if path is None or len(path) - 1 > max_new:
+        if path is None or len(path) - 1 > max_new:   # its EOS left out, as a last resort
             need = "more than 1024" if path is None else str(len(path) - 1)
             raise InvalidRequestError(
                 f"max_tokens={max_new} is too few for this structured output: its shortest "

@@ -171,18 +171,21 @@ class RowGrammar:
     """A row's matcher, its token budget and its way to close within that budget.
 
     Once the budget comes within `window` tokens, each sampled token is checked before it is
-    taken: if the closing path after it would no longer fit the tokens left, the row writes
-    the closing path's next token instead. The path from the start fits (the engine refuses
-    a max_tokens below `shortest_answer`), and each closing token shortens it by one, so the
-    answer always closes in time.
+    taken: if the closing path after it, EOS included, would no longer fit the tokens left,
+    the row writes the closing path's next token instead. The path from the start fits (the
+    engine refuses a max_tokens below `shortest_answer` less its EOS), and each closing
+    token shortens it by one, so the answer always closes in time, and ends with EOS: a
+    forced close finishes as "stop" (a tool call as "tool_calls"), not "length", which the
+    OpenAI client's `parse()` refuses. Only a budget of exactly the shortest answer without
+    its EOS (`reserve` 0) closes on its last token and ends by "length", as vLLM's would.
 
     A closing path is kept from step to step, and played anew only when it no longer
     closes: when the next token is the path's first (a forced key, a closer, or the closing
     path itself), or takes its place (a digit for the path's "0"), the rest of the path is
     the path from there; when the whole path still closes after the token (a string's next
     character), it is the path from there too (llguidance checks the token and the path in
-    one `validate_tokens`, without changing the state). Either way it is a valid way to close of known length, which
-    is all the budget check needs. `path`: the closing path from the start, if known (the
+    one `validate_tokens`, without changing the state). Either way it is a valid way to
+    close of known length, which is all the budget check needs. `path`: the closing path from the start, if known (the
     one `shortest_answer` measured)."""
 
     def __init__(self, grammar: Grammar, closers: ClosingTokens, max_new: int,
@@ -191,6 +194,8 @@ class RowGrammar:
         self.closers = closers
         self.left = int(max_new)          # tokens the row may still write
         self.window = WINDOW + (shortest or 0)
+        # 1: the closing path's EOS must fit too; 0 where the budget leaves it no room
+        self.reserve = 1 if shortest is None or shortest <= max_new else 0
         # the tokens written so far, for the closing policy of regexes and grammars
         self.uses: dict[int, int] | None = None if closers.json else {}
         self.path: list[int] | None = list(path) if path else None   # from the current state
@@ -215,8 +220,9 @@ class RowGrammar:
         if self.left > self.window or token == self.closers.eos:
             return token
         path = self._path_after(token)
-        # after this token, `left - 1` remain; the closing path's EOS may be left out
-        if path is not None and len(path) - 1 <= self.left - 1:
+        # after this token, `left - 1` remain: enough for the closing path (its EOS too,
+        # but where the budget never left room for it)
+        if path is not None and len(path) - 1 + self.reserve <= self.left - 1:
             self._settled = (token, path)
             return token
         if self.path:
@@ -235,7 +241,7 @@ class RowGrammar:
             # the token in the place of the path's first, or before it (each kept path
             # still ends in EOS, so an empty one is no path)
             for kept in (path[1:], path):
-                if len(kept) > self.left:
+                if len(kept) + self.reserve > self.left:     # it would not fit
                     break
                 if kept and self.matcher.validate_tokens([token, *kept]) == len(kept) + 1:
                     return kept
