@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark tables for a randomly initialised Qwen2.5-VL-7B (real shapes,
-# bf16, built directly on the GPU) on one CUDA GPU: at most 7.5 minutes, each step
+# bf16, built directly on the GPU) on one CUDA GPU: at most 9.5 minutes, each step
 # under its own time limit so one slow step cannot eat
 # the others' budget. Uses only what a bare PyTorch GPU image has (torch,
 # transformers, tokenizers, pillow, numpy): no downloads and no installs. Without
@@ -47,7 +47,7 @@ EOF
 FULL=(--full-size --device "${BENCH_DEVICE:-cuda}" --quiet)
 read -r -a EXTRA <<< "${BENCH_ARGS:-}"   # appended last, so they override the defaults below
 
-# Most telling first, so a run cut short still has them. Limits add up to 7.5 minutes,
+# Most telling first, so a run cut short still has them. Limits add up to 9.5 minutes,
 # model builds, graph capture and imports included.
 step 110 "overhead: bare generate vs our engine, decode step captured as CUDA graphs (and our HTTP API if its packages are here), 128 tokens" \
   "$PY" bench/overhead.py "${FULL[@]}" --max-tokens 128 --repeats 3 ${EXTRA[@]+"${EXTRA[@]}"}
@@ -59,4 +59,6 @@ step 40 "image preprocessing (CPU side)" \
   "$PY" bench/preprocess.py --repeats 1 --bounds 0,1
 step 90 "warm-up: first request in a fresh process" \
   "$PY" bench/warmup.py "${FULL[@]}" --max-tokens 16 --variants none,text,engine ${EXTRA[@]+"${EXTRA[@]}"}
+step 100 "request fields: 8 rows, half with penalties + logprobs, against 8 plain rows (a JSON-schema answer too where llguidance is installed)" \
+  "$PY" bench/fields.py "${FULL[@]}" --max-tokens 64 --pairs 4 --repeats 1 ${EXTRA[@]+"${EXTRA[@]}"}
 echo; echo "bench/gpu.sh done in $(( $(date +%s) - start ))s; log: $LOG"

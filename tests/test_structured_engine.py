@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import random
 import re
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +99,35 @@ def test_n_choices_each_follow_the_constraint(tiny_engine):
                    structured=StructuredOutput(choice=("red", "green", "blue")))
     texts = [h.collect(timeout=60)[0] for h in tiny_engine.submit_choices(req)]
     assert len(texts) == 3 and all(t in ("red", "green", "blue") for t in texts)
+
+
+def test_the_engine_runs_without_llguidance(tiny_model_dir):
+    """bench/gpu.sh runs on a bare PyTorch image, without llguidance: the engine still
+    serves free requests, and a constraint is refused with one line naming what is missing."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["llguidance"] = None            # as if it were not installed
+        from engine.backends.local import LocalEngine
+        from engine.config import EngineConfig
+        from engine.errors import InvalidRequestError
+        from engine.types import (Conversation, GenerationRequest, Message, SamplingParams,
+                                  StructuredOutput)
+        engine = LocalEngine.from_config(EngineConfig(model={str(tiny_model_dir)!r},
+                                                      device="cpu", warmup=False))
+        def ask(**extra):
+            return GenerationRequest(Conversation([Message("user", "What colours?")]),
+                                     SamplingParams(max_tokens=4, temperature=0, **extra))
+        text, finished = engine.generate(ask(), timeout=60)
+        print("free:", finished.reason)
+        try:
+            engine.submit(ask(structured=StructuredOutput(json_object=True)))
+        except InvalidRequestError as exc:
+            print("refused:", exc.param, exc)
+        engine.close()
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "free: length" in done.stdout
+    assert "refused: structured_outputs This server was installed without llguidance" \
+        in done.stdout

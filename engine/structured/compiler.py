@@ -22,10 +22,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import llguidance
-import llguidance.hf
-from llguidance.gbnf_to_lark import any_to_lark
-
 from ..errors import InvalidRequestError
 from ..inputs.validation import json_depth_ok
 from ..types import StructuredOutput
@@ -40,10 +36,23 @@ def _bad(message: str) -> InvalidRequestError:
     return InvalidRequestError(message, param="structured_outputs")
 
 
-def _limits() -> llguidance.LLParserLimits:
+def _llguidance() -> Any:
+    """llguidance, imported on first use: the engine runs without it (bench/gpu.sh on a bare
+    PyTorch image) until a request asks for a constraint, which is then refused."""
+    try:
+        import llguidance
+        import llguidance.gbnf_to_lark
+        import llguidance.hf
+    except ImportError:
+        raise _bad("This server was installed without llguidance, which structured outputs "
+                   "and forced tool calls need.") from None
+    return llguidance
+
+
+def _limits() -> Any:
     """llguidance's defaults, except that errors never quote the grammar back (it can be
     large, and the message goes into one line of the API's answer)."""
-    return llguidance.LLParserLimits(verbose_errors=False)
+    return _llguidance().LLParserLimits(verbose_errors=False)
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,7 @@ def grammar_text(spec: StructuredOutput) -> str:
     if len(kinds) + spec.json_object != 1:
         raise _bad("Give exactly one constraint: json, json_object, regex, choice or grammar.")
     if spec.json_object:
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"},
+        return _llguidance().LLMatcher.grammar_from_json_schema({"type": "object"},
                                                               defaults=JSON_OPTIONS)
     if spec.json is not None:
         schema = spec.json
@@ -78,12 +87,12 @@ def grammar_text(spec: StructuredOutput) -> str:
             raise _bad("The JSON schema must be a JSON object.")
         if not json_depth_ok(parsed, MAX_SCHEMA_DEPTH):
             raise _bad(f"The JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels.")
-        return llguidance.LLMatcher.grammar_from_json_schema(closed_objects(parsed),
+        return _llguidance().LLMatcher.grammar_from_json_schema(closed_objects(parsed),
                                                               defaults=JSON_OPTIONS)
     if spec.regex is not None:
         _check_size(spec.regex, "regex")
         # \d, \w and \s as ASCII classes (JSON Schema's and xgrammar's reading), not Unicode's
-        return "start: /" + llguidance.regex_to_lark(spec.regex, "dw") + "/\n"
+        return "start: /" + _llguidance().regex_to_lark(spec.regex, "dw") + "/\n"
     if spec.choice is not None:
         choices = list(spec.choice)
         if not choices or len(choices) > MAX_CHOICES or not all(isinstance(c, str) and c
@@ -93,7 +102,7 @@ def grammar_text(spec: StructuredOutput) -> str:
         return "start: " + " | ".join(json.dumps(c) for c in choices) + "\n"
     _check_size(spec.grammar or "", "grammar")
     try:
-        return any_to_lark(spec.grammar or "")
+        return _llguidance().gbnf_to_lark.any_to_lark(spec.grammar or "")
     except Exception as exc:   # the GBNF converter's own parse errors
         raise _bad(f"The grammar could not be read: {exc}.") from None
 
@@ -143,7 +152,7 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: list[int],
                  cache_chars: int = 32 * 1024 * 1024) -> None:
         self.vocab_size = int(vocab_size)
-        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size,
+        self.tokenizer = _llguidance().hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size,
                                                       eos_token=sorted(eos_ids)[0])
         self.cache_chars = cache_chars
         self._cache: collections.OrderedDict[str, Grammar] = collections.OrderedDict()
@@ -168,7 +177,7 @@ class GrammarCompiler:
                 self.hits += 1
                 return cached
         text = grammar_text(spec)
-        template = llguidance.LLMatcher(self.tokenizer, text, log_level=0, limits=_limits())
+        template = _llguidance().LLMatcher(self.tokenizer, text, log_level=0, limits=_limits())
         if template.is_error():
             raise _bad(f"The {spec.kind().replace('_', ' ')} constraint cannot be used: "
                        f"{_first_line(template.get_error())}")
