@@ -145,14 +145,6 @@ def closing_path(matcher: Any, closers: ClosingTokens, limit: int = PLAY_LIMIT,
     return None
 
 
-def closing_length(matcher: Any, closers: ClosingTokens, limit: int = PLAY_LIMIT,
-                   uses: dict[int, int] | None = None) -> int | None:
-    """Tokens the closing path needs from this state, EOS included (None: not found within
-    `limit`); `uses`: the tokens the answer took so far (regexes and grammars)."""
-    path = closing_path(matcher, closers, limit, uses)
-    return None if path is None else len(path)
-
-
 def opening_path(grammar: Grammar, closers: ClosingTokens,
                  limit: int = 1024) -> list[int] | None:
     """The closing path from the start, EOS last: the shortest answer the policy finds
@@ -185,8 +177,8 @@ class RowGrammar:
     the path from there; when the whole path still closes after the token (a string's next
     character), it is the path from there too (llguidance checks the token and the path in
     one `validate_tokens`, without changing the state). Either way it is a valid way to
-    close of known length, which is all the budget check needs. `path`: the closing path from the start, if known (the
-    one `shortest_answer` measured)."""
+    close of known length, which is all the budget check needs. `path`: the closing path
+    from the start, if known (the one `shortest_answer` measured)."""
 
     def __init__(self, grammar: Grammar, closers: ClosingTokens, max_new: int,
                  shortest: int | None = None, path: Sequence[int] | None = None) -> None:
