@@ -15,7 +15,8 @@ from transformers import AutoTokenizer
 
 from engine.errors import InvalidRequestError
 from engine.structured.compiler import GrammarCompiler
-from engine.structured.row import ClosingTokens, RowGrammar, apply_mask, shortest_answer, step_mask
+from engine.structured.row import (ClosingTokens, RowGrammar, apply_mask, opening_path,
+                                   shortest_answer, step_mask)
 from engine.tiny import ensure_tiny
 from engine.types import StructuredOutput
 from tests.structured_cases import FORMS, random_case
@@ -48,8 +49,9 @@ def write(compiler, closers, tokenizer, spec, max_tokens, rng, temperature=1.0, 
     with `eos`, it must end with EOS within `max_tokens` (EOS counted, as vLLM counts it)."""
     grammar = compiler.compile(spec)
     closers = closers.for_kind(spec.kind())
-    shortest = shortest_answer(grammar, closers)
-    row = RowGrammar(grammar, closers, max_tokens, shortest)
+    path = opening_path(grammar, closers)      # as the engine gives it each row
+    shortest = len(path)
+    row = RowGrammar(grammar, closers, max_tokens, path)
     end = closers.eos
     out: list[int] = []
     gen = torch.Generator().manual_seed(rng.randrange(2**31))

@@ -178,10 +178,11 @@ class RowGrammar:
     character), it is the path from there too (llguidance checks the token and the path in
     one `validate_tokens`, without changing the state). Either way it is a valid way to
     close of known length, which is all the budget check needs. `path`: the closing path
-    from the start, if known (the one `shortest_answer` measured)."""
+    from the start (`opening_path`: its length is the shortest answer), if known."""
 
     def __init__(self, grammar: Grammar, closers: ClosingTokens, max_new: int,
-                 shortest: int | None = None, path: Sequence[int] | None = None) -> None:
+                 path: Sequence[int] | None = None) -> None:
+        shortest = len(path) if path else None
         self.matcher = grammar.fresh()
         self.closers = closers
         self.left = int(max_new)          # tokens the row may still write
@@ -332,9 +333,5 @@ class Constraint:
     closers: ClosingTokens
     path: tuple[int, ...]         # the closing path from the start: the shortest answer
 
-    @property
-    def shortest(self) -> int:
-        return len(self.path)
-
     def row(self, max_new: int) -> RowGrammar:
-        return RowGrammar(self.grammar, self.closers, max_new, self.shortest, self.path)
+        return RowGrammar(self.grammar, self.closers, max_new, self.path)
