@@ -30,6 +30,8 @@ PARSERS = ("hermes",)
 START, END = "<tool_call>", "</tool_call>"
 _HERMES_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
 _NAME = re.compile(r'"name"\s*:\s*"([^"]+)"')
+_PARAMETERS = re.compile(r'"parameters"\s*:\s*')
+_ARGUMENTS = re.compile(r'"arguments"\s*:\s*')
 
 
 def tool_call_id() -> str:
@@ -303,7 +305,7 @@ class ToolStream:
         """The calls of a "required" answer (a JSON list of {name, parameters}) so far."""
         calls, pos = [], 0
         while (found := _NAME.search(self.text, pos)) is not None:
-            params = re.compile(r'"parameters"\s*:\s*').search(self.text, found.end())
+            params = _PARAMETERS.search(self.text, found.end())
             if params is None:
                 calls.append((found.group(1), None))
                 break
@@ -317,7 +319,7 @@ class ToolStream:
 
 def _hermes_parts(body: str, complete: bool) -> tuple[str | None, str | None]:
     name = _NAME.search(body)
-    args = re.search(r'"arguments"\s*:\s*', body)
+    args = _ARGUMENTS.search(body)
     if args is None:
         return (name.group(1) if name else None), None
     raw = body[args.end():]
